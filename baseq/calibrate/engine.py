@@ -1,0 +1,172 @@
+"""The block-by-block calibration engine.
+
+Captures the inputs of block 0 for the calibration windows, then for each block in order:
+
+1. computes the full-precision targets: the block with every quantizer off, on its FP inputs;
+2. runs the method's stages on it (GPTQ, BASE-Q training, ...), each a small object with ``run(ctx)``;
+3. advances: the quantized block's outputs on the quantized inputs become the next quantized inputs, the FP
+   outputs the next FP inputs.
+
+Only one block's activations and trainable state are live at a time (activations stay on the CPU in the model dtype
+and move to ``device`` batch by batch). With a ``work_dir``, each finished block's state and the propagated
+activations are saved there, so an interrupted run resumes from the last finished block.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..models.adapter import LlamaAdapter
+from ..quant.qmodel import set_quantize
+
+
+class _Captured(Exception):
+    pass
+
+
+@dataclass
+class BlockContext:
+    index: int
+    layer: nn.Module
+    fp_in: torch.Tensor  # [n, seq, hidden], CPU
+    q_in: torch.Tensor
+    fp_out: torch.Tensor
+    kwargs: dict[str, Any]  # attention mask, position embeddings, ... (batch dim 1, broadcast)
+    device: torch.device
+    batch_size: int
+    progress: bool = True
+    log: dict[str, Any] = field(default_factory=dict)
+
+    def forward(self, x: torch.Tensor, grad: bool = False) -> torch.Tensor:
+        """The block on ``x`` [b, seq, hidden] (already on the device)."""
+        with torch.set_grad_enabled(grad):
+            out = self.layer(x, **self.kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    @torch.no_grad()
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        """The block over all windows of ``x`` (CPU), batched; result on the CPU in ``x``'s dtype."""
+        outs = [self.forward(b.to(self.device)).to("cpu", x.dtype) for b in x.split(self.batch_size)]
+        return torch.cat(outs)
+
+
+class Stage(Protocol):
+    name: str
+
+    def run(self, ctx: BlockContext) -> None: ...
+
+
+def _move(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_move(o, device) for o in obj)
+    return obj
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, ad: LlamaAdapter, windows: torch.Tensor, device, batch_size: int):
+    """Inputs of block 0 for every window (CPU, model dtype) and the block kwargs of a batch-1 call."""
+    layer0 = ad.layers[0]
+    seen: dict[str, Any] = {}
+
+    def hook(module, args, kwargs):
+        seen["x"] = args[0] if args else kwargs["hidden_states"]
+        seen["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _Captured
+
+    handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
+    xs, kwargs = [], None
+    try:
+        for i, batch in enumerate(windows.split(batch_size)):
+            if i == 0:  # a batch-1 call first, so the captured kwargs broadcast over any batch size
+                try:
+                    model(batch[:1].to(device), use_cache=False)
+                except _Captured:
+                    kwargs = seen["kwargs"]
+            try:
+                model(batch.to(device), use_cache=False)
+            except _Captured:
+                xs.append(seen["x"].to("cpu"))
+    finally:
+        handle.remove()
+    kwargs = {k: _move(v, device) for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")}
+    kwargs["use_cache"] = False
+    return torch.cat(xs), kwargs
+
+
+class Checkpoint:
+    """Finished blocks and propagated activations under ``work_dir`` (safetensors + a small JSON)."""
+
+    def __init__(self, work_dir: Path, fingerprint: str):
+        self.dir = Path(work_dir)
+        self.fingerprint = fingerprint
+
+    def last_done(self) -> int:
+        meta = self.dir / "progress.json"
+        if not meta.is_file():
+            return -1
+        data = json.loads(meta.read_text())
+        return data["done"] if data.get("fingerprint") == self.fingerprint else -1
+
+    def save(self, index: int, layer: nn.Module, fp_in: torch.Tensor, q_in: torch.Tensor, log: list) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in layer.state_dict().items()}
+        save_file(state, self.dir / f"block{index}.safetensors")
+        save_file({"fp": fp_in.contiguous(), "q": q_in.contiguous()}, self.dir / "acts.tmp.safetensors")
+        os.replace(self.dir / "acts.tmp.safetensors", self.dir / "acts.safetensors")
+        tmp = self.dir / "progress.tmp.json"
+        tmp.write_text(json.dumps({"done": index, "fingerprint": self.fingerprint, "log": log}))
+        os.replace(tmp, self.dir / "progress.json")
+
+    def restore(self, layers: nn.ModuleList, upto: int):
+        for i in range(upto + 1):
+            layers[i].load_state_dict(load_file(self.dir / f"block{i}.safetensors"), strict=True)
+        acts = load_file(self.dir / "acts.safetensors")
+        log = json.loads((self.dir / "progress.json").read_text())["log"]
+        return acts["fp"], acts["q"], log
+
+
+def calibrate_blocks(model: nn.Module, ad: LlamaAdapter, windows: torch.Tensor, stages: list[Stage], *,
+                     device="cpu", batch_size: int = 4, work_dir: Path | None = None, fingerprint: str = "",
+                     resume: bool = False, progress: bool = True, log_fn=print):
+    """Run ``stages`` on every block in order; returns one log dict per block."""
+    device = torch.device(device)
+    layers = ad.layers
+    ckpt = Checkpoint(work_dir, fingerprint) if work_dir is not None else None
+    start, log = 0, []
+    fp_in, kwargs = capture_inputs(model, ad, windows, device, batch_size)
+    q_in = fp_in
+    if ckpt is not None and resume and (done := ckpt.last_done()) >= 0:
+        fp_in, q_in, log = ckpt.restore(layers, done)
+        start = done + 1
+        log_fn(f"resuming after block {done}")
+    for i in range(start, len(layers)):
+        t0 = time.perf_counter()
+        layer = layers[i]
+        set_quantize(layer, False)
+        ctx = BlockContext(i, layer, fp_in, q_in, fp_out=None, kwargs=kwargs, device=device,
+                           batch_size=batch_size, progress=progress)
+        ctx.fp_out = ctx.run(fp_in)
+        set_quantize(layer, True)
+        for stage in stages:
+            stage.run(ctx)
+        with torch.no_grad():
+            q_out = ctx.run(q_in)
+            err = (q_out.float() - ctx.fp_out.float()).pow(2).mean().item()
+        fp_in, q_in = ctx.fp_out, q_out
+        entry = {"block": i, "out_mse": err, "seconds": round(time.perf_counter() - t0, 2), **ctx.log}
+        log.append(entry)
+        log_fn(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
+        if ckpt is not None:
+            ckpt.save(i, layer, fp_in, q_in, log)
+    return log

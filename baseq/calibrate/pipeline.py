@@ -1,0 +1,83 @@
+"""Methods as compositions: rotation (or not), the quantized structure, then per-block stages.
+
+=========  ========  ======================================================
+method     rotation  stages per block
+=========  ========  ======================================================
+rtn        no        RTN
+gptq       no        GPTQ
+quarot     R1–R4     RTN or GPTQ (``weights``)
+baseq      R1–R4     GPTQ, then BASE-Q bias / asymmetric scale / clip training
+=========  ========  ======================================================
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import QuantizeConfig
+from ..data import calib_windows
+from ..models.adapter import LlamaAdapter
+from ..quant.qmodel import ActSpec, quantize_structure
+from ..quant.quantizer import WeightQuantConfig
+from ..rotation.fuse import rotate_model, untie_embeddings
+from .engine import BlockContext, calibrate_blocks
+from .stages import BaseqTrainStage, GPTQStage, RTNStage
+
+
+def act_spec(cfg: QuantizeConfig) -> ActSpec:
+    b = cfg.bits
+    return ActSpec(a_bits=b.a_bits, kv_bits=b.kv_bits, a_clip=b.a_clip, kv_clip=b.kv_clip,
+                   learnable_clip=cfg.method == "baseq" and cfg.train.clip, online_rotations=cfg.rotate,
+                   seed=cfg.seed)
+
+
+def weight_config(cfg: QuantizeConfig) -> WeightQuantConfig:
+    b = cfg.bits
+    return WeightQuantConfig(bits=b.w_bits, group_size=b.w_group, sym=b.w_sym, clip_search=b.w_clip_search)
+
+
+def build_stages(cfg: QuantizeConfig) -> list:
+    wcfg = weight_config(cfg)
+    stages = [RTNStage(wcfg) if cfg.weight_method == "rtn" else GPTQStage(wcfg, cfg.gptq)]
+    if cfg.method == "baseq":
+        stages.append(BaseqTrainStage(cfg.train, seed=cfg.seed))
+    return stages
+
+
+def fingerprint(cfg: QuantizeConfig, model_spec: str) -> str:
+    blob = json.dumps({"model": model_spec, "config": cfg.to_dict()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, model_spec: str = "", device="cpu",
+                   work_dir: Path | None = None, resume: bool = False, progress: bool = True, log_fn=print) -> dict:
+    """Quantize ``model`` in place following ``cfg``; returns a small report (timings, per-block log)."""
+    cfg.validate()
+    t0 = time.perf_counter()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    LlamaAdapter(model)  # fail early, with a clear message, on unsupported architectures
+    untie_embeddings(model)  # one saved structure for every method
+    if cfg.rotate:
+        rotate_model(model, seed=cfg.seed)
+    ad = quantize_structure(model, act_spec(cfg))
+    model.to(device)
+    stages = build_stages(cfg)
+    report = {"method": cfg.label, "bits": cfg.bits.label}
+    if cfg.weight_method == "rtn" and cfg.method != "baseq":
+        for i, layer in enumerate(ad.layers):  # RTN needs no data
+            stages[0].run(BlockContext(i, layer, None, None, None, {}, torch.device(device), 1))
+        report["blocks"] = []
+    else:
+        windows = calib_windows(tokenizer, cfg.calib.data, cfg.calib.seqlen, cfg.calib.samples, cfg.calib.seed)
+        report["blocks"] = calibrate_blocks(
+            model, ad, windows, stages, device=device, batch_size=cfg.calib.batch_size, work_dir=work_dir,
+            fingerprint=fingerprint(cfg, model_spec), resume=resume, progress=progress, log_fn=log_fn)
+    report["calib_seconds"] = round(time.perf_counter() - t0, 2)
+    model.baseq_config = {"method": cfg.label, "bits": cfg.bits.label}
+    return report

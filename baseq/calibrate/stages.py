@@ -1,0 +1,194 @@
+"""Stages run by the engine on one block: weight quantization (RTN, GPTQ) and BASE-Q's correction training.
+
+A stage is a small object with a ``name`` and ``run(ctx)`` that changes ``ctx.layer`` in place and may add entries
+to ``ctx.log``. Methods are compositions of stages (see ``calibrate/pipeline.py``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..config import GPTQConfig, TrainConfig
+from ..errors import BaseqError
+from ..models.adapter import LlamaAdapter
+from ..quant.gptq import GPTQ, rtn_quantize_
+from ..quant.qmodel import ActPoint
+from ..quant.quantizer import WeightQuantConfig
+from .engine import BlockContext
+
+# GPTQ's sequential order: each group sees inputs produced by the already-quantized groups before it.
+SEQUENTIAL = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+
+
+class RTNStage:
+    name = "rtn"
+
+    def __init__(self, wcfg: WeightQuantConfig):
+        self.wcfg = wcfg
+
+    def run(self, ctx: BlockContext) -> None:
+        for lin in LlamaAdapter.linears(ctx.layer).values():
+            rtn_quantize_(lin, self.wcfg)
+
+
+class GPTQStage:
+    name = "gptq"
+
+    def __init__(self, wcfg: WeightQuantConfig, gcfg: GPTQConfig):
+        self.wcfg, self.gcfg = wcfg, gcfg
+
+    def run(self, ctx: BlockContext) -> None:
+        linears = LlamaAdapter.linears(ctx.layer)
+        for group in SEQUENTIAL:
+            solvers = {name: GPTQ(linears[name]) for name in group}
+
+            def hook(module, args, output, solver):
+                x = args[0]
+                solver.add_batch(module.act(x) if module.act is not None else x)
+
+            handles = [linears[n].register_forward_hook(lambda m, a, o, s=solvers[n]: hook(m, a, o, s))
+                       for n in group]
+            try:
+                ctx.run(ctx.q_in)
+            finally:
+                for h in handles:
+                    h.remove()
+            for name, solver in solvers.items():
+                loss = solver.quantize(self.wcfg, blocksize=self.gcfg.blocksize, percdamp=self.gcfg.percdamp,
+                                       act_order=self.gcfg.act_order, static_groups=self.gcfg.static_groups)
+                ctx.log[f"gptq_{name}"] = loss
+
+
+def block_points(layer) -> dict[str, ActPoint]:
+    return {"qkv": layer.input_layernorm.act, "o": layer.self_attn.o_proj.act,
+            "gate_up": layer.post_attention_layernorm.act, "down": layer.mlp.down_proj.act}
+
+
+class BaseqTrainStage:
+    """BASE-Q stage 3: learn per-channel biases, asymmetric scales and clipping against the FP block output.
+
+    Weights stay frozen at their quantized values; all activation and KV quantizers are on. Afterwards the result
+    is folded (:func:`fold_block`), so the block computes exactly what was trained with no extra parameters live.
+    """
+
+    name = "baseq"
+
+    def __init__(self, cfg: TrainConfig, seed: int = 0):
+        self.cfg, self.seed = cfg, seed
+
+    def parameter_groups(self, layer) -> list[dict]:
+        pts = block_points(layer).values()
+        kv = layer.self_attn.kv_point
+        groups = []
+        if self.cfg.scale:
+            groups.append({"name": "scale", "params": [p.scale for p in pts], "lr": self.cfg.lr_scale})
+        if self.cfg.bias:
+            groups.append({"name": "bias", "params": [p.shift for p in pts], "lr": self.cfg.lr_bias})
+        if self.cfg.clip:
+            betas = [q.beta for q in [p.quantizer for p in pts] + [kv.k, kv.v] if q.beta is not None]
+            if betas:
+                groups.append({"name": "clip", "params": betas, "lr": self.cfg.lr_clip})
+        return groups
+
+    @torch.no_grad()
+    def init_bias_mean(self, ctx: BlockContext, x: torch.Tensor) -> None:
+        """Set each point's bias to the channel mean of what it quantizes (over all calibration tokens)."""
+        sums, hooks = {}, []
+        for name, p in block_points(ctx.layer).items():
+            def pre(module, args, name=name):
+                y = args[0]
+                if module.rotation is not None:
+                    y = module.rotation(y)
+                y = (y * module.scale).float().flatten(0, -2)
+                s, n = sums.get(name, (0.0, 0))
+                sums[name] = (s + y.sum(0), n + y.shape[0])
+            hooks.append(p.register_forward_pre_hook(pre))
+        try:
+            ctx.run(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        for name, p in block_points(ctx.layer).items():
+            s, n = sums[name]
+            p.shift.copy_(s / n)
+
+    def loss(self, ctx: BlockContext, x: torch.Tensor) -> float:
+        with torch.no_grad():
+            out = ctx.run(x)
+        return F.mse_loss(out.float(), ctx.fp_out.float()).item()
+
+    def run(self, ctx: BlockContext) -> None:
+        cfg = self.cfg
+        x = ctx.fp_in if cfg.inputs == "fp" else ctx.q_in
+        if cfg.bias and cfg.bias_init == "mean":
+            self.init_bias_mean(ctx, x)
+        groups = self.parameter_groups(ctx.layer)
+        params = [p for g in groups for p in g["params"]]
+        ctx.log["loss_before"] = self.loss(ctx, x)
+        if params and cfg.epochs > 0:
+            self.train(ctx, x, groups, params)
+        ctx.log["loss_after"] = self.loss(ctx, x)
+        fold_block(ctx.layer)
+
+    def train(self, ctx: BlockContext, x: torch.Tensor, groups: list[dict], params: list) -> None:
+        cfg = self.cfg
+        n = x.shape[0]
+        steps_per_epoch = math.ceil(n / cfg.batch_size)
+        total = cfg.epochs * steps_per_epoch
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(groups, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+        gen = torch.Generator().manual_seed(self.seed * 100003 + ctx.index)
+        step = 0
+        bar = tqdm(total=total, desc=f"block {ctx.index} baseq", disable=not ctx.progress, leave=False)
+        try:
+            for epoch in range(cfg.epochs):
+                for idx in torch.randperm(n, generator=gen).split(cfg.batch_size):
+                    out = ctx.forward(x[idx].to(ctx.device), grad=True)
+                    loss = F.mse_loss(out.float(), ctx.fp_out[idx].to(ctx.device).float())
+                    if not torch.isfinite(loss):
+                        raise BaseqError(f"non-finite training loss in block {ctx.index} at epoch {epoch}, step "
+                                         f"{step}: lower the learning rates (--lr-clip/--lr-bias/--lr-scale)")
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    step += 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss.item():.4g}", epoch=epoch)
+        finally:
+            bar.close()
+            for p in params:
+                p.requires_grad_(False)
+                p.grad = None
+
+
+@torch.no_grad()
+def fold_block(layer) -> None:
+    """Fold trained corrections for inference (exact up to float rounding):
+
+    * the qkv- and gate/up-input scales into the RMSNorm weights;
+    * every bias ``b``'s ``+ b`` into the following linears' biases (``bias += W b``); the ``− b`` stays before the
+      quantizer.
+    """
+    pts = block_points(layer)
+    for norm, point, linears in ((layer.input_layernorm, pts["qkv"], LlamaAdapter.qkv(layer)),
+                                 (layer.post_attention_layernorm, pts["gate_up"], LlamaAdapter.gate_up(layer))):
+        norm.weight.mul_(point.scale.to(norm.weight.dtype))
+        point.scale.fill_(1.0)
+        _fold_shift(point, linears)
+    _fold_shift(pts["o"], [layer.self_attn.o_proj])
+    _fold_shift(pts["down"], [layer.mlp.down_proj])
+
+
+def _fold_shift(point: ActPoint, linears) -> None:
+    if bool(point.shift_folded):
+        return
+    for lin in linears:
+        lin.bias.add_((lin.weight.double() @ point.shift.double()).to(lin.bias.dtype))
+    point.shift_folded.fill_(True)

@@ -1,0 +1,332 @@
+"""Command line: ``baseq eval``, ``baseq quantize``, ``baseq report``, ``baseq data``.
+
+User errors (bad paths, impossible settings, unreachable registries) print one line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import BaseqError
+
+
+# ---------------------------------------------------------------- helpers
+
+def check_json_path(path: str | None) -> None:
+    """Fail before any work when a --json destination cannot be written."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise BaseqError(f"--json '{path}' is a directory")
+    if not p.parent.is_dir():
+        raise BaseqError(f"--json '{path}': folder '{p.parent}' does not exist")
+    if not os.access(p.parent, os.W_OK):
+        raise BaseqError(f"--json '{path}': folder '{p.parent}' is not writable")
+
+
+def write_json(path: str, payload: dict) -> None:
+    """Write atomically: a temp file beside the target, renamed into place."""
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, p)
+
+
+def print_table(title: str, rows: list[tuple[str, str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for k, v in rows:
+        table.add_row(k, v)
+    Console().print(table)
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {v})")
+    return v
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m",
+                   help="asset name (default: smollm2-135m, the embedded SmolLM2-135M-Instruct), a local HF folder, "
+                        "a .gguf file, a folder written by 'baseq quantize', or a hub id")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+
+
+def add_eval_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="wiki", help="wiki (default, embedded), wikitext2, c4, or a .txt/.jsonl path")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--windows", type=positive_int, default=64, help="number of eval windows (default 64)")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward pass (default 4)")
+
+
+# ---------------------------------------------------------------- eval
+
+def cmd_eval(args) -> int:
+    from .data import eval_windows
+    from .eval.perplexity import perplexity
+    from .models.loading import load_model
+
+    check_json_path(args.json)
+    if args.seqlen < 2:
+        raise BaseqError(f"--seqlen must be at least 2 (got {args.seqlen})")
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    windows = eval_windows(tokenizer, args.data, args.seqlen, args.windows)
+    t0 = time.perf_counter()
+    ppl = perplexity(model, windows, batch_size=args.batch_size, device=args.device, progress=not args.quiet)
+    seconds = time.perf_counter() - t0
+    result = {"model": args.model, "data": args.data, "seqlen": args.seqlen, "windows": args.windows,
+              "tokens": int(windows.numel()), "ppl": ppl, "seconds": round(seconds, 2)}
+    quant = getattr(model, "baseq_config", None)
+    result["method"] = quant["method"] if quant else "fp"
+    result["bits"] = quant["bits"] if quant else "fp"
+    rows = [("model", args.model), ("method", result["method"]), ("data", args.data),
+            ("tokens", f"{result['tokens']:,} ({args.windows} × {args.seqlen})"),
+            ("perplexity", f"{ppl:.3f}"), ("seconds", f"{seconds:.1f}")]
+    if getattr(args, "tasks", None):
+        from .eval.zeroshot import zero_shot
+
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        result["tasks"] = zero_shot(model, tokenizer, tasks, tasks_dir=args.tasks_dir, limit=args.limit,
+                                    batch_size=args.batch_size, device=args.device)
+        for name, r in result["tasks"].items():
+            rows.append((name, f"acc {r['acc']:.4f} ± {r['acc_stderr']:.4f} (n={r['n']})"))
+    print_table("baseq eval", rows)
+    if args.json:
+        write_json(args.json, result)
+    return 0
+
+
+
+# ---------------------------------------------------------------- quantize
+
+def config_from_args(args):
+    """The typed config: a --config file (if any) first, then every flag the user gave on top of it."""
+    from .config import PRESETS, QuantizeConfig
+
+    cfg = QuantizeConfig.from_file(args.config) if args.config else QuantizeConfig()
+    if args.method is not None:
+        cfg.method = args.method
+    if args.weights is not None:
+        cfg.weights = args.weights
+    if args.bits is not None:
+        for k, v in PRESETS[args.bits].items():
+            setattr(cfg.bits, k, v)
+    flags = {"w_bits": cfg.bits, "a_bits": cfg.bits, "kv_bits": cfg.bits, "w_group": cfg.bits,
+             "a_clip": cfg.bits, "kv_clip": cfg.bits, "w_sym": cfg.bits,
+             "calib_data": (cfg.calib, "data"), "calib_samples": (cfg.calib, "samples"),
+             "calib_seqlen": (cfg.calib, "seqlen"), "calib_batch_size": (cfg.calib, "batch_size"),
+             "epochs": cfg.train, "lr_clip": cfg.train, "lr_bias": cfg.train, "lr_scale": cfg.train,
+             "bias_init": cfg.train, "train_batch_size": (cfg.train, "batch_size"), "train_inputs": (cfg.train, "inputs"),
+             "bias": cfg.train, "scale": cfg.train, "clip": cfg.train, "seed": cfg,
+             "act_order": cfg.gptq, "percdamp": cfg.gptq}
+    for flag, target in flags.items():
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        obj, attr = target if isinstance(target, tuple) else (target, flag)
+        setattr(obj, attr, value)
+    return cfg.validate()
+
+
+def default_out(args, cfg) -> Path:
+    name = Path(args.model).name.removesuffix(".gguf") or "model"
+    return Path("out") / f"{name}-{cfg.label}-{cfg.bits.label}"
+
+
+def cmd_quantize(args) -> int:
+    from .calibrate.pipeline import act_spec, quantize_model
+    from .data import eval_windows
+    from .eval.perplexity import perplexity
+    from .models.loading import load_model
+    from .runtime.save import check_out_dir, save_quantized
+
+    cfg = config_from_args(args)
+    out = Path(args.out) if args.out else default_out(args, cfg)
+    check_json_path(args.json)
+    if not args.resume:
+        check_out_dir(out, args.overwrite)
+    work_dir = out.parent / f".{out.name}.partial"
+    say = (lambda *a: None) if args.quiet else (lambda msg: print(f"baseq: {msg}", file=sys.stderr))
+
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    result = {"model": args.model, "method": cfg.label, "bits": cfg.bits.label, "config": cfg.to_dict()}
+    windows = None
+    if args.eval:
+        if args.seqlen < 2:
+            raise BaseqError(f"--seqlen must be at least 2 (got {args.seqlen})")
+        windows = eval_windows(tokenizer, args.data, args.seqlen, args.windows)
+        result.update(data=args.data, seqlen=args.seqlen, windows=args.windows, tokens=int(windows.numel()))
+        t0 = time.perf_counter()
+        result["ppl_fp"] = perplexity(model, windows, args.batch_size, args.device, progress=not args.quiet)
+        result["eval_fp_seconds"] = round(time.perf_counter() - t0, 2)
+        say(f"full-precision perplexity {result['ppl_fp']:.3f}")
+
+    say(f"quantizing {args.model} with {cfg.label} {cfg.bits.label}")
+    report = quantize_model(model, tokenizer, cfg, model_spec=args.model, device=args.device,
+                            work_dir=work_dir, resume=args.resume, progress=not args.quiet,
+                            log_fn=lambda m: say(m))
+    result["calib_seconds"] = report["calib_seconds"]
+    result["blocks"] = report["blocks"]
+    if args.eval:
+        t0 = time.perf_counter()
+        result["ppl_quant"] = perplexity(model, windows, args.batch_size, args.device, progress=not args.quiet)
+        result["ppl"] = result["ppl_quant"]
+        result["eval_quant_seconds"] = round(time.perf_counter() - t0, 2)
+    if getattr(args, "tasks", None):
+        from .eval.zeroshot import zero_shot
+
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        result["tasks"] = zero_shot(model, tokenizer, tasks, tasks_dir=args.tasks_dir, limit=args.limit,
+                                    batch_size=args.batch_size, device=args.device)
+    result["peak_rss_mb"] = peak_rss_mb()
+    save_quantized(model, tokenizer, out, act_spec(cfg), {"method": cfg.label, "bits": cfg.bits.label,
+                                                          "config": cfg.to_dict(), "model": args.model},
+                   overwrite=True)
+    import shutil
+
+    shutil.rmtree(work_dir, ignore_errors=True)
+    rows = [("model", args.model), ("method", f"{cfg.label} {cfg.bits.label}"), ("out", str(out)),
+            ("calibration s", f"{report['calib_seconds']:.1f}"), ("peak RSS", f"{result['peak_rss_mb']:.0f} MB")]
+    if args.eval:
+        rows[2:2] = [("data", f"{args.data} ({args.windows} × {args.seqlen})"),
+                     ("perplexity FP", f"{result['ppl_fp']:.3f}"),
+                     ("perplexity quantized", f"{result['ppl_quant']:.3f}")]
+    for name, r in result.get("tasks", {}).items():
+        rows.append((name, f"acc {r['acc']:.4f} ± {r['acc_stderr']:.4f} (n={r['n']})"))
+    print_table("baseq quantize", rows)
+    if args.json:
+        write_json(args.json, result)
+    return 0
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024 if sys.platform != "darwin" else rss / 2**20
+
+
+def add_quantize_args(p: argparse.ArgumentParser) -> None:
+    from .config import METHODS, PRESETS
+
+    add_model_args(p)
+    g = p.add_argument_group("method")
+    g.add_argument("--config", help="a YAML/JSON file with a QuantizeConfig; flags given override it")
+    g.add_argument("--method", choices=METHODS, help="rtn | gptq | quarot | baseq (default: baseq)")
+    g.add_argument("--weights", choices=("rtn", "gptq"), help="weight quantizer for quarot (default: gptq)")
+    g.add_argument("--bits", choices=list(PRESETS), help="preset (default: W4A4KV4)")
+    g.add_argument("--w-bits", type=int, help="weight bits 2–8 (16 = off)")
+    g.add_argument("--a-bits", type=int, help="activation bits 2–8 (16 = off)")
+    g.add_argument("--kv-bits", type=int, help="KV-cache bits 2–8 (16 = off)")
+    g.add_argument("--w-group", type=int, help="weight group size (0 = per output channel, default)")
+    g.add_argument("--w-sym", action=argparse.BooleanOptionalAction, default=None, help="symmetric weights")
+    g.add_argument("--a-clip", type=float, help="activation clip ratio (default 0.9)")
+    g.add_argument("--kv-clip", type=float, help="KV clip ratio (default 0.95)")
+    g.add_argument("--seed", type=int, help="rotation / training seed (default 0)")
+    g = p.add_argument_group("calibration")
+    g.add_argument("--calib-data", help="calibration text: wiki (default), wikitext2, c4 or a .txt/.jsonl path")
+    g.add_argument("--calib-samples", type=positive_int, help="calibration windows (default 32)")
+    g.add_argument("--calib-seqlen", type=int, help="tokens per calibration window (default 512)")
+    g.add_argument("--calib-batch-size", type=positive_int, help="windows per block forward (default 4)")
+    g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None, help="GPTQ act-order")
+    g.add_argument("--percdamp", type=float, help="GPTQ damping (fraction of mean diag H, default 0.01)")
+    g = p.add_argument_group("BASE-Q training (method baseq)")
+    g.add_argument("--bias", action=argparse.BooleanOptionalAction, default=None, help="bias correction (on)")
+    g.add_argument("--scale", action=argparse.BooleanOptionalAction, default=None, help="asymmetric scaling (on)")
+    g.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None, help="learnable clipping (on)")
+    g.add_argument("--bias-init", choices=("zero", "mean"), help="bias init (default zero)")
+    g.add_argument("--epochs", type=int, help="epochs per block (default 5)")
+    g.add_argument("--lr-clip", type=float, help="learning rate of the clipping parameters")
+    g.add_argument("--lr-bias", type=float, help="learning rate of the biases")
+    g.add_argument("--lr-scale", type=float, help="learning rate of the asymmetric scales")
+    g.add_argument("--train-batch-size", type=positive_int, help="windows per training step (default 4)")
+    g.add_argument("--train-inputs", choices=("fp", "quant"), help="train on FP (default) or quantized inputs")
+    g = p.add_argument_group("output and evaluation")
+    g.add_argument("--out", help="output folder (default: out/MODEL-METHOD-BITS)")
+    g.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished block")
+    g.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
+                   help="perplexity before and after quantization (default: on)")
+    add_eval_data_args(p)
+    p.add_argument("--json", help="write config, perplexities and timings to this JSON file")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-block lines")
+
+
+# ---------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="baseq",
+        description="Low-bit post-training quantization of LLMs: QuaRot rotations + BASE-Q bias/scale/clip "
+                    "corrections, W4A4KV4, on CPU. Run a subcommand with --help for its options.")
+    parser.add_argument("--version", action="version", version=f"baseq {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("eval", help="perplexity (and zero-shot accuracy) of a model",
+                       description="Evaluate a model's perplexity on the first N windows of a text. "
+                                   "With no arguments: the embedded SmolLM2-135M on 64 × 512 tokens of 'wiki'.")
+    add_model_args(p)
+    add_eval_data_args(p)
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    try:
+        from .eval.zeroshot import add_zero_shot_args
+    except ImportError:
+        pass
+    else:
+        add_zero_shot_args(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("quantize", help="quantize a model (default: BASE-Q W4A4KV4 of the embedded model)",
+                       description="Quantize a model and write it to a folder that 'baseq eval --model DIR' loads. "
+                                   "With no arguments: BASE-Q W4A4KV4 on the embedded SmolLM2-135M, perplexity "
+                                   "before and after on 64 × 512 tokens of 'wiki'.")
+    add_quantize_args(p)
+    try:
+        from .eval.zeroshot import add_zero_shot_args
+    except ImportError:
+        pass
+    else:
+        add_zero_shot_args(p)
+    p.set_defaults(func=cmd_quantize)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except BaseqError as e:
+        print(f"baseq: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("baseq: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Typed configuration behind ``baseq quantize`` (dataclasses; loadable from YAML/JSON, unknown keys rejected)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import BaseqError
+
+METHODS = ("rtn", "gptq", "quarot", "baseq")
+PRESETS: dict[str, dict[str, int]] = {
+    "W4A4KV4": dict(w_bits=4, a_bits=4, kv_bits=4),
+    "W4A8KV8": dict(w_bits=4, a_bits=8, kv_bits=8),
+    "W4A16": dict(w_bits=4, a_bits=16, kv_bits=16),
+    "W8A8": dict(w_bits=8, a_bits=8, kv_bits=16),
+}
+
+
+def _bits(name: str, v: int) -> None:
+    if not (v == 16 or 2 <= v <= 8):
+        raise BaseqError(f"{name} must be between 2 and 8, or 16 for off (got {v})")
+
+
+@dataclass
+class BitsConfig:
+    w_bits: int = 4
+    a_bits: int = 4
+    kv_bits: int = 4
+    w_group: int = 0  # 0 = per output channel
+    w_sym: bool = False
+    w_clip_search: bool = True
+    a_clip: float = 0.9  # fixed activation clip ratio (QuaRot); BASE-Q starts its learnable clip here
+    kv_clip: float = 0.95
+
+    def validate(self) -> None:
+        for name in ("w_bits", "a_bits", "kv_bits"):
+            _bits(name.replace("_", "-"), getattr(self, name))
+        if self.w_group < 0:
+            raise BaseqError(f"w-group must be ≥ 0 (got {self.w_group})")
+        for name in ("a_clip", "kv_clip"):
+            if not 0 < getattr(self, name) <= 1:
+                raise BaseqError(f"{name.replace('_', '-')} must be in (0, 1] (got {getattr(self, name)})")
+
+    @property
+    def label(self) -> str:
+        s = f"W{self.w_bits}A{self.a_bits}"
+        return s + (f"KV{self.kv_bits}" if self.kv_bits < 16 else "")
+
+
+@dataclass
+class CalibConfig:
+    data: str = "wiki"
+    samples: int = 32
+    seqlen: int = 512
+    seed: int = 0
+    batch_size: int = 4  # windows per block forward
+
+    def validate(self) -> None:
+        if self.samples < 1 or self.seqlen < 2 or self.batch_size < 1:
+            raise BaseqError("calibration needs samples ≥ 1, seqlen ≥ 2 and batch size ≥ 1")
+
+
+@dataclass
+class GPTQConfig:
+    percdamp: float = 0.01
+    blocksize: int = 128
+    act_order: bool = True
+    static_groups: bool = True  # keeps groups aligned with the original columns under act_order
+
+
+@dataclass
+class TrainConfig:
+    """BASE-Q's per-block training of biases, asymmetric scales and clipping (stage 3)."""
+
+    bias: bool = True
+    scale: bool = True
+    clip: bool = True
+    bias_init: str = "zero"  # or "mean": the channel mean over calibration tokens
+    epochs: int = 5
+    batch_size: int = 4
+    lr_clip: float = 1e-2
+    lr_bias: float = 2e-3
+    lr_scale: float = 5e-4
+    inputs: str = "fp"  # train on the full-precision block inputs ("fp") or the quantized model's ("quant")
+
+    def validate(self) -> None:
+        if self.bias_init not in ("zero", "mean"):
+            raise BaseqError(f"bias-init must be 'zero' or 'mean' (got {self.bias_init})")
+        if self.inputs not in ("fp", "quant"):
+            raise BaseqError(f"train inputs must be 'fp' or 'quant' (got {self.inputs})")
+        if self.epochs < 0 or self.batch_size < 1:
+            raise BaseqError("epochs must be ≥ 0 and batch size ≥ 1")
+        if min(self.lr_clip, self.lr_bias, self.lr_scale) < 0:
+            raise BaseqError("learning rates must be ≥ 0")
+
+
+@dataclass
+class QuantizeConfig:
+    method: str = "baseq"
+    weights: str = "gptq"  # rtn | gptq (for quarot; rtn/gptq methods imply it, baseq uses gptq)
+    seed: int = 0
+    bits: BitsConfig = field(default_factory=BitsConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def rotate(self) -> bool:
+        return self.method in ("quarot", "baseq")
+
+    @property
+    def weight_method(self) -> str:
+        return {"rtn": "rtn", "gptq": "gptq", "baseq": "gptq"}.get(self.method, self.weights)
+
+    @property
+    def label(self) -> str:
+        return f"{self.method}-{self.weight_method}" if self.method == "quarot" else self.method
+
+    def validate(self) -> "QuantizeConfig":
+        if self.method not in METHODS:
+            raise BaseqError(f"unknown method '{self.method}' (choose from {', '.join(METHODS)})")
+        if self.weights not in ("rtn", "gptq"):
+            raise BaseqError(f"weights must be 'rtn' or 'gptq' (got {self.weights})")
+        self.bits.validate()
+        self.calib.validate()
+        self.train.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "QuantizeConfig":
+        return _build(cls, data, "config").validate()
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "QuantizeConfig":
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except OSError as e:
+            raise BaseqError(f"cannot read config '{path}': {e.strerror or e}") from None
+        try:
+            if p.suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text)
+            else:
+                data = json.loads(text)
+        except Exception as e:  # noqa: BLE001 - yaml and json raise different types
+            raise BaseqError(f"config '{path}' is not valid {p.suffix.lstrip('.') or 'JSON'}: "
+                             f"{str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise BaseqError(f"config '{path}' must hold a mapping at the top level")
+        return cls.from_dict(data)
+
+
+def _build(cls, data: dict[str, Any], where: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise BaseqError(f"unknown key(s) in {where}: {', '.join(sorted(unknown))} "
+                         f"(known: {', '.join(fields)})")
+    kwargs = {}
+    for name, value in data.items():
+        default = fields[name].default_factory() if fields[name].default_factory is not dataclasses.MISSING \
+            else fields[name].default
+        if dataclasses.is_dataclass(default):
+            if not isinstance(value, dict):
+                raise BaseqError(f"{where}.{name} must be a mapping")
+            kwargs[name] = _build(type(default), value, f"{where}.{name}")
+        else:
+            if default is not None and not isinstance(value, type(default)) and not (
+                    isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool)):
+                raise BaseqError(f"{where}.{name} must be a {type(default).__name__} (got {value!r})")
+            kwargs[name] = float(value) if isinstance(default, float) else value
+    return cls(**kwargs)

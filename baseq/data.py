@@ -1,0 +1,120 @@
+"""Text sources turned into deterministic token windows.
+
+Sources: ``wiki`` (the embedded Wikipedia lead paragraphs; split by sha1 of the title, first hex digit 0-3 → eval),
+``wikitext2`` and ``c4`` (through ``datasets``, where a hub is reachable), or a local ``.txt`` / ``.jsonl`` (``text``
+field) file. Evaluation uses the first N non-overlapping windows; calibration uses N windows at random offsets
+from a seeded generator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from . import assets
+from .errors import BaseqError
+
+BUILTIN = ("wiki", "wikitext2", "c4")
+EVAL_DIGITS = "0123"
+
+
+def _wiki(split: str) -> str:
+    entries = json.loads(assets.fetch("wiki-leads").read_text(encoding="utf-8"))
+    keep = []
+    for title in sorted(entries):
+        in_eval = hashlib.sha1(title.encode("utf-8")).hexdigest()[0] in EVAL_DIGITS
+        if in_eval == (split == "eval"):
+            keep.append(entries[title]["extract"].strip())
+    return "\n\n".join(keep)
+
+
+def _hub_dataset(name: str, split: str) -> str:
+    try:
+        import datasets
+    except ImportError:
+        raise BaseqError(f"data '{name}' needs the 'datasets' package: pip install 'baseq[data]'") from None
+    try:
+        if name == "wikitext2":
+            ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test" if split == "eval" else "train")
+            return "\n\n".join(ds["text"])
+        shard = "validation.00000-of-00008" if split == "eval" else "train.00000-of-01024"
+        ds = datasets.load_dataset("allenai/c4", data_files={"x": f"en/c4-{shard}.json.gz"}, split="x")
+        return "\n\n".join(ds["text"][:3000])
+    except Exception as e:  # noqa: BLE001 - datasets raises many types when offline
+        raise BaseqError(f"could not load '{name}' through datasets (no hub reachable?): "
+                         f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+
+
+def _local(path: Path) -> str:
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise BaseqError(f"cannot read text file '{path}': {e.__class__.__name__}: {e}") from None
+    if path.suffix == ".jsonl":
+        texts = []
+        for i, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                texts.append(str(json.loads(line)["text"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise BaseqError(f"'{path}' line {i}: expected a JSON object with a 'text' field") from None
+        raw = "\n\n".join(texts)
+    if not raw.strip():
+        raise BaseqError(f"text file '{path}' is empty")
+    return raw
+
+
+def load_text(source: str, split: str = "eval") -> str:
+    """The raw text of ``source`` for ``split`` ('eval' or 'calib'). Local files serve both splits."""
+    if split not in ("eval", "calib"):
+        raise ValueError(split)
+    if source == "wiki":
+        return _wiki(split)
+    if source in ("wikitext2", "c4"):
+        return _hub_dataset(source, split)
+    path = Path(source).expanduser()
+    if path.is_file():
+        return _local(path)
+    if path.exists():
+        raise BaseqError(f"data '{source}' is not a file")
+    raise BaseqError(f"unknown data '{source}': use one of {', '.join(BUILTIN)} or a path to a .txt/.jsonl file")
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _check(seqlen: int, n: int, ntokens: int, source: str, what: str) -> None:
+    if seqlen < 2:
+        raise BaseqError(f"seqlen must be at least 2 (got {seqlen})")
+    if n < 1:
+        raise BaseqError(f"number of {what} windows must be at least 1 (got {n})")
+    if ntokens < seqlen:
+        raise BaseqError(f"'{source}' holds {ntokens} tokens, fewer than one window of {seqlen}")
+
+
+def eval_windows(tokenizer, source: str, seqlen: int, n: int) -> torch.Tensor:
+    """The first ``n`` non-overlapping windows of ``seqlen`` tokens: LongTensor [n, seqlen]."""
+    ids = tokenize(tokenizer, load_text(source, "eval"))
+    _check(seqlen, n, len(ids), source, "eval")
+    available = len(ids) // seqlen
+    if n > available:
+        raise BaseqError(f"'{source}' holds {available} eval windows of {seqlen} tokens; {n} requested")
+    return ids[: n * seqlen].view(n, seqlen)
+
+
+def calib_windows(tokenizer, source: str, seqlen: int, n: int, seed: int = 0) -> torch.Tensor:
+    """``n`` windows at random offsets (seeded) of the calibration split: LongTensor [n, seqlen]."""
+    ids = tokenize(tokenizer, load_text(source, "calib"))
+    _check(seqlen, n, len(ids), source, "calibration")
+    if n * seqlen > len(ids):
+        raise BaseqError(f"'{source}' calibration text holds {len(ids)} tokens, at most {len(ids) // seqlen} "
+                         f"windows of {seqlen}; {n} requested")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(ids) - seqlen + 1, (n,), generator=gen)
+    return torch.stack([ids[s: s + seqlen] for s in starts.tolist()])

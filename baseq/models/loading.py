@@ -1,0 +1,118 @@
+"""Load a causal LM and its tokenizer from an asset name, a local HF folder, a local .gguf file or a hub id.
+
+GGUF files are read by transformers (``gguf_file=``) and dequantized; for named assets the converted model is kept
+as a plain safetensors folder in the cache, so the (slow) GGUF conversion happens once. A folder written by
+``baseq quantize`` (it holds ``baseq.json``) loads as the quantized model it describes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .. import assets
+from ..errors import BaseqError
+
+DEFAULT_MODEL = "smollm2-135m"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise BaseqError(f"unknown dtype '{dtype}' (choose from {', '.join(DTYPES)})")
+    return DTYPES[dtype]
+
+
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _from_pretrained(source: str, dtype: torch.dtype, **kwargs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except (ValueError, KeyError) as e:  # transformers' way of saying "not a causal LM / unknown architecture"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BaseqError(f"'{source}' is not a loadable causal language model: {first}") from None
+    if getattr(model.config, "quantization_config", None) is not None and "gguf_file" in kwargs:
+        del model.config.quantization_config  # the weights are dequantized now
+        model.hf_quantizer = None
+        model.is_quantized = False
+    return model.eval(), tokenizer
+
+
+def _gguf(path: Path, dtype: torch.dtype):
+    return _from_pretrained(str(path.parent), dtype, gguf_file=path.name)
+
+
+def _asset_model(name: str, dtype: torch.dtype):
+    gguf = assets.fetch(name)
+    folder = assets.cache_dir() / "models" / f"{name}-{assets.get_asset(name).sha256[:12]}"
+    if not (folder / "config.json").is_file():
+        model, tokenizer = _gguf(gguf, torch.float32)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".convert-"))
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return _from_pretrained(str(folder), dtype)
+
+
+def _hub(spec: str, dtype: torch.dtype):
+    try:
+        return _from_pretrained(spec, dtype, local_files_only=True)
+    except (OSError, BaseqError):
+        pass
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+    try:
+        return _from_pretrained(spec, dtype)
+    except OSError as e:
+        raise BaseqError(f"could not load '{spec}' from the Hugging Face hub (is it reachable?): "
+                         f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+
+
+def load_model(spec: str = DEFAULT_MODEL, dtype="float32", device="cpu"):
+    """(model, tokenizer) for ``spec``: an asset name, a local folder, a local .gguf file, or a hub id."""
+    dtype = resolve_dtype(dtype)
+    path = Path(spec).expanduser()
+    if spec in assets.ASSETS:
+        if not assets.ASSETS[spec].filename.endswith(".gguf"):
+            raise BaseqError(f"asset '{spec}' is not a model")
+        model, tokenizer = _asset_model(spec, dtype)
+    elif path.is_dir():
+        if (path / "baseq.json").is_file():
+            from ..runtime.save import load_quantized
+
+            return load_quantized(path, dtype=dtype, device=device)
+        if not (path / "config.json").is_file():
+            raise BaseqError(f"'{spec}' is a folder without config.json: not a Hugging Face model folder")
+        model, tokenizer = _from_pretrained(str(path), dtype)
+    elif path.is_file():
+        if path.suffix != ".gguf":
+            raise BaseqError(f"'{spec}' is a file but not a .gguf model")
+        model, tokenizer = _gguf(path, dtype)
+    elif spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        model, tokenizer = _hub(spec, dtype)
+    else:
+        known = ", ".join(n for n, a in assets.ASSETS.items() if a.filename.endswith(".gguf"))
+        raise BaseqError(f"unknown model '{spec}': not a model asset ({known}), an existing path, or a hub id")
+    return model.to(device), tokenizer

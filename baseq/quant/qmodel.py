@@ -1,0 +1,196 @@
+"""The fake-quantized model: where activations and the KV cache are quantized inside a Llama-like block.
+
+Four activation quantization points per block, each an :class:`ActPoint` computing ``Q(x·s − b) (+ b)``
+(optional online rotation first, ``s`` the BASE-Q asymmetric scale, ``b`` the bias, both per channel):
+
+* qkv input    — in :class:`QuantRMSNorm` replacing ``input_layernorm``
+* o_proj input — in the :class:`QuantLinear` replacing ``o_proj``
+* gate/up input — in :class:`QuantRMSNorm` replacing ``post_attention_layernorm``
+* down_proj input — in the :class:`QuantLinear` replacing ``down_proj`` (after the online R4 Hadamard)
+
+K and V are quantized per token and per KV head by :class:`KVPoint` (after the online R3 Hadamard on queries and
+keys), through an attention function registered with transformers as ``"baseq"``. Every block linear becomes a
+:class:`QuantLinear` with a bias, so that folded BASE-Q biases (``W·b``) have a place to go and saved models load
+into one fixed structure.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.adapter import LlamaAdapter
+from ..rotation.fuse import OnlineRotation
+from .quantizer import ActQuantizer, KVQuantizer
+
+ATTN_NAME = "baseq"
+
+
+@dataclass(frozen=True)
+class ActSpec:
+    """How activations and the KV cache are quantized (structure-defining: saved with the model)."""
+
+    a_bits: int = 4
+    kv_bits: int = 4
+    a_clip: float = 0.9
+    kv_clip: float = 0.95
+    learnable_clip: bool = False
+    online_rotations: bool = True  # R3 on queries/keys, R4 on the down_proj input
+    seed: int = 0
+
+
+def _beta(clip: float) -> float:
+    clip = min(clip, 1 - 1e-6)
+    return math.log(clip / (1 - clip))
+
+
+class ActPoint(nn.Module):
+    """``x ↦ Q(R(x)·scale − shift) + shift`` per token; after folding the ``+ shift`` lives in the next bias."""
+
+    def __init__(self, channels: int, bits: int, clip: float, learnable_clip: bool, rotation: nn.Module | None):
+        super().__init__()
+        self.rotation = rotation
+        self.scale = nn.Parameter(torch.ones(channels), requires_grad=False)
+        self.shift = nn.Parameter(torch.zeros(channels), requires_grad=False)
+        self.register_buffer("shift_folded", torch.tensor(False))
+        self.quantizer = ActQuantizer(bits, clip_ratio=min(clip, 1.0), learnable_clip=learnable_clip and bits < 16,
+                                      beta_init=_beta(clip))
+        if self.quantizer.beta is not None:
+            self.quantizer.beta.requires_grad_(False)
+        self.quantize = True  # switched off to compute full-precision targets
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rotation is not None:
+            x = self.rotation(x)
+        x = x * self.scale.to(x.dtype) - self.shift.to(x.dtype)
+        if self.quantize:
+            x = self.quantizer(x)
+        if not self.shift_folded:
+            x = x + self.shift.to(x.dtype)
+        return x
+
+
+class QuantRMSNorm(nn.Module):
+    """RMSNorm followed by an activation quantization point."""
+
+    def __init__(self, weight: torch.Tensor, eps: float, act: ActPoint):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.eps = eps
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.act(self.weight * h.to(dtype))
+
+
+class QuantLinear(nn.Linear):
+    """A linear with (dequantized) quantized weights, a bias, and optionally its own input quantization point."""
+
+    def __init__(self, linear: nn.Linear, act: ActPoint | None = None):
+        super().__init__(linear.in_features, linear.out_features, bias=True,
+                         device=linear.weight.device, dtype=linear.weight.dtype)
+        with torch.no_grad():
+            self.weight.copy_(linear.weight)
+            self.bias.copy_(linear.bias if linear.bias is not None else torch.zeros_like(self.bias))
+        self.weight.requires_grad_(False)
+        self.bias.requires_grad_(False)
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.act(x) if self.act is not None else x, self.weight, self.bias)
+
+
+class KVPoint(nn.Module):
+    """Online R3 on queries and keys (after RoPE), then per-token, per-KV-head quantization of K and V."""
+
+    def __init__(self, kv_heads: int, head_dim: int, spec: ActSpec):
+        super().__init__()
+        self.rotation = OnlineRotation(head_dim, seed=spec.seed + 3) if spec.online_rotations else None
+        learn = spec.learnable_clip and spec.kv_bits < 16
+        self.k = KVQuantizer(kv_heads, spec.kv_bits, min(spec.kv_clip, 1.0), learn, _beta(spec.kv_clip))
+        self.v = KVQuantizer(kv_heads, spec.kv_bits, min(spec.kv_clip, 1.0), learn, _beta(spec.kv_clip))
+        for q in (self.k, self.v):
+            if q.beta is not None:
+                q.beta.requires_grad_(False)
+        self.quantize = True
+
+    def forward(self, query, key, value):
+        if self.rotation is not None:
+            query, key = self.rotation(query), self.rotation(key)
+        if self.quantize:
+            key, value = self.k(key), self.v(value)
+        return query, key, value
+
+
+def baseq_attention(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    point = getattr(module, "kv_point", None)
+    if point is not None:
+        query, key, value = point(query, key, value)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(ATTN_NAME, baseq_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, sdpa_mask)
+
+
+def quantize_structure(model: nn.Module, spec: ActSpec, fuse_online: bool = True) -> LlamaAdapter:
+    """Swap norms, linears and attention of every block for their quantized counterparts.
+
+    With ``spec.online_rotations`` and ``fuse_online``, the inverse of the online R4 is fused into ``W_down`` here
+    (the model function is unchanged); a saved model is rebuilt with ``fuse_online=False``."""
+    ad = LlamaAdapter(model)
+    s = ad.shape
+    for layer in ad.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+
+        def point(channels: int, rotation=None) -> ActPoint:
+            return ActPoint(channels, spec.a_bits, spec.a_clip, spec.learnable_clip, rotation)
+
+        layer.input_layernorm = QuantRMSNorm(layer.input_layernorm.weight, _eps(layer.input_layernorm),
+                                             point(s.hidden))
+        layer.post_attention_layernorm = QuantRMSNorm(layer.post_attention_layernorm.weight,
+                                                      _eps(layer.post_attention_layernorm), point(s.hidden))
+        for name in ("q_proj", "k_proj", "v_proj"):
+            setattr(attn, name, QuantLinear(getattr(attn, name)))
+        attn.o_proj = QuantLinear(attn.o_proj, point(s.heads * s.head_dim))
+        mlp.gate_proj = QuantLinear(mlp.gate_proj)
+        mlp.up_proj = QuantLinear(mlp.up_proj)
+        r4 = OnlineRotation(s.ffn, seed=spec.seed + 4) if spec.online_rotations else None
+        mlp.down_proj = QuantLinear(mlp.down_proj, point(s.ffn, r4))
+        if r4 is not None and fuse_online:
+            w = mlp.down_proj.weight.data
+            mlp.down_proj.weight.data = r4(w.double()).to(w.dtype)
+        attn.kv_point = KVPoint(s.kv_heads, s.head_dim, spec)
+    register_attention()
+    model.config._attn_implementation = ATTN_NAME
+    for m in model.modules():
+        if hasattr(m, "config") and m.config is not model.config:
+            m.config._attn_implementation = ATTN_NAME
+    return ad
+
+
+def _eps(norm: nn.Module) -> float:
+    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+
+def points(module: nn.Module) -> list[ActPoint | KVPoint]:
+    return [m for m in module.modules() if isinstance(m, (ActPoint, KVPoint))]
+
+
+def set_quantize(module: nn.Module, on: bool) -> None:
+    """Switch every activation/KV quantizer below ``module`` on or off (rotations stay)."""
+    for p in points(module):
+        p.quantize = on
