@@ -19,6 +19,14 @@ from .errors import BaseqError
 
 # ---------------------------------------------------------------- helpers
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the project's error format: one line on stderr, exit code 2."""
+
+    def error(self, message: str):
+        print(f"baseq: error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def check_json_path(path: str | None) -> None:
     """Fail before any work when a --json destination cannot be written."""
     if path is None:
@@ -136,8 +144,11 @@ def config_from_args(args):
              "calib_data": (cfg.calib, "data"), "calib_samples": (cfg.calib, "samples"),
              "calib_seqlen": (cfg.calib, "seqlen"), "calib_batch_size": (cfg.calib, "batch_size"),
              "epochs": cfg.train, "lr_clip": cfg.train, "lr_bias": cfg.train, "lr_scale": cfg.train,
-             "bias_init": cfg.train, "train_batch_size": (cfg.train, "batch_size"), "train_inputs": (cfg.train, "inputs"),
+             "bias_init": cfg.train, "train_batch_size": (cfg.train, "batch_size"),
+             "train_samples": (cfg.train, "samples"), "train_inputs": (cfg.train, "inputs"),
              "bias": cfg.train, "scale": cfg.train, "clip": cfg.train, "seed": cfg,
+             "transforms": cfg.train, "vo_rotation": cfg.train, "transform_epochs": cfg.train,
+             "lr_transform": cfg.train,
              "act_order": cfg.gptq, "percdamp": cfg.gptq}
     for flag, target in flags.items():
         value = getattr(args, flag, None)
@@ -154,8 +165,8 @@ def default_out(args, cfg) -> Path:
 
 
 def cmd_quantize(args) -> int:
-    from .calibrate.pipeline import act_spec, quantize_model
-    from .data import eval_windows
+    from .calibrate.pipeline import act_spec, check_model, needs_calibration, quantize_model
+    from .data import calib_windows, eval_windows
     from .eval.perplexity import perplexity
     from .models.loading import load_model
     from .runtime.save import check_out_dir, save_quantized
@@ -169,6 +180,11 @@ def cmd_quantize(args) -> int:
     say = (lambda *a: None) if args.quiet else (lambda msg: print(f"baseq: {msg}", file=sys.stderr))
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    check_model(model, cfg)  # before the full-precision evaluation
+    calib = None
+    if needs_calibration(cfg):  # draw the calibration windows now: a too-short text fails before any real work
+        c = cfg.calib
+        calib = calib_windows(tokenizer, c.data, c.seqlen, c.samples, c.seed)
     result = {"model": args.model, "method": cfg.label, "bits": cfg.bits.label, "config": cfg.to_dict()}
     windows = None
     if args.eval:
@@ -184,7 +200,7 @@ def cmd_quantize(args) -> int:
     say(f"quantizing {args.model} with {cfg.label} {cfg.bits.label}")
     report = quantize_model(model, tokenizer, cfg, model_spec=args.model, device=args.device,
                             work_dir=work_dir, resume=args.resume, progress=not args.quiet,
-                            log_fn=lambda m: say(m))
+                            log_fn=lambda m: say(m), windows=calib)
     result["calib_seconds"] = report["calib_seconds"]
     result["blocks"] = report["blocks"]
     if args.eval:
@@ -260,7 +276,14 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr-bias", type=float, help="learning rate of the biases")
     g.add_argument("--lr-scale", type=float, help="learning rate of the asymmetric scales")
     g.add_argument("--train-batch-size", type=positive_int, help="windows per training step (default 4)")
+    g.add_argument("--train-samples", type=int, help="calibration windows used for training (0 = all)")
     g.add_argument("--train-inputs", choices=("fp", "quant"), help="train on FP (default) or quantized inputs")
+    g.add_argument("--transforms", action=argparse.BooleanOptionalAction, default=None,
+                   help="stage 1: compensated V/o/down scales and V/O rotation, fused before GPTQ (on)")
+    g.add_argument("--vo-rotation", action=argparse.BooleanOptionalAction, default=None,
+                   help="learnable per-KV-head V/O rotation in stage 1 (on)")
+    g.add_argument("--transform-epochs", type=int, help="stage 1 epochs per block (default 3)")
+    g.add_argument("--lr-transform", type=float, help="stage 1 learning rate (default 5e-3)")
     g = p.add_argument_group("output and evaluation")
     g.add_argument("--out", help="output folder (default: out/MODEL-METHOD-BITS)")
     g.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -275,12 +298,12 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="baseq",
         description="Low-bit post-training quantization of LLMs: QuaRot rotations + BASE-Q bias/scale/clip "
                     "corrections, W4A4KV4, on CPU. Run a subcommand with --help for its options.")
     parser.add_argument("--version", action="version", version=f"baseq {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
     p = sub.add_parser("eval", help="perplexity (and zero-shot accuracy) of a model",
                        description="Evaluate a model's perplexity on the first N windows of a text. "
@@ -326,6 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("baseq: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # disk full, permission denied, ... while reading or writing files
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"baseq: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

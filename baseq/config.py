@@ -80,20 +80,26 @@ class TrainConfig:
     clip: bool = True
     bias_init: str = "zero"  # or "mean": the channel mean over calibration tokens
     epochs: int = 5
+    samples: int = 0  # calibration windows used for training (0 = all); GPTQ always uses all
     batch_size: int = 4
     lr_clip: float = 1e-2
     lr_bias: float = 2e-3
     lr_scale: float = 5e-4
     inputs: str = "fp"  # train on the full-precision block inputs ("fp") or the quantized model's ("quant")
+    # stage 1: compensated transforms (V scale, o/down input scales, per-KV-head V/O rotation), fused before GPTQ
+    transforms: bool = True
+    vo_rotation: bool = True
+    transform_epochs: int = 3
+    lr_transform: float = 5e-3
 
     def validate(self) -> None:
         if self.bias_init not in ("zero", "mean"):
             raise BaseqError(f"bias-init must be 'zero' or 'mean' (got {self.bias_init})")
         if self.inputs not in ("fp", "quant"):
             raise BaseqError(f"train inputs must be 'fp' or 'quant' (got {self.inputs})")
-        if self.epochs < 0 or self.batch_size < 1:
-            raise BaseqError("epochs must be ≥ 0 and batch size ≥ 1")
-        if min(self.lr_clip, self.lr_bias, self.lr_scale) < 0:
+        if self.epochs < 0 or self.transform_epochs < 0 or self.batch_size < 1 or self.samples < 0:
+            raise BaseqError("epochs and train samples must be ≥ 0 and batch size ≥ 1")
+        if min(self.lr_clip, self.lr_bias, self.lr_scale, self.lr_transform) < 0:
             raise BaseqError("learning rates must be ≥ 0")
 
 
@@ -173,7 +179,8 @@ def _build(cls, data: dict[str, Any], where: str):
                 raise BaseqError(f"{where}.{name} must be a mapping")
             kwargs[name] = _build(type(default), value, f"{where}.{name}")
         else:
-            if default is not None and not isinstance(value, type(default)) and not (
+            wrong_bool = isinstance(value, bool) and not isinstance(default, bool)
+            if wrong_bool or default is not None and not isinstance(value, type(default)) and not (
                     isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool)):
                 raise BaseqError(f"{where}.{name} must be a {type(default).__name__} (got {value!r})")
             kwargs[name] = float(value) if isinstance(default, float) else value

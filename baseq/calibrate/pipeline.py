@@ -1,13 +1,13 @@
 """Methods as compositions: rotation (or not), the quantized structure, then per-block stages.
 
-=========  ========  ======================================================
+=========  ========  ==================================================================
 method     rotation  stages per block
-=========  ========  ======================================================
+=========  ========  ==================================================================
 rtn        no        RTN
 gptq       no        GPTQ
 quarot     R1–R4     RTN or GPTQ (``weights``)
-baseq      R1–R4     GPTQ, then BASE-Q bias / asymmetric scale / clip training
-=========  ========  ======================================================
+baseq      R1–R4     compensated transforms (stage 1), GPTQ, BASE-Q bias / scale / clip training
+=========  ========  ==================================================================
 """
 
 from __future__ import annotations
@@ -21,12 +21,14 @@ import torch
 
 from ..config import QuantizeConfig
 from ..data import calib_windows
+from ..errors import BaseqError
 from ..models.adapter import LlamaAdapter
 from ..quant.qmodel import ActSpec, quantize_structure
 from ..quant.quantizer import WeightQuantConfig
 from ..rotation.fuse import rotate_model, untie_embeddings
 from .engine import BlockContext, calibrate_blocks
 from .stages import BaseqTrainStage, GPTQStage, RTNStage
+from .transforms import CompensatedTransformStage
 
 
 def act_spec(cfg: QuantizeConfig) -> ActSpec:
@@ -45,7 +47,12 @@ def build_stages(cfg: QuantizeConfig) -> list:
     wcfg = weight_config(cfg)
     stages = [RTNStage(wcfg) if cfg.weight_method == "rtn" else GPTQStage(wcfg, cfg.gptq)]
     if cfg.method == "baseq":
-        stages.append(BaseqTrainStage(cfg.train, seed=cfg.seed))
+        t = cfg.train
+        if t.transforms:
+            stages.insert(0, CompensatedTransformStage(wcfg, epochs=t.transform_epochs, lr=t.lr_transform,
+                                                       batch_size=t.batch_size, rotation=t.vo_rotation,
+                                                       seed=cfg.seed, samples=t.samples))
+        stages.append(BaseqTrainStage(t, seed=cfg.seed))
     return stages
 
 
@@ -54,14 +61,35 @@ def fingerprint(cfg: QuantizeConfig, model_spec: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def check_model(model, cfg: QuantizeConfig) -> LlamaAdapter:
+    """Fail early, with a clear message, on a model ``cfg`` cannot quantize (unsupported architecture, a weight
+    group size that does not divide some linear's in_features); cheap, so callers run it before any evaluation."""
+    ad = LlamaAdapter(model)
+    g = cfg.bits.w_group
+    if g and cfg.bits.w_bits < 16:
+        s = ad.shape
+        bad = sorted({n for n in (s.hidden, s.heads * s.head_dim, s.ffn) if n % g})
+        if bad:
+            raise BaseqError(f"w-group {g} does not divide the in_features of every linear "
+                             f"(the model has linears with in_features {', '.join(map(str, bad))})")
+    return ad
+
+
+def needs_calibration(cfg: QuantizeConfig) -> bool:
+    return not (cfg.weight_method == "rtn" and cfg.method != "baseq")
+
+
 def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, model_spec: str = "", device="cpu",
-                   work_dir: Path | None = None, resume: bool = False, progress: bool = True, log_fn=print) -> dict:
-    """Quantize ``model`` in place following ``cfg``; returns a small report (timings, per-block log)."""
+                   work_dir: Path | None = None, resume: bool = False, progress: bool = True, log_fn=print,
+                   windows: torch.Tensor | None = None) -> dict:
+    """Quantize ``model`` in place following ``cfg``; returns a small report (timings, per-block log).
+
+    ``windows`` are the calibration token windows (default: drawn from ``cfg.calib``)."""
     cfg.validate()
     t0 = time.perf_counter()
     for p in model.parameters():
         p.requires_grad_(False)
-    LlamaAdapter(model)  # fail early, with a clear message, on unsupported architectures
+    check_model(model, cfg)  # fail early, with a clear message, on unsupported architectures / group sizes
     untie_embeddings(model)  # one saved structure for every method
     if cfg.rotate:
         rotate_model(model, seed=cfg.seed)
@@ -69,12 +97,13 @@ def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, model_spec: str = "
     model.to(device)
     stages = build_stages(cfg)
     report = {"method": cfg.label, "bits": cfg.bits.label}
-    if cfg.weight_method == "rtn" and cfg.method != "baseq":
+    if not needs_calibration(cfg):
         for i, layer in enumerate(ad.layers):  # RTN needs no data
             stages[0].run(BlockContext(i, layer, None, None, None, {}, torch.device(device), 1))
         report["blocks"] = []
     else:
-        windows = calib_windows(tokenizer, cfg.calib.data, cfg.calib.seqlen, cfg.calib.samples, cfg.calib.seed)
+        if windows is None:
+            windows = calib_windows(tokenizer, cfg.calib.data, cfg.calib.seqlen, cfg.calib.samples, cfg.calib.seed)
         report["blocks"] = calibrate_blocks(
             model, ad, windows, stages, device=device, batch_size=cfg.calib.batch_size, work_dir=work_dir,
             fingerprint=fingerprint(cfg, model_spec), resume=resume, progress=progress, log_fn=log_fn)

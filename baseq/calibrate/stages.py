@@ -46,14 +46,24 @@ class GPTQStage:
         for group in SEQUENTIAL:
             solvers = {name: GPTQ(linears[name]) for name in group}
 
-            def hook(module, args, output, solver):
-                x = args[0]
-                solver.add_batch(module.act(x) if module.act is not None else x)
+            seen: set[str] = set()
 
-            handles = [linears[n].register_forward_hook(lambda m, a, o, s=solvers[n]: hook(m, a, o, s))
-                       for n in group]
+            def hook(module, args, output, name):
+                x = args[0]
+                solvers[name].add_batch(module.act(x) if module.act is not None else x)
+                seen.add(name)
+                if len(seen) == len(group):  # nothing after this group is needed: stop the forward here
+                    raise _GroupDone
+
+            handles = [linears[n].register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n)) for n in group]
             try:
-                ctx.run(ctx.q_in)
+                with torch.no_grad():
+                    for batch in ctx.q_in.split(ctx.batch_size):
+                        seen.clear()
+                        try:
+                            ctx.forward(batch.to(ctx.device))
+                        except _GroupDone:
+                            pass
             finally:
                 for h in handles:
                     h.remove()
@@ -61,6 +71,17 @@ class GPTQStage:
                 loss = solver.quantize(self.wcfg, blocksize=self.gcfg.blocksize, percdamp=self.gcfg.percdamp,
                                        act_order=self.gcfg.act_order, static_groups=self.gcfg.static_groups)
                 ctx.log[f"gptq_{name}"] = loss
+
+
+class _GroupDone(Exception):
+    pass
+
+
+def training_set(ctx: BlockContext, samples: int, inputs: str = "fp") -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, FP targets) for training: the first ``samples`` calibration windows (0 = all)."""
+    x = ctx.fp_in if inputs == "fp" else ctx.q_in
+    k = samples or x.shape[0]
+    return x[:k], ctx.fp_out[:k]
 
 
 def block_points(layer) -> dict[str, ActPoint]:
@@ -116,25 +137,26 @@ class BaseqTrainStage:
             s, n = sums[name]
             p.shift.copy_(s / n)
 
-    def loss(self, ctx: BlockContext, x: torch.Tensor) -> float:
+    @staticmethod
+    def loss(ctx: BlockContext, x: torch.Tensor, y: torch.Tensor) -> float:
         with torch.no_grad():
             out = ctx.run(x)
-        return F.mse_loss(out.float(), ctx.fp_out.float()).item()
+        return F.mse_loss(out.float(), y.float()).item()
 
     def run(self, ctx: BlockContext) -> None:
         cfg = self.cfg
-        x = ctx.fp_in if cfg.inputs == "fp" else ctx.q_in
+        x, y = training_set(ctx, cfg.samples, cfg.inputs)
         if cfg.bias and cfg.bias_init == "mean":
             self.init_bias_mean(ctx, x)
         groups = self.parameter_groups(ctx.layer)
         params = [p for g in groups for p in g["params"]]
-        ctx.log["loss_before"] = self.loss(ctx, x)
+        ctx.log["loss_before"] = self.loss(ctx, x, y)
         if params and cfg.epochs > 0:
-            self.train(ctx, x, groups, params)
-        ctx.log["loss_after"] = self.loss(ctx, x)
+            self.train(ctx, x, y, groups, params)
+        ctx.log["loss_after"] = self.loss(ctx, x, y)
         fold_block(ctx.layer)
 
-    def train(self, ctx: BlockContext, x: torch.Tensor, groups: list[dict], params: list) -> None:
+    def train(self, ctx: BlockContext, x: torch.Tensor, y: torch.Tensor, groups: list[dict], params: list) -> None:
         cfg = self.cfg
         n = x.shape[0]
         steps_per_epoch = math.ceil(n / cfg.batch_size)
@@ -150,7 +172,7 @@ class BaseqTrainStage:
             for epoch in range(cfg.epochs):
                 for idx in torch.randperm(n, generator=gen).split(cfg.batch_size):
                     out = ctx.forward(x[idx].to(ctx.device), grad=True)
-                    loss = F.mse_loss(out.float(), ctx.fp_out[idx].to(ctx.device).float())
+                    loss = F.mse_loss(out.float(), y[idx].to(ctx.device).float())
                     if not torch.isfinite(loss):
                         raise BaseqError(f"non-finite training loss in block {ctx.index} at epoch {epoch}, step "
                                          f"{step}: lower the learning rates (--lr-clip/--lr-bias/--lr-scale)")

@@ -22,9 +22,10 @@ def nll_sum(model, windows: torch.Tensor, batch_size: int = 4, device=None, prog
     for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
         batch = batch.to(device)
         logits = model(batch, use_cache=False).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
-        total += loss.item()
-        count += batch[:, 1:].numel()
+        for row, ids in zip(logits, batch):  # row by row: no batch-sized fp32 copies of the logits
+            total += F.cross_entropy(row[:-1].float(), ids[1:], reduction="sum").item()
+            count += ids.numel() - 1
+        del logits
     return total, count
 
 

@@ -46,7 +46,8 @@ def _from_pretrained(source: str, dtype: torch.dtype, **kwargs):
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (ValueError, KeyError) as e:  # transformers' way of saying "not a causal LM / unknown architecture"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BaseqError(f"'{source}' is not a loadable causal language model: {first}") from None
+        where = str(Path(source) / kwargs["gguf_file"]) if "gguf_file" in kwargs else source
+        raise BaseqError(f"'{where}' is not a loadable causal language model: {first}") from None
     if getattr(model.config, "quantization_config", None) is not None and "gguf_file" in kwargs:
         del model.config.quantization_config  # the weights are dequantized now
         model.hf_quantizer = None
@@ -54,8 +55,20 @@ def _from_pretrained(source: str, dtype: torch.dtype, **kwargs):
     return model.eval(), tokenizer
 
 
+def _local(source: str, dtype: torch.dtype, label: str, **kwargs):
+    """_from_pretrained for a local folder or .gguf file: a broken one (bad config.json, missing or corrupt weights,
+    bad tokenizer) raises OSError, SafetensorError, validation errors... all of them the user's input."""
+    try:
+        return _from_pretrained(source, dtype, **kwargs)
+    except BaseqError:
+        raise
+    except Exception as e:  # noqa: BLE001 - transformers/safetensors/gguf raise many types for a broken input
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise BaseqError(f"'{label}' is not a loadable causal language model: {type(e).__name__}: {first}") from None
+
+
 def _gguf(path: Path, dtype: torch.dtype):
-    return _from_pretrained(str(path.parent), dtype, gguf_file=path.name)
+    return _local(str(path.parent), dtype, str(path), gguf_file=path.name)
 
 
 def _asset_model(name: str, dtype: torch.dtype):
@@ -105,7 +118,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype="float32", device="cpu"):
             return load_quantized(path, dtype=dtype, device=device)
         if not (path / "config.json").is_file():
             raise BaseqError(f"'{spec}' is a folder without config.json: not a Hugging Face model folder")
-        model, tokenizer = _from_pretrained(str(path), dtype)
+        model, tokenizer = _local(str(path), dtype, spec)
     elif path.is_file():
         if path.suffix != ".gguf":
             raise BaseqError(f"'{spec}' is a file but not a .gguf model")

@@ -1,0 +1,223 @@
+"""BASE-Q stage 3: folding exactness, bias correction, gradients, ablation switches, non-finite loss, resume."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from baseq.calibrate import stages as stages_mod
+from baseq.calibrate.engine import BlockContext, capture_inputs
+from baseq.calibrate.pipeline import act_spec, quantize_model
+from baseq.calibrate.stages import BaseqTrainStage, GPTQStage, block_points, fold_block
+from baseq.config import QuantizeConfig, TrainConfig
+from baseq.errors import BaseqError
+from baseq.quant.qmodel import quantize_structure, set_quantize
+from baseq.rotation.fuse import rotate_model
+from baseq.testing import byte_tokenizer, tiny_llama
+
+WORDS = "the of and a to in is was for on that with as by at from his her it an were are which this be".split()
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("text") / "t.txt"
+    path.write_text(" ".join(rng.choice(WORDS) for _ in range(6000)))
+    return str(path)
+
+
+def _cfg(text_file, **train) -> QuantizeConfig:
+    return QuantizeConfig.from_dict({"method": "baseq", "calib": {"data": text_file, "samples": 6, "seqlen": 32,
+                                                                  "batch_size": 3},
+                                     "train": {"epochs": 2, "batch_size": 3, **train}})
+
+
+def _block_ctx(cfg: QuantizeConfig, offsets: bool = False, seed: int = 0):
+    """Layer 0 of a rotated, structured tiny model, with FP targets computed, as the engine would."""
+    torch.manual_seed(seed)
+    model = tiny_llama(hidden=48, ffn=80, heads=4, kv_heads=2, layers=1, seed=seed)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    rotate_model(model, seed=cfg.seed)
+    ad = quantize_structure(model, act_spec(cfg))
+    windows = torch.randint(0, 256, (6, 32))
+    x, kwargs = capture_inputs(model, ad, windows, "cpu", 3)
+    if offsets:  # strongly shifted channel means in the residual stream
+        x = x + 3.0 * torch.linspace(-1, 1, x.shape[-1])
+    layer = ad.layers[0]
+    ctx = BlockContext(0, layer, x, x, None, kwargs, torch.device("cpu"), 3, progress=False)
+    set_quantize(layer, False)
+    ctx.fp_out = ctx.run(x)
+    set_quantize(layer, True)
+    return ctx
+
+
+def test_fold_is_exact(text_file):
+    cfg = _cfg(text_file)
+    ctx = _block_ctx(cfg)
+    GPTQStage(stages_mod.WeightQuantConfig(bits=4), cfg.gptq).run(ctx)
+    with torch.no_grad():  # non-trivial trained-looking corrections
+        for p in block_points(ctx.layer).values():
+            p.scale.copy_(1 + 0.2 * torch.rand_like(p.scale))
+            p.shift.copy_(0.1 * torch.randn_like(p.shift))
+    before = ctx.run(ctx.fp_in)
+    fold_block(ctx.layer)
+    after = ctx.run(ctx.fp_in)
+    assert all(bool(p.shift_folded) for p in block_points(ctx.layer).values())
+    assert torch.equal(block_points(ctx.layer)["qkv"].scale, torch.ones(48))
+    # equal up to float rounding; rounding can flip a few 4-bit levels, so compare in aggregate
+    rel = (after - before).pow(2).mean() / before.pow(2).mean()
+    assert rel < 1e-6
+    # folding twice changes nothing
+    fold_block(ctx.layer)
+    assert torch.equal(ctx.run(ctx.fp_in), after)
+
+
+def test_bias_correction_reduces_block_error(text_file):
+    errs = {}
+    for bias in (False, True):
+        cfg = _cfg(text_file, bias=bias, scale=False, clip=False, bias_init="mean", epochs=3)
+        ctx = _block_ctx(cfg, offsets=True)
+        BaseqTrainStage(cfg.train).run(ctx)
+        errs[bias] = ctx.log["loss_after"]
+    assert errs[True] < 0.9 * errs[False]
+
+
+def test_scale_and_clip_receive_gradients(text_file):
+    cfg = _cfg(text_file)
+    ctx = _block_ctx(cfg)
+    stage = BaseqTrainStage(cfg.train)
+    groups = stage.parameter_groups(ctx.layer)
+    assert {g["name"] for g in groups} == {"scale", "bias", "clip"}
+    params = [p for g in groups for p in g["params"]]
+    for p in params:
+        p.requires_grad_(True)
+    out = ctx.forward(ctx.fp_in[:2], grad=True)
+    torch.nn.functional.mse_loss(out, ctx.fp_out[:2]).backward()
+    for g in groups:
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in g["params"]), g["name"]
+    kv = ctx.layer.self_attn.kv_point
+    assert kv.k.beta.shape == (2,) and kv.k.beta.grad.abs().sum() > 0  # one clip per KV head
+
+
+@pytest.mark.parametrize("switch,group", [("bias", "bias"), ("scale", "scale"), ("clip", "clip")])
+def test_ablation_switch_removes_its_parameters(text_file, switch, group):
+    cfg = _cfg(text_file, **{switch: False})
+    ctx = _block_ctx(cfg)
+    names = {g["name"] for g in BaseqTrainStage(cfg.train).parameter_groups(ctx.layer)}
+    assert group not in names and len(names) == 2
+    if switch == "clip":  # clipping off: quantizers have no learnable beta at all
+        assert all(p.quantizer.beta is None for p in block_points(ctx.layer).values())
+    before = {k: v.clone() for k, v in ctx.layer.state_dict().items()}
+    BaseqTrainStage(cfg.train).run(ctx)
+    pts = block_points(ctx.layer)
+    if switch == "scale":
+        assert all(torch.equal(p.scale, torch.ones_like(p.scale)) for p in pts.values())
+        assert torch.equal(ctx.layer.input_layernorm.weight, before["input_layernorm.weight"])
+    if switch == "bias":
+        assert all(torch.equal(p.shift, torch.zeros_like(p.shift)) for p in pts.values())
+
+
+def test_training_changes_output_and_reduces_loss(text_file):
+    cfg = _cfg(text_file, epochs=4)
+    ctx = _block_ctx(cfg, offsets=True)
+    BaseqTrainStage(cfg.train).run(ctx)
+    assert ctx.log["loss_after"] < ctx.log["loss_before"]
+
+
+def test_non_finite_loss_stops_with_block_and_step(text_file):
+    cfg = _cfg(text_file)
+    ctx = _block_ctx(cfg)
+    ctx.fp_out = ctx.fp_out.clone()
+    ctx.fp_out[:, 0, 0] = float("nan")
+    with pytest.raises(BaseqError, match=r"block 0 .*step 0"):
+        BaseqTrainStage(cfg.train).run(ctx)
+
+
+def test_resume_gives_identical_result(text_file, tmp_path, monkeypatch):
+    tok = byte_tokenizer()
+    cfg = _cfg(text_file)
+
+    def fresh():
+        m = tiny_llama(hidden=48, ffn=80, heads=4, kv_heads=2, layers=3, seed=3)
+        return m
+
+    ref = fresh()
+    quantize_model(ref, tok, _cfg(text_file), progress=False, log_fn=lambda m: None)
+
+    original = BaseqTrainStage.run
+
+    def crash_on_block_2(self, ctx):
+        if ctx.index == 2:
+            raise RuntimeError("simulated crash")
+        return original(self, ctx)
+
+    work = tmp_path / "work"
+    monkeypatch.setattr(BaseqTrainStage, "run", crash_on_block_2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        quantize_model(fresh(), tok, cfg, work_dir=work, progress=False, log_fn=lambda m: None)
+    monkeypatch.setattr(BaseqTrainStage, "run", original)
+    messages = []
+    resumed = fresh()
+    quantize_model(resumed, tok, _cfg(text_file), work_dir=work, resume=True, progress=False,
+                   log_fn=messages.append)
+    assert any("resuming after block 1" in m for m in messages)
+    ref_state, res_state = ref.state_dict(), resumed.state_dict()
+    assert ref_state.keys() == res_state.keys()
+    for k in ref_state:
+        assert torch.equal(ref_state[k], res_state[k]), k
+
+
+# ---------------------------------------------------------------- stage 1: compensated transforms
+
+def test_cayley_is_orthogonal_and_starts_at_identity():
+    from baseq.calibrate.transforms import cayley
+
+    p = torch.randn(3, 12, 12, dtype=torch.float64)
+    r = cayley(p)
+    assert torch.allclose(r @ r.transpose(-1, -2), torch.eye(12, dtype=torch.float64).expand(3, 12, 12), atol=1e-12)
+    assert torch.equal(cayley(torch.zeros(2, 5, 5)), torch.eye(5).expand(2, 5, 5))
+
+
+def test_transforms_keep_the_full_precision_block_function(text_file):
+    from baseq.calibrate.transforms import TransformParams
+
+    cfg = _cfg(text_file)
+    ctx = _block_ctx(cfg)
+    set_quantize(ctx.layer, False)
+    ref = ctx.run(ctx.fp_in)
+    tp = TransformParams(ctx.layer, rotation=True, scales=True)
+    with torch.no_grad():
+        for p in tp.parameters():
+            p.normal_(0, 0.3)
+        for name, value in tp.weights().items():
+            ctx.layer.get_parameter(name).copy_(value)
+    out = ctx.run(ctx.fp_in)
+    assert not torch.equal(ctx.layer.self_attn.v_proj.weight, tp.base["v_w"])  # the weights really changed
+    assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_transform_stage_lowers_quantized_loss_and_switches(text_file):
+    from baseq.calibrate.transforms import CompensatedTransformStage, TransformParams
+    from baseq.quant.quantizer import WeightQuantConfig
+
+    cfg = _cfg(text_file)
+    ctx = _block_ctx(cfg, offsets=True)
+    CompensatedTransformStage(WeightQuantConfig(bits=4), epochs=4, lr=1e-2, batch_size=3).run(ctx)
+    assert ctx.log["t_loss_last"] < ctx.log["t_loss_before"]
+    assert {n for n, _ in TransformParams(ctx.layer, rotation=False, scales=True).named_parameters()} == \
+        {"log_v", "log_o", "log_d"}
+    assert {n for n, _ in TransformParams(ctx.layer, rotation=True, scales=False).named_parameters()} == {"rot"}
+
+
+def test_method_composition_follows_switches(text_file):
+    from baseq.calibrate.pipeline import build_stages
+
+    names = lambda c: [s.name for s in build_stages(c)]  # noqa: E731
+    assert names(_cfg(text_file)) == ["transforms", "gptq", "baseq"]
+    assert names(_cfg(text_file, transforms=False)) == ["gptq", "baseq"]
+    q = QuantizeConfig.from_dict({"method": "quarot", "weights": "rtn"})
+    assert names(q) == ["rtn"] and q.rotate
+    assert names(QuantizeConfig.from_dict({"method": "gptq"})) == ["gptq"]

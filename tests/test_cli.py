@@ -1,0 +1,253 @@
+"""Tests for the command line (``baseq eval``): in-process through ``baseq.cli.main`` and as real processes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from baseq.cli import main
+
+SEQLEN, WINDOWS = 32, 3
+LINES = [f"Line {i}: the quick brown fox jumps over the lazy dog, number {i * i}." for i in range(40)]
+TEXT = "\n".join(LINES) + "\n"
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    f = tmp_path_factory.mktemp("text") / "sample.txt"
+    f.write_text(TEXT, encoding="utf-8")
+    return f
+
+
+@pytest.fixture(scope="module")
+def expected_ppl(tiny_model_dir):
+    """The perplexity of the tiny model on the first WINDOWS × SEQLEN bytes of TEXT, computed without the CLI."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    from baseq.testing import byte_tokenizer
+
+    ids = byte_tokenizer()(TEXT, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(TEXT.encode())
+    w = torch.tensor(ids[: WINDOWS * SEQLEN]).view(WINDOWS, SEQLEN)
+    with torch.no_grad():
+        logits = model(w).logits.double()
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1))
+    return math.exp(nll.item())
+
+
+def _eval_args(model, data, *extra):
+    return ["eval", "--model", str(model), "--data", str(data), "--seqlen", str(SEQLEN),
+            "--windows", str(WINDOWS), "--batch-size", "2", "--quiet", *extra]
+
+
+def _assert_one_error_line(err: str, *fragments: str) -> str:
+    assert "Traceback" not in err
+    lines = err.strip("\n").splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    assert lines[0].startswith("baseq: error:"), lines[0]
+    for frag in fragments:
+        assert frag in lines[0], (frag, lines[0])
+    return lines[0]
+
+
+def _json_payload_ok(payload: dict, model, data, expected_ppl):
+    assert {"ppl", "tokens", "seconds", "model", "data", "seqlen", "windows"} <= set(payload)
+    assert payload["ppl"] == pytest.approx(expected_ppl, rel=1e-4)
+    assert payload["tokens"] == SEQLEN * WINDOWS
+    assert payload["seqlen"] == SEQLEN and payload["windows"] == WINDOWS
+    assert payload["model"] == str(model) and payload["data"] == str(data)
+    assert isinstance(payload["seconds"], (int, float)) and 0 <= payload["seconds"] < 120
+
+
+# ------------------------------------------------------------------ in-process
+
+
+def test_eval_prints_table_and_writes_json(tiny_model_dir, text_file, expected_ppl, tmp_path, capsys):
+    out = tmp_path / "result.json"
+    assert main(_eval_args(tiny_model_dir, text_file, "--json", str(out))) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and "error" not in captured.err
+    payload = json.loads(out.read_text())
+    _json_payload_ok(payload, tiny_model_dir, text_file, expected_ppl)
+    assert "baseq eval" in captured.out and "perplexity" in captured.out
+    assert f"{payload['ppl']:.3f}" in captured.out
+    assert f"{SEQLEN * WINDOWS}" in captured.out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]  # no temp file left beside it
+
+
+def test_eval_json_is_replaced(tiny_model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "result.json"
+    out.write_text("old content")
+    assert main(_eval_args(tiny_model_dir, text_file, "--json", str(out))) == 0
+    assert json.loads(out.read_text())["tokens"] == SEQLEN * WINDOWS
+
+
+def _bad_folders(root: Path, tiny_model_dir: Path) -> dict[str, Path]:
+    folders = {}
+    d = root / "t5"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "t5"}))  # seq2seq, not a causal LM
+    folders["t5"] = d
+    d = root / "garbage"
+    d.mkdir()
+    (d / "config.json").write_text("this is {not json")
+    folders["garbage"] = d
+    d = root / "noweights"
+    d.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", d / "config.json")
+    folders["noweights"] = d
+    d = root / "badweights"
+    shutil.copytree(tiny_model_dir, d)
+    (d / "model.safetensors").write_bytes(b"not safetensors" * 10)
+    folders["badweights"] = d
+    d = root / "noconfig"
+    d.mkdir()
+    (d / "README").write_text("hello")
+    folders["noconfig"] = d
+    f = root / "junk.gguf"
+    f.write_bytes(b"not a gguf file" * 10)
+    folders["junk.gguf"] = f
+    f = root / "model.bin"
+    f.write_bytes(b"x")
+    folders["model.bin"] = f
+    return folders
+
+
+@pytest.mark.parametrize("case,fragment", [
+    ("t5", "not a loadable causal language model"),
+    ("garbage", "not a loadable causal language model"),
+    ("noweights", "not a loadable causal language model"),
+    ("badweights", "not a loadable causal language model"),
+    ("noconfig", "without config.json"),
+    ("junk.gguf", "junk.gguf"),
+    ("model.bin", "not a .gguf model"),
+])
+def test_eval_bad_model_folder(case, fragment, tiny_model_dir, text_file, tmp_path, capsys):
+    path = _bad_folders(tmp_path, tiny_model_dir)[case]
+    assert main(_eval_args(path, text_file)) != 0
+    _assert_one_error_line(capsys.readouterr().err, fragment)
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("case", ["unknown-model", "missing-model-path", "missing-data", "seqlen-1", "seqlen-0",
+                                  "too-many-windows", "empty-text", "blank-text", "invalid-utf8", "data-dir",
+                                  "json-missing-folder", "json-is-dir", "bad-dtype"])
+def test_eval_bad_inputs(case, tiny_model_dir, text_file, tmp_path, capsys):
+    model, data, extra, frags = tiny_model_dir, text_file, [], []
+    if case == "unknown-model":
+        model, frags = "no-such-model", ["unknown model 'no-such-model'"]
+    elif case == "missing-model-path":
+        model, frags = tmp_path / "missing" / "model", ["unknown model"]
+    elif case == "missing-data":
+        data, frags = tmp_path / "missing.txt", ["unknown data"]
+    elif case == "seqlen-1":
+        extra, frags = ["--seqlen", "1"], ["seqlen must be at least 2"]
+    elif case == "seqlen-0":
+        extra, frags = ["--seqlen", "0"], ["seqlen must be at least 2"]
+    elif case == "too-many-windows":
+        available = len(TEXT.encode()) // SEQLEN
+        extra, frags = ["--windows", str(available + 5)], [f"holds {available} eval windows", f"{available + 5}"]
+    elif case == "empty-text":
+        data, frags = _write(tmp_path / "empty.txt", b""), ["is empty"]
+    elif case == "blank-text":
+        data, frags = _write(tmp_path / "blank.txt", b"\n \n\t\n"), ["is empty"]
+    elif case == "invalid-utf8":
+        data, frags = _write(tmp_path / "binary.txt", bytes(range(128, 256)) * 4), ["cannot read text file"]
+    elif case == "data-dir":
+        data, frags = tmp_path, ["is not a file"]
+    elif case == "json-missing-folder":
+        extra, frags = ["--json", str(tmp_path / "nope" / "r.json")], ["does not exist"]
+    elif case == "json-is-dir":
+        extra, frags = ["--json", str(tmp_path)], ["is a directory"]
+    elif case == "bad-dtype":
+        extra, frags = ["--dtype", "float8"], ["unknown dtype 'float8'"]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(_eval_args(model, data, *extra)) != 0
+    _assert_one_error_line(capsys.readouterr().err, *frags)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+def test_help_mentions_options(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "eval" in out and "quantize" in out
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for opt in ("--model", "--data", "--seqlen", "--windows", "--batch-size", "--json", "--quiet", "--dtype"):
+        assert opt in out, opt
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 0
+    assert "usage: baseq" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ real processes
+
+
+def _console_script() -> str:
+    beside = Path(sys.executable).parent / "baseq"
+    found = str(beside) if beside.is_file() else shutil.which("baseq")
+    assert found, "the 'baseq' console script is not installed (pip install -e .)"
+    return found
+
+
+def _env():
+    return dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="default")
+
+
+def _run(cmd, cwd=None, timeout=300):
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=_env(), timeout=timeout)
+
+
+def test_console_script_help():
+    proc = _run([_console_script(), "--help"])
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: baseq" in proc.stdout and "eval" in proc.stdout
+    proc = _run([_console_script(), "eval", "--help"])
+    assert proc.returncode == 0, proc.stderr
+    assert "--seqlen" in proc.stdout and "--windows" in proc.stdout and "--json" in proc.stdout
+
+
+def test_subprocess_eval_and_error(tiny_model_dir, text_file, expected_ppl, tmp_path):
+    out = tmp_path / "r.json"
+    available = len(TEXT.encode()) // SEQLEN
+    cmds = {
+        "ok": [sys.executable, "-m", "baseq.cli", *_eval_args(tiny_model_dir, text_file, "--json", str(out))],
+        # an error found after the model is loaded: nothing else (warnings, progress bars) may reach stderr
+        "error": [sys.executable, "-m", "baseq.cli",
+                  *_eval_args(tiny_model_dir, text_file, "--windows", str(available + 1))],
+    }
+    # both processes at once: most of their time is importing torch and transformers
+    procs = {k: subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                                 env=_env()) for k, c in cmds.items()}
+    results = {k: (p.communicate(timeout=300), p.returncode) for k, p in procs.items()}
+
+    (stdout, stderr), code = results["ok"]
+    assert code == 0, stderr
+    assert "Traceback" not in stderr
+    payload = json.loads(out.read_text())
+    _json_payload_ok(payload, tiny_model_dir, text_file, expected_ppl)
+    assert f"{payload['ppl']:.3f}" in stdout and "perplexity" in stdout
+
+    (stdout, stderr), code = results["error"]
+    assert code == 2
+    _assert_one_error_line(stderr, f"holds {available} eval windows")
+    assert stdout == ""
