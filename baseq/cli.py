@@ -6,15 +6,14 @@ User errors (bad paths, impossible settings, unreachable registries) print one l
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from . import __version__
 from .errors import BaseqError
+from .io import write_json
 
 
 # ---------------------------------------------------------------- helpers
@@ -38,16 +37,6 @@ def check_json_path(path: str | None) -> None:
         raise BaseqError(f"--json '{path}': folder '{p.parent}' does not exist")
     if not os.access(p.parent, os.W_OK):
         raise BaseqError(f"--json '{path}': folder '{p.parent}' is not writable")
-
-
-def write_json(path: str, payload: dict) -> None:
-    """Write atomically: a temp file beside the target, renamed into place."""
-    p = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, p)
 
 
 def print_table(title: str, rows: list[tuple[str, str]]) -> None:
@@ -87,6 +76,29 @@ def add_eval_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward pass (default 4)")
 
 
+def run_zero_shot(model, tokenizer, args) -> dict | None:
+    """Zero-shot accuracies when ``--tasks`` was given (lm-eval harness; offline BIG-bench tasks by default)."""
+    if not hasattr(args, "tasks"):
+        return None
+    from .eval.zeroshot import zero_shot_from_args
+
+    return zero_shot_from_args(model, tokenizer, args, batch_size=args.batch_size, device=args.device)
+
+
+def task_rows(tasks: dict) -> list[tuple[str, str]]:
+    def cell(v, se):
+        return "-" if v is None else f"{v:.4f}" + (f" ± {se:.4f}" if se is not None else "")
+
+    return [(name, f"acc {cell(r.get('acc'), r.get('acc_stderr'))}  acc_norm "
+                   f"{cell(r.get('acc_norm'), r.get('acc_norm_stderr'))}  (n={r.get('n')})")
+            for name, r in tasks.items()]
+
+
+def check_limit(args) -> None:
+    if getattr(args, "limit", None) is not None and args.limit < 1:
+        raise BaseqError(f"--limit must be at least 1 (got {args.limit})")
+
+
 # ---------------------------------------------------------------- eval
 
 def cmd_eval(args) -> int:
@@ -95,6 +107,7 @@ def cmd_eval(args) -> int:
     from .models.loading import load_model
 
     check_json_path(args.json)
+    check_limit(args)
     if args.seqlen < 2:
         raise BaseqError(f"--seqlen must be at least 2 (got {args.seqlen})")
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -110,14 +123,10 @@ def cmd_eval(args) -> int:
     rows = [("model", args.model), ("method", result["method"]), ("data", args.data),
             ("tokens", f"{result['tokens']:,} ({args.windows} × {args.seqlen})"),
             ("perplexity", f"{ppl:.3f}"), ("seconds", f"{seconds:.1f}")]
-    if getattr(args, "tasks", None):
-        from .eval.zeroshot import zero_shot
-
-        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        result["tasks"] = zero_shot(model, tokenizer, tasks, tasks_dir=args.tasks_dir, limit=args.limit,
-                                    batch_size=args.batch_size, device=args.device)
-        for name, r in result["tasks"].items():
-            rows.append((name, f"acc {r['acc']:.4f} ± {r['acc_stderr']:.4f} (n={r['n']})"))
+    tasks = run_zero_shot(model, tokenizer, args)
+    if tasks:
+        result["tasks"] = tasks
+        rows += task_rows(tasks)
     print_table("baseq eval", rows)
     if args.json:
         write_json(args.json, result)
@@ -143,6 +152,7 @@ def config_from_args(args):
              "a_clip": cfg.bits, "kv_clip": cfg.bits, "w_sym": cfg.bits,
              "calib_data": (cfg.calib, "data"), "calib_samples": (cfg.calib, "samples"),
              "calib_seqlen": (cfg.calib, "seqlen"), "calib_batch_size": (cfg.calib, "batch_size"),
+             "offload_activations": (cfg.calib, "offload"),
              "epochs": cfg.train, "lr_clip": cfg.train, "lr_bias": cfg.train, "lr_scale": cfg.train,
              "bias_init": cfg.train, "train_batch_size": (cfg.train, "batch_size"),
              "train_samples": (cfg.train, "samples"), "train_inputs": (cfg.train, "inputs"),
@@ -174,10 +184,13 @@ def cmd_quantize(args) -> int:
     cfg = config_from_args(args)
     out = Path(args.out) if args.out else default_out(args, cfg)
     check_json_path(args.json)
+    check_limit(args)
     if not args.resume:
         check_out_dir(out, args.overwrite)
     work_dir = out.parent / f".{out.name}.partial"
-    say = (lambda *a: None) if args.quiet else (lambda msg: print(f"baseq: {msg}", file=sys.stderr))
+    from tqdm.auto import tqdm
+
+    say = (lambda *a: None) if args.quiet else (lambda msg: tqdm.write(f"baseq: {msg}", file=sys.stderr))
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     check_model(model, cfg)  # before the full-precision evaluation
@@ -208,12 +221,9 @@ def cmd_quantize(args) -> int:
         result["ppl_quant"] = perplexity(model, windows, args.batch_size, args.device, progress=not args.quiet)
         result["ppl"] = result["ppl_quant"]
         result["eval_quant_seconds"] = round(time.perf_counter() - t0, 2)
-    if getattr(args, "tasks", None):
-        from .eval.zeroshot import zero_shot
-
-        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        result["tasks"] = zero_shot(model, tokenizer, tasks, tasks_dir=args.tasks_dir, limit=args.limit,
-                                    batch_size=args.batch_size, device=args.device)
+    tasks = run_zero_shot(model, tokenizer, args)
+    if tasks:
+        result["tasks"] = tasks
     result["peak_rss_mb"] = peak_rss_mb()
     save_quantized(model, tokenizer, out, act_spec(cfg), {"method": cfg.label, "bits": cfg.bits.label,
                                                           "config": cfg.to_dict(), "model": args.model},
@@ -227,8 +237,7 @@ def cmd_quantize(args) -> int:
         rows[2:2] = [("data", f"{args.data} ({args.windows} × {args.seqlen})"),
                      ("perplexity FP", f"{result['ppl_fp']:.3f}"),
                      ("perplexity quantized", f"{result['ppl_quant']:.3f}")]
-    for name, r in result.get("tasks", {}).items():
-        rows.append((name, f"acc {r['acc']:.4f} ± {r['acc_stderr']:.4f} (n={r['n']})"))
+    rows += task_rows(result.get("tasks", {}))
     print_table("baseq quantize", rows)
     if args.json:
         write_json(args.json, result)
@@ -264,6 +273,8 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib-samples", type=positive_int, help="calibration windows (default 32)")
     g.add_argument("--calib-seqlen", type=int, help="tokens per calibration window (default 512)")
     g.add_argument("--calib-batch-size", type=positive_int, help="windows per block forward (default 4)")
+    g.add_argument("--offload-activations", action="store_true", default=None,
+                   help="keep block activations in memory-mapped files beside --out instead of RAM")
     g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None, help="GPTQ act-order")
     g.add_argument("--percdamp", type=float, help="GPTQ damping (fraction of mean diag H, default 0.01)")
     g = p.add_argument_group("BASE-Q training (method baseq)")
@@ -298,6 +309,8 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
+    from .eval.zeroshot import add_zero_shot_args
+
     parser = Parser(
         prog="baseq",
         description="Low-bit post-training quantization of LLMs: QuaRot rotations + BASE-Q bias/scale/clip "
@@ -312,12 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_data_args(p)
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    try:
-        from .eval.zeroshot import add_zero_shot_args
-    except ImportError:
-        pass
-    else:
-        add_zero_shot_args(p)
+    add_zero_shot_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("quantize", help="quantize a model (default: BASE-Q W4A4KV4 of the embedded model)",
@@ -325,13 +333,25 @@ def build_parser() -> argparse.ArgumentParser:
                                    "With no arguments: BASE-Q W4A4KV4 on the embedded SmolLM2-135M, perplexity "
                                    "before and after on 64 × 512 tokens of 'wiki'.")
     add_quantize_args(p)
-    try:
-        from .eval.zeroshot import add_zero_shot_args
-    except ImportError:
-        pass
-    else:
-        add_zero_shot_args(p)
+    add_zero_shot_args(p)
     p.set_defaults(func=cmd_quantize)
+
+    from .eval.bigbench import add_bigbench_args, bigbench_main
+    from .eval.report import add_report_args, report_main
+
+    p = sub.add_parser("report", help="markdown table and PNG plot comparing result JSONs",
+                       description="Compare results written by 'baseq eval --json' / 'baseq quantize --json': "
+                                   "a markdown table (PPL, per-task accuracy, %% of gap to FP closed vs a "
+                                   "baseline) and a PNG plot.")
+    add_report_args(p)
+    p.set_defaults(func=report_main)
+
+    p = sub.add_parser("data", help="fetch optional data sets (BIG-bench zero-shot tasks)")
+    data = p.add_subparsers(dest="data_command", metavar="DATASET", parser_class=Parser, required=True)
+    q = data.add_parser("bigbench", help="extract the 4 offline zero-shot task files from the bigbench==1.0.0 "
+                                         "source archive on PyPI (~360 MB download, cached)")
+    add_bigbench_args(q)
+    q.set_defaults(func=bigbench_main)
     return parser
 
 

@@ -5,7 +5,8 @@ reads; this script then prints a markdown table with the fraction of QuaRot-GPTQ
 row closes. Timings depend on the machine and on whatever else runs on it: compare rows of one run.
 
     python benchmarks/run.py --out results/bench                 # the default table
-    python benchmarks/run.py --out results/bench --rows fp,quarot-gptq-w4a4kv4,baseq-w4a4kv4
+    python benchmarks/run.py --out results/bench --rows fp,quarot-gptq-w4a4kv4,baseq-w4a4kv4 \
+        --tasks siqa,winogrande --tasks-dir ../shared/data/bigbench --limit 300
     python benchmarks/run.py --list
 """
 
@@ -30,13 +31,14 @@ ROWS: dict[str, dict] = {
     "baseq-w4a4kv4": {**BASEQ, "bits": "W4A4KV4"},
     "baseq-w4a8kv8": {**BASEQ, "bits": "W4A8KV8"},
     # ablations at W4A4KV4 (stage 1 off unless named)
-    "abl-bias": {**BASEQ, "train": {"bias": True, "scale": False, "clip": False, "transforms": False}},
-    "abl-bias-mean": {**BASEQ, "train": {"bias": True, "scale": False, "clip": False, "transforms": False,
-                                          "bias_init": "mean"}},
-    "abl-scale": {**BASEQ, "train": {"bias": False, "scale": True, "clip": False, "transforms": False}},
-    "abl-bias-scale": {**BASEQ, "train": {"bias": True, "scale": True, "clip": False, "transforms": False}},
-    "abl-bias-scale-clip": {**BASEQ, "train": {"transforms": False}},
-    "abl-full-no-vo-rotation": {**BASEQ, "train": {"vo_rotation": False}},
+    "abl-bias-zero": {**BASEQ, "train": {"bias": True, "scale": False, "clip": False, "bias_init": "zero"}},
+    "abl-bias-mean": {**BASEQ, "train": {"bias": True, "scale": False, "clip": False, "bias_init": "mean"}},
+    "abl-scale": {**BASEQ, "train": {"bias": False, "scale": True, "clip": False}},
+    "abl-bias-scale": {**BASEQ, "train": {"bias": True, "scale": True, "clip": False}},
+    "abl-bias-scale-clip-zero-init": {**BASEQ, "train": {"bias_init": "zero"}},
+    "abl-quant-inputs": {**BASEQ, "train": {"inputs": "quant"}},
+    "abl-stage1": {**BASEQ, "train": {"transforms": True}},
+    "abl-stage1-no-vo-rotation": {**BASEQ, "train": {"transforms": True, "vo_rotation": False}},
 }
 DEFAULT = ["fp", "rtn-w4a4kv4", "gptq-w4a4kv4", "quarot-rtn-w4a4kv4", "quarot-gptq-w4a4kv4", "baseq-w4a4kv4",
            "quarot-gptq-w4a8kv8", "baseq-w4a8kv8", "quarot-gptq-w4a16"]
@@ -62,10 +64,18 @@ def run_row(name: str, args) -> dict:
         report = quantize_model(model, tokenizer, cfg, model_spec=args.model, progress=False,
                                 log_fn=lambda m: print(f"[{name}] {m}", file=sys.stderr, flush=True))
         result.update(method=name.split("-w4")[0] if not name.startswith("abl") else name, bits=cfg.bits.label,
-                      calib_seconds=report["calib_seconds"], config=cfg.to_dict())
+                      calib_seconds=report["calib_seconds"], config=cfg.to_dict(),
+                      calib_peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
     t0 = time.perf_counter()
     result["ppl"] = perplexity(model, windows, batch_size=4, progress=False)
     result["eval_seconds"] = round(time.perf_counter() - t0, 1)
+    if args.tasks:
+        from baseq.eval.zeroshot import zero_shot
+
+        t0 = time.perf_counter()
+        result["tasks"] = zero_shot(model, tokenizer, args.tasks.split(","), tasks_dir=args.tasks_dir,
+                                    limit=args.limit, batch_size=8)
+        result["zero_shot_seconds"] = round(time.perf_counter() - t0, 1)
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return result
 
@@ -73,14 +83,18 @@ def run_row(name: str, args) -> dict:
 def table(results: list[dict]) -> str:
     fp = next((r["ppl"] for r in results if r["method"] == "fp"), None)
     base = {r["bits"]: r["ppl"] for r in results if r["method"] == "quarot-gptq"}
-    lines = ["| row | bits | PPL | gap to FP closed vs QuaRot-GPTQ | calibration s | peak RSS MB |",
-             "|---|---|---:|---:|---:|---:|"]
+    tasks = sorted({t for r in results for t in r.get("tasks", {})})
+    lines = ["| row | bits | PPL | gap to FP closed vs QuaRot-GPTQ | " + "".join(f"{t} acc | " for t in tasks)
+             + "calibration s | peak RSS MB |",
+             "|---|---|---:|---:|" + "---:|" * len(tasks) + "---:|---:|"]
     for r in results:
         closed = ""
         b = base.get(r["bits"])
         if fp is not None and b is not None and r["method"] != "fp" and b > fp:
             closed = f"{100 * (b - r['ppl']) / (b - fp):.1f} %"
-        lines.append(f"| {r['row']} | {r['bits']} | {r['ppl']:.3f} | {closed} | {r['calib_seconds']:.0f} | "
+        accs = "".join(f"{r['tasks'][t]['acc']:.3f} ± {r['tasks'][t]['acc_stderr']:.3f} | " if t in r.get("tasks", {})
+                       else " | " for t in tasks)
+        lines.append(f"| {r['row']} | {r['bits']} | {r['ppl']:.3f} | {closed} | {accs}{r['calib_seconds']:.0f} | "
                      f"{r['peak_rss_mb']} |")
     return "\n".join(lines)
 
@@ -95,6 +109,9 @@ def main() -> int:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--tasks", help="also zero-shot tasks, e.g. siqa,winogrande (offline BIG-bench)")
+    p.add_argument("--tasks-dir", help="folder of the BIG-bench files (e.g. ../shared/data/bigbench)")
+    p.add_argument("--limit", type=int, help="items per task")
     p.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
     args = p.parse_args()
     if args.list:
@@ -118,6 +135,9 @@ def main() -> int:
         cmd = [sys.executable, __file__, "--row", row, "--out", str(out), "--model", args.model,
                "--windows", str(args.windows), "--seqlen", str(args.seqlen),
                "--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen)]
+        for flag in ("tasks", "tasks_dir", "limit"):
+            if getattr(args, flag) is not None:
+                cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
         print(f"{row}: running", file=sys.stderr, flush=True)
         subprocess.run(cmd, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
     results = [json.loads((out / f"{r}.json").read_text()) for r in rows]

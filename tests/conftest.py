@@ -42,12 +42,19 @@ def _use_real_cache(mp: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(autouse=True)
 def _baseq_cache(request, monkeypatch, unit_cache):
+    import torch
+
+    threads = torch.get_num_threads()
     if request.node.get_closest_marker("integration"):
         _use_real_cache(monkeypatch)
     else:
         monkeypatch.setenv("BASEQ_CACHE", str(unit_cache))
         monkeypatch.setenv("BASEQ_PIP_ARGS", "--no-index")
+        # tiny tensors gain nothing from intra-op threads, and two threads per process oversubscribe a shared
+        # 2-core machine (measured: 66 s with 2 threads under load, 25 s with 1 for the rotation/qmodel files)
+        torch.set_num_threads(1)
     yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from baseq.calibrate import stages as stages_mod
 from baseq.calibrate.engine import BlockContext, capture_inputs
 from baseq.calibrate.pipeline import act_spec, quantize_model
 from baseq.calibrate.stages import BaseqTrainStage, GPTQStage, block_points, fold_block
-from baseq.config import QuantizeConfig, TrainConfig
+from baseq.config import QuantizeConfig
 from baseq.errors import BaseqError
 from baseq.quant.qmodel import quantize_structure, set_quantize
 from baseq.rotation.fuse import rotate_model
@@ -216,8 +216,22 @@ def test_method_composition_follows_switches(text_file):
     from baseq.calibrate.pipeline import build_stages
 
     names = lambda c: [s.name for s in build_stages(c)]  # noqa: E731
-    assert names(_cfg(text_file)) == ["transforms", "gptq", "baseq"]
+    assert names(_cfg(text_file, transforms=True)) == ["transforms", "gptq", "baseq"]
     assert names(_cfg(text_file, transforms=False)) == ["gptq", "baseq"]
     q = QuantizeConfig.from_dict({"method": "quarot", "weights": "rtn"})
     assert names(q) == ["rtn"] and q.rotate
     assert names(QuantizeConfig.from_dict({"method": "gptq"})) == ["gptq"]
+
+
+def test_offloaded_activations_give_identical_results(text_file, tmp_path):
+    tok = byte_tokenizer()
+    results = []
+    for offload in (False, True):
+        model = tiny_llama(hidden=48, ffn=80, heads=4, kv_heads=2, layers=2, seed=5)
+        cfg = _cfg(text_file, epochs=1, transform_epochs=1)
+        cfg.calib.offload = offload
+        quantize_model(model, tok, cfg, work_dir=tmp_path / f"w{offload}", progress=False, log_fn=lambda m: None)
+        results.append(model.state_dict())
+    for k in results[0]:
+        assert torch.equal(results[0][k], results[1][k]), k
+    assert not list(tmp_path.glob("baseq-acts-*"))  # the memory-mapped files are cleaned up

@@ -1,7 +1,6 @@
 """Tests for baseq.quant.gptq (GPTQ and RTN)."""
 
 import copy
-import warnings
 
 import pytest
 import torch

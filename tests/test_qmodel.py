@@ -15,16 +15,6 @@ from baseq.testing import tiny_llama
 REL_TOL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine two threads per process
-    oversubscribe the cores (measured: these test files took 66 s with 2 threads under load, 25 s with 1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _ids(seed=0, batch=2, seq=24):
     return torch.randint(0, 256, (batch, seq), generator=torch.Generator().manual_seed(seed))
 

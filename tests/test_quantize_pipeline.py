@@ -34,16 +34,6 @@ LINES = [f"Line {i}: the quick brown fox jumps over the lazy dog, number {i * i}
 TEXT = "\n".join(LINES) + "\n"  # ~3,900 bytes = tokens for the byte tokenizer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine two threads per process
-    oversubscribe the cores (measured: these test files took 66 s with 2 threads under load, 25 s with 1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory) -> Path:
     f = tmp_path_factory.mktemp("text") / "sample.txt"

@@ -18,16 +18,6 @@ from baseq.testing import tiny_llama
 
 REL_TOL = 1e-4  # max |Δlogit| / max |logit|, fp32
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine two threads per process
-    oversubscribe the cores (measured: these test files took 66 s with 2 threads under load, 25 s with 1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 # (id, tiny_llama kwargs). head_dim 12 has a Hadamard (Paley, q = 11); 10 and 6 and ffn 70 have none, so the
 # rotations fall back to a block-diagonal randomized Hadamard / a dense orthogonal matrix with a warning.
 SHAPES = [

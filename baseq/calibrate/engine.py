@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..models.adapter import LlamaAdapter
 from ..quant.qmodel import set_quantize
@@ -53,10 +54,49 @@ class BlockContext:
         return out[0] if isinstance(out, tuple) else out
 
     @torch.no_grad()
-    def run(self, x: torch.Tensor) -> torch.Tensor:
-        """The block over all windows of ``x`` (CPU), batched; result on the CPU in ``x``'s dtype."""
-        outs = [self.forward(b.to(self.device)).to("cpu", x.dtype) for b in x.split(self.batch_size)]
-        return torch.cat(outs)
+    def run(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The block over all windows of ``x`` (CPU), batched; result on the CPU in ``x``'s dtype
+        (written into ``out`` when given, e.g. a memory-mapped buffer)."""
+        out = torch.empty_like(x) if out is None else out
+        for start in range(0, x.shape[0], self.batch_size):
+            sl = slice(start, start + self.batch_size)
+            out[sl] = self.forward(x[sl].to(self.device)).to("cpu", out.dtype)
+        return out
+
+
+class Activations:
+    """Where a block's inputs/outputs live: RAM (default) or memory-mapped files in ``folder`` for runs whose
+    activations should not occupy memory. Buffers are recycled, so at most four exist at once."""
+
+    def __init__(self, like: torch.Tensor, folder: Path | None = None):
+        self.shape, self.dtype, self.folder = like.shape, like.dtype, folder
+        self.free: list[torch.Tensor] = []
+        self.count = 0
+        if folder is not None:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+
+    def new(self) -> torch.Tensor:
+        if self.folder is None:
+            return torch.empty(self.shape, dtype=self.dtype)
+        if self.free:
+            return self.free.pop()
+        self.count += 1
+        path = Path(self.folder) / f"activations{self.count}.bin"
+        return torch.from_file(str(path), shared=True, size=self.shape.numel(), dtype=self.dtype).view(self.shape)
+
+    def keep(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` moved into a buffer of this store."""
+        if self.folder is None:
+            return x
+        buf = self.new()
+        buf.copy_(x)
+        return buf
+
+    def release(self, *xs: torch.Tensor) -> None:
+        if self.folder is not None:
+            for x in xs:
+                if not any(x is f for f in self.free):
+                    self.free.append(x)
 
 
 class Stage(Protocol):
@@ -138,35 +178,46 @@ class Checkpoint:
 
 def calibrate_blocks(model: nn.Module, ad: LlamaAdapter, windows: torch.Tensor, stages: list[Stage], *,
                      device="cpu", batch_size: int = 4, work_dir: Path | None = None, fingerprint: str = "",
-                     resume: bool = False, progress: bool = True, log_fn=print):
-    """Run ``stages`` on every block in order; returns one log dict per block."""
+                     resume: bool = False, progress: bool = True, log_fn=print, offload_dir: Path | None = None):
+    """Run ``stages`` on every block in order; returns one log dict per block.
+
+    ``offload_dir``: keep the propagated activations in memory-mapped files there instead of RAM."""
     device = torch.device(device)
     layers = ad.layers
     ckpt = Checkpoint(work_dir, fingerprint) if work_dir is not None else None
     start, log = 0, []
     fp_in, kwargs = capture_inputs(model, ad, windows, device, batch_size)
-    q_in = fp_in
     if ckpt is not None and resume and (done := ckpt.last_done()) >= 0:
         fp_in, q_in, log = ckpt.restore(layers, done)
         start = done + 1
         log_fn(f"resuming after block {done}")
-    for i in range(start, len(layers)):
+    else:
+        q_in = fp_in
+    acts = Activations(fp_in, offload_dir)
+    same = q_in is fp_in
+    fp_in = acts.keep(fp_in)
+    q_in = fp_in if same else acts.keep(q_in)
+    bar = tqdm(range(start, len(layers)), desc="blocks", disable=not progress, initial=start, total=len(layers))
+    for i in bar:
         t0 = time.perf_counter()
         layer = layers[i]
         set_quantize(layer, False)
         ctx = BlockContext(i, layer, fp_in, q_in, fp_out=None, kwargs=kwargs, device=device,
                            batch_size=batch_size, progress=progress)
-        ctx.fp_out = ctx.run(fp_in)
+        ctx.fp_out = ctx.run(fp_in, out=acts.new())
         set_quantize(layer, True)
         for stage in stages:
             stage.run(ctx)
         with torch.no_grad():
-            q_out = ctx.run(q_in)
+            q_out = ctx.run(q_in, out=acts.new())
             err = (q_out.float() - ctx.fp_out.float()).pow(2).mean().item()
+        acts.release(fp_in, q_in)
         fp_in, q_in = ctx.fp_out, q_out
         entry = {"block": i, "out_mse": err, "seconds": round(time.perf_counter() - t0, 2), **ctx.log}
         log.append(entry)
-        log_fn(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
+        bar.set_postfix(out_mse=f"{err:.4g}")
+        log_fn(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in entry.items() if not k.startswith("gptq_")))  # all of it is in the report
         if ckpt is not None:
             ckpt.save(i, layer, fp_in, q_in, log)
     return log

@@ -12,8 +12,10 @@ baseq      R1–R4     compensated transforms (stage 1), GPTQ, BASE-Q bias / sca
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -104,9 +106,13 @@ def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, model_spec: str = "
     else:
         if windows is None:
             windows = calib_windows(tokenizer, cfg.calib.data, cfg.calib.seqlen, cfg.calib.samples, cfg.calib.seed)
-        report["blocks"] = calibrate_blocks(
-            model, ad, windows, stages, device=device, batch_size=cfg.calib.batch_size, work_dir=work_dir,
-            fingerprint=fingerprint(cfg, model_spec), resume=resume, progress=progress, log_fn=log_fn)
+        offload = (tempfile.TemporaryDirectory(prefix="baseq-acts-", dir=work_dir.parent if work_dir else None)
+                   if cfg.calib.offload else contextlib.nullcontext())
+        with offload as tmp:
+            report["blocks"] = calibrate_blocks(
+                model, ad, windows, stages, device=device, batch_size=cfg.calib.batch_size, work_dir=work_dir,
+                fingerprint=fingerprint(cfg, model_spec), resume=resume, progress=progress, log_fn=log_fn,
+                offload_dir=Path(tmp) if tmp else None)
     report["calib_seconds"] = round(time.perf_counter() - t0, 2)
     model.baseq_config = {"method": cfg.label, "bits": cfg.bits.label}
     return report

@@ -44,32 +44,32 @@ class GPTQStage:
     def run(self, ctx: BlockContext) -> None:
         linears = LlamaAdapter.linears(ctx.layer)
         for group in SEQUENTIAL:
-            solvers = {name: GPTQ(linears[name]) for name in group}
+            # the linears of a group read the same input: collect one Hessian, from the first, and share it
+            first = linears[group[0]]
+            solver = GPTQ(first)
 
-            seen: set[str] = set()
-
-            def hook(module, args, output, name):
+            def hook(module, args, output):
                 x = args[0]
-                solvers[name].add_batch(module.act(x) if module.act is not None else x)
-                seen.add(name)
-                if len(seen) == len(group):  # nothing after this group is needed: stop the forward here
-                    raise _GroupDone
+                solver.add_batch(module.act(x) if module.act is not None else x)
+                raise _GroupDone  # nothing after the group's input is needed: stop the forward here
 
-            handles = [linears[n].register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n)) for n in group]
+            handle = first.register_forward_hook(hook)
             try:
                 with torch.no_grad():
                     for batch in ctx.q_in.split(ctx.batch_size):
-                        seen.clear()
                         try:
                             ctx.forward(batch.to(ctx.device))
                         except _GroupDone:
                             pass
             finally:
-                for h in handles:
-                    h.remove()
-            for name, solver in solvers.items():
-                loss = solver.quantize(self.wcfg, blocksize=self.gcfg.blocksize, percdamp=self.gcfg.percdamp,
-                                       act_order=self.gcfg.act_order, static_groups=self.gcfg.static_groups)
+                handle.remove()
+            solvers = {group[0]: solver}
+            for name in group[1:]:
+                solvers[name] = GPTQ(linears[name])
+                solvers[name].H, solvers[name].nsamples = solver.H.clone(), solver.nsamples
+            for name, s in solvers.items():
+                loss = s.quantize(self.wcfg, blocksize=self.gcfg.blocksize, percdamp=self.gcfg.percdamp,
+                                  act_order=self.gcfg.act_order, static_groups=self.gcfg.static_groups)
                 ctx.log[f"gptq_{name}"] = loss
 
 

@@ -21,10 +21,17 @@ from ..models.adapter import LlamaAdapter
 from .hadamard import hadamard_transform, has_hadamard, orthogonal_matrix
 
 
+def _right_mul_(w: torch.Tensor, q: torch.Tensor, rows: int = 4096) -> None:
+    """``w ← w q`` in place (``q`` a matrix, or a vector meaning ``diag(q)``), in float64, a slab of rows at a time
+    (embeddings and LM heads are large)."""
+    for start in range(0, w.shape[0], rows):
+        sl = w[start:start + rows]
+        sl.copy_((sl.double() @ q if q.dim() == 2 else sl.double() * q).to(w.dtype))
+
+
 def _mul_in(linear: nn.Linear, q: torch.Tensor) -> None:
     """Input side: W ← W Q."""
-    w = linear.weight.data
-    linear.weight.data = (w.double() @ q).to(w.dtype)
+    _right_mul_(linear.weight.data, q)
 
 
 def _mul_out(linear: nn.Linear, q: torch.Tensor) -> None:
@@ -49,7 +56,7 @@ def fold_norms(ad: LlamaAdapter) -> None:
     def fold(norm: nn.Module, linears: list[nn.Linear]) -> None:
         g = norm.weight.data.double()
         for lin in linears:
-            lin.weight.data = (lin.weight.data.double() * g).to(lin.weight.dtype)
+            _right_mul_(lin.weight.data, g)
         norm.weight.data.fill_(1.0)
 
     for layer in ad.layers:
@@ -60,8 +67,7 @@ def fold_norms(ad: LlamaAdapter) -> None:
 
 def rotate_residual(ad: LlamaAdapter, q: torch.Tensor) -> None:
     """R1 on the residual stream; norms must already be folded."""
-    emb = ad.embed.weight
-    emb.data = (emb.data.double() @ q).to(emb.dtype)
+    _right_mul_(ad.embed.weight.data, q)
     for layer in ad.layers:
         for lin in ad.qkv(layer) + ad.gate_up(layer):
             _mul_in(lin, q)
