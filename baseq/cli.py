@@ -185,8 +185,7 @@ def cmd_quantize(args) -> int:
     out = Path(args.out) if args.out else default_out(args, cfg)
     check_json_path(args.json)
     check_limit(args)
-    if not args.resume:
-        check_out_dir(out, args.overwrite)
+    check_out_dir(out, args.overwrite)  # the result is written at the very end, so this holds for --resume too
     work_dir = out.parent / f".{out.name}.partial"
     from tqdm.auto import tqdm
 

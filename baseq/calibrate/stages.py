@@ -150,10 +150,20 @@ class BaseqTrainStage:
             self.init_bias_mean(ctx, x)
         groups = self.parameter_groups(ctx.layer)
         params = [p for g in groups for p in g["params"]]
-        ctx.log["loss_before"] = self.loss(ctx, x, y)
+        before = ctx.log["loss_before"] = self.loss(ctx, x, y)
         if params and cfg.epochs > 0:
+            start = [p.detach().clone() for p in params]
             self.train(ctx, x, y, groups, params)
-        ctx.log["loss_after"] = self.loss(ctx, x, y)
+            after = self.loss(ctx, x, y)
+            if after > before:  # training made this block worse (it can overshoot): keep where it started
+                with torch.no_grad():
+                    for p, p0 in zip(params, start):
+                        p.copy_(p0)
+                ctx.log["reverted"] = 1
+                after = before
+            ctx.log["loss_after"] = after
+        else:
+            ctx.log["loss_after"] = before
         fold_block(ctx.layer)
 
     def train(self, ctx: BlockContext, x: torch.Tensor, y: torch.Tensor, groups: list[dict], params: list) -> None:
