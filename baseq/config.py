@@ -89,6 +89,8 @@ class TrainConfig:
     lr_bias: float = 1e-1
     lr_scale: float = 1e-2
     inputs: str = "fp"  # train on the full-precision block inputs ("fp") or the quantized model's ("quant")
+    revert_if_worse: bool = False  # keep a block's starting corrections when training raised its loss (measured:
+    # lower block loss but worse end-to-end perplexity, so off by default; docs/RESULTS.md)
     # stage 1: compensated transforms (V scale, o/down input scales, per-KV-head V/O rotation), fused before GPTQ
     transforms: bool = False  # off by default: ~1 % lower block loss for ~50 % more calibration time (README)
     vo_rotation: bool = True

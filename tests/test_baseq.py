@@ -241,6 +241,10 @@ def test_training_that_makes_a_block_worse_is_reverted(text_file):
     cfg = _cfg(text_file, epochs=2, lr_bias=50.0, lr_scale=50.0, lr_clip=50.0)  # absurd rates: training overshoots
     ctx = _block_ctx(cfg)
     BaseqTrainStage(cfg.train).run(ctx)
+    assert "reverted" not in ctx.log and ctx.log["loss_after"] > ctx.log["loss_before"]  # off by default
+    cfg.train.revert_if_worse = True
+    ctx = _block_ctx(cfg)
+    BaseqTrainStage(cfg.train).run(ctx)
     assert ctx.log.get("reverted") == 1
     assert ctx.log["loss_after"] == ctx.log["loss_before"]
     assert BaseqTrainStage.loss(ctx, ctx.fp_in, ctx.fp_out) <= ctx.log["loss_before"] * (1 + 1e-4)

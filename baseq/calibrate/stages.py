@@ -155,7 +155,7 @@ class BaseqTrainStage:
             start = [p.detach().clone() for p in params]
             self.train(ctx, x, y, groups, params)
             after = self.loss(ctx, x, y)
-            if after > before:  # training made this block worse (it can overshoot): keep where it started
+            if cfg.revert_if_worse and after > before:  # training overshot on this block: keep where it started
                 with torch.no_grad():
                     for p, p0 in zip(params, start):
                         p.copy_(p0)
