@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import BaseqError
+from .eval.zeroshot import check_limit
 from .io import write_json
 
 
@@ -94,11 +95,6 @@ def task_rows(tasks: dict) -> list[tuple[str, str]]:
             for name, r in tasks.items()]
 
 
-def check_limit(args) -> None:
-    if getattr(args, "limit", None) is not None and args.limit < 1:
-        raise BaseqError(f"--limit must be at least 1 (got {args.limit})")
-
-
 # ---------------------------------------------------------------- eval
 
 def cmd_eval(args) -> int:
@@ -107,7 +103,7 @@ def cmd_eval(args) -> int:
     from .models.loading import load_model
 
     check_json_path(args.json)
-    check_limit(args)
+    check_limit(getattr(args, "limit", None))
     if args.seqlen < 2:
         raise BaseqError(f"--seqlen must be at least 2 (got {args.seqlen})")
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -184,7 +180,7 @@ def cmd_quantize(args) -> int:
     cfg = config_from_args(args)
     out = Path(args.out) if args.out else default_out(args, cfg)
     check_json_path(args.json)
-    check_limit(args)
+    check_limit(getattr(args, "limit", None))
     check_out_dir(out, args.overwrite)  # the result is written at the very end, so this holds for --resume too
     work_dir = out.parent / f".{out.name}.partial"
     from tqdm.auto import tqdm

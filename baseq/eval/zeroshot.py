@@ -162,7 +162,8 @@ def _num(x) -> float | None:
     return None
 
 
-def _check_limit(limit) -> None:
+def check_limit(limit) -> None:
+    """``--limit``: None or a positive integer (checked before any model work)."""
     if limit is None:
         return
     if isinstance(limit, bool) or not isinstance(limit, int):
@@ -180,7 +181,7 @@ def zero_shot(model, tokenizer, tasks: list[str] | str, tasks_dir: str | Path | 
     ``$BASEQ_CACHE/bigbench``, see :func:`baseq.eval.bigbench.fetch_bigbench`). ``limit`` keeps the first
     ``limit`` items per task. See the module docstring for task names and scoring.
     """
-    _check_limit(limit)
+    check_limit(limit)
     names = parse_task_list(tasks)
     if not names:
         raise BaseqError(f"no task given (offline tasks: {', '.join(bigbench.TASKS)})")
@@ -293,7 +294,7 @@ def zero_shot_from_args(model, tokenizer, args, batch_size: int | str = 8, devic
     names = parse_task_list(getattr(args, "tasks", None))
     if not names:
         if getattr(args, "limit", None) is not None:
-            _check_limit(args.limit)
+            check_limit(args.limit)
         return None
     return zero_shot(model, tokenizer, names, tasks_dir=getattr(args, "tasks_dir", None),
                      limit=getattr(args, "limit", None), batch_size=batch_size, device=device)
