@@ -154,7 +154,7 @@ def config_from_args(args):
              "train_samples": (cfg.train, "samples"), "train_inputs": (cfg.train, "inputs"),
              "bias": cfg.train, "scale": cfg.train, "clip": cfg.train, "seed": cfg,
              "transforms": cfg.train, "vo_rotation": cfg.train, "transform_epochs": cfg.train,
-             "lr_transform": cfg.train,
+             "lr_transform": cfg.train, "train_loss": (cfg.train, "loss"),
              "act_order": cfg.gptq, "percdamp": cfg.gptq}
     for flag, target in flags.items():
         value = getattr(args, flag, None)
@@ -247,7 +247,7 @@ def peak_rss_mb() -> float:
 
 
 def add_quantize_args(p: argparse.ArgumentParser) -> None:
-    from .config import METHODS, PRESETS
+    from .config import LOSSES, METHODS, PRESETS, TrainConfig
 
     add_model_args(p)
     g = p.add_argument_group("method")
@@ -273,23 +273,32 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None, help="GPTQ act-order")
     g.add_argument("--percdamp", type=float, help="GPTQ damping (fraction of mean diag H, default 0.01)")
     g = p.add_argument_group("BASE-Q training (method baseq)")
-    g.add_argument("--bias", action=argparse.BooleanOptionalAction, default=None, help="bias correction (on)")
-    g.add_argument("--scale", action=argparse.BooleanOptionalAction, default=None, help="asymmetric scaling (on)")
-    g.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None, help="learnable clipping (on)")
-    g.add_argument("--bias-init", choices=("zero", "mean"), help="bias init (default zero)")
-    g.add_argument("--epochs", type=int, help="epochs per block (default 5)")
-    g.add_argument("--lr-clip", type=float, help="learning rate of the clipping parameters")
-    g.add_argument("--lr-bias", type=float, help="learning rate of the biases")
-    g.add_argument("--lr-scale", type=float, help="learning rate of the asymmetric scales")
-    g.add_argument("--train-batch-size", type=positive_int, help="windows per training step (default 4)")
+    T = TrainConfig()  # help texts show the real defaults
+
+    def toggle(flag: str, what: str, on: bool) -> None:
+        g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                       help=f"{what} (default: {'on' if on else 'off'})")
+
+    toggle("--bias", "bias correction", T.bias)
+    toggle("--scale", "asymmetric scaling", T.scale)
+    toggle("--clip", "learnable clipping", T.clip)
+    g.add_argument("--bias-init", choices=("zero", "mean"), help=f"bias init (default {T.bias_init})")
+    g.add_argument("--epochs", type=int, help=f"epochs per block (default {T.epochs})")
+    g.add_argument("--lr-clip", type=float, help=f"learning rate of the clipping parameters (default {T.lr_clip:g})")
+    g.add_argument("--lr-bias", type=float, help=f"learning rate of the biases (default {T.lr_bias:g})")
+    g.add_argument("--lr-scale", type=float, help=f"learning rate of the asymmetric scales (default {T.lr_scale:g})")
+    g.add_argument("--train-batch-size", type=positive_int,
+                   help=f"windows per training step (default {T.batch_size})")
     g.add_argument("--train-samples", type=int, help="calibration windows used for training (0 = all)")
-    g.add_argument("--train-inputs", choices=("fp", "quant"), help="train on FP (default) or quantized inputs")
-    g.add_argument("--transforms", action=argparse.BooleanOptionalAction, default=None,
-                   help="stage 1: compensated V/o/down scales and V/O rotation, fused before GPTQ (on)")
-    g.add_argument("--vo-rotation", action=argparse.BooleanOptionalAction, default=None,
-                   help="learnable per-KV-head V/O rotation in stage 1 (on)")
-    g.add_argument("--transform-epochs", type=int, help="stage 1 epochs per block (default 3)")
-    g.add_argument("--lr-transform", type=float, help="stage 1 learning rate (default 5e-3)")
+    g.add_argument("--train-inputs", choices=("fp", "quant"),
+                   help=f"train on FP or quantized inputs (default {T.inputs})")
+    g.add_argument("--train-loss", choices=LOSSES,
+                   help=f"block loss: mse, or token (MSE per token relative to the target token's energy); "
+                        f"default {T.loss}")
+    toggle("--transforms", "stage 1: compensated V/o/down scales and V/O rotation, fused before GPTQ", T.transforms)
+    toggle("--vo-rotation", "learnable per-KV-head V/O rotation in stage 1", T.vo_rotation)
+    g.add_argument("--transform-epochs", type=int, help=f"stage 1 epochs per block (default {T.transform_epochs})")
+    g.add_argument("--lr-transform", type=float, help=f"stage 1 learning rate (default {T.lr_transform:g})")
     g = p.add_argument_group("output and evaluation")
     g.add_argument("--out", help="output folder (default: out/MODEL-METHOD-BITS)")
     g.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")

@@ -11,6 +11,7 @@ from typing import Any
 from .errors import BaseqError
 
 METHODS = ("rtn", "gptq", "quarot", "baseq")
+LOSSES = ("mse", "token")  # BASE-Q block loss: plain MSE, or MSE per token relative to the target token's energy
 PRESETS: dict[str, dict[str, int]] = {
     "W4A4KV4": dict(w_bits=4, a_bits=4, kv_bits=4),
     "W4A8KV8": dict(w_bits=4, a_bits=8, kv_bits=8),
@@ -88,6 +89,7 @@ class TrainConfig:
     lr_clip: float = 1e-1
     lr_bias: float = 1e-1
     lr_scale: float = 1e-2
+    loss: str = "mse"  # see LOSSES and calibrate/stages.block_loss
     inputs: str = "fp"  # train on the full-precision block inputs ("fp") or the quantized model's ("quant")
     revert_if_worse: bool = False  # keep a block's starting corrections when training raised its loss (measured:
     # lower block loss but worse end-to-end perplexity, so off by default; docs/RESULTS.md)
@@ -100,6 +102,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.bias_init not in ("zero", "mean"):
             raise BaseqError(f"bias-init must be 'zero' or 'mean' (got {self.bias_init})")
+        if self.loss not in LOSSES:
+            raise BaseqError(f"train loss must be one of {', '.join(LOSSES)} (got {self.loss})")
         if self.inputs not in ("fp", "quant"):
             raise BaseqError(f"train inputs must be 'fp' or 'quant' (got {self.inputs})")
         if self.epochs < 0 or self.transform_epochs < 0 or self.batch_size < 1 or self.samples < 0:

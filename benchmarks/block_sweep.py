@@ -5,8 +5,8 @@ stages (GPTQ, optionally stage 1, stage 3) on the same block from the same start
 
     python benchmarks/block_sweep.py 6 "epochs=5,lr_clip=0.1,lr_bias=0.1,lr_scale=0.01" "epochs=5,clip=false"
 
-Each setting is a comma list of ``TrainConfig`` fields (YAML values). Prints the final MSE, the training log and
-the seconds per stage.
+Each setting is a comma list of ``TrainConfig`` fields (YAML values). Prints the final MSE and token loss (see
+``calibrate.stages.block_loss``), the training log and the seconds per stage.
 """
 
 from __future__ import annotations
@@ -64,8 +64,9 @@ def main() -> None:
             stage.run(ctx)
             times.append(f"{stage.name} {time.perf_counter() - t0:.0f}s")
         final = BaseqTrainStage.loss(ctx, x, ctx.fp_out)
+        rel = BaseqTrainStage.loss(ctx, x, ctx.fp_out, "token")
         logged = {k: round(v, 4) for k, v in ctx.log.items() if "loss" in k}
-        print(f"{setting}: final MSE {final:.4g} {logged} ({', '.join(times)})", flush=True)
+        print(f"{setting}: final MSE {final:.4g}, token loss {rel:.4g} {logged} ({', '.join(times)})", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import torch
 from baseq.calibrate import stages as stages_mod
 from baseq.calibrate.engine import BlockContext, capture_inputs
 from baseq.calibrate.pipeline import act_spec, quantize_model
-from baseq.calibrate.stages import BaseqTrainStage, GPTQStage, block_points, fold_block
+from baseq.calibrate.stages import BaseqTrainStage, GPTQStage, block_loss, block_points, fold_block
 from baseq.config import QuantizeConfig
 from baseq.errors import BaseqError
 from baseq.quant.qmodel import quantize_structure, set_quantize
@@ -125,6 +125,30 @@ def test_training_changes_output_and_reduces_loss(text_file):
     ctx = _block_ctx(cfg, offsets=True)
     BaseqTrainStage(cfg.train).run(ctx)
     assert ctx.log["loss_after"] < ctx.log["loss_before"]
+
+
+def test_token_loss_weighs_every_token_alike():
+    """``token`` is invariant to one token's scale (a huge attention-sink token does not dominate); ``mse`` is not."""
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(2, 5, 16, generator=g)
+    out = target + 0.1 * torch.randn(2, 5, 16, generator=g)
+    loud = torch.ones(2, 5, 1)
+    loud[:, 0] = 100.0  # the first token's residual stream is 100× larger, its error too
+    assert block_loss(out * loud, target * loud, "token") == pytest.approx(block_loss(out, target, "token").item())
+    assert block_loss(out * loud, target * loud, "mse") > 100 * block_loss(out, target, "mse")
+    rel = ((out - target).pow(2).mean(-1) / target.pow(2).mean(-1)).mean()
+    assert block_loss(out, target, "token") == pytest.approx(rel.item())
+    with pytest.raises(ValueError, match="unknown block loss"):
+        block_loss(out, target, "l1")
+
+
+def test_token_loss_trains_and_is_validated(text_file):
+    cfg = _cfg(text_file, epochs=4, loss="token")
+    ctx = _block_ctx(cfg, offsets=True)
+    BaseqTrainStage(cfg.train).run(ctx)
+    assert ctx.log["loss_after"] < ctx.log["loss_before"] < 1.0  # relative error, so below 1 for a sane block
+    with pytest.raises(BaseqError, match="train loss must be one of"):
+        _cfg(text_file, loss="l1")
 
 
 def test_non_finite_loss_stops_with_block_and_step(text_file):

@@ -194,6 +194,43 @@ def test_help_mentions_options(capsys):
         assert opt in out, opt
 
 
+def test_quantize_help_shows_the_real_training_defaults(capsys):
+    import re
+
+    from baseq.config import TrainConfig
+
+    with pytest.raises(SystemExit) as e:
+        main(["quantize", "--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps help lines
+    t = TrainConfig()
+    assert f"epochs per block (default {t.epochs})" in out
+    assert f"bias init (default {t.bias_init})" in out
+    assert f"(default {t.lr_clip:g})" in out and f"(default {t.lr_scale:g})" in out
+    stage1 = re.search(r"--transforms, --no-transforms (.*?)--vo-rotation", out).group(1)
+    assert ("default: on" if t.transforms else "default: off") in stage1
+
+
+def test_quantize_flags_reach_the_config():
+    from baseq.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args([
+        "quantize", "--bits", "W4A8KV8", "--w-group", "16", "--a-clip", "0.8", "--calib-samples", "7",
+        "--calib-seqlen", "64", "--epochs", "2", "--lr-clip", "0.5", "--lr-bias", "0.25", "--lr-scale", "0.125",
+        "--bias-init", "zero", "--train-batch-size", "2", "--train-samples", "3", "--train-inputs", "quant",
+        "--train-loss", "token", "--no-scale", "--transforms", "--no-vo-rotation", "--transform-epochs", "1",
+        "--lr-transform", "0.01", "--no-act-order", "--percdamp", "0.05", "--seed", "9"])
+    cfg = config_from_args(args)
+    assert (cfg.bits.w_bits, cfg.bits.a_bits, cfg.bits.kv_bits, cfg.bits.w_group, cfg.bits.a_clip) == (4, 8, 8, 16, 0.8)
+    assert (cfg.calib.samples, cfg.calib.seqlen, cfg.seed) == (7, 64, 9)
+    t = cfg.train
+    assert (t.epochs, t.lr_clip, t.lr_bias, t.lr_scale, t.bias_init) == (2, 0.5, 0.25, 0.125, "zero")
+    assert (t.batch_size, t.samples, t.inputs, t.loss) == (2, 3, "quant", "token")
+    assert (t.scale, t.bias, t.transforms, t.vo_rotation, t.transform_epochs, t.lr_transform) == \
+        (False, True, True, False, 1, 0.01)
+    assert (cfg.gptq.act_order, cfg.gptq.percdamp) == (False, 0.05)
+
+
 def test_no_command_prints_help(capsys):
     assert main([]) == 0
     assert "usage: baseq" in capsys.readouterr().out

@@ -80,3 +80,27 @@ def test_bfloat16_model_loss_in_fp32(windows):
     p16 = perplexity(bf16, windows, progress=False)
     assert math.isfinite(p16)
     assert p16 == pytest.approx(p32, rel=0.05)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 23, 1000])
+def test_chunked_lm_head_matches_full_logits(model, windows, chunk):
+    """The LM head applied a few positions at a time gives the same NLL as the model's full logits output."""
+    total, count = _by_hand(model, windows)
+    got_total, got_count = nll_sum(model, windows, batch_size=2, progress=False, head_chunk=chunk)
+    assert got_count == count
+    assert got_total == pytest.approx(total, rel=1e-5)
+
+
+def test_softcapped_logits_fall_back_to_the_full_output(model, windows, monkeypatch):
+    """A model whose logits are not just ``lm_head(hidden)`` (soft-capping) must not take the chunked path."""
+    shapes = []
+    handle = model.lm_head.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    try:
+        nll_sum(model, windows, batch_size=5, progress=False, head_chunk=7)
+        assert shapes and all(len(s) == 2 and s[0] <= 7 for s in shapes)  # chunked by default
+        shapes.clear()
+        monkeypatch.setattr(model.config, "final_logit_softcapping", 30.0, raising=False)
+        nll_sum(model, windows, batch_size=5, progress=False, head_chunk=7)
+    finally:
+        handle.remove()
+    assert shapes == [(5, SEQLEN, model.config.hidden_size)]  # one full-batch head call: the model's own logits

@@ -53,7 +53,7 @@ def build_stages(cfg: QuantizeConfig) -> list:
         if t.transforms:
             stages.insert(0, CompensatedTransformStage(wcfg, epochs=t.transform_epochs, lr=t.lr_transform,
                                                        batch_size=t.batch_size, rotation=t.vo_rotation,
-                                                       seed=cfg.seed, samples=t.samples))
+                                                       seed=cfg.seed, samples=t.samples, loss=t.loss))
         stages.append(BaseqTrainStage(t, seed=cfg.seed))
     return stages
 

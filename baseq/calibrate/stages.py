@@ -84,6 +84,22 @@ def training_set(ctx: BlockContext, samples: int, inputs: str = "fp") -> tuple[t
     return x[:k], ctx.fp_out[:k]
 
 
+def block_loss(out: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """The training loss of a block's output [..., tokens, hidden] against its FP target.
+
+    ``mse``: plain mean squared error, dominated by the few tokens whose residual stream is huge (e.g. the first
+    token of a window, an attention sink). ``token``: each token's squared error relative to its target's mean
+    square, averaged over tokens, so every token counts as much as it does after the next RMSNorm.
+    """
+    out, target = out.float(), target.float()
+    if kind == "mse":
+        return F.mse_loss(out, target)
+    if kind == "token":
+        err = (out - target).pow(2).mean(-1)
+        return (err / target.pow(2).mean(-1).clamp_min(1e-12)).mean()
+    raise ValueError(f"unknown block loss {kind!r}")
+
+
 def block_points(layer) -> dict[str, ActPoint]:
     return {"qkv": layer.input_layernorm.act, "o": layer.self_attn.o_proj.act,
             "gate_up": layer.post_attention_layernorm.act, "down": layer.mlp.down_proj.act}
@@ -138,10 +154,10 @@ class BaseqTrainStage:
             p.shift.copy_(s / n)
 
     @staticmethod
-    def loss(ctx: BlockContext, x: torch.Tensor, y: torch.Tensor) -> float:
+    def loss(ctx: BlockContext, x: torch.Tensor, y: torch.Tensor, kind: str = "mse") -> float:
         with torch.no_grad():
             out = ctx.run(x)
-        return F.mse_loss(out.float(), y.float()).item()
+        return block_loss(out, y, kind).item()
 
     def run(self, ctx: BlockContext) -> None:
         cfg = self.cfg
@@ -150,11 +166,11 @@ class BaseqTrainStage:
             self.init_bias_mean(ctx, x)
         groups = self.parameter_groups(ctx.layer)
         params = [p for g in groups for p in g["params"]]
-        before = ctx.log["loss_before"] = self.loss(ctx, x, y)
+        before = ctx.log["loss_before"] = self.loss(ctx, x, y, cfg.loss)
         if params and cfg.epochs > 0:
             start = [p.detach().clone() for p in params]
             self.train(ctx, x, y, groups, params)
-            after = self.loss(ctx, x, y)
+            after = self.loss(ctx, x, y, cfg.loss)
             if cfg.revert_if_worse and after > before:  # training overshot on this block: keep where it started
                 with torch.no_grad():
                     for p, p0 in zip(params, start):
@@ -182,7 +198,7 @@ class BaseqTrainStage:
             for epoch in range(cfg.epochs):
                 for idx in torch.randperm(n, generator=gen).split(cfg.batch_size):
                     out = ctx.forward(x[idx].to(ctx.device), grad=True)
-                    loss = F.mse_loss(out.float(), y[idx].to(ctx.device).float())
+                    loss = block_loss(out, y[idx].to(ctx.device), cfg.loss)
                     if not torch.isfinite(loss):
                         raise BaseqError(f"non-finite training loss in block {ctx.index} at epoch {epoch}, step "
                                          f"{step}: lower the learning rates (--lr-clip/--lr-bias/--lr-scale)")

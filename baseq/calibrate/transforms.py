@@ -18,7 +18,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
@@ -26,7 +25,7 @@ from tqdm.auto import tqdm
 from ..errors import BaseqError
 from ..quant.quantizer import WeightQuantConfig, fake_quantize_weight
 from .engine import BlockContext
-from .stages import training_set
+from .stages import block_loss, training_set
 
 
 def cayley(p: torch.Tensor) -> torch.Tensor:
@@ -91,10 +90,11 @@ class CompensatedTransformStage:
     name = "transforms"
 
     def __init__(self, wcfg: WeightQuantConfig, epochs: int = 3, lr: float = 5e-3, batch_size: int = 4,
-                 rotation: bool = True, scales: bool = True, seed: int = 0, samples: int = 0):
+                 rotation: bool = True, scales: bool = True, seed: int = 0, samples: int = 0, loss: str = "mse"):
         self.wcfg = WeightQuantConfig(bits=wcfg.bits, group_size=wcfg.group_size, sym=wcfg.sym, clip_search=False)
         self.epochs, self.lr, self.batch_size = epochs, lr, batch_size
         self.rotation, self.scales, self.seed, self.samples = rotation, scales, seed, samples
+        self.loss_kind = loss
 
     def run(self, ctx: BlockContext) -> None:
         layer = ctx.layer
@@ -123,15 +123,14 @@ class CompensatedTransformStage:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
         gen = torch.Generator().manual_seed(self.seed * 100003 + ctx.index + 7)
         with torch.no_grad():
-            ctx.log["t_loss_before"] = sum(F.mse_loss(forward(b.to(ctx.device)).float(), t.to(ctx.device).float(),
-                                                      reduction="sum").item()
-                                           for b, t in zip(x.split(self.batch_size),
-                                                           y.split(self.batch_size))) / y.numel()
+            ctx.log["t_loss_before"] = sum(
+                block_loss(forward(b.to(ctx.device)), t.to(ctx.device), self.loss_kind).item() * len(b)
+                for b, t in zip(x.split(self.batch_size), y.split(self.batch_size))) / n
         step = 0
         for epoch in tqdm(range(self.epochs), desc=f"block {ctx.index} transforms", disable=not ctx.progress,
                           leave=False):
             for idx in torch.randperm(n, generator=gen).split(self.batch_size):
-                loss = F.mse_loss(forward(x[idx].to(ctx.device)).float(), y[idx].to(ctx.device).float())
+                loss = block_loss(forward(x[idx].to(ctx.device)), y[idx].to(ctx.device), self.loss_kind)
                 if not torch.isfinite(loss):
                     raise BaseqError(f"non-finite transform loss in block {ctx.index} at epoch {epoch}, step {step}")
                 opt.zero_grad(set_to_none=True)

@@ -1,6 +1,9 @@
 """Perplexity: exp(mean NLL over every predicted token of the windows), loss computed in fp32.
 
-The same protocol is used everywhere in baseq (CLI, quantize --eval, benchmarks, tests).
+The same protocol is used everywhere in baseq (CLI, quantize --eval, benchmarks, tests). For decoder models with a
+plain linear LM head (``model.model`` + ``model.lm_head``, the Llama family) the head is applied to ``head_chunk``
+positions at a time, so the fp32 logits of a whole batch (4 × 512 × 49152 × 4 B = 400 MB for the default model)
+never exist at once; other models fall back to their full ``logits`` output.
 """
 
 from __future__ import annotations
@@ -8,24 +11,39 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 
+def _chunkable(model) -> bool:
+    cfg = getattr(model, "config", None)
+    return (isinstance(getattr(model, "lm_head", None), nn.Linear) and hasattr(model, "model")
+            and not getattr(cfg, "final_logit_softcapping", None) and getattr(cfg, "logit_scale", None) is None)
+
+
 @torch.no_grad()
 def nll_sum(model, windows: torch.Tensor, batch_size: int = 4, device=None, progress: bool = True,
-            desc: str = "perplexity") -> tuple[float, int]:
+            desc: str = "perplexity", head_chunk: int = 128) -> tuple[float, int]:
     """(sum of token NLLs, number of predicted tokens) over ``windows`` [n, seqlen]."""
     device = device or next(model.parameters()).device
+    chunked = _chunkable(model)
     total, count = 0.0, 0
     batches = windows.split(max(1, batch_size))
     for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
         batch = batch.to(device)
-        logits = model(batch, use_cache=False).logits
-        for row, ids in zip(logits, batch):  # row by row: no batch-sized fp32 copies of the logits
-            total += F.cross_entropy(row[:-1].float(), ids[1:], reduction="sum").item()
+        if chunked:
+            hidden = model.model(batch, use_cache=False).last_hidden_state
+        else:
+            hidden = model(batch, use_cache=False).logits
+        for row, ids in zip(hidden, batch):  # row by row, chunk by chunk: no batch-sized fp32 copies of the logits
+            step = head_chunk if chunked else len(ids)
+            for i in range(0, len(ids) - 1, step):
+                j = min(i + step, len(ids) - 1)
+                logits = model.lm_head(row[i:j]) if chunked else row[i:j]
+                total += F.cross_entropy(logits.float(), ids[i + 1:j + 1], reduction="sum").item()
             count += ids.numel() - 1
-        del logits
+        del hidden
     return total, count
 
 
