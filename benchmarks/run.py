@@ -38,7 +38,6 @@ ROWS: dict[str, dict] = {
     "abl-bias-scale-clip-zero-init": {**BASEQ, "train": {"bias_init": "zero"}},
     "abl-quant-inputs": {**BASEQ, "train": {"inputs": "quant"}},
     "abl-revert-if-worse": {**BASEQ, "train": {"revert_if_worse": True}},
-    "abl-loss-mse": {**BASEQ, "train": {"loss": "mse"}},
     "abl-loss-token": {**BASEQ, "train": {"loss": "token"}},
     "abl-stage1": {**BASEQ, "train": {"transforms": True}},
     "abl-stage1-no-vo-rotation": {**BASEQ, "train": {"transforms": True, "vo_rotation": False}},

@@ -32,18 +32,16 @@ def nll_sum(model, windows: torch.Tensor, batch_size: int = 4, device=None, prog
     batches = windows.split(max(1, batch_size))
     for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
         batch = batch.to(device)
-        if chunked:
-            hidden = model.model(batch, use_cache=False).last_hidden_state
+        if chunked:  # final hidden states, turned into logits a chunk at a time below
+            feats, head, step = model.model(batch, use_cache=False).last_hidden_state, model.lm_head, head_chunk
         else:
-            hidden = model(batch, use_cache=False).logits
-        for row, ids in zip(hidden, batch):  # row by row, chunk by chunk: no batch-sized fp32 copies of the logits
-            step = head_chunk if chunked else len(ids)
+            feats, head, step = model(batch, use_cache=False).logits, nn.Identity(), batch.shape[1]
+        for row, ids in zip(feats, batch):  # row by row, chunk by chunk: no batch-sized fp32 copies of the logits
             for i in range(0, len(ids) - 1, step):
                 j = min(i + step, len(ids) - 1)
-                logits = model.lm_head(row[i:j]) if chunked else row[i:j]
-                total += F.cross_entropy(logits.float(), ids[i + 1:j + 1], reduction="sum").item()
+                total += F.cross_entropy(head(row[i:j]).float(), ids[i + 1:j + 1], reduction="sum").item()
             count += ids.numel() - 1
-        del hidden
+        del feats
     return total, count
 
 
