@@ -1,0 +1,155 @@
+"""Integer kernels of the runtime: per-token activation codes, 4-bit packing, and the int8 GEMM with its zero points.
+
+Zero-point arithmetic (the gemmlowp way). An activation row is quantized to unsigned codes ``q_k ∈ [0, 2^b − 1]``
+with a per-token float scale ``s`` and an integer zero point ``z`` (exactly the fake quantizer's grid:
+``x̂_k = (q_k − z)·s``). A weight row ``j`` is ``ŵ_jk = (c_jk − z_j)·t_j`` with codes ``c``, zero ``z_j``, scale ``t_j``
+per output channel (or per group of input columns). Then
+
+    y_j = Σ_k x̂_k ŵ_jk = s · t_j · Σ_k (q_k − z)(c_jk − z_j).
+
+At load the weights become ``W_jk = c_jk − z_j`` in int8 (|W| ≤ 2^b − 1 fits for b ≤ 7) and their row sums
+``Σ_k W_jk`` are precomputed. Activation codes are held as signed int8 ``a_k = q_k − 2^(b−1)`` with
+``z' = z − 2^(b−1)``, so ``Σ_k (q_k − z) W_jk = Σ_k a_k W_jk − z' Σ_k W_jk``: one int8 × int8 → int32 GEMM
+(``torch._int_mm``), one rank-1 correction, one float epilogue ``· s · t_j + bias_j``. Every integer is exact; the
+only rounding is the float epilogue (and, in the reference fake-quant model, its float GEMM), so the two agree to
+float tolerance. 8-bit weights (|c − z| up to 255) keep ``c − 128`` and a second correction term instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ACT_SCALE_EPS = 1e-6  # the fake quantizer's guard against constant tokens (quant/quantizer.py)
+
+
+# ---------------------------------------------------------------------------------------------- activations
+
+
+def quantize_tokens(x: Tensor, clip: Tensor | float, bits: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row asymmetric quantization of ``x [..., C]`` (float32) onto the fake quantizer's grid.
+
+    Returns ``(a, s, z')``: signed int8 codes ``a = q − 2^(b−1)`` of x's shape, and float32 ``s`` and ``z' = z − 2^(b−1)``
+    of shape ``[..., 1]``; ``(a − z')·s`` is bit for bit what :func:`baseq.quant.quantizer._minmax_fake_quant`
+    returns. ``clip`` is the clipping factor (a float, or a tensor broadcastable to ``x[..., :1]``)."""
+    maxq = 2**bits - 1
+    lo = x.amin(dim=-1, keepdim=True)
+    hi = x.amax(dim=-1, keepdim=True)
+    mid = (hi + lo) * 0.5
+    half = (hi - lo) * 0.5 * clip
+    scale = torch.clamp(2.0 * half / maxq, min=ACT_SCALE_EPS)
+    zero = torch.round((half - mid) / scale)
+    q = torch.clamp(torch.round(x / scale) + zero, 0, maxq)
+    off = 2 ** (bits - 1)
+    return (q - off).to(torch.int8), scale, zero - off
+
+
+def dequantize_tokens(a: Tensor, s: Tensor, z: Tensor) -> Tensor:
+    """``(a − z')·s`` in float32: the fake-quantized values of :func:`quantize_tokens`'s input."""
+    return (a.float() - z) * s
+
+
+# ---------------------------------------------------------------------------------------------- packing
+
+
+def pack_nibbles(codes: Tensor) -> Tensor:
+    """Unsigned 4-bit codes ``[rows, n]`` (values 0..15) → uint8 ``[rows, ⌈n/2⌉]``, column 2i in the low nibble."""
+    c = codes.to(torch.uint8)
+    if c.shape[-1] % 2:
+        c = F.pad(c, (0, 1))
+    return c[..., 0::2] | (c[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: Tensor, n: int) -> Tensor:
+    """Inverse of :func:`pack_nibbles`: uint8 codes ``[rows, n]``."""
+    out = torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)
+    return out[..., :n]
+
+
+# ---------------------------------------------------------------------------------------------- GEMM
+
+
+def int_mm(a: Tensor, w: Tensor) -> Tensor:
+    """``a [M, K] int8 @ w[N, K]ᵀ int8 → int32`` with ``torch._int_mm`` (w is used column-major, its fast layout on
+    the CPU). CUDA's kernel needs M > 16 and K, N multiples of 8: rows/columns of zeros are added there."""
+    if a.device.type != "cuda":
+        return torch._int_mm(a, w.t())
+    m, k = a.shape
+    n = w.shape[0]
+    pk, pn, pm = -k % 8, -n % 8, max(0, 17 - m)
+    out = torch._int_mm(F.pad(a, (0, pk, 0, pm)), F.pad(w, (0, pk, 0, pn)).t())
+    return out[:m, :n]
+
+
+class IntLinear(nn.Module):
+    """One or several linears that read the same input, as one int8 weight matrix (outputs concatenated).
+
+    Built from per-linear codes ``c [N, K]`` (uint8), zero points and scales ``[N, G]`` (``G`` groups of input
+    columns; 1 = per output channel) and biases. ``forward(a, s, z)`` takes activation codes from
+    :func:`quantize_tokens`; ``forward_float(x)`` serves 16-bit activations (weight-only quantization)."""
+
+    def __init__(self, codes: list[Tensor], zeros: list[Tensor], scales: list[Tensor], biases: list[Tensor | None],
+                 bits: int):
+        super().__init__()
+        c = torch.cat(codes).to(torch.int16)
+        zero = torch.cat(zeros).to(torch.int16)
+        scale = torch.cat(scales).float()
+        n, k = c.shape
+        groups = scale.shape[1]
+        if k % groups:
+            raise ValueError(f"{groups} weight groups do not divide {k} input columns")
+        self.n, self.k, self.groups, self.bits = n, k, groups, bits
+        zero_full = zero.repeat_interleave(k // groups, dim=1)
+        if bits <= 7:  # W = c − z fits int8 (|W| ≤ 127)
+            w = (c - zero_full).to(torch.int8)
+            self.register_buffer("wzero", None)  # folded into the codes
+        else:  # keep c − 128 and correct for z − 128 separately
+            w = (c - 128).to(torch.int8)
+            self.register_buffer("wzero", (zero - 128).float())  # [N, G]
+        gs = k // groups
+        self.register_buffer("wsum", w.view(n, groups, gs).sum(-1, dtype=torch.int32).float())  # [N, G]
+        # [N, K] per channel; [G, N, K/G] with groups, so each group's matrix is contiguous for the GEMM
+        self.register_buffer("weight", w.contiguous() if groups == 1 else w.view(n, groups, gs).transpose(0, 1)
+                             .contiguous())
+        self.register_buffer("scale", scale.contiguous())  # [N, G]
+        self.register_buffer("scale_t", scale.t().contiguous())  # [G, N]
+        b = [bb if bb is not None else torch.zeros(cc.shape[0]) for bb, cc in zip(biases, codes)]
+        self.register_buffer("bias", torch.cat(b).float())
+        self.splits = [cc.shape[0] for cc in codes]
+
+    def forward(self, a: Tensor, s: Tensor, z: Tensor) -> Tensor:
+        """``a [M, K]`` int8 codes, ``s``/``z`` ``[M, 1]`` → float32 ``[M, N]``."""
+        if self.groups == 1:
+            acc = int_mm(a, self.weight).float() - z * self.wsum[:, 0]
+            if self.wzero is not None:
+                acc = acc - self.wzero[:, 0] * (a.sum(-1, keepdim=True, dtype=torch.int32).float() - self.k * z)
+            return torch.addcmul(self.bias, acc * s, self.scale[:, 0])
+        gs = self.k // self.groups
+        out = None
+        for g in range(self.groups):
+            ag = a[:, g * gs:(g + 1) * gs]
+            acc = int_mm(ag, self.weight[g]).float() - z * self.wsum[:, g]
+            if self.wzero is not None:
+                acc = acc - self.wzero[:, g] * (ag.sum(-1, keepdim=True, dtype=torch.int32).float() - gs * z)
+            part = acc * self.scale_t[g]
+            out = part if out is None else out + part
+        return torch.addcmul(self.bias, out, s)
+
+    def forward_float(self, x: Tensor) -> Tensor:
+        """Float activations ``x [M, K]`` against the dequantized weights (W4A16, W8A16): ``torch._weight_int8pack_mm``
+        per group, never a dequantized copy of the matrix."""
+        if self.wzero is not None:
+            raise NotImplementedError("8-bit asymmetric weights with 16-bit activations")
+        x = x.float().contiguous()
+        gs = self.k // self.groups
+        out = None
+        for g in range(self.groups):
+            xg = x if self.groups == 1 else x[:, g * gs:(g + 1) * gs].contiguous()
+            wg = self.weight if self.groups == 1 else self.weight[g]
+            part = torch._weight_int8pack_mm(xg, wg, self.scale_t[g].contiguous())
+            out = part if out is None else out + part
+        return out + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in={self.k}, out={self.splits}, groups={self.groups}, w_bits={self.bits}"
