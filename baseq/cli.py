@@ -395,7 +395,7 @@ def cmd_generate(args) -> int:
 def cmd_bench(args) -> int:
     import torch
 
-    from .runtime.bench import bench, default_baseline
+    from .bench import bench, default_baseline
 
     check_json_path(args.json)
     for name in ("prefill", "decode", "repeats"):

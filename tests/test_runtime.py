@@ -176,6 +176,8 @@ def test_packed_runtime_computes_the_fake_quant_model(method, kw, bits, text_fil
     assert rel.median() < 1e-5, rel.median()
     p_ref, p_rt = perplexity(model, windows, progress=False), perplexity(rt, windows, progress=False)
     assert p_rt == pytest.approx(p_ref, rel=2e-3)
+    if cfg.bits.a_bits >= 16:  # weight-only models run float GEMMs (IntLinear.use_float_weights)
+        return
     # nothing float32 of the size of a weight matrix in the runtime model
     big_float = [n for n, b in rt.named_buffers() if b.is_floating_point() and b.dtype == torch.float32
                  and b.dim() == 2 and min(b.shape) > 8 and not n.endswith("rotation.matrix")]  # dense R3/R4 fallback
@@ -302,3 +304,66 @@ def test_zero_shot_runs_on_the_runtime_model(text_file, tokenizer, tmp_path):
     assert got["physical_intuition"]["n"] == 10
     assert got["physical_intuition"]["acc"] == ref["physical_intuition"]["acc"]
     assert got["physical_intuition"]["acc_norm"] == ref["physical_intuition"]["acc_norm"]
+
+
+@pytest.mark.filterwarnings("ignore:no Hadamard matrix")
+def test_fake_format_v1_folders_still_load(tokenizer, tmp_path):
+    """A folder of the first fake-quant format (R1 fused into an untied embedding and a head with the final norm
+    folded in; dense fallback rotation matrices saved) loads and computes the same function."""
+    from safetensors.torch import save_file
+
+    from baseq.models.adapter import LlamaAdapter
+    from baseq.quant.qmodel import ActSpec, quantize_structure
+    from baseq.rotation.fuse import _right_mul_, rotate_layer, untie_embeddings
+    from baseq.rotation.hadamard import orthogonal_matrix
+
+    model = tiny_llama(hidden=48, ffn=70, heads=4, kv_heads=2, layers=2, seed=4)  # ffn 70: dense R4 matrix
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+    untie_embeddings(model)
+    ad = LlamaAdapter(model)
+    s = ad.shape
+    _right_mul_(ad.lm_head.weight.data, ad.final_norm.weight.data.double())
+    ad.final_norm.weight.data.fill_(1.0)
+    q1 = orthogonal_matrix(s.hidden, seed=0)
+    _right_mul_(ad.embed.weight.data, q1)
+    _right_mul_(ad.lm_head.weight.data, q1)
+    for layer in ad.layers:
+        rotate_layer(layer, q1, orthogonal_matrix(s.head_dim, seed=1), s.heads, s.kv_heads)
+    spec = ActSpec(a_bits=16, kv_bits=16)
+    quantize_structure(model, spec)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    r4 = model.model.layers[0].mlp.down_proj.act.rotation
+    state["model.layers.0.mlp.down_proj.act.rotation.matrix"] = r4.matrix.clone()  # v1 saved these
+    out = tmp_path / "v1"
+    out.mkdir()
+    model.config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    save_file(state, out / "model.safetensors")
+    (out / "baseq.json").write_text(json.dumps({"format": "baseq-fake-quant/1", "act_spec": spec.__dict__,
+                                                "method": "quarot-rtn", "bits": "W4A16"}))
+    loaded, _ = load(str(out))
+    with torch.no_grad():
+        got = loaded(ids, use_cache=False).logits
+    assert (got - ref).abs().max() / ref.abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("bits", [16, 8])
+def test_head_decode_gemv_is_close_to_the_exact_logits(bits):
+    """Few rows (decoding) take a 16-bit / int8 GEMV; many rows take exact float32 slabs: they agree closely."""
+    from baseq.quant.quantizer import quantize_embedding_
+    from baseq.runtime.modules import Table
+    from baseq.runtime.packed import pack_table
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(1000, 48, generator=g) * 0.05
+    quantize_embedding_(w, bits)
+    parts = pack_table(w, bits)
+    table = Table(weight=parts.get("weight"), codes=parts.get("codes"), scale=parts.get("scale"))
+    h = torch.randn(12, 48, generator=g)
+    exact = table.logits(h, chunk=300)  # 12 rows: float32 slabs
+    assert torch.allclose(exact, h @ w.t(), rtol=1e-5, atol=1e-5)
+    few = table.logits(h[:3])
+    assert ((few - exact[:3]).abs().max() / exact.abs().max()) < 1e-2
+    assert torch.equal(table.lookup(torch.tensor([[3, 999]]))[0], w[[3, 999]])

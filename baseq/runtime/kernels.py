@@ -34,15 +34,17 @@ def quantize_tokens(x: Tensor, clip: Tensor | float, bits: int) -> tuple[Tensor,
     of shape ``[..., 1]``; ``(a − z')·s`` is bit for bit what :func:`baseq.quant.quantizer._minmax_fake_quant`
     returns. ``clip`` is the clipping factor (a float, or a tensor broadcastable to ``x[..., :1]``)."""
     maxq = 2**bits - 1
-    lo = x.amin(dim=-1, keepdim=True)
+    off = 2 ** (bits - 1)
+    lo = x.amin(dim=-1, keepdim=True)  # (torch.aminmax is 3× slower than these two on the CPU)
     hi = x.amax(dim=-1, keepdim=True)
     mid = (hi + lo) * 0.5
     half = (hi - lo) * 0.5 * clip
     scale = torch.clamp(2.0 * half / maxq, min=ACT_SCALE_EPS)
-    zero = torch.round((half - mid) / scale)
-    q = torch.clamp(torch.round(x / scale) + zero, 0, maxq)
-    off = 2 ** (bits - 1)
-    return (q - off).to(torch.int8), scale, zero - off
+    zero = torch.round((half - mid) / scale) - off
+    # round(x / s) + z clamped to [0, maxq], minus the offset: all integer-valued floats, so shifting the offset
+    # into the zero point and the clamp bounds is exact (and saves two passes over x)
+    q = torch.div(x, scale).round_().add_(zero).clamp_(-off, maxq - off)
+    return q.to(torch.int8), scale, zero
 
 
 def dequantize_tokens(a: Tensor, s: Tensor, z: Tensor) -> Tensor:
@@ -113,7 +115,10 @@ class IntLinear(nn.Module):
         self.register_buffer("weight", w.contiguous() if groups == 1 else w.view(n, groups, gs).transpose(0, 1)
                              .contiguous())
         self.register_buffer("scale", scale.contiguous())  # [N, G]
-        self.register_buffer("scale_t", scale.t().contiguous())  # [G, N]
+        self.register_buffer("scale_t", scale.t().contiguous())  # [G, N]; row g = group g's scales
+        self.register_buffer("scale_row", self.scale_t[0])  # per channel: [N]
+        self.register_buffer("wsum_row", self.wsum[:, :1].t().contiguous())  # [1, N], for the rank-1 correction
+        self.register_buffer("wzero_row", None if self.wzero is None else self.wzero[:, :1].t().contiguous())
         b = [bb if bb is not None else torch.zeros(cc.shape[0]) for bb, cc in zip(biases, codes)]
         self.register_buffer("bias", torch.cat(b).float())
         self.splits = [cc.shape[0] for cc in codes]
@@ -121,10 +126,11 @@ class IntLinear(nn.Module):
     def forward(self, a: Tensor, s: Tensor, z: Tensor) -> Tensor:
         """``a [M, K]`` int8 codes, ``s``/``z`` ``[M, 1]`` → float32 ``[M, N]``."""
         if self.groups == 1:
-            acc = int_mm(a, self.weight).float() - z * self.wsum[:, 0]
+            acc = int_mm(a, self.weight).float()
+            acc.addmm_(z, self.wsum_row, alpha=-1)  # − z'·Σ_k W_jk (a rank-1 update, in place)
             if self.wzero is not None:
-                acc = acc - self.wzero[:, 0] * (a.sum(-1, keepdim=True, dtype=torch.int32).float() - self.k * z)
-            return torch.addcmul(self.bias, acc * s, self.scale[:, 0])
+                acc.addmm_(a.sum(-1, keepdim=True, dtype=torch.int32).float() - self.k * z, self.wzero_row, alpha=-1)
+            return torch.addcmul(self.bias, acc.mul_(s), self.scale_row)
         gs = self.k // self.groups
         out = None
         for g in range(self.groups):
@@ -136,20 +142,27 @@ class IntLinear(nn.Module):
             out = part if out is None else out + part
         return torch.addcmul(self.bias, out, s)
 
-    def forward_float(self, x: Tensor) -> Tensor:
-        """Float activations ``x [M, K]`` against the dequantized weights (W4A16, W8A16): ``torch._weight_int8pack_mm``
-        per group, never a dequantized copy of the matrix."""
-        if self.wzero is not None:
-            raise NotImplementedError("8-bit asymmetric weights with 16-bit activations")
-        x = x.float().contiguous()
+    def dequantized(self) -> Tensor:
+        """The float32 weight ``[N, K]`` these codes stand for."""
+        w = self.weight.float() if self.groups == 1 else self.weight.float().transpose(0, 1).reshape(self.n, self.k)
         gs = self.k // self.groups
-        out = None
-        for g in range(self.groups):
-            xg = x if self.groups == 1 else x[:, g * gs:(g + 1) * gs].contiguous()
-            wg = self.weight if self.groups == 1 else self.weight[g]
-            part = torch._weight_int8pack_mm(xg, wg, self.scale_t[g].contiguous())
-            out = part if out is None else out + part
-        return out + self.bias
+        if self.wzero is not None:
+            w = w - self.wzero.repeat_interleave(gs, dim=1)
+        return w * self.scale.repeat_interleave(gs, dim=1)
+
+    def use_float_weights(self) -> None:
+        """For 16-bit activations (W4A16, W8A16): keep the dequantized float32 weight instead of the codes. (torch's
+        int8-weight × float kernel, ``_weight_int8pack_mm``, measured 10–100× slower than a float32 GEMM on this
+        project's CPU, so weight-only models save disk, not memory or time.)"""
+        self.register_buffer("wfloat", self.dequantized().contiguous())
+        for name in ("weight", "wsum", "wsum_row", "wzero", "wzero_row"):
+            self.register_buffer(name, None)
+
+    def forward_float(self, x: Tensor) -> Tensor:
+        """Float activations ``x [M, K]`` (16-bit activation models): a float32 GEMM with the dequantized weight."""
+        if getattr(self, "wfloat", None) is None:
+            self.use_float_weights()
+        return F.linear(x.float(), self.wfloat, self.bias)
 
     def extra_repr(self) -> str:
         return f"in={self.k}, out={self.splits}, groups={self.groups}, w_bits={self.bits}"

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .kernels import pack_nibbles, quantize_tokens, unpack_nibbles
+from .kernels import dequantize_tokens, pack_nibbles, quantize_tokens, unpack_nibbles
 
 
 class _Store:
@@ -61,17 +61,41 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.head_dim = key_states.shape[-1]
         self.is_initialized = True
 
-    def _encode(self, x: Tensor, clip) -> tuple[Tensor, Tensor, Tensor]:
+    def _encode(self, x: Tensor, clip) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(stored codes, scale, zero, fake-quantized x) of new tokens."""
         a, s, z = quantize_tokens(x.float(), clip, self.bits)
-        q = (a.to(torch.int16) + 2 ** (self.bits - 1)).to(torch.uint8)
-        return (pack_nibbles(q) if self.bits <= 4 else q), s, z + 2 ** (self.bits - 1)
+        off = 2 ** (self.bits - 1)
+        q = (a.to(torch.int16) + off).to(torch.uint8)
+        return (pack_nibbles(q) if self.bits <= 4 else q), s, z + off, dequantize_tokens(a, s, z)
 
-    def _decode(self, store: _Store) -> Tensor:
-        n = self.length
+    def codes(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
+        """K (``i = 0``) or V (``i = 1``) of every stored token as ``(codes as float32 [b, h, n, d], scale, zero)``,
+        with ``(codes − zero) · scale`` the dequantized values."""
+        store, n = self.stores[i], self.length
         q = store.codes[:, :, :n]
-        if self.bits <= 4:
-            q = unpack_nibbles(q, self.head_dim)
-        return (q.float() - store.zero[:, :, :n]) * store.scale[:, :, :n]
+        q = (unpack_nibbles(q, self.head_dim) if self.bits <= 4 else q).float()  # uint8 bit operations: fast
+        return q, store.scale[:, :, :n], store.zero[:, :, :n]
+
+    def _decode(self, i: int) -> Tensor:
+        q, s, z = self.codes(i)
+        return q.sub_(z).mul_(s)
+
+    def append(self, key_states: Tensor, value_states: Tensor) -> tuple[Tensor, Tensor]:
+        """Store the new tokens' K/V (float, ``[batch, kv_heads, new, head_dim]``) as codes; returns their
+        fake-quantized values."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        new = key_states.shape[-2]
+        out = []
+        for store, x, clip in zip(self.stores, (key_states, value_states), (self.k_clip, self.v_clip)):
+            codes, s, z, fq = self._encode(x, clip)
+            store.ensure(codes, s, self.length + new)
+            store.codes[:, :, self.length:self.length + new] = codes
+            store.scale[:, :, self.length:self.length + new] = s
+            store.zero[:, :, self.length:self.length + new] = z
+            out.append(fq)
+        self.length += new
+        return out[0], out[1]
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         """Append the new tokens' K/V (float, ``[batch, kv_heads, new, head_dim]``), return all of them dequantized."""
@@ -82,15 +106,9 @@ class QuantizedKVLayer(CacheLayerMixin):
             self.values = value_states if self.values is None else torch.cat([self.values, value_states], dim=-2)
             self.length = self.keys.shape[-2]
             return self.keys, self.values
-        new = key_states.shape[-2]
-        for store, x, clip in zip(self.stores, (key_states, value_states), (self.k_clip, self.v_clip)):
-            codes, s, z = self._encode(x, clip)
-            store.ensure(codes, s, self.length + new)
-            store.codes[:, :, self.length:self.length + new] = codes
-            store.scale[:, :, self.length:self.length + new] = s
-            store.zero[:, :, self.length:self.length + new] = z
-        self.length += new
-        return self._decode(self.stores[0]), self._decode(self.stores[1])
+        first = self.length == 0
+        k, v = self.append(key_states, value_states)
+        return (k, v) if first else (self._decode(0), self._decode(1))
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0

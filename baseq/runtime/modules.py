@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .kernels import IntLinear, dequantize_tokens, quantize_tokens
+from .kernels import IntLinear, dequantize_tokens, int_mm, quantize_tokens
 from .kvcache import QuantizedKVCache
 
 
@@ -112,7 +112,12 @@ class RuntimeAttention(nn.Module):
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         if self.kv.rotation is not None:
             q, k = self.kv.rotation(q), self.kv.rotation(k)
-        if isinstance(cache, QuantizedKVCache):  # stores codes, returns every token's K/V dequantized
+        layer = cache.layers[self.layer_idx] if isinstance(cache, QuantizedKVCache) else None
+        if layer is not None and t == 1 and layer.get_seq_length() > 0 and self.kv.bits < 16:
+            layer.append(k, v)  # decoding: attention straight on the stored codes
+            out = attend_codes(q, layer, self.scaling, attention_mask)
+            return self.o_point(out.reshape(b, self.heads * self.head_dim), self.o_proj).view(b, t, -1), None
+        if layer is not None:  # stores codes, returns every token's K/V dequantized
             k, v = cache.update(k, v, self.layer_idx)
         else:  # same grid, float values (e.g. a cache transformers made, or none)
             k, v = self.kv.fake(k, self.kv.k_clip), self.kv.fake(v, self.kv.v_clip)
@@ -123,6 +128,29 @@ class RuntimeAttention(nn.Module):
         out, _ = sdpa_attention_forward(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
         out = out.reshape(b * t, self.heads * self.head_dim)
         return self.o_point(out, self.o_proj).view(b, t, -1), None
+
+
+def attend_codes(q: Tensor, layer, scaling: float, mask: Tensor | None) -> Tensor:
+    """One query token per sequence (``q [b, heads, 1, d]``) against every token of a quantized cache layer,
+    computed on the codes: with ``K̂_t = (C_t − z_t)·s_t``,
+
+        q·K̂_t = s_t (q·C_t − z_t Σ_i q_i),      Σ_t p_t V̂_t = Σ_t (p_t s_t) C_t − Σ_t (p_t s_t) z_t,
+
+    so the cache is never dequantized (two matrix products over the codes, the rest is per token). Returns
+    ``[b, heads, d]``."""
+    ck, sk, zk = layer.codes(0)
+    cv, sv, zv = layer.codes(1)
+    b, h, _, d = q.shape
+    kvh = ck.shape[1]
+    qg = q.reshape(b, kvh, h // kvh, d)
+    scores = qg @ ck.transpose(-1, -2)  # [b, kv, g, n]
+    scores = (scores - qg.sum(-1, keepdim=True) * zk.transpose(-1, -2)) * (sk.transpose(-1, -2) * scaling)
+    if mask is not None:  # [b, 1, 1, n]: bool (True = attend) or additive
+        m = mask[:, :, -1:, :].reshape(b, 1, 1, -1)
+        scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m
+    pv = torch.softmax(scores, dim=-1) * sv.transpose(-1, -2)
+    out = pv @ cv - pv @ zv  # [b, kv, g, d]
+    return out.reshape(b, h, d)
 
 
 class RuntimeMLP(nn.Module):
@@ -155,17 +183,23 @@ class Table(nn.Module):
         return F.embedding(ids, self.codes).float() * self.row_scale[ids].unsqueeze(-1)
 
     def logits(self, h: Tensor, chunk: int = 8192) -> Tensor:
-        """``h [..., d] @ tableᵀ`` in float32. A few rows (decoding): one 16-bit / int8 weight GEMV; many rows
-        (prefill, evaluation): float32 GEMMs over slabs of the vocabulary, so no float32 copy of the table is kept."""
+        """``h [..., d] @ tableᵀ`` in float32. Many rows (prefill, evaluation): exact float32 GEMMs over slabs of the
+        vocabulary, so no float32 copy of the table is kept. A few rows (decoding): one float16 GEMV (``h`` rounded to
+        float16), or for an int8 table an int8 GEMV (``h`` quantized to int8 per row): logits within ~1e-3 relative
+        of the exact ones, which can only flip near-ties of greedy decoding."""
         x = h.reshape(-1, self.dim).float().contiguous()
-        if self.codes is not None:
-            out = torch._weight_int8pack_mm(x, self.codes, self.row_scale)
-        elif x.shape[0] <= 8:
+        if x.shape[0] <= 8 and self.codes is not None:  # int8 table: x quantized to int8 per row, integer GEMV
+            sx = (x.abs().amax(-1, keepdim=True) / 127).clamp_min(1e-12)
+            xq = torch.round(x / sx).to(torch.int8)
+            out = int_mm(xq, self.codes).float() * sx * self.row_scale
+        elif x.shape[0] <= 8:  # float16 table: a float16 GEMV
             out = F.linear(x.to(self.weight.dtype), self.weight).float()
-        else:
+        else:  # exact float32 logits, a slab of the vocabulary at a time
             out = torch.empty(x.shape[0], self.rows, dtype=torch.float32, device=x.device)
             for i in range(0, self.rows, chunk):
-                out[:, i:i + chunk] = x @ self.weight[i:i + chunk].float().t()
+                w = self.weight[i:i + chunk].float() if self.codes is None else \
+                    self.codes[i:i + chunk].float() * self.row_scale[i:i + chunk, None]
+                out[:, i:i + chunk] = x @ w.t()
         return out.reshape(*h.shape[:-1], self.rows)
 
 

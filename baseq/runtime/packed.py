@@ -337,6 +337,9 @@ def load_packed(path: Path, meta: dict | None = None, device="cpu"):
         layer.input_layernorm = RMSNorm(t.take(f"{p}.attn_norm", (s.hidden,)), eps)
         layer.post_attention_layernorm = RMSNorm(t.take(f"{p}.mlp_norm", (s.hidden,)), eps)
         kv_specs.append((spec.kv_bits, kv.k_clip, kv.v_clip))
+        if spec.a_bits >= 16:  # weight-only quantization: float GEMMs (see IntLinear.use_float_weights)
+            for lin in (layer.self_attn.qkv, layer.self_attn.o_proj, layer.mlp.gate_up, layer.mlp.down):
+                lin.use_float_weights()
     vocab = shape["vocab"]
     r1_meta = meta["residual_rotation"]
     r1 = None

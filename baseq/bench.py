@@ -1,7 +1,7 @@
 """``baseq bench``: prefill and decode speed, time to first token, peak RSS and bytes on disk of a model and its
 full-precision baseline, measured the same way in one run.
 
-Each model is measured in a fresh worker process (``python -m baseq.runtime.bench``), one after the other and with
+Each model is measured in a fresh worker process (``python -m baseq.bench``), one after the other and with
 the same number of threads, so each peak RSS is that model's own (loading included) and neither run disturbs the
 other. A worker loads the model, warms up, then repeats ``repeats`` times: a prefill forward over ``prefill``
 deterministic token ids (batch 1, logits of the last position only, first token picked) and ``decode`` greedy tokens
@@ -20,13 +20,13 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import BaseqError
+from .errors import BaseqError
 
 
 def disk_bytes(spec: str) -> int | None:
     """Bytes on disk of what ``spec`` loads from: a folder's files, a .gguf file, or an asset's converted folder."""
-    from .. import assets
-    from ..models.loading import asset_folder
+    from . import assets
+    from .models.loading import asset_folder
 
     p = Path(spec).expanduser()
     if spec in assets.ASSETS:
@@ -52,8 +52,8 @@ def measure(spec: str, prefill: int, decode: int, repeats: int, threads: int, de
     """One model's figures (runs in the worker process)."""
     import torch
 
-    from ..load import load
-    from .generate import check_context, generate
+    from .load import load
+    from .runtime.generate import check_context, generate
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -75,7 +75,7 @@ def measure(spec: str, prefill: int, decode: int, repeats: int, threads: int, de
 
 
 def run_worker(spec: str, prefill: int, decode: int, repeats: int, threads: int, device: str) -> dict:
-    cmd = [sys.executable, "-m", "baseq.runtime.bench", spec, "--prefill", str(prefill), "--decode", str(decode),
+    cmd = [sys.executable, "-m", "baseq.bench", spec, "--prefill", str(prefill), "--decode", str(decode),
            "--repeats", str(repeats), "--threads", str(threads), "--device", device]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = proc.stdout.strip().splitlines()
@@ -103,7 +103,7 @@ def bench(model: str, baseline: str | None, prefill: int, decode: int, repeats: 
 
 def default_baseline(spec: str) -> str | None:
     """The model a quantized folder was made from (its ``baseq.json`` says), if that can still be loaded."""
-    from .format import is_saved_folder, read_meta
+    from .runtime.format import is_saved_folder, read_meta
 
     p = Path(spec).expanduser()
     if not is_saved_folder(p):
@@ -112,7 +112,7 @@ def default_baseline(spec: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m baseq.runtime.bench", description="worker of 'baseq bench'")
+    p = argparse.ArgumentParser(prog="python -m baseq.bench", description="worker of 'baseq bench'")
     p.add_argument("spec")
     p.add_argument("--prefill", type=int, default=512)
     p.add_argument("--decode", type=int, default=128)
