@@ -45,13 +45,17 @@ def tokenizer():
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("clip", [1.0, 0.9])
-def test_token_codes_are_the_fake_quantizers_grid(bits, clip):
+@pytest.mark.parametrize("constant_token", [False, True])
+def test_token_codes_are_the_fake_quantizers_grid(bits, clip, constant_token):
     g = torch.Generator().manual_seed(bits)
     x = torch.randn(7, 37, generator=g) * 3 + torch.randn(7, 1, generator=g)
-    x[3] = 0.25  # a constant token
+    if constant_token:  # its zero point is huge: the codes are offset instead of centred
+        x[3] = 0.25
     a, s, z = quantize_tokens(x, clip, bits)
-    assert a.dtype == torch.int8 and s.shape == (7, 1) and z.shape == (7, 1)
-    assert int(a.min()) >= -(2 ** (bits - 1)) and int(a.max()) <= 2 ** (bits - 1) - 1
+    assert a.dtype == torch.int8 and s.shape == (7, 1)
+    assert (z is not None) == (constant_token or bits == 8)  # 8 bits: centred codes can leave int8
+    if z is not None:
+        assert int(a.min()) >= -(2 ** (bits - 1)) and int(a.max()) <= 2 ** (bits - 1) - 1
     assert torch.equal(dequantize_tokens(a, s, z), _minmax_fake_quant(x, clip, bits))  # bit for bit
 
 
@@ -82,10 +86,18 @@ def test_int_linear_matches_float_matmul_of_the_dequantized_operands(w_bits, a_b
                     bits=w_bits)
     assert lin.weight.dtype == torch.int8
     x = torch.randn(9, k, generator=torch.Generator().manual_seed(1)) * 2
+    x[4] = 0.5  # a constant token: offset codes (zero-point correction with the weight row sums)
+    a, s, z = quantize_tokens(x, 0.9, a_bits)
+    got_offset = lin(a, s, z)
+    a, s, z = quantize_tokens(x[torch.arange(9) != 4], 0.9, a_bits)
+    assert z is None or a_bits == 8  # centred codes
+    ref_c = dequantize_tokens(a, s, z).double() @ torch.cat([p[4] for p in parts]).double().t() \
+        + torch.cat([p[3] for p in parts]).double()
+    assert torch.allclose(lin(a, s, z).double(), ref_c, rtol=1e-5, atol=1e-5)
     a, s, z = quantize_tokens(x, 0.9, a_bits)
     ref = dequantize_tokens(a, s, z).double() @ torch.cat([p[4] for p in parts]).double().t() \
         + torch.cat([p[3] for p in parts]).double()
-    got = lin(a, s, z)
+    got = got_offset
     assert got.shape == (9, 44) and got.dtype == torch.float32
     assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-5)
     if w_bits <= 7:  # weight-only path (16-bit activations): the same weights against float inputs

@@ -7,12 +7,14 @@ per output channel (or per group of input columns). Then
 
     y_j = Σ_k x̂_k ŵ_jk = s · t_j · Σ_k (q_k − z)(c_jk − z_j).
 
-At load the weights become ``W_jk = c_jk − z_j`` in int8 (|W| ≤ 2^b − 1 fits for b ≤ 7) and their row sums
-``Σ_k W_jk`` are precomputed. Activation codes are held as signed int8 ``a_k = q_k − 2^(b−1)`` with
-``z' = z − 2^(b−1)``, so ``Σ_k (q_k − z) W_jk = Σ_k a_k W_jk − z' Σ_k W_jk``: one int8 × int8 → int32 GEMM
-(``torch._int_mm``), one rank-1 correction, one float epilogue ``· s · t_j + bias_j``. Every integer is exact; the
-only rounding is the float epilogue (and, in the reference fake-quant model, its float GEMM), so the two agree to
-float tolerance. 8-bit weights (|c − z| up to 255) keep ``c − 128`` and a second correction term instead.
+At load the weights become ``W_jk = c_jk − z_j`` in int8 (|W| ≤ 2^b − 1 fits for b ≤ 7). The activation side is
+held as *centred* codes ``a_k = q_k − z`` in int8 — they fit whenever ``z`` lies in ``[2^b − 128, 128]``, i.e. for
+every token whose clipped range contains or nearly contains zero — so ``Σ_k a_k W_jk`` is one int8 × int8 → int32 GEMM
+(``torch._int_mm``) and the float epilogue is ``acc · s · t_j + bias_j``. For the rare batch with a token whose zero
+point does not fit, the codes are offset instead (``a_k = q_k − 2^(b−1)``, ``z' = z − 2^(b−1)``) and the
+precomputed row sums ``Σ_k W_jk`` give the correction ``− z' Σ_k W_jk``. 8-bit weights (|c − z| up to 255) keep
+``c − 128`` and subtract ``(z_j − 128) Σ_k a_k``. Every integer is exact; the only rounding is the float epilogue
+(and, in the reference fake-quant model, its float GEMM), so the two agree to float tolerance.
 """
 
 from __future__ import annotations
@@ -27,29 +29,37 @@ ACT_SCALE_EPS = 1e-6  # the fake quantizer's guard against constant tokens (quan
 # ---------------------------------------------------------------------------------------------- activations
 
 
-def quantize_tokens(x: Tensor, clip: Tensor | float, bits: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row asymmetric quantization of ``x [..., C]`` (float32) onto the fake quantizer's grid.
-
-    Returns ``(a, s, z')``: signed int8 codes ``a = q − 2^(b−1)`` of x's shape, and float32 ``s`` and ``z' = z − 2^(b−1)``
-    of shape ``[..., 1]``; ``(a − z')·s`` is bit for bit what :func:`baseq.quant.quantizer._minmax_fake_quant`
-    returns. ``clip`` is the clipping factor (a float, or a tensor broadcastable to ``x[..., :1]``)."""
+def token_grid(x: Tensor, clip: Tensor | float, bits: int) -> tuple[Tensor, Tensor]:
+    """Per-row ``(scale, zero)`` ``[..., 1]`` of the fake quantizer (:func:`baseq.quant.quantizer._minmax_fake_quant`,
+    the same operations in the same order): the row's ``[min, max]`` shrunk towards its midpoint by ``clip``."""
     maxq = 2**bits - 1
-    off = 2 ** (bits - 1)
     lo = x.amin(dim=-1, keepdim=True)  # (torch.aminmax is 3× slower than these two on the CPU)
     hi = x.amax(dim=-1, keepdim=True)
     mid = (hi + lo) * 0.5
     half = (hi - lo) * 0.5 * clip
     scale = torch.clamp(2.0 * half / maxq, min=ACT_SCALE_EPS)
-    zero = torch.round((half - mid) / scale) - off
-    # round(x / s) + z clamped to [0, maxq], minus the offset: all integer-valued floats, so shifting the offset
-    # into the zero point and the clamp bounds is exact (and saves two passes over x)
-    q = torch.div(x, scale).round_().add_(zero).clamp_(-off, maxq - off)
-    return q.to(torch.int8), scale, zero
+    return scale, torch.round((half - mid) / scale)
 
 
-def dequantize_tokens(a: Tensor, s: Tensor, z: Tensor) -> Tensor:
-    """``(a − z')·s`` in float32: the fake-quantized values of :func:`quantize_tokens`'s input."""
-    return (a.float() - z) * s
+def quantize_tokens(x: Tensor, clip: Tensor | float, bits: int) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per-row asymmetric quantization of ``x [..., C]`` (float32) onto the fake quantizer's grid.
+
+    Returns ``(a, s, z)``: int8 codes of x's shape and float32 ``s`` ``[..., 1]``. Usually ``z`` is None and ``a`` the
+    centred codes ``q − zero``; when some zero point does not fit, ``a = q − 2^(b−1)`` and ``z = zero − 2^(b−1)``.
+    Either way ``(a − z)·s`` (``z`` = 0 when None) is bit for bit the fake-quantized ``x``."""
+    maxq = 2**bits - 1
+    scale, zero = token_grid(x, clip, bits)
+    r = torch.div(x, scale).round_()
+    # round(x/s) + zero clamped to [0, maxq], then − zero: integer-valued floats, so this is exact
+    if bool(zero.abs().max() <= 128 - 2**bits):
+        return r.clamp_(-zero, maxq - zero).to(torch.int8), scale, None
+    off = 2 ** (bits - 1)
+    return r.add_(zero).clamp_(0, maxq).sub_(off).to(torch.int8), scale, zero - off
+
+
+def dequantize_tokens(a: Tensor, s: Tensor, z: Tensor | None) -> Tensor:
+    """``(a − z)·s`` in float32: the fake-quantized values of :func:`quantize_tokens`'s input."""
+    return a.float() * s if z is None else (a.float() - z) * s
 
 
 # ---------------------------------------------------------------------------------------------- packing
@@ -117,30 +127,34 @@ class IntLinear(nn.Module):
         self.register_buffer("scale", scale.contiguous())  # [N, G]
         self.register_buffer("scale_t", scale.t().contiguous())  # [G, N]; row g = group g's scales
         self.register_buffer("scale_row", self.scale_t[0])  # per channel: [N]
-        self.register_buffer("wsum_row", self.wsum[:, :1].t().contiguous())  # [1, N], for the rank-1 correction
-        self.register_buffer("wzero_row", None if self.wzero is None else self.wzero[:, :1].t().contiguous())
         b = [bb if bb is not None else torch.zeros(cc.shape[0]) for bb, cc in zip(biases, codes)]
         self.register_buffer("bias", torch.cat(b).float())
         self.splits = [cc.shape[0] for cc in codes]
 
-    def forward(self, a: Tensor, s: Tensor, z: Tensor) -> Tensor:
-        """``a [M, K]`` int8 codes, ``s``/``z`` ``[M, 1]`` → float32 ``[M, N]``."""
+    def forward(self, a: Tensor, s: Tensor, z: Tensor | None) -> Tensor:
+        """Codes from :func:`quantize_tokens` (``a [M, K]`` int8, ``s`` / ``z`` ``[M, 1]``) → float32 ``[M, N]``."""
         if self.groups == 1:
-            acc = int_mm(a, self.weight).float()
-            acc.addmm_(z, self.wsum_row, alpha=-1)  # − z'·Σ_k W_jk (a rank-1 update, in place)
-            if self.wzero is not None:
-                acc.addmm_(a.sum(-1, keepdim=True, dtype=torch.int32).float() - self.k * z, self.wzero_row, alpha=-1)
-            return torch.addcmul(self.bias, acc.mul_(s), self.scale_row)
+            acc = self._correct(int_mm(a, self.weight), a, z, 0, self.k)
+            return torch.addcmul(self.bias, acc * s, self.scale_row)
         gs = self.k // self.groups
         out = None
         for g in range(self.groups):
             ag = a[:, g * gs:(g + 1) * gs]
-            acc = int_mm(ag, self.weight[g]).float() - z * self.wsum[:, g]
-            if self.wzero is not None:
-                acc = acc - self.wzero[:, g] * (ag.sum(-1, keepdim=True, dtype=torch.int32).float() - gs * z)
-            part = acc * self.scale_t[g]
-            out = part if out is None else out + part
+            part = self._correct(int_mm(ag, self.weight[g]), ag, z, g, gs) * self.scale_t[g]
+            out = part if out is None else out.add_(part)
         return torch.addcmul(self.bias, out, s)
+
+    def _correct(self, acc: Tensor, a: Tensor, z: Tensor | None, g: int, k: int) -> Tensor:
+        """The zero-point terms of group ``g`` (``k`` columns), if any: ``Σ_k (a_k − z) W_jk`` from ``Σ_k a_k W_jk``."""
+        if z is None and self.wzero is None:
+            return acc
+        acc = acc.float()
+        if z is not None:
+            acc.sub_(z * self.wsum[:, g])
+        if self.wzero is not None:
+            rows = a.sum(-1, keepdim=True, dtype=torch.int32).float() - (0 if z is None else k * z)
+            acc.sub_(rows * self.wzero[:, g])
+        return acc
 
     def dequantized(self) -> Tensor:
         """The float32 weight ``[N, K]`` these codes stand for."""
@@ -155,7 +169,7 @@ class IntLinear(nn.Module):
         int8-weight × float kernel, ``_weight_int8pack_mm``, measured 10–100× slower than a float32 GEMM on this
         project's CPU, so weight-only models save disk, not memory or time.)"""
         self.register_buffer("wfloat", self.dequantized().contiguous())
-        for name in ("weight", "wsum", "wsum_row", "wzero", "wzero_row"):
+        for name in ("weight", "wsum", "wzero"):
             self.register_buffer(name, None)
 
     def forward_float(self, x: Tensor) -> Tensor:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .kernels import dequantize_tokens, pack_nibbles, quantize_tokens, unpack_nibbles
+from .kernels import pack_nibbles, token_grid, unpack_nibbles
 
 
 class _Store:
@@ -63,10 +63,11 @@ class QuantizedKVLayer(CacheLayerMixin):
 
     def _encode(self, x: Tensor, clip) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(stored codes, scale, zero, fake-quantized x) of new tokens."""
-        a, s, z = quantize_tokens(x.float(), clip, self.bits)
-        off = 2 ** (self.bits - 1)
-        q = (a.to(torch.int16) + off).to(torch.uint8)
-        return (pack_nibbles(q) if self.bits <= 4 else q), s, z + off, dequantize_tokens(a, s, z)
+        s, z = token_grid(x.float(), clip, self.bits)
+        q = torch.div(x.float(), s).round_().add_(z).clamp_(0, 2**self.bits - 1)
+        fq = (q - z) * s  # the fake quantizer's value, bit for bit
+        q = q.to(torch.uint8)
+        return (pack_nibbles(q) if self.bits <= 4 else q), s, z, fq
 
     def codes(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
         """K (``i = 0``) or V (``i = 1``) of every stored token as ``(codes as float32 [b, h, n, d], scale, zero)``,

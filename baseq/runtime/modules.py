@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .kernels import IntLinear, dequantize_tokens, int_mm, quantize_tokens
+from .kernels import IntLinear, int_mm, quantize_tokens, token_grid
 from .kvcache import QuantizedKVCache
 
 
@@ -83,7 +83,8 @@ class KVQuant(nn.Module):
     def fake(self, x: Tensor, clip: Tensor) -> Tensor:
         if self.bits >= 16:
             return x
-        return dequantize_tokens(*quantize_tokens(x.float(), clip, self.bits))
+        s, z = token_grid(x.float(), clip, self.bits)
+        return (torch.div(x.float(), s).round_().add_(z).clamp_(0, 2**self.bits - 1) - z) * s
 
 
 class RuntimeAttention(nn.Module):

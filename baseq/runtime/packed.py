@@ -216,9 +216,12 @@ def save_packed(model, tokenizer, out: Path, spec: ActSpec, meta: dict, *, w_bit
 
 
 class _Tensors:
-    """The packed tensors of a folder, taken one by one (each checked for presence and shape)."""
+    """The packed tensors of a folder, read one at a time from the memory-mapped shards (so loading never holds the
+    whole file and its unpacked form at once), each checked for presence and shape."""
 
     def __init__(self, path: Path):
+        from safetensors import safe_open
+
         self.path = Path(path)
         index = self.path / INDEX
         if index.is_file():
@@ -228,26 +231,36 @@ class _Tensors:
                 raise BaseqError(f"'{index}' is not a valid shard index ({e})") from None
         else:
             files = ["model.safetensors"]
-        self.data: dict[str, Tensor] = {}
-        for f in files:
-            self.data.update(load_tensors(self.path / f))
         self.file = files[0] if len(files) == 1 else INDEX
+        self.where: dict[str, object] = {}
+        self.handles = []
+        for f in files:
+            load_tensors(self.path / f, check_only=True)
+            try:
+                h = safe_open(str(self.path / f), framework="pt")
+            except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
+                raise BaseqError(f"'{self.path / f}' is truncated or corrupt ({str(e).splitlines()[0]})") from None
+            self.handles.append(h)
+            self.where.update({k: h for k in h.keys()})
 
     def take(self, name: str, shape: tuple | None = None, optional: bool = False) -> Tensor | None:
-        if name not in self.data:
+        if name not in self.where:
             if optional:
                 return None
             raise BaseqError(f"'{self.path / self.file}' has no tensor '{name}' (written by another version, or "
                              f"damaged)")
-        t = self.data.pop(name)
+        try:
+            t = self.where.pop(name).get_tensor(name)
+        except Exception as e:  # noqa: BLE001
+            raise BaseqError(f"'{self.path / self.file}': tensor '{name}' cannot be read ({e})") from None
         if shape is not None and tuple(t.shape) != tuple(shape):
             raise BaseqError(f"'{self.path / self.file}': tensor '{name}' has shape {tuple(t.shape)}, config.json "
                              f"implies {tuple(shape)}")
         return t
 
     def finish(self) -> None:
-        if self.data:
-            raise BaseqError(f"'{self.path / self.file}' has unexpected tensors ({', '.join(sorted(self.data)[:3])}, "
+        if self.where:
+            raise BaseqError(f"'{self.path / self.file}' has unexpected tensors ({', '.join(sorted(self.where)[:3])}, "
                              f"...): it does not match its baseq.json")
 
 
