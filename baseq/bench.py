@@ -54,8 +54,10 @@ def measure(spec: str, prefill: int, decode: int, repeats: int, threads: int, de
 
     from .load import load
     from .runtime.generate import check_context, generate
+    from .runtime.kernels import keep_freed_memory
 
     torch.set_num_threads(threads)
+    keep_freed_memory()  # the same allocator setting for the model and its baseline (the runtime sets it anyway)
     t0 = time.perf_counter()
     model, _ = load(spec, device=device)
     load_s = time.perf_counter() - t0

@@ -128,11 +128,11 @@ def test_quantized_kv_layer_appends_without_requantizing_and_matches_the_fake_gr
     k, v = layer.update(k1, v1)
     assert k.shape == (1, 2, 5, 12) and layer.get_seq_length() == 5
     assert torch.equal(k, _minmax_fake_quant(k1, clip, 4)) and torch.equal(v, _minmax_fake_quant(v1, 1.0, 4))
-    codes_before = layer.stores[0].codes[:, :, :5].clone()
+    codes_before = layer.store.codes[:, :, :5].clone()
     for step in range(20):  # decoding, one token at a time: the buffer grows, old codes never change
         k2, v2 = torch.randn(1, 2, 1, 12, generator=g), torch.randn(1, 2, 1, 12, generator=g)
         k, v = layer.update(k2, v2)
-    assert k.shape == (1, 2, 25, 12) and torch.equal(layer.stores[0].codes[:, :, :5], codes_before)
+    assert k.shape == (1, 2, 25, 12) and torch.equal(layer.store.codes[:, :, :5], codes_before)
     assert torch.equal(k[:, :, -1:], _minmax_fake_quant(k2, clip, 4))
     fp32_bytes = 2 * 2 * 25 * 12 * 4
     assert layer.nbytes() == 2 * 2 * 25 * (6 + 8) and layer.nbytes() < fp32_bytes / 3  # 4-bit codes + scale/zero

@@ -44,7 +44,8 @@ class _Store:
 
 
 class QuantizedKVLayer(CacheLayerMixin):
-    """One decoder layer's quantized K and V (``bits`` 2..8, or 16 for plain float32 storage)."""
+    """One decoder layer's quantized K and V (``bits`` 2..8, or 16 for plain float32 storage), kept together in one
+    store: the K heads, then the V heads (one quantization call and one unpacking per step serve both)."""
 
     is_sliding = False
     is_croppable = True
@@ -52,34 +53,38 @@ class QuantizedKVLayer(CacheLayerMixin):
     def __init__(self, bits: int, k_clip: Tensor | float, v_clip: Tensor | float):
         super().__init__()
         self.bits, self.k_clip, self.v_clip = bits, k_clip, v_clip
+        self.clip = None  # [1, 2·kv_heads, 1, 1], built at the first update
         self.length = 0
-        self.stores = (_Store(), _Store())
-        self.head_dim = None
+        self.store = _Store()
+        self.head_dim = self.kv_heads = None
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.device = key_states.device
-        self.head_dim = key_states.shape[-1]
+        self.kv_heads, self.head_dim = key_states.shape[1], key_states.shape[-1]
+
+        def per_head(c):
+            c = torch.as_tensor(c, dtype=torch.float32, device=self.device).reshape(-1)
+            return c.expand(self.kv_heads) if c.numel() == 1 else c
+
+        self.clip = torch.cat([per_head(self.k_clip), per_head(self.v_clip)]).view(1, -1, 1, 1)
         self.is_initialized = True
 
-    def _encode(self, x: Tensor, clip) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(stored codes, scale, zero, fake-quantized x) of new tokens."""
-        s, z = token_grid(x.float(), clip, self.bits)
-        q = torch.div(x.float(), s).round_().add_(z).clamp_(0, 2**self.bits - 1)
+    def _encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(stored codes, scale, zero, fake-quantized x) of new tokens ``x [b, 2·kv_heads, new, d]``."""
+        x = x.float()
+        s, z = token_grid(x, self.clip, self.bits)
+        q = torch.div(x, s).round_().add_(z).clamp_(0, 2**self.bits - 1)
         fq = (q - z) * s  # the fake quantizer's value, bit for bit
         q = q.to(torch.uint8)
         return (pack_nibbles(q) if self.bits <= 4 else q), s, z, fq
 
-    def codes(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
-        """K (``i = 0``) or V (``i = 1``) of every stored token as ``(codes as float32 [b, h, n, d], scale, zero)``,
-        with ``(codes − zero) · scale`` the dequantized values."""
-        store, n = self.stores[i], self.length
-        q = store.codes[:, :, :n]
+    def codes(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Every stored token as ``(codes as float32 [b, 2·kv_heads, n, d], scale, zero)`` — K heads first, then V
+        heads — with ``(codes − zero) · scale`` the dequantized values."""
+        st, n = self.store, self.length
+        q = st.codes[:, :, :n]
         q = (unpack_nibbles(q, self.head_dim) if self.bits <= 4 else q).float()  # uint8 bit operations: fast
-        return q, store.scale[:, :, :n], store.zero[:, :, :n]
-
-    def _decode(self, i: int) -> Tensor:
-        q, s, z = self.codes(i)
-        return q.sub_(z).mul_(s)
+        return q, st.scale[:, :, :n], st.zero[:, :, :n]
 
     def append(self, key_states: Tensor, value_states: Tensor) -> tuple[Tensor, Tensor]:
         """Store the new tokens' K/V (float, ``[batch, kv_heads, new, head_dim]``) as codes; returns their
@@ -87,29 +92,31 @@ class QuantizedKVLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         new = key_states.shape[-2]
-        out = []
-        for store, x, clip in zip(self.stores, (key_states, value_states), (self.k_clip, self.v_clip)):
-            codes, s, z, fq = self._encode(x, clip)
-            store.ensure(codes, s, self.length + new)
-            store.codes[:, :, self.length:self.length + new] = codes
-            store.scale[:, :, self.length:self.length + new] = s
-            store.zero[:, :, self.length:self.length + new] = z
-            out.append(fq)
+        codes, s, z, fq = self._encode(torch.cat([key_states, value_states], dim=1))
+        st, n = self.store, self.length
+        st.ensure(codes, s, n + new)
+        st.codes[:, :, n:n + new] = codes
+        st.scale[:, :, n:n + new] = s
+        st.zero[:, :, n:n + new] = z
         self.length += new
-        return out[0], out[1]
+        return fq[:, :self.kv_heads], fq[:, self.kv_heads:]
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         """Append the new tokens' K/V (float, ``[batch, kv_heads, new, head_dim]``), return all of them dequantized."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
         if self.bits >= 16:  # no KV quantization: plain float storage
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
             self.keys = key_states if self.keys is None else torch.cat([self.keys, key_states], dim=-2)
             self.values = value_states if self.values is None else torch.cat([self.values, value_states], dim=-2)
             self.length = self.keys.shape[-2]
             return self.keys, self.values
         first = self.length == 0
         k, v = self.append(key_states, value_states)
-        return (k, v) if first else (self._decode(0), self._decode(1))
+        if first:
+            return k, v
+        q, s, z = self.codes()
+        kv = q.sub_(z).mul_(s)
+        return kv[:, :self.kv_heads], kv[:, self.kv_heads:]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0
@@ -124,16 +131,14 @@ class QuantizedKVLayer(CacheLayerMixin):
         """Bytes of the live part of the cache (codes, scales and zeros of the stored tokens)."""
         if self.bits >= 16:
             return 0 if self.keys is None else (self.keys.numel() + self.values.numel()) * self.keys.element_size()
-        total = 0
-        for st in self.stores:
-            if st.codes is not None:
-                for t in (st.codes, st.scale, st.zero):
-                    total += t[:, :, :self.length].numel() * t.element_size()
-        return total
+        st = self.store
+        if st.codes is None:
+            return 0
+        return sum(t[:, :, :self.length].numel() * t.element_size() for t in (st.codes, st.scale, st.zero))
 
     def reset(self) -> None:
         self.length = 0
-        self.stores = (_Store(), _Store())
+        self.store = _Store()
         self.keys = self.values = None
         self.is_initialized = False
 
@@ -145,8 +150,7 @@ class QuantizedKVLayer(CacheLayerMixin):
             self.keys, self.values = self.keys[..., :self.length, :], self.values[..., :self.length, :]
 
     def _batch(self, fn) -> None:
-        for st in self.stores:
-            st.apply(fn)
+        self.store.apply(fn)
         if self.keys is not None:
             self.keys, self.values = fn(self.keys), fn(self.values)
 

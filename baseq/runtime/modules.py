@@ -49,8 +49,9 @@ class ActPoint(nn.Module):
         self.bits = bits
         self.rotation = rotation
         self.register_buffer("clip", clip.float())
-        self.register_buffer("scale", None if scale is None else scale.float().contiguous())
-        self.register_buffer("shift", None if shift is None else shift.float().contiguous())
+        # identities are skipped (x·1 and x − 0 are exact, so this changes no value)
+        self.register_buffer("scale", None if scale is None or bool((scale == 1).all()) else scale.float().contiguous())
+        self.register_buffer("shift", None if shift is None or bool((shift == 0).all()) else shift.float().contiguous())
 
     def prepare(self, x: Tensor) -> Tensor:
         if self.rotation is not None:
@@ -100,24 +101,22 @@ class RuntimeAttention(nn.Module):
     def forward(self, hidden_states: Tensor, position_embeddings=None, attention_mask=None, cache=None,
                 past_key_values=None, **kwargs):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         cache = cache if cache is not None else past_key_values
         b, t, d = hidden_states.shape
+        h, kvh, hd = self.heads, self.kv_heads, self.head_dim
         y = self.point(hidden_states.reshape(b * t, d), self.qkv)
-        nq, nk = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        q = y[:, :nq].view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        k = y[:, nq:nq + nk].view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = y[:, nq + nk:].view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        # queries and keys together: RoPE and the online R3 act per head, so one call serves both
+        qk = _rope(y[:, :(h + kvh) * hd].view(b, t, h + kvh, hd).transpose(1, 2), *position_embeddings)
         if self.kv.rotation is not None:
-            q, k = self.kv.rotation(q), self.kv.rotation(k)
+            qk = self.kv.rotation(qk)
+        q, k = qk[:, :h], qk[:, h:]
+        v = y[:, (h + kvh) * hd:].view(b, t, kvh, hd).transpose(1, 2)
         layer = cache.layers[self.layer_idx] if isinstance(cache, QuantizedKVCache) else None
-        if layer is not None and t == 1 and layer.get_seq_length() > 0 and self.kv.bits < 16:
+        if layer is not None and t == 1 and layer.get_seq_length() > 0 and layer.bits < 16:
             layer.append(k, v)  # decoding: attention straight on the stored codes
             out = attend_codes(q, layer, self.scaling, attention_mask)
-            return self.o_point(out.reshape(b, self.heads * self.head_dim), self.o_proj).view(b, t, -1), None
+            return self.o_point(out.reshape(b, h * hd), self.o_proj).view(b, t, -1), None
         if layer is not None:  # stores codes, returns every token's K/V dequantized
             k, v = cache.update(k, v, self.layer_idx)
         else:  # same grid, float values (e.g. a cache transformers made, or none)
@@ -127,8 +126,14 @@ class RuntimeAttention(nn.Module):
         kwargs.pop("position_ids", None)
         kwargs.pop("use_cache", None)
         out, _ = sdpa_attention_forward(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
-        out = out.reshape(b * t, self.heads * self.head_dim)
-        return self.o_point(out, self.o_proj).view(b, t, -1), None
+        return self.o_point(out.reshape(b * t, h * hd), self.o_proj).view(b, t, -1), None
+
+
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary position embedding of ``x [b, heads, t, d]`` (transformers' formula, ``cos``/``sin`` ``[b, t, d]``)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 def attend_codes(q: Tensor, layer, scaling: float, mask: Tensor | None) -> Tensor:
@@ -139,10 +144,10 @@ def attend_codes(q: Tensor, layer, scaling: float, mask: Tensor | None) -> Tenso
 
     so the cache is never dequantized (two matrix products over the codes, the rest is per token). Returns
     ``[b, heads, d]``."""
-    ck, sk, zk = layer.codes(0)
-    cv, sv, zv = layer.codes(1)
+    c, s, z = layer.codes()  # K heads, then V heads
     b, h, _, d = q.shape
-    kvh = ck.shape[1]
+    kvh = c.shape[1] // 2
+    ck, sk, zk, cv, sv, zv = c[:, :kvh], s[:, :kvh], z[:, :kvh], c[:, kvh:], s[:, kvh:], z[:, kvh:]
     qg = q.reshape(b, kvh, h // kvh, d)
     scores = qg @ ck.transpose(-1, -2)  # [b, kv, g, n]
     scores = (scores - qg.sum(-1, keepdim=True) * zk.transpose(-1, -2)) * (sk.transpose(-1, -2) * scaling)

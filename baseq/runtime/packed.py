@@ -42,7 +42,7 @@ from ..quant.qmodel import ActSpec
 from ..quant.quantizer import embedding_scale, half_exact
 from ..rotation.fuse import OnlineRotation, ResidualRotation, RotatedEmbedding, RotatedNorm, residual_rotation
 from .format import PACKED_FORMAT, check_out_dir, load_tensors, read_meta
-from .kernels import IntLinear, pack_nibbles, unpack_nibbles
+from .kernels import IntLinear, keep_freed_memory, pack_nibbles, unpack_nibbles
 from .kvcache import QuantizedKVCache
 from .modules import (ActPoint, FinalNorm, KVQuant, RMSNorm, RuntimeAttention, RuntimeEmbedding, RuntimeHead,
                       RuntimeMLP, Table)
@@ -297,6 +297,7 @@ def load_packed(path: Path, meta: dict | None = None, device="cpu"):
     from ..models.loading import _quiet_transformers
 
     _quiet_transformers()
+    keep_freed_memory()
     path = Path(path)
     meta = meta or read_meta(path)
     required = ("act_spec", "weights", "embed_bits", "tied", "residual_rotation", "online_rotations", "shape")
