@@ -28,10 +28,8 @@ from tqdm.auto import tqdm
 
 from ..models.adapter import LlamaAdapter
 from ..quant.qmodel import set_quantize
-
-
-class _Captured(Exception):
-    pass
+from .comm import Communicator, Shard
+from .train import Tap
 
 
 @dataclass
@@ -46,6 +44,12 @@ class BlockContext:
     batch_size: int
     progress: bool = True
     log: dict[str, Any] = field(default_factory=dict)
+    comm: Communicator = field(default_factory=Communicator)
+    shard: Shard | None = None  # which of the calibration windows this rank holds (default: all of fp_in)
+
+    def __post_init__(self):
+        if self.shard is None and self.fp_in is not None:
+            self.shard = Shard.of(self.fp_in.shape[0])
 
     def forward(self, x: torch.Tensor, grad: bool = False) -> torch.Tensor:
         """The block on ``x`` [b, seq, hidden] (already on the device)."""
@@ -116,29 +120,20 @@ def _move(obj, device):
 @torch.no_grad()
 def capture_inputs(model: nn.Module, ad: LlamaAdapter, windows: torch.Tensor, device, batch_size: int):
     """Inputs of block 0 for every window (CPU, model dtype) and the block kwargs of a batch-1 call."""
-    layer0 = ad.layers[0]
     seen: dict[str, Any] = {}
 
-    def hook(module, args, kwargs):
+    def grab(name, args, kwargs):
         seen["x"] = args[0] if args else kwargs["hidden_states"]
         seen["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise _Captured
 
-    handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
     xs, kwargs = [], None
-    try:
+    with Tap(ad.layers[0], grab, stop=True) as tap:
         for i, batch in enumerate(windows.split(batch_size)):
             if i == 0:  # a batch-1 call first, so the captured kwargs broadcast over any batch size
-                try:
-                    model(batch[:1].to(device), use_cache=False)
-                except _Captured:
-                    kwargs = seen["kwargs"]
-            try:
-                model(batch.to(device), use_cache=False)
-            except _Captured:
-                xs.append(seen["x"].to("cpu"))
-    finally:
-        handle.remove()
+                tap(model, batch[:1].to(device), use_cache=False)
+                kwargs = seen["kwargs"]
+            tap(model, batch.to(device), use_cache=False)
+            xs.append(seen["x"].to("cpu"))
     kwargs = {k: _move(v, device) for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")}
     kwargs["use_cache"] = False
     return torch.cat(xs), kwargs
