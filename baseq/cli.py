@@ -99,9 +99,11 @@ def task_rows(tasks: dict) -> list[tuple[str, str]]:
 
 def cmd_eval(args) -> int:
     from .data import eval_windows
+    from .device import check_device
     from .eval.perplexity import perplexity
     from .load import load as load_model
 
+    check_device(args.device)
     check_json_path(args.json)
     check_limit(getattr(args, "limit", None))
     if args.seqlen < 2:
@@ -171,30 +173,51 @@ def default_out(args, cfg) -> Path:
 
 
 def cmd_quantize(args) -> int:
+    from .calibrate.comm import from_env, launched_by_torchrun
+    from .device import check_device
+
+    cfg = config_from_args(args)
+    device = check_device(args.device)
+    if args.tasks and launched_by_torchrun():
+        raise BaseqError("--tasks is not run under torchrun: evaluate the written model with "
+                         "'baseq eval --model OUT --tasks ...' instead")
+    comm = from_env(device, timeout=args.dist_timeout)  # one process unless started by torchrun
+    try:
+        return quantize_command(args, cfg, device, comm)
+    finally:
+        comm.close()
+
+
+def quantize_command(args, cfg, device, comm) -> int:
+    from .calibrate.engine import on_device
     from .calibrate.pipeline import act_spec, check_model, needs_calibration, quantize_model
     from .data import calib_windows, eval_windows
-    from .eval.perplexity import perplexity
     from .load import load as load_model
     from .runtime.format import check_out_dir
     from .runtime.save import save_fake
 
-    cfg = config_from_args(args)
     out = Path(args.out) if args.out else default_out(args, cfg)
     check_json_path(args.json)
     check_limit(getattr(args, "limit", None))
     check_out_dir(out, args.overwrite)  # the result is written at the very end, so this holds for --resume too
+    if needs_calibration(cfg) and comm.world_size > cfg.calib.samples:
+        raise BaseqError(f"{comm.world_size} ranks for {cfg.calib.samples} calibration windows: every rank needs at "
+                         f"least one (raise --calib-samples or start fewer ranks)")
     work_dir = out.parent / f".{out.name}.partial"
     from tqdm.auto import tqdm
 
-    say = (lambda *a: None) if args.quiet else (lambda msg: tqdm.write(f"baseq: {msg}", file=sys.stderr))
+    quiet = args.quiet or not comm.is_main  # one rank speaks
+    say = (lambda *a: None) if quiet else (lambda msg: tqdm.write(f"baseq: {msg}", file=sys.stderr))
 
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu")  # blocks visit the device one by one
     check_model(model, cfg)  # before the full-precision evaluation
     calib = None
     if needs_calibration(cfg):  # draw the calibration windows now: a too-short text fails before any real work
         c = cfg.calib
         calib = calib_windows(tokenizer, c.data, c.seqlen, c.samples, c.seed)
     result = {"model": args.model, "method": cfg.label, "bits": cfg.bits.label, "config": cfg.to_dict()}
+    if comm.world_size > 1:
+        result["ranks"] = comm.world_size
     windows = None
     if args.eval:
         if args.seqlen < 2:
@@ -202,33 +225,41 @@ def cmd_quantize(args) -> int:
         windows = eval_windows(tokenizer, args.data, args.seqlen, args.windows)
         result.update(data=args.data, seqlen=args.seqlen, windows=args.windows, tokens=int(windows.numel()))
         t0 = time.perf_counter()
-        result["ppl_fp"] = perplexity(model, windows, args.batch_size, args.device, progress=not args.quiet)
+        result["ppl_fp"] = sharded_perplexity(model, windows, args.batch_size, device, comm, not quiet)
         result["eval_fp_seconds"] = round(time.perf_counter() - t0, 2)
         say(f"full-precision perplexity {result['ppl_fp']:.3f}")
 
-    say(f"quantizing {args.model} with {cfg.label} {cfg.bits.label}")
-    report = quantize_model(model, tokenizer, cfg, model_spec=args.model, device=args.device,
-                            work_dir=work_dir, resume=args.resume, progress=not args.quiet,
-                            log_fn=lambda m: say(m), windows=calib)
+    say(f"quantizing {args.model} with {cfg.label} {cfg.bits.label}"
+        + (f" on {comm.world_size} ranks" if comm.world_size > 1 else ""))
+    report = quantize_model(model, tokenizer, cfg, model_spec=args.model, device=device,
+                            work_dir=work_dir, resume=args.resume, progress=not quiet,
+                            log_fn=lambda m: say(m), windows=calib, comm=comm)
     result["calib_seconds"] = report["calib_seconds"]
     result["blocks"] = report["blocks"]
     if args.eval:
         t0 = time.perf_counter()
-        result["ppl_quant"] = perplexity(model, windows, args.batch_size, args.device, progress=not args.quiet)
+        result["ppl_quant"] = sharded_perplexity(model, windows, args.batch_size, device, comm, not quiet)
         result["ppl"] = result["ppl_quant"]
         result["eval_quant_seconds"] = round(time.perf_counter() - t0, 2)
-    tasks = run_zero_shot(model, tokenizer, args)
-    if tasks:
-        result["tasks"] = tasks
-    result["peak_rss_mb"] = peak_rss_mb()
-    save_fake(model, tokenizer, out, act_spec(cfg), {"method": cfg.label, "bits": cfg.bits.label,
-                                                          "config": cfg.to_dict(), "model": args.model},
-                   overwrite=True)
-    import shutil
+    if comm.is_main:  # rank 0 writes; the others wait, so a failure there fails every rank
+        with on_device([model], device):
+            tasks = run_zero_shot(model, tokenizer, args)
+        if tasks:
+            result["tasks"] = tasks
+        result["peak_rss_mb"] = peak_rss_mb()
+        save_fake(model, tokenizer, out, act_spec(cfg), {"method": cfg.label, "bits": cfg.bits.label,
+                                                         "config": cfg.to_dict(), "model": args.model},
+                  overwrite=True)
+        import shutil
 
-    shutil.rmtree(work_dir, ignore_errors=True)
+        shutil.rmtree(work_dir, ignore_errors=True)
+    comm.barrier()
+    if not comm.is_main:
+        return 0
     rows = [("model", args.model), ("method", f"{cfg.label} {cfg.bits.label}"), ("out", str(out)),
             ("calibration s", f"{report['calib_seconds']:.1f}"), ("peak RSS", f"{result['peak_rss_mb']:.0f} MB")]
+    if comm.world_size > 1:
+        rows.insert(4, ("ranks", str(comm.world_size)))
     if args.eval:
         rows[2:2] = [("data", f"{args.data} ({args.windows} × {args.seqlen})"),
                      ("perplexity FP", f"{result['ppl_fp']:.3f}"),
@@ -238,6 +269,22 @@ def cmd_quantize(args) -> int:
     if args.json:
         write_json(args.json, result)
     return 0
+
+
+def sharded_perplexity(model, windows, batch_size: int, device, comm, progress: bool) -> float:
+    """Perplexity over ``windows``, each rank scoring its shard (the whole model visits ``device`` meanwhile)."""
+    import math
+
+    from .calibrate.engine import on_device
+    from .eval.perplexity import nll_sum
+
+    shard = comm.shard(len(windows))
+    total, count = 0.0, 0
+    if shard.size:
+        with on_device([model], device):
+            total, count = nll_sum(model, windows[shard.start:shard.stop], batch_size, device, progress)
+    total, count = comm.sum([total, count])
+    return math.exp(total / count)
 
 
 def peak_rss_mb() -> float:
@@ -273,6 +320,8 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                    help="keep block activations in memory-mapped files beside --out instead of RAM")
     g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None, help="GPTQ act-order")
     g.add_argument("--percdamp", type=float, help="GPTQ damping (fraction of mean diag H, default 0.01)")
+    g.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="under torchrun: how long a rank waits for the others before failing (default 1800)")
     g = p.add_argument_group("BASE-Q training (method baseq)")
     T = TrainConfig()  # help texts show the real defaults
 

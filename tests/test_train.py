@@ -27,15 +27,17 @@ def text_file(tmp_path_factory):
     return str(path)
 
 
-# Measured with the code as of the training-loop unification (bit-identical to the two loops before it);
-# any change of these numbers is a change of what a single process computes and must be deliberate.
+# Measured with the code as of the training-loop unification (bit-identical to the two loops before it), then with
+# GPTQ Hessians kept as unnormalised sums divided once (GPTQ losses moved by ~1e-6 relative, and a few weights of
+# block 1 landed on the neighbouring level). Any change of these numbers is a change of what a single process
+# computes and must be deliberate.
 PINNED = [
-    {"out_mse": 3.073691686950042e-06, "t_loss_last": 3.796889359364286e-06, "gptq_down_proj": 1.884273643781853e-07,
+    {"out_mse": 3.073691686950042e-06, "t_loss_last": 3.796889359364286e-06, "gptq_down_proj": 1.8842739279989473e-07,
      "loss_before": 1.4392691127795842e-06, "loss_after": 3.073692141697393e-06},
-    {"out_mse": 7.771833224978764e-06, "t_loss_last": 3.6096323583478807e-06, "gptq_down_proj": 3.6055641317034315e-07,
-     "loss_before": 1.3324465726327617e-06, "loss_after": 3.868716248689452e-06},
+    {"out_mse": 7.668241778446827e-06, "t_loss_last": 3.6096323583478807e-06, "gptq_down_proj": 3.506366397232341e-07,
+     "loss_before": 1.3308440429682378e-06, "loss_after": 3.969952103943797e-06},
 ]
-PINNED_WEIGHT_SUM = 6698.989592011021
+PINNED_WEIGHT_SUM = 6698.421464921197
 
 
 def pinned_config(text_file) -> QuantizeConfig:

@@ -8,8 +8,10 @@ Stages never ask whether they run distributed; they call a handful of collective
 * :attr:`Communicator.is_main` — the one rank that writes files and prints.
 
 :class:`Communicator` itself is the single-process one: every collective is the identity, so one process computes
-exactly what it did before distributed calibration existed. :class:`DistributedCommunicator` (``calibrate/dist.py``)
-implements the same calls on ``torch.distributed``.
+exactly what it did before distributed calibration existed. :class:`DistributedCommunicator` implements the same calls
+on ``torch.distributed`` (gloo on the CPU, nccl on CUDA), each with a timeout: a rank that died or hangs makes the
+others fail with one clear line instead of waiting forever. :func:`from_env` picks one of the two from the
+environment ``torchrun`` sets.
 
 Calibration windows are split across ranks in contiguous :class:`Shard` s; a rank holds only its own windows'
 activations, and every normalisation uses the global counts.
@@ -17,9 +19,13 @@ activations, and every normalisation uses the global counts.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
+
+from ..errors import BaseqError
 
 
 @dataclass(frozen=True)
@@ -86,3 +92,88 @@ class Communicator:
 
     def close(self) -> None:
         pass
+
+
+class DistributedCommunicator(Communicator):
+    """The collectives over ``torch.distributed``; tensors travel on :attr:`device` (the CPU for gloo, this rank's
+    GPU for nccl) and come back where they were. Every failure of a collective (a peer gone, a timeout) becomes
+    one :class:`BaseqError` naming the rank and the operation."""
+
+    def __init__(self, device: torch.device | str = "cpu", timeout: float = 1800.0):
+        import torch.distributed as dist
+
+        self.dist, self.timeout = dist, timeout
+        device = torch.device(device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if not dist.is_available() or (backend == "gloo" and not dist.is_gloo_available()) or (
+                backend == "nccl" and not dist.is_nccl_available()):
+            raise BaseqError(f"distributed calibration needs torch.distributed with the {backend} backend, "
+                             f"which this torch build lacks")
+        self._call("joining the process group", lambda: dist.init_process_group(
+            backend, timeout=timedelta(seconds=timeout), **({"device_id": device} if backend == "nccl" else {})))
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.device = device if backend == "nccl" else torch.device("cpu")
+
+    def _call(self, what: str, fn):
+        try:
+            return fn()
+        except BaseqError:
+            raise
+        except (RuntimeError, ValueError, self.dist.DistError) as e:  # gloo / nccl / the store report failures so
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            rank = getattr(self, "rank", os.environ.get("RANK", "?"))
+            raise BaseqError(f"rank {rank}: {what} failed: another rank stopped or did not answer within "
+                             f"{self.timeout:g} s ({first})") from None
+
+    def _collective(self, what: str, tensors: list[torch.Tensor], op) -> list[torch.Tensor]:
+        """Run ``op`` on one flat buffer per dtype holding all ``tensors``, then copy the result back."""
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for t in tensors:
+            by_dtype.setdefault(t.dtype, []).append(t)
+        for group in by_dtype.values():
+            flat = torch.cat([t.detach().reshape(-1).to(self.device) for t in group])
+            self._call(what, lambda: op(flat))
+            offset = 0
+            for t in group:
+                t.data.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
+        return tensors
+
+    def all_reduce_(self, tensors):
+        return self._collective("all-reduce", tensors, lambda f: self.dist.all_reduce(f))
+
+    def broadcast_(self, tensors, src=0):
+        return self._collective("broadcast", tensors, lambda f: self.dist.broadcast(f, src=src))
+
+    def sum(self, values):
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        self.all_reduce_([t])
+        return t.tolist()
+
+    def mean(self, value, count):
+        total, n = self.sum([float(value) * count, count])
+        return total / n
+
+    def barrier(self):
+        self._call("barrier", lambda: self.dist.barrier())
+
+    def close(self):
+        if self.dist.is_initialized():
+            self.dist.destroy_process_group()
+
+
+def launched_by_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or {"RANK", "WORLD_SIZE", "MASTER_ADDR"} <= os.environ.keys()
+
+
+def from_env(device: torch.device | str = "cpu", timeout: float = 1800.0) -> Communicator:
+    """A :class:`DistributedCommunicator` when started by ``torchrun`` (or with its environment variables), else the
+    single-process :class:`Communicator`."""
+    return DistributedCommunicator(device, timeout) if launched_by_torchrun() else Communicator()
+
+
+def local_device(device: str) -> str:
+    """``--device`` for this rank: a bare ``cuda`` becomes this rank's GPU (``cuda:LOCAL_RANK``) under torchrun."""
+    if device == "cuda" and launched_by_torchrun():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return device

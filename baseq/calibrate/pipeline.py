@@ -28,7 +28,8 @@ from ..models.adapter import LlamaAdapter
 from ..quant.qmodel import ActSpec, quantize_structure
 from ..quant.quantizer import WeightQuantConfig, quantize_embedding_
 from ..rotation.fuse import rotate_model
-from .engine import BlockContext, calibrate_blocks
+from .comm import Communicator
+from .engine import BlockContext, calibrate_blocks, on_device
 from .stages import BaseqTrainStage, GPTQStage, RTNStage
 from .transforms import CompensatedTransformStage
 
@@ -58,8 +59,10 @@ def build_stages(cfg: QuantizeConfig) -> list:
     return stages
 
 
-def fingerprint(cfg: QuantizeConfig, model_spec: str) -> str:
-    blob = json.dumps({"model": model_spec, "config": cfg.to_dict()}, sort_keys=True)
+def fingerprint(cfg: QuantizeConfig, model_spec: str, world_size: int = 1) -> str:
+    """What a resumable partial run must match: the model, the config and the number of ranks (each rank's saved
+    activations are its shard of the windows)."""
+    blob = json.dumps({"model": model_spec, "config": cfg.to_dict(), "world_size": world_size}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -90,12 +93,16 @@ def needs_calibration(cfg: QuantizeConfig) -> bool:
 
 def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, model_spec: str = "", device="cpu",
                    work_dir: Path | None = None, resume: bool = False, progress: bool = True, log_fn=print,
-                   windows: torch.Tensor | None = None) -> dict:
+                   windows: torch.Tensor | None = None, comm: Communicator | None = None) -> dict:
     """Quantize ``model`` in place following ``cfg``; returns a small report (timings, per-block log).
 
-    ``windows`` are the calibration token windows (default: drawn from ``cfg.calib``)."""
+    The model stays on (or is moved to) the CPU; each block visits ``device`` while it is calibrated.
+    ``windows`` are the calibration token windows (default: drawn from ``cfg.calib``); ``comm`` splits them across
+    the ranks of a distributed run (default: one process)."""
     cfg.validate()
+    comm = comm or Communicator()
     t0 = time.perf_counter()
+    model.to("cpu")
     for p in model.parameters():
         p.requires_grad_(False)
     ad = check_model(model, cfg)  # fail early, with a clear message, on unsupported architectures / group sizes
@@ -103,12 +110,12 @@ def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, model_spec: str = "
     if cfg.rotate:
         rotate_model(model, seed=cfg.seed)
     ad = quantize_structure(model, act_spec(cfg))
-    model.to(device)
     stages = build_stages(cfg)
     report = {"method": cfg.label, "bits": cfg.bits.label}
     if not needs_calibration(cfg):
         for i, layer in enumerate(ad.layers):  # RTN needs no data
-            stages[0].run(BlockContext(i, layer, None, None, None, {}, torch.device(device), 1))
+            with on_device([layer], device):
+                stages[0].run(BlockContext(i, layer, None, None, None, {}, torch.device(device), 1))
         report["blocks"] = []
     else:
         if windows is None:
@@ -118,8 +125,8 @@ def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, model_spec: str = "
         with offload as tmp:
             report["blocks"] = calibrate_blocks(
                 model, ad, windows, stages, device=device, batch_size=cfg.calib.batch_size, work_dir=work_dir,
-                fingerprint=fingerprint(cfg, model_spec), resume=resume, progress=progress, log_fn=log_fn,
-                offload_dir=Path(tmp) if tmp else None)
+                fingerprint=fingerprint(cfg, model_spec, comm.world_size), resume=resume, progress=progress,
+                log_fn=log_fn, offload_dir=Path(tmp) if tmp else None, comm=comm)
     report["calib_seconds"] = round(time.perf_counter() - t0, 2)
     model.baseq_config = {"method": cfg.label, "bits": cfg.bits.label}
     return report

@@ -13,7 +13,7 @@ from ..config import GPTQConfig, TrainConfig
 from ..models.adapter import LlamaAdapter
 from ..quant.gptq import GPTQ, rtn_quantize_
 from ..quant.qmodel import ActPoint
-from ..quant.quantizer import WeightQuantConfig
+from ..quant.quantizer import WeightQuantConfig, _group_count
 from .engine import BlockContext
 from .train import Tap, fit
 
@@ -53,14 +53,44 @@ class GPTQStage:
             with torch.no_grad(), Tap(first, add, stop=True) as tap:
                 for batch in ctx.q_in.split(ctx.batch_size):
                     tap(ctx.forward, batch.to(ctx.device))
-            solvers = {group[0]: solver}
-            for name in group[1:]:
-                solvers[name] = GPTQ(linears[name])
-                solvers[name].H, solvers[name].nsamples = solver.H.clone(), solver.nsamples
-            for name, s in solvers.items():
-                loss = s.quantize(self.wcfg, blocksize=self.gcfg.blocksize, percdamp=self.gcfg.percdamp,
-                                  act_order=self.gcfg.act_order, static_groups=self.gcfg.static_groups)
-                ctx.log[f"gptq_{name}"] = loss
+            comm = ctx.comm
+            comm.all_reduce_([solver.H])  # partial sums of every rank's windows: exact, divided once in quantize
+            solver.nsamples = int(comm.sum([solver.nsamples])[0])
+            # each linear is quantized once, by one rank (spread round-robin), then sent to all
+            owners = {name: (k + first_linear_index(group)) % comm.world_size for k, name in enumerate(group)}
+            solvers = {}
+            for name in group:
+                if owners[name] == comm.rank:
+                    solvers[name] = solver if name == group[0] else GPTQ(linears[name])
+                    if name != group[0]:  # copies first: quantize() consumes the Hessian it is given
+                        solvers[name].H, solvers[name].nsamples = solver.H.clone(), solver.nsamples
+            if group[0] not in solvers:
+                solver.free()
+            losses = {name: s.quantize(self.wcfg, blocksize=self.gcfg.blocksize, percdamp=self.gcfg.percdamp,
+                                       act_order=self.gcfg.act_order, static_groups=self.gcfg.static_groups)
+                      for name, s in solvers.items()}
+            for name in group:
+                ctx.log[f"gptq_{name}"] = share_quantized(linears[name], self.wcfg, losses.get(name, 0.0),
+                                                          owners[name], comm)
+
+
+def first_linear_index(group: tuple[str, ...]) -> int:
+    """Position of a group's first linear in the block (so ranks take turns across groups too)."""
+    return sum(len(g) for g in SEQUENTIAL[:SEQUENTIAL.index(group)])
+
+
+def share_quantized(lin, wcfg: WeightQuantConfig, loss: float, owner: int, comm) -> float:
+    """Send a linear quantized on rank ``owner`` (its weight, the scale / zero buffers, its GPTQ loss) to every
+    rank; returns the loss."""
+    if comm.world_size == 1 or not wcfg.enabled:
+        return loss
+    if comm.rank != owner:
+        groups = _group_count(lin.weight, wcfg)
+        for buf in ("weight_scale", "weight_zero"):
+            lin.register_buffer(buf, torch.empty(lin.out_features, groups, device=lin.weight.device))
+    value = torch.tensor([loss], dtype=torch.float64)
+    comm.broadcast_([lin.weight.data, lin.weight_scale, lin.weight_zero, value], src=owner)
+    return value.item()
 
 
 def training_set(ctx: BlockContext, samples: int, inputs: str = "fp") -> tuple[torch.Tensor, torch.Tensor]:
