@@ -178,9 +178,9 @@ def cmd_quantize(args) -> int:
 
     cfg = config_from_args(args)
     device = check_device(args.device)
-    if args.tasks and launched_by_torchrun():
-        raise BaseqError("--tasks is not run under torchrun: evaluate the written model with "
-                         "'baseq eval --model OUT --tasks ...' instead")
+    if args.tasks and (launched_by_torchrun() or args.lazy):
+        raise BaseqError(f"--tasks is not run {'under torchrun' if not args.lazy else 'with --lazy'}: evaluate the "
+                         f"written model with 'baseq eval --model OUT --tasks ...' instead")
     comm = from_env(device, timeout=args.dist_timeout)  # one process unless started by torchrun
     try:
         return quantize_command(args, cfg, device, comm)
@@ -190,7 +190,7 @@ def cmd_quantize(args) -> int:
 
 def quantize_command(args, cfg, device, comm) -> int:
     from .calibrate.engine import on_device
-    from .calibrate.pipeline import act_spec, check_model, needs_calibration, quantize_model
+    from .calibrate.pipeline import act_spec, check_model, needs_calibration, quantize_model, quantized_layers
     from .data import calib_windows, eval_windows
     from .load import load as load_model
     from .runtime.format import check_out_dir
@@ -209,7 +209,14 @@ def quantize_command(args, cfg, device, comm) -> int:
     quiet = args.quiet or not comm.is_main  # one rank speaks
     say = (lambda *a: None) if quiet else (lambda msg: tqdm.write(f"baseq: {msg}", file=sys.stderr))
 
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu")  # blocks visit the device one by one
+    lazy = None
+    if args.lazy:  # the blocks stay in their files until calibrated, then in the work folder until written
+        from .models.lazy import open_lazy
+
+        lazy, tokenizer = open_lazy(args.model, dtype=args.dtype)
+        model = lazy.model
+    else:
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu")  # blocks visit the device in turn
     check_model(model, cfg)  # before the full-precision evaluation
     calib = None
     if needs_calibration(cfg):  # draw the calibration windows now: a too-short text fails before any real work
@@ -225,7 +232,8 @@ def quantize_command(args, cfg, device, comm) -> int:
         windows = eval_windows(tokenizer, args.data, args.seqlen, args.windows)
         result.update(data=args.data, seqlen=args.seqlen, windows=args.windows, tokens=int(windows.numel()))
         t0 = time.perf_counter()
-        result["ppl_fp"] = sharded_perplexity(model, windows, args.batch_size, device, comm, not quiet)
+        fp_layers = (lambda: ((i, lazy.load_block(i)) for i in range(len(lazy)))) if lazy else None
+        result["ppl_fp"] = sharded_perplexity(model, windows, args.batch_size, device, comm, not quiet, fp_layers)
         result["eval_fp_seconds"] = round(time.perf_counter() - t0, 2)
         say(f"full-precision perplexity {result['ppl_fp']:.3f}")
 
@@ -233,23 +241,23 @@ def quantize_command(args, cfg, device, comm) -> int:
         + (f" on {comm.world_size} ranks" if comm.world_size > 1 else ""))
     report = quantize_model(model, tokenizer, cfg, model_spec=args.model, device=device,
                             work_dir=work_dir, resume=args.resume, progress=not quiet,
-                            log_fn=lambda m: say(m), windows=calib, comm=comm)
+                            log_fn=lambda m: say(m), windows=calib, comm=comm, lazy=lazy)
+    layers = quantized_layers(model, cfg, work_dir, lazy) if lazy else None
     result["calib_seconds"] = report["calib_seconds"]
     result["blocks"] = report["blocks"]
     if args.eval:
         t0 = time.perf_counter()
-        result["ppl_quant"] = sharded_perplexity(model, windows, args.batch_size, device, comm, not quiet)
+        result["ppl_quant"] = sharded_perplexity(model, windows, args.batch_size, device, comm, not quiet, layers)
         result["ppl"] = result["ppl_quant"]
         result["eval_quant_seconds"] = round(time.perf_counter() - t0, 2)
     if comm.is_main:  # rank 0 writes; the others wait, so a failure there fails every rank
-        with on_device([model], device):
-            tasks = run_zero_shot(model, tokenizer, args)
-        if tasks:
-            result["tasks"] = tasks
+        if args.tasks:
+            with on_device([model], device):
+                result["tasks"] = run_zero_shot(model, tokenizer, args)
         result["peak_rss_mb"] = peak_rss_mb()
         save_fake(model, tokenizer, out, act_spec(cfg), {"method": cfg.label, "bits": cfg.bits.label,
                                                          "config": cfg.to_dict(), "model": args.model},
-                  overwrite=True)
+                  overwrite=True, layers=layers)
         import shutil
 
         shutil.rmtree(work_dir, ignore_errors=True)
@@ -271,16 +279,21 @@ def quantize_command(args, cfg, device, comm) -> int:
     return 0
 
 
-def sharded_perplexity(model, windows, batch_size: int, device, comm, progress: bool) -> float:
-    """Perplexity over ``windows``, each rank scoring its shard (the whole model visits ``device`` meanwhile)."""
+def sharded_perplexity(model, windows, batch_size: int, device, comm, progress: bool, layers=None) -> float:
+    """Perplexity over ``windows``, each rank scoring its shard: with the whole model on ``device``, or, given
+    ``layers`` (a callable giving the blocks one at a time: lazy runs), block by block."""
     import math
 
-    from .calibrate.engine import on_device
+    from .calibrate.engine import on_device, streamed_nll_sum
     from .eval.perplexity import nll_sum
+    from .models.adapter import LlamaAdapter
 
     shard = comm.shard(len(windows))
     total, count = 0.0, 0
-    if shard.size:
+    if shard.size and layers is not None:
+        total, count = streamed_nll_sum(model, LlamaAdapter(model), layers(), windows[shard.start:shard.stop],
+                                        batch_size=batch_size, device=device)
+    elif shard.size:
         with on_device([model], device):
             total, count = nll_sum(model, windows[shard.start:shard.stop], batch_size, device, progress)
     total, count = comm.sum([total, count])
@@ -320,6 +333,9 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                    help="keep block activations in memory-mapped files beside --out instead of RAM")
     g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None, help="GPTQ act-order")
     g.add_argument("--percdamp", type=float, help="GPTQ damping (fraction of mean diag H, default 0.01)")
+    g.add_argument("--lazy", action="store_true",
+                   help="for models larger than RAM: read the blocks one at a time from the model's safetensors or "
+                        "GGUF file(s); finished blocks wait on disk beside --out until written")
     g.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
                    help="under torchrun: how long a rank waits for the others before failing (default 1800)")
     g = p.add_argument_group("BASE-Q training (method baseq)")

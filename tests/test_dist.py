@@ -13,7 +13,6 @@ import io
 import json
 import multiprocessing as mp
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -29,16 +28,12 @@ if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with the gloo backend is not available in this torch build",
                 allow_module_level=True)
 
-WORDS = "the of and a to in is was for on that with as by at from his her it an were are which this be".split()
 SEQLEN = 32
 
 
 @pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> str:
-    rng = random.Random(1)
-    path = tmp_path_factory.mktemp("text") / "t.txt"
-    path.write_text(" ".join(rng.choice(WORDS) for _ in range(4000)))
-    return str(path)
+def text_file(words_file) -> str:
+    return words_file
 
 
 @pytest.fixture(scope="module")

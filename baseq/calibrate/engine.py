@@ -35,6 +35,7 @@ from ..errors import BaseqError
 from ..io import atomic_path, write_json
 from ..models.adapter import LlamaAdapter
 from ..quant.qmodel import set_quantize
+from .blocks import Blocks, ModelBlocks
 from .comm import Communicator, Shard
 from .train import Tap
 
@@ -124,38 +125,6 @@ def _move(obj, device):
     return obj
 
 
-class Blocks(Protocol):
-    """Where the engine takes block ``i`` from (ready for the stages: rotated, quantized structure, on the CPU) and
-    where it puts it back when done."""
-
-    def __len__(self) -> int: ...
-
-    def load(self, i: int) -> nn.Module: ...
-
-    def finish(self, i: int, layer: nn.Module) -> None: ...
-
-    def restore(self, i: int, state: dict[str, torch.Tensor]) -> None: ...
-
-
-class ModelBlocks:
-    """The blocks of a model held in memory."""
-
-    def __init__(self, ad: LlamaAdapter):
-        self.layers = ad.layers
-
-    def __len__(self) -> int:
-        return len(self.layers)
-
-    def load(self, i: int) -> nn.Module:
-        return self.layers[i]
-
-    def finish(self, i: int, layer: nn.Module) -> None:
-        pass
-
-    def restore(self, i: int, state: dict[str, torch.Tensor]) -> None:
-        self.layers[i].load_state_dict(state, strict=True)
-
-
 class on_device:
     """``with on_device(modules, device):`` the modules on ``device`` inside, back on the CPU after."""
 
@@ -238,7 +207,7 @@ class Checkpoint:
 
     def restore(self, blocks: Blocks, upto: int):
         for i in range(upto + 1):
-            blocks.restore(i, load_file(self.block_file(i)))
+            blocks.restore(i, self.block_file(i))
         acts = load_file(self.acts_file(upto))
         log = json.loads((self.dir / "progress.json").read_text())["log"]
         return acts["fp"], acts["q"], log
@@ -302,3 +271,28 @@ def calibrate_blocks(model: nn.Module, ad: LlamaAdapter, windows: torch.Tensor, 
             ckpt.save(i, layer, fp_in, q_in, log)
         blocks.finish(i, layer)
     return log
+
+
+@torch.no_grad()
+def streamed_nll_sum(model: nn.Module, ad: LlamaAdapter, layers, windows: torch.Tensor, *, batch_size: int = 4,
+                     device="cpu", head_chunk: int = 128) -> tuple[float, int]:
+    """(sum of token NLLs, predicted tokens) over ``windows`` computed block by block, as calibration runs: for a
+    model whose blocks are not all in memory. ``layers``: ``(i, block)`` pairs in order (e.g. read from disk one at
+    a time); each visits ``device`` while every window passes through it."""
+    device = torch.device(device)
+    with on_device(ends(model, ad), device):
+        x, kwargs = capture_inputs(model, ad, windows, device, batch_size)
+    for i, layer in layers:
+        with on_device([layer], device):
+            BlockContext(i, layer, x, x, None, kwargs, device, batch_size).run(x, out=x)
+    total, count = 0.0, 0
+    with on_device([model.model.norm, model.lm_head], device):
+        for xs, ids in zip(x.split(batch_size), windows.split(batch_size)):
+            feats, ids = model.model.norm(xs.to(device)), ids.to(device)
+            for row, seq in zip(feats, ids):
+                for a in range(0, len(seq) - 1, head_chunk):
+                    b = min(a + head_chunk, len(seq) - 1)
+                    logits = model.lm_head(row[a:b]).float()
+                    total += torch.nn.functional.cross_entropy(logits, seq[a + 1:b + 1], reduction="sum").item()
+                count += seq.numel() - 1
+    return total, count
