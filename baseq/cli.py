@@ -99,10 +99,12 @@ def task_rows(tasks: dict) -> list[tuple[str, str]]:
 
 def cmd_eval(args) -> int:
     from .data import eval_windows
+    from .device import check_device
     from .eval.perplexity import perplexity
     from .load import load as load_model
     from .runtime.generate import check_context
 
+    check_device(args.device)
     check_json_path(args.json)
     check_tasks(getattr(args, "tasks", None), getattr(args, "tasks_dir", None), getattr(args, "limit", None))
     if args.seqlen < 2:
@@ -173,26 +175,52 @@ def default_out(args, cfg) -> Path:
 
 
 def cmd_quantize(args) -> int:
-    from .calibrate.pipeline import act_spec, check_model, needs_calibration, quantize_model
+    from .calibrate.comm import from_env, launched_by_torchrun
+    from .device import check_device
+
+    cfg = config_from_args(args)
+    device = check_device(args.device)
+    if args.tasks and (launched_by_torchrun() or args.lazy):
+        raise BaseqError(f"--tasks is not run {'under torchrun' if not args.lazy else 'with --lazy'}: evaluate the "
+                         f"written model with 'baseq eval --model OUT --tasks ...' instead")
+    comm = from_env(device, timeout=args.dist_timeout)  # one process unless started by torchrun
+    try:
+        return quantize_command(args, cfg, device, comm)
+    finally:
+        comm.close()
+
+
+def quantize_command(args, cfg, device, comm) -> int:
+    from .calibrate.engine import on_device
+    from .calibrate.pipeline import check_model, needs_calibration, quantize_model, quantized_layers
     from .data import calib_windows, eval_windows
-    from .eval.perplexity import perplexity
     from .load import load as load_model
     from .runtime.format import check_out_dir, is_saved_folder
     from .runtime.generate import check_context
 
-    cfg = config_from_args(args)
     out = Path(args.out) if args.out else default_out(args, cfg)
     check_json_path(args.json)
     check_tasks(getattr(args, "tasks", None), getattr(args, "tasks_dir", None), getattr(args, "limit", None))
     check_out_dir(out, args.overwrite)  # the result is written at the very end, so this holds for --resume too
     if is_saved_folder(Path(args.model).expanduser()):
         raise BaseqError(f"'{args.model}' was written by 'baseq quantize' already: quantize its source model")
+    if needs_calibration(cfg) and comm.world_size > cfg.calib.samples:
+        raise BaseqError(f"{comm.world_size} ranks for {cfg.calib.samples} calibration windows: every rank needs at "
+                         f"least one (raise --calib-samples or start fewer ranks)")
     work_dir = out.parent / f".{out.name}.partial"
     from tqdm.auto import tqdm
 
-    say = (lambda *a: None) if args.quiet else (lambda msg: tqdm.write(f"baseq: {msg}", file=sys.stderr))
+    quiet = args.quiet or not comm.is_main  # one rank speaks
+    say = (lambda *a: None) if quiet else (lambda msg: tqdm.write(f"baseq: {msg}", file=sys.stderr))
 
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    lazy = None
+    if args.lazy:  # the blocks stay in their files until calibrated, then in the work folder until written
+        from .models.lazy import open_lazy
+
+        lazy, tokenizer = open_lazy(args.model, dtype=args.dtype)
+        model = lazy.model
+    else:
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu")  # blocks visit the device in turn
     check_model(model, cfg)  # before the full-precision evaluation
     check_context(model, cfg.calib.seqlen, "--calib-seqlen")
     if args.eval:
@@ -202,6 +230,8 @@ def cmd_quantize(args) -> int:
         c = cfg.calib
         calib = calib_windows(tokenizer, c.data, c.seqlen, c.samples, c.seed)
     result = {"model": args.model, "method": cfg.label, "bits": cfg.bits.label, "config": cfg.to_dict()}
+    if comm.world_size > 1:
+        result["ranks"] = comm.world_size
     windows = None
     if args.eval:
         if args.seqlen < 2:
@@ -209,36 +239,46 @@ def cmd_quantize(args) -> int:
         windows = eval_windows(tokenizer, args.data, args.seqlen, args.windows)
         result.update(data=args.data, seqlen=args.seqlen, windows=args.windows, tokens=int(windows.numel()))
         t0 = time.perf_counter()
-        result["ppl_fp"] = perplexity(model, windows, args.batch_size, args.device, progress=not args.quiet)
+        fp_layers = (lambda: ((i, lazy.load_block(i)) for i in range(len(lazy)))) if lazy else None
+        result["ppl_fp"] = sharded_perplexity(model, windows, args.batch_size, device, comm, not quiet, fp_layers)
         result["eval_fp_seconds"] = round(time.perf_counter() - t0, 2)
         say(f"full-precision perplexity {result['ppl_fp']:.3f}")
 
-    say(f"quantizing {args.model} with {cfg.label} {cfg.bits.label}")
-    report = quantize_model(model, tokenizer, cfg, model_spec=args.model, device=args.device,
-                            work_dir=work_dir, resume=args.resume, progress=not args.quiet,
-                            log_fn=lambda m: say(m), windows=calib)
+    say(f"quantizing {args.model} with {cfg.label} {cfg.bits.label}"
+        + (f" on {comm.world_size} ranks" if comm.world_size > 1 else ""))
+    report = quantize_model(model, tokenizer, cfg, model_spec=args.model, device=device,
+                            work_dir=work_dir, resume=args.resume, progress=not quiet,
+                            log_fn=lambda m: say(m), windows=calib, comm=comm, lazy=lazy)
+    layers = quantized_layers(model, cfg, work_dir, lazy) if lazy else None
     result["calib_seconds"] = report["calib_seconds"]
     result["blocks"] = report["blocks"]
     if args.eval:
         t0 = time.perf_counter()
-        result["ppl_quant"] = perplexity(model, windows, args.batch_size, args.device, progress=not args.quiet)
+        result["ppl_quant"] = sharded_perplexity(model, windows, args.batch_size, device, comm, not quiet, layers)
         result["ppl"] = result["ppl_quant"]
         result["eval_quant_seconds"] = round(time.perf_counter() - t0, 2)
-    tasks = run_zero_shot(model, tokenizer, args)
-    if tasks:
-        result["tasks"] = tasks
-    result["peak_rss_mb"] = peak_rss_mb()
-    save_output(model, tokenizer, cfg, out, args.format, {"method": cfg.label, "bits": cfg.bits.label,
-                                                          "config": cfg.to_dict(), "model": args.model})
-    result.update(out=str(out), format=args.format, disk_mb=round(folder_bytes(out) / 2**20, 1))
-    import shutil
+    if comm.is_main:  # rank 0 writes; the others wait, so a failure there fails every rank
+        if args.tasks:
+            with on_device([model], device):
+                result["tasks"] = run_zero_shot(model, tokenizer, args)
+        result["peak_rss_mb"] = peak_rss_mb()
+        save_output(model, tokenizer, cfg, out, args.format, {"method": cfg.label, "bits": cfg.bits.label,
+                                                              "config": cfg.to_dict(), "model": args.model}, layers)
+        result.update(out=str(out), format=args.format, disk_mb=round(folder_bytes(out) / 2**20, 1))
+        import shutil
 
-    shutil.rmtree(work_dir, ignore_errors=True)
+        shutil.rmtree(work_dir, ignore_errors=True)
+    comm.barrier()
+    if not comm.is_main:
+        return 0
     rows = [("model", args.model), ("method", f"{cfg.label} {cfg.bits.label}"),
             ("out", f"{out} ({args.format}, {result['disk_mb']:.1f} MB)"),
             ("calibration s", f"{report['calib_seconds']:.1f}"), ("peak RSS", f"{result['peak_rss_mb']:.0f} MB")]
-    if args.format == "packed" and args.eval:  # the saved model, run by the integer runtime, on one eval window
-        result["packed_check"] = check_packed(model, out, windows[:1])
+    if comm.world_size > 1:
+        rows.insert(4, ("ranks", str(comm.world_size)))
+    if args.format == "packed" and args.eval and lazy is None:  # the saved model, run by the runtime, on one window
+        with on_device([model], device):
+            result["packed_check"] = check_packed(model, out, windows[:1])
         rows.append(("packed check", f"runtime vs simulated NLL on one window: "
                                      f"{result['packed_check']['rel_diff']:+.2e} (relative)"))
     if args.eval:
@@ -252,7 +292,8 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-def save_output(model, tokenizer, cfg, out: Path, fmt: str, meta: dict) -> None:
+def save_output(model, tokenizer, cfg, out: Path, fmt: str, meta: dict, layers=None) -> None:
+    """Write the quantized model; ``layers`` gives its blocks one at a time (lazy runs), else the model's own."""
     from .calibrate.pipeline import act_spec
 
     if fmt == "packed":
@@ -260,11 +301,11 @@ def save_output(model, tokenizer, cfg, out: Path, fmt: str, meta: dict) -> None:
 
         b = cfg.bits
         save_packed(model, tokenizer, out, act_spec(cfg), meta, w_bits=b.w_bits, w_group=b.w_group,
-                    embed_bits=b.embed_bits, overwrite=True)
+                    embed_bits=b.embed_bits, overwrite=True, layers=layers)
     else:
         from .runtime.save import save_fake
 
-        save_fake(model, tokenizer, out, act_spec(cfg), meta, overwrite=True)
+        save_fake(model, tokenizer, out, act_spec(cfg), meta, overwrite=True, layers=layers)
 
 
 def check_packed(model, out: Path, window) -> dict:
@@ -281,6 +322,26 @@ def check_packed(model, out: Path, window) -> dict:
 
 def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+def sharded_perplexity(model, windows, batch_size: int, device, comm, progress: bool, layers=None) -> float:
+    """Perplexity over ``windows``, each rank scoring its shard: with the whole model on ``device``, or, given
+    ``layers`` (a callable giving the blocks one at a time: lazy runs), block by block."""
+    import math
+
+    from .calibrate.engine import on_device, streamed_nll_sum
+    from .eval.perplexity import nll_sum
+    from .models.adapter import LlamaAdapter
+
+    shard = comm.shard(len(windows))
+    total, count = 0.0, 0
+    if shard.size and layers is not None:
+        total, count = streamed_nll_sum(model, LlamaAdapter(model), layers(), windows[shard.start:shard.stop],
+                                        batch_size=batch_size, device=device)
+    elif shard.size:
+        with on_device([model], device):
+            total, count = nll_sum(model, windows[shard.start:shard.stop], batch_size, device, progress)
+    total, count = comm.sum([total, count])
+    return math.exp(total / count)
 
 
 def peak_rss_mb() -> float:
@@ -316,6 +377,11 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                    help="keep block activations in memory-mapped files beside --out instead of RAM")
     g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None, help="GPTQ act-order")
     g.add_argument("--percdamp", type=float, help="GPTQ damping (fraction of mean diag H, default 0.01)")
+    g.add_argument("--lazy", action="store_true",
+                   help="for models larger than RAM: read the blocks one at a time from the model's safetensors or "
+                        "GGUF file(s); finished blocks wait on disk beside --out until written")
+    g.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="under torchrun: how long a rank waits for the others before failing (default 1800)")
     g = p.add_argument_group("BASE-Q training (method baseq)")
     T = TrainConfig()  # help texts show the real defaults
 

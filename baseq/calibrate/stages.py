@@ -6,19 +6,16 @@ to ``ctx.log``. Methods are compositions of stages (see ``calibrate/pipeline.py`
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..config import GPTQConfig, TrainConfig
-from ..errors import BaseqError
 from ..models.adapter import LlamaAdapter
 from ..quant.gptq import GPTQ, rtn_quantize_
 from ..quant.qmodel import ActPoint
-from ..quant.quantizer import WeightQuantConfig
+from ..quant.quantizer import WeightQuantConfig, _group_count
 from .engine import BlockContext
+from .train import Tap, fit
 
 # GPTQ's sequential order: each group sees inputs produced by the already-quantized groups before it.
 SEQUENTIAL = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
@@ -48,39 +45,58 @@ class GPTQStage:
             first = linears[group[0]]
             solver = GPTQ(first)
 
-            def hook(module, args, output):
+            def add(name, args, kwargs):
                 x = args[0]
-                solver.add_batch(module.act(x) if module.act is not None else x)
-                raise _GroupDone  # nothing after the group's input is needed: stop the forward here
+                solver.add_batch(first.act(x) if first.act is not None else x)
 
-            handle = first.register_forward_hook(hook)
-            try:
-                with torch.no_grad():
-                    for batch in ctx.q_in.split(ctx.batch_size):
-                        try:
-                            ctx.forward(batch.to(ctx.device))
-                        except _GroupDone:
-                            pass
-            finally:
-                handle.remove()
-            solvers = {group[0]: solver}
-            for name in group[1:]:
-                solvers[name] = GPTQ(linears[name])
-                solvers[name].H, solvers[name].nsamples = solver.H.clone(), solver.nsamples
-            for name, s in solvers.items():
-                loss = s.quantize(self.wcfg, blocksize=self.gcfg.blocksize, percdamp=self.gcfg.percdamp,
-                                  act_order=self.gcfg.act_order, static_groups=self.gcfg.static_groups)
-                ctx.log[f"gptq_{name}"] = loss
+            # nothing after the group's input is needed: each forward stops there
+            with torch.no_grad(), Tap(first, add, stop=True) as tap:
+                for batch in ctx.q_in.split(ctx.batch_size):
+                    tap(ctx.forward, batch.to(ctx.device))
+            comm = ctx.comm
+            comm.all_reduce_([solver.H])  # partial sums of every rank's windows: exact, divided once in quantize
+            solver.nsamples = int(comm.sum([solver.nsamples])[0])
+            # each linear is quantized once, by one rank (spread round-robin), then sent to all
+            owners = {name: (k + first_linear_index(group)) % comm.world_size for k, name in enumerate(group)}
+            solvers = {}
+            for name in group:
+                if owners[name] == comm.rank:
+                    solvers[name] = solver if name == group[0] else GPTQ(linears[name])
+                    if name != group[0]:  # copies first: quantize() consumes the Hessian it is given
+                        solvers[name].H, solvers[name].nsamples = solver.H.clone(), solver.nsamples
+            if group[0] not in solvers:
+                solver.free()
+            losses = {name: s.quantize(self.wcfg, blocksize=self.gcfg.blocksize, percdamp=self.gcfg.percdamp,
+                                       act_order=self.gcfg.act_order, static_groups=self.gcfg.static_groups)
+                      for name, s in solvers.items()}
+            for name in group:
+                ctx.log[f"gptq_{name}"] = share_quantized(linears[name], self.wcfg, losses.get(name, 0.0),
+                                                          owners[name], comm)
 
 
-class _GroupDone(Exception):
-    pass
+def first_linear_index(group: tuple[str, ...]) -> int:
+    """Position of a group's first linear in the block (so ranks take turns across groups too)."""
+    return sum(len(g) for g in SEQUENTIAL[:SEQUENTIAL.index(group)])
+
+
+def share_quantized(lin, wcfg: WeightQuantConfig, loss: float, owner: int, comm) -> float:
+    """Send a linear quantized on rank ``owner`` (its weight, the scale / zero buffers, its GPTQ loss) to every
+    rank; returns the loss."""
+    if comm.world_size == 1 or not wcfg.enabled:
+        return loss
+    if comm.rank != owner:
+        groups = _group_count(lin.weight, wcfg)
+        for buf in ("weight_scale", "weight_zero"):
+            lin.register_buffer(buf, torch.empty(lin.out_features, groups, device=lin.weight.device))
+    value = torch.tensor([loss], dtype=torch.float64)
+    comm.broadcast_([lin.weight.data, lin.weight_scale, lin.weight_zero, value], src=owner)
+    return value.item()
 
 
 def training_set(ctx: BlockContext, samples: int, inputs: str = "fp") -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, FP targets) for training: the first ``samples`` calibration windows (0 = all)."""
+    """(inputs, FP targets) for training: this rank's part of the first ``samples`` calibration windows (0 = all)."""
     x = ctx.fp_in if inputs == "fp" else ctx.q_in
-    k = samples or x.shape[0]
+    k = ctx.shard.first(samples).size
     return x[:k], ctx.fp_out[:k]
 
 
@@ -134,30 +150,34 @@ class BaseqTrainStage:
     @torch.no_grad()
     def init_bias_mean(self, ctx: BlockContext, x: torch.Tensor) -> None:
         """Set each point's bias to the channel mean of what it quantizes (over all calibration tokens)."""
-        sums, hooks = {}, []
-        for name, p in block_points(ctx.layer).items():
-            def pre(module, args, name=name):
-                y = args[0]
-                if module.rotation is not None:
-                    y = module.rotation(y)
-                y = (y * module.scale).float().flatten(0, -2)
-                s, n = sums.get(name, (0.0, 0))
-                sums[name] = (s + y.sum(0), n + y.shape[0])
-            hooks.append(p.register_forward_pre_hook(pre))
-        try:
-            ctx.run(x)
-        finally:
-            for h in hooks:
-                h.remove()
-        for name, p in block_points(ctx.layer).items():
-            s, n = sums[name]
-            p.shift.copy_(s / n)
+        pts = block_points(ctx.layer)
+        sums: dict[str, list] = {}
+
+        def add(name, args, kwargs):
+            module, y = pts[name], args[0]
+            if module.rotation is not None:
+                y = module.rotation(y)
+            y = (y * module.scale).float().flatten(0, -2)
+            s, n = sums.get(name, (0.0, 0))
+            sums[name] = (s + y.sum(0), n + y.shape[0])
+
+        with Tap(pts, add) as tap:
+            if len(x):
+                tap(ctx.run, x)
+        names = list(pts)
+        totals = ctx.comm.all_reduce_([sums[n][0] if n in sums else torch.zeros_like(pts[n].shift) for n in names])
+        counts = ctx.comm.sum([sums[n][1] if n in sums else 0 for n in names])
+        for name, s, n in zip(names, totals, counts):
+            pts[name].shift.copy_(s / n)
 
     @staticmethod
     def loss(ctx: BlockContext, x: torch.Tensor, y: torch.Tensor, kind: str = "mse") -> float:
-        with torch.no_grad():
-            out = ctx.run(x)
-        return block_loss(out, y, kind).item()
+        """The block's loss on every rank's windows (``x``, ``y``: this rank's)."""
+        value = 0.0
+        if len(x):
+            with torch.no_grad():
+                value = block_loss(ctx.run(x), y, kind).item()
+        return ctx.comm.mean(value, len(x))
 
     def run(self, ctx: BlockContext) -> None:
         cfg = self.cfg
@@ -166,10 +186,11 @@ class BaseqTrainStage:
             self.init_bias_mean(ctx, x)
         groups = self.parameter_groups(ctx.layer)
         params = [p for g in groups for p in g["params"]]
+        ctx.comm.broadcast_(params)  # every rank starts from rank 0's values
         before = ctx.log["loss_before"] = self.loss(ctx, x, y, cfg.loss)
         if params and cfg.epochs > 0:
             start = [p.detach().clone() for p in params]
-            self.train(ctx, x, y, groups, params)
+            self.train(ctx, x, y, groups)
             after = self.loss(ctx, x, y, cfg.loss)
             if cfg.revert_if_worse and after > before:  # training overshot on this block: keep where it started
                 with torch.no_grad():
@@ -182,38 +203,16 @@ class BaseqTrainStage:
             ctx.log["loss_after"] = before
         fold_block(ctx.layer)
 
-    def train(self, ctx: BlockContext, x: torch.Tensor, y: torch.Tensor, groups: list[dict], params: list) -> None:
+    def train(self, ctx: BlockContext, x: torch.Tensor, y: torch.Tensor, groups: list[dict]) -> None:
         cfg = self.cfg
-        n = x.shape[0]
-        steps_per_epoch = math.ceil(n / cfg.batch_size)
-        total = cfg.epochs * steps_per_epoch
-        for p in params:
-            p.requires_grad_(True)
-        opt = torch.optim.AdamW(groups, weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
-        gen = torch.Generator().manual_seed(self.seed * 100003 + ctx.index)
-        step = 0
-        bar = tqdm(total=total, desc=f"block {ctx.index} baseq", disable=not ctx.progress, leave=False)
-        try:
-            for epoch in range(cfg.epochs):
-                for idx in torch.randperm(n, generator=gen).split(cfg.batch_size):
-                    out = ctx.forward(x[idx].to(ctx.device), grad=True)
-                    loss = block_loss(out, y[idx].to(ctx.device), cfg.loss)
-                    if not torch.isfinite(loss):
-                        raise BaseqError(f"non-finite training loss in block {ctx.index} at epoch {epoch}, step "
-                                         f"{step}: lower the learning rates (--lr-clip/--lr-bias/--lr-scale)")
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    sched.step()
-                    step += 1
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss.item():.4g}", epoch=epoch)
-        finally:
-            bar.close()
-            for p in params:
-                p.requires_grad_(False)
-                p.grad = None
+
+        def step_loss(local: torch.Tensor) -> torch.Tensor:
+            return block_loss(ctx.forward(x[local].to(ctx.device), grad=True), y[local].to(ctx.device), cfg.loss)
+
+        fit(groups, step_loss, ctx.shard.first(cfg.samples), epochs=cfg.epochs, batch_size=cfg.batch_size,
+            seed=self.seed * 100003 + ctx.index, comm=ctx.comm, index=ctx.index, progress=ctx.progress,
+            hint=": lower the learning rates (--lr-clip/--lr-bias/--lr-scale)")
+        ctx.comm.broadcast_([p for g in groups for p in g["params"]])  # identical on every rank, whatever the reductions did
 
 
 @torch.no_grad()

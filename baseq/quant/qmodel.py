@@ -161,34 +161,44 @@ def quantize_structure(model: nn.Module, spec: ActSpec, fuse_online: bool = True
     With ``spec.online_rotations`` and ``fuse_online``, the inverse of the online R4 is fused into ``W_down`` here
     (the model function is unchanged); a saved model is rebuilt with ``fuse_online=False``."""
     ad = LlamaAdapter(model)
-    s = ad.shape
     for layer in ad.layers:
-        attn, mlp = layer.self_attn, layer.mlp
+        quantize_layer(layer, spec, ad.shape, fuse_online)
+    use_quantized_attention(model)
+    return ad
 
-        def point(channels: int, rotation=None) -> ActPoint:
-            return ActPoint(channels, spec.a_bits, spec.a_clip, spec.learnable_clip, rotation)
 
-        layer.input_layernorm = QuantRMSNorm(layer.input_layernorm.weight, _eps(layer.input_layernorm),
-                                             point(s.hidden))
-        layer.post_attention_layernorm = QuantRMSNorm(layer.post_attention_layernorm.weight,
-                                                      _eps(layer.post_attention_layernorm), point(s.hidden))
-        for name in ("q_proj", "k_proj", "v_proj"):
-            setattr(attn, name, QuantLinear(getattr(attn, name)))
-        attn.o_proj = QuantLinear(attn.o_proj, point(s.heads * s.head_dim))
-        mlp.gate_proj = QuantLinear(mlp.gate_proj)
-        mlp.up_proj = QuantLinear(mlp.up_proj)
-        r4 = OnlineRotation(s.ffn, seed=spec.seed + 4) if spec.online_rotations else None
-        mlp.down_proj = QuantLinear(mlp.down_proj, point(s.ffn, r4))
-        if r4 is not None and fuse_online:
-            w = mlp.down_proj.weight.data
-            mlp.down_proj.weight.data = r4(w.double()).to(w.dtype)
-        attn.kv_point = KVPoint(s.kv_heads, s.head_dim, spec)
+def quantize_layer(layer: nn.Module, spec: ActSpec, s, fuse_online: bool = True) -> None:
+    """:func:`quantize_structure` for one block (``s``: the model's LlamaShape); the model must also go through
+    :func:`use_quantized_attention` once."""
+    attn, mlp = layer.self_attn, layer.mlp
+
+    def point(channels: int, rotation=None) -> ActPoint:
+        return ActPoint(channels, spec.a_bits, spec.a_clip, spec.learnable_clip, rotation)
+
+    layer.input_layernorm = QuantRMSNorm(layer.input_layernorm.weight, _eps(layer.input_layernorm),
+                                         point(s.hidden))
+    layer.post_attention_layernorm = QuantRMSNorm(layer.post_attention_layernorm.weight,
+                                                  _eps(layer.post_attention_layernorm), point(s.hidden))
+    for name in ("q_proj", "k_proj", "v_proj"):
+        setattr(attn, name, QuantLinear(getattr(attn, name)))
+    attn.o_proj = QuantLinear(attn.o_proj, point(s.heads * s.head_dim))
+    mlp.gate_proj = QuantLinear(mlp.gate_proj)
+    mlp.up_proj = QuantLinear(mlp.up_proj)
+    r4 = OnlineRotation(s.ffn, seed=spec.seed + 4) if spec.online_rotations else None
+    mlp.down_proj = QuantLinear(mlp.down_proj, point(s.ffn, r4))
+    if r4 is not None and fuse_online:
+        w = mlp.down_proj.weight.data
+        mlp.down_proj.weight.data = r4(w.double()).to(w.dtype)
+    attn.kv_point = KVPoint(s.kv_heads, s.head_dim, spec)
+
+
+def use_quantized_attention(model: nn.Module) -> None:
+    """Route every attention of ``model`` through the ``baseq`` attention function (KV quantization points)."""
     register_attention()
     model.config._attn_implementation = ATTN_NAME
     for m in model.modules():
         if hasattr(m, "config") and m.config is not model.config:
             m.config._attn_implementation = ATTN_NAME
-    return ad
 
 
 def _eps(norm: nn.Module) -> float:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 from safetensors.torch import save_file
@@ -174,8 +175,11 @@ def _ends(model) -> tuple[nn.Module, nn.Module, ResidualRotation | None]:
 
 
 def save_packed(model, tokenizer, out: Path, spec: ActSpec, meta: dict, *, w_bits: int, w_group: int,
-                embed_bits: int = 16, overwrite: bool = False, shard_bytes: int = SHARD_BYTES) -> Path:
-    """Write the fake-quant model ``model`` (as built by ``quantize_model``) in the packed format."""
+                embed_bits: int = 16, overwrite: bool = False, shard_bytes: int = SHARD_BYTES,
+                layers: Callable[[], Iterable[tuple[int, nn.Module]]] | None = None) -> Path:
+    """Write the fake-quant model ``model`` (as built by ``quantize_model``) in the packed format. ``layers``: a
+    callable giving ``(i, block)`` pairs to write instead of the model's own blocks (a lazy run's blocks, read back
+    one at a time); the shards are written as the blocks come, so one block is in memory at a time."""
     out = Path(out)
     check_out_dir(out, overwrite)
     if w_bits > 8:
@@ -186,7 +190,7 @@ def save_packed(model, tokenizer, out: Path, spec: ActSpec, meta: dict, *, w_bit
     tied = model.lm_head.weight.data_ptr() == embed.weight.data_ptr()
     with atomic_dir(out) as tmp:
         writer = ShardWriter(tmp, shard_bytes)
-        for i, layer in enumerate(ad.layers):
+        for i, layer in (layers() if layers is not None else enumerate(ad.layers)):
             writer.add({f"layers.{i}.{k}": v for k, v in pack_layer(layer, w_bits).items()})
         writer.add({f"embed.{k}": v for k, v in pack_table(embed.weight, embed_bits).items()})
         if not tied:
@@ -322,7 +326,6 @@ def load_packed(path: Path, meta: dict | None = None, device="cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     ad = LlamaAdapter(model)
     s = ad.shape
-    groups = 1 if group == 0 else s.hidden // group
     online = meta["online_rotations"]
     r3 = OnlineRotation(s.head_dim, seed=online["r3"]["seed"]) if online else None
     r4 = OnlineRotation(s.ffn, seed=online["r4"]["seed"]) if online else None
