@@ -220,8 +220,8 @@ def save_packed(model, tokenizer, out: Path, spec: ActSpec, meta: dict, *, w_bit
 
 
 class _Tensors:
-    """The packed tensors of a folder, read one at a time from the memory-mapped shards (so loading never holds the
-    whole file and its unpacked form at once), each checked for presence and shape."""
+    """The packed tensors of a folder, taken one at a time from the memory-mapped shards and copied out (so the
+    mapping can go when loading ends), each checked for presence and shape."""
 
     def __init__(self, path: Path):
         from safetensors import safe_open
@@ -237,14 +237,9 @@ class _Tensors:
             files = ["model.safetensors"]
         self.file = files[0] if len(files) == 1 else INDEX
         self.where: dict[str, object] = {}
-        self.handles = []
         for f in files:
-            load_tensors(self.path / f, check_only=True)
-            try:
-                h = safe_open(str(self.path / f), framework="pt")
-            except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
-                raise BaseqError(f"'{self.path / f}' is truncated or corrupt ({str(e).splitlines()[0]})") from None
-            self.handles.append(h)
+            load_tensors(self.path / f, check_only=True)  # a truncated or corrupt file fails here, with its name
+            h = safe_open(str(self.path / f), framework="pt")
             self.where.update({k: h for k in h.keys()})
 
     def take(self, name: str, shape: tuple | None = None, optional: bool = False) -> Tensor | None:
@@ -254,8 +249,9 @@ class _Tensors:
             raise BaseqError(f"'{self.path / self.file}' has no tensor '{name}' (written by another version, or "
                              f"damaged)")
         try:
-            t = self.where.pop(name).get_tensor(name)
-        except Exception as e:  # noqa: BLE001
+            # a copy: a tensor left pointing into the memory-mapped file would keep the whole mapping resident
+            t = self.where.pop(name).get_tensor(name).clone()
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types for a damaged tensor
             raise BaseqError(f"'{self.path / self.file}': tensor '{name}' cannot be read ({e})") from None
         if shape is not None and tuple(t.shape) != tuple(shape):
             raise BaseqError(f"'{self.path / self.file}': tensor '{name}' has shape {tuple(t.shape)}, config.json "
