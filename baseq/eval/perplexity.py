@@ -23,7 +23,7 @@ def _chunkable(model) -> bool:
             and not getattr(cfg, "final_logit_softcapping", None) and getattr(cfg, "logit_scale", None) is None)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def nll_sum(model, windows: torch.Tensor, batch_size: int = 4, device=None, progress: bool = True,
             desc: str = "perplexity", head_chunk: int = 128) -> tuple[float, int]:
     """(sum of token NLLs, number of predicted tokens) over ``windows`` [n, seqlen]."""

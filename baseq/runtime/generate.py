@@ -71,7 +71,7 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Gen
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model, ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
              seed: int = 0, eos: set[int] | None = None, on_token=None) -> GenerationStats:
     """Generate up to ``max_new_tokens`` after ``ids`` [1, prompt]; ``on_token(token_id)`` is called for each as it
