@@ -41,12 +41,28 @@ from ..io import atomic_dir, write_json
 from ..models.adapter import LlamaAdapter
 from ..quant.qmodel import ActSpec
 from ..quant.quantizer import embedding_scale, half_exact
-from ..rotation.fuse import OnlineRotation, ResidualRotation, RotatedEmbedding, RotatedNorm, residual_rotation
+from ..rotation.fuse import (
+    OnlineRotation,
+    ResidualRotation,
+    RotatedEmbedding,
+    RotatedNorm,
+    residual_rotation,
+)
+from ..rotation.hadamard import has_hadamard
 from .format import PACKED_FORMAT, check_out_dir, load_tensors, read_meta
 from .kernels import IntLinear, keep_freed_memory, pack_nibbles, unpack_nibbles
 from .kvcache import QuantizedKVCache
-from .modules import (ActPoint, FinalNorm, KVQuant, RMSNorm, RuntimeAttention, RuntimeEmbedding, RuntimeHead,
-                      RuntimeMLP, Table)
+from .modules import (
+    ActPoint,
+    FinalNorm,
+    KVQuant,
+    RMSNorm,
+    RuntimeAttention,
+    RuntimeEmbedding,
+    RuntimeHead,
+    RuntimeMLP,
+    Table,
+)
 
 PROJ = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
         "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
@@ -205,7 +221,11 @@ def save_packed(model, tokenizer, out: Path, spec: ActSpec, meta: dict, *, w_bit
         tokenizer.save_pretrained(tmp)
         online = None
         if spec.online_rotations:
-            online = {"r3": {"n": s.head_dim, "seed": spec.seed + 3}, "r4": {"n": s.ffn, "seed": spec.seed + 4}}
+            def describe(n: int, seed: int) -> dict:
+                kind = "hadamard" if has_hadamard(n) else "seeded orthogonal (no Hadamard of this order)"
+                return {"n": n, "seed": seed, "kind": kind}
+
+            online = {"r3": describe(s.head_dim, spec.seed + 3), "r4": describe(s.ffn, spec.seed + 4)}
         write_json(tmp / "baseq.json", {
             "format": PACKED_FORMAT, "act_spec": asdict(spec),
             "weights": {"bits": w_bits, "group_size": w_group}, "embed_bits": embed_bits, "tied": tied,
@@ -292,7 +312,12 @@ def _shape_of(config) -> dict:
 
 def load_packed(path: Path, meta: dict | None = None, device="cpu"):
     """(runtime model, tokenizer) for a packed folder."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        GenerationConfig,
+    )
 
     from ..models.loading import _quiet_transformers
 
