@@ -31,7 +31,11 @@ def main() -> None:
     p.add_argument("--json")
     a = p.parse_args()
 
+    import numpy as np
     from llama_cpp import Llama
+
+    def greedy(llm) -> int:  # argmax of the last position's logits (what llama.cpp computed for it)
+        return int(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).argmax())
 
     t0 = time.perf_counter()
     llm = Llama(model_path=a.gguf, n_ctx=a.prefill + a.decode + 16, n_threads=a.threads, n_threads_batch=a.threads,
@@ -44,11 +48,11 @@ def main() -> None:
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(ids)
-        tok = int(llm.scores[llm.n_tokens - 1].argmax())
+        tok = greedy(llm)
         t1 = time.perf_counter()
         for _ in range(a.decode - 1):
             llm.eval([tok])
-            tok = int(llm.scores[llm.n_tokens - 1].argmax())
+            tok = greedy(llm)
         t2 = time.perf_counter()
         if r:
             runs.append((a.prefill / (t1 - t0), (a.decode - 1) / (t2 - t1), t1 - t0))
