@@ -71,7 +71,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_eval_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="wiki", help="wiki (default, embedded), wikitext2, c4, or a .txt/.jsonl path")
+    p.add_argument("--data", default="wiki", help="wiki (default, embedded), books (embedded public-domain books), wikitext2, c4, "
+                        "or a .txt/.jsonl path")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
     p.add_argument("--windows", type=positive_int, default=64, help="number of eval windows (default 64)")
     p.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward pass (default 4)")
@@ -264,7 +265,7 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-clip", type=float, help="KV clip ratio (default 0.95)")
     g.add_argument("--seed", type=int, help="rotation / training seed (default 0)")
     g = p.add_argument_group("calibration")
-    g.add_argument("--calib-data", help="calibration text: wiki (default), wikitext2, c4 or a .txt/.jsonl path")
+    g.add_argument("--calib-data", help="calibration text: wiki (default), books, wikitext2, c4 or a .txt/.jsonl path")
     g.add_argument("--calib-samples", type=positive_int, help="calibration windows (default 32)")
     g.add_argument("--calib-seqlen", type=int, help="tokens per calibration window (default 512)")
     g.add_argument("--calib-batch-size", type=positive_int, help="windows per block forward (default 4)")
