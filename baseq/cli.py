@@ -156,7 +156,7 @@ def config_from_args(args):
              "bias": cfg.train, "scale": cfg.train, "clip": cfg.train, "seed": cfg,
              "transforms": cfg.train, "vo_rotation": cfg.train, "transform_epochs": cfg.train,
              "lr_transform": cfg.train, "train_loss": (cfg.train, "loss"),
-             "act_order": cfg.gptq, "percdamp": cfg.gptq}
+             "act_order": cfg.gptq, "percdamp": cfg.gptq, "gptaq_alpha": (cfg.gptq, "asym_alpha")}
     for flag, target in flags.items():
         value = getattr(args, flag, None)
         if value is None:
@@ -248,13 +248,15 @@ def peak_rss_mb() -> float:
 
 
 def add_quantize_args(p: argparse.ArgumentParser) -> None:
-    from .config import LOSSES, METHODS, PRESETS, TrainConfig
+    from .config import LOSSES, METHODS, PRESETS, WEIGHTS, GPTQConfig, TrainConfig
 
     add_model_args(p)
     g = p.add_argument_group("method")
     g.add_argument("--config", help="a YAML/JSON file with a QuantizeConfig; flags given override it")
     g.add_argument("--method", choices=METHODS, help="rtn | gptq | quarot | baseq (default: baseq)")
-    g.add_argument("--weights", choices=("rtn", "gptq"), help="weight quantizer for quarot (default: gptq)")
+    g.add_argument("--weights", choices=WEIGHTS,
+                   help="weight quantizer: rtn | gptq (default) | gptaq (GPTQ fitted to the FP model's output; "
+                        "quarot, gptq and baseq)")
     g.add_argument("--bits", choices=list(PRESETS), help="preset (default: W4A4KV4)")
     g.add_argument("--w-bits", type=int, help="weight bits 2–8 (16 = off)")
     g.add_argument("--a-bits", type=int, help="activation bits 2–8 (16 = off)")
@@ -273,6 +275,8 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                    help="keep block activations in memory-mapped files beside --out instead of RAM")
     g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None, help="GPTQ act-order")
     g.add_argument("--percdamp", type=float, help="GPTQ damping (fraction of mean diag H, default 0.01)")
+    g.add_argument("--gptaq-alpha", type=float,
+                   help=f"--weights gptaq: how far towards the FP-output target (default {GPTQConfig().asym_alpha:g})")
     g = p.add_argument_group("BASE-Q training (method baseq)")
     T = TrainConfig()  # help texts show the real defaults
 

@@ -11,6 +11,7 @@ from typing import Any
 from .errors import BaseqError
 
 METHODS = ("rtn", "gptq", "quarot", "baseq")
+WEIGHTS = ("rtn", "gptq", "gptaq")  # gptaq: GPTQ fitted to the FP model's output (asymmetric calibration)
 LOSSES = ("mse", "token")  # BASE-Q block loss: plain MSE, or MSE per token relative to the target token's energy
 PRESETS: dict[str, dict[str, int]] = {
     "W4A4KV4": dict(w_bits=4, a_bits=4, kv_bits=4),
@@ -71,6 +72,7 @@ class GPTQConfig:
     blocksize: int = 128
     act_order: bool = True
     static_groups: bool = True  # keeps groups aligned with the original columns under act_order
+    asym_alpha: float = 0.25  # weights gptaq: scale of the shift towards the FP-output target (quant/gptaq.py)
 
 
 @dataclass
@@ -115,7 +117,7 @@ class TrainConfig:
 @dataclass
 class QuantizeConfig:
     method: str = "baseq"
-    weights: str = "gptq"  # rtn | gptq (for quarot; rtn/gptq methods imply it, baseq uses gptq)
+    weights: str = "gptq"  # rtn | gptq | gptaq (quarot; baseq takes gptq or gptaq; the rtn/gptq methods imply it)
     seed: int = 0
     bits: BitsConfig = field(default_factory=BitsConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
@@ -128,7 +130,11 @@ class QuantizeConfig:
 
     @property
     def weight_method(self) -> str:
-        return {"rtn": "rtn", "gptq": "gptq", "baseq": "gptq"}.get(self.method, self.weights)
+        if self.method == "rtn":
+            return "rtn"
+        if self.method in ("gptq", "baseq"):
+            return "gptaq" if self.weights == "gptaq" else "gptq"
+        return self.weights
 
     @property
     def label(self) -> str:
@@ -137,8 +143,10 @@ class QuantizeConfig:
     def validate(self) -> "QuantizeConfig":
         if self.method not in METHODS:
             raise BaseqError(f"unknown method '{self.method}' (choose from {', '.join(METHODS)})")
-        if self.weights not in ("rtn", "gptq"):
-            raise BaseqError(f"weights must be 'rtn' or 'gptq' (got {self.weights})")
+        if self.weights not in WEIGHTS:
+            raise BaseqError(f"weights must be one of {', '.join(WEIGHTS)} (got {self.weights})")
+        if self.gptq.asym_alpha < 0:
+            raise BaseqError(f"gptaq alpha must be ≥ 0 (got {self.gptq.asym_alpha})")
         self.bits.validate()
         self.calib.validate()
         self.train.validate()

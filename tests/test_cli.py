@@ -219,7 +219,8 @@ def test_quantize_flags_reach_the_config():
         "--calib-seqlen", "64", "--epochs", "2", "--lr-clip", "0.5", "--lr-bias", "0.25", "--lr-scale", "0.125",
         "--bias-init", "zero", "--train-batch-size", "2", "--train-samples", "3", "--train-inputs", "quant",
         "--train-loss", "token", "--no-scale", "--transforms", "--no-vo-rotation", "--transform-epochs", "1",
-        "--lr-transform", "0.01", "--no-act-order", "--percdamp", "0.05", "--seed", "9"])
+        "--lr-transform", "0.01", "--no-act-order", "--percdamp", "0.05", "--seed", "9",
+        "--weights", "gptaq", "--gptaq-alpha", "0.5"])
     cfg = config_from_args(args)
     assert (cfg.bits.w_bits, cfg.bits.a_bits, cfg.bits.kv_bits, cfg.bits.w_group, cfg.bits.a_clip) == (4, 8, 8, 16, 0.8)
     assert (cfg.calib.samples, cfg.calib.seqlen, cfg.seed) == (7, 64, 9)
@@ -228,7 +229,7 @@ def test_quantize_flags_reach_the_config():
     assert (t.batch_size, t.samples, t.inputs, t.loss) == (2, 3, "quant", "token")
     assert (t.scale, t.bias, t.transforms, t.vo_rotation, t.transform_epochs, t.lr_transform) == \
         (False, True, True, False, 1, 0.01)
-    assert (cfg.gptq.act_order, cfg.gptq.percdamp) == (False, 0.05)
+    assert (cfg.gptq.act_order, cfg.gptq.percdamp, cfg.weights, cfg.gptq.asym_alpha) == (False, 0.05, "gptaq", 0.5)
 
 
 def test_no_command_prints_help(capsys):

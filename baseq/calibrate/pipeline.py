@@ -47,7 +47,9 @@ def weight_config(cfg: QuantizeConfig) -> WeightQuantConfig:
 
 def build_stages(cfg: QuantizeConfig) -> list:
     wcfg = weight_config(cfg)
-    stages = [RTNStage(wcfg) if cfg.weight_method == "rtn" else GPTQStage(wcfg, cfg.gptq)]
+    w = cfg.weight_method
+    stages = [RTNStage(wcfg) if w == "rtn" else
+              GPTQStage(wcfg, cfg.gptq, asymmetric=cfg.gptq.asym_alpha if w == "gptaq" else 0.0)]
     if cfg.method == "baseq":
         t = cfg.train
         if t.transforms:

@@ -6,6 +6,7 @@ to ``ctx.log``. Methods are compositions of stages (see ``calibrate/pipeline.py`
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -15,8 +16,9 @@ from tqdm.auto import tqdm
 from ..config import GPTQConfig, TrainConfig
 from ..errors import BaseqError
 from ..models.adapter import LlamaAdapter
+from ..quant.gptaq import AsymmetricStats, asymmetric_target
 from ..quant.gptq import GPTQ, rtn_quantize_
-from ..quant.qmodel import ActPoint
+from ..quant.qmodel import ActPoint, set_quantize
 from ..quant.quantizer import WeightQuantConfig
 from .engine import BlockContext
 
@@ -36,41 +38,76 @@ class RTNStage:
 
 
 class GPTQStage:
+    """GPTQ on every linear of the block, group by group in :data:`SEQUENTIAL` order, on the quantized model's
+    inputs (activation quantizers on). The linears of a group share one Hessian and are solved as one stacked
+    matrix (GPTQ treats rows independently, so this equals solving them one by one, once instead of three times).
+
+    ``asymmetric > 0``: GPTAQ-style asymmetric calibration (``quant/gptaq.py``): the FP block's inputs of each
+    group are collected too, and GPTQ fits the FP block's output instead of its own (shift scaled by the value)."""
+
     name = "gptq"
 
-    def __init__(self, wcfg: WeightQuantConfig, gcfg: GPTQConfig):
-        self.wcfg, self.gcfg = wcfg, gcfg
+    def __init__(self, wcfg: WeightQuantConfig, gcfg: GPTQConfig, asymmetric: float = 0.0):
+        self.wcfg, self.gcfg, self.asymmetric = wcfg, gcfg, asymmetric
 
     def run(self, ctx: BlockContext) -> None:
         linears = LlamaAdapter.linears(ctx.layer)
+        fp_layer = None
+        if self.asymmetric:
+            fp_layer = copy.deepcopy(ctx.layer)  # the block before any weight is quantized, quantizers off
+            set_quantize(fp_layer, False)
         for group in SEQUENTIAL:
-            # the linears of a group read the same input: collect one Hessian, from the first, and share it
-            first = linears[group[0]]
-            solver = GPTQ(first)
+            first = group[0]
+            if fp_layer is None:
+                stats = GPTQ(linears[first])
+                for xq in group_inputs(ctx, ctx.layer, first, ctx.q_in):
+                    stats.add_batch(xq)
+            else:
+                stats = AsymmetricStats(linears[first].in_features, linears[first].weight.device)
+                fp_linears = LlamaAdapter.linears(fp_layer)
+                for xq, xf in zip(group_inputs(ctx, ctx.layer, first, ctx.q_in),
+                                  group_inputs(ctx, fp_layer, first, ctx.fp_in)):
+                    stats.add_batch(xq, xf)
+            members = [linears[n] for n in group]
+            stacked = torch.nn.Linear(members[0].in_features, sum(m.out_features for m in members), bias=False,
+                                      device=members[0].weight.device, dtype=torch.float32)
+            with torch.no_grad():
+                stacked.weight.copy_(torch.cat([m.weight.float() for m in members]))
+                if fp_layer is not None:
+                    w_fp = torch.cat([fp_linears[n].weight.float() for n in group])
+                    stacked.weight.copy_(asymmetric_target(w_fp, stats.H, stats.C, self.asymmetric,
+                                                           self.gcfg.percdamp))
+            solver = GPTQ(stacked)
+            solver.H, solver.nsamples = stats.H, stats.nsamples
+            loss = solver.quantize(self.wcfg, blocksize=self.gcfg.blocksize, percdamp=self.gcfg.percdamp,
+                                   act_order=self.gcfg.act_order, static_groups=self.gcfg.static_groups)
+            with torch.no_grad():
+                for m, w in zip(members, stacked.weight.split([m.out_features for m in members])):
+                    m.weight.copy_(w.to(m.weight.dtype))
+            ctx.log[f"gptq_{'_'.join(n.removesuffix('_proj') for n in group)}"] = loss
 
-            def hook(module, args, output):
-                x = args[0]
-                solver.add_batch(module.act(x) if module.act is not None else x)
-                raise _GroupDone  # nothing after the group's input is needed: stop the forward here
 
-            handle = first.register_forward_hook(hook)
+def group_inputs(ctx: BlockContext, layer, name: str, x: torch.Tensor):
+    """For each batch of ``x``: the input of linear ``name`` of ``layer`` after its activation point (what its
+    weights multiply), the forward stopped right there."""
+    lin = LlamaAdapter.linears(layer)[name]
+    seen = {}
+
+    def hook(module, args, output):
+        seen["x"] = module.act(args[0]) if module.act is not None else args[0]
+        raise _GroupDone  # nothing after the group's input is needed: stop the forward here
+
+    handle = lin.register_forward_hook(hook)
+    try:
+        for batch in x.split(ctx.batch_size):
             try:
                 with torch.no_grad():
-                    for batch in ctx.q_in.split(ctx.batch_size):
-                        try:
-                            ctx.forward(batch.to(ctx.device))
-                        except _GroupDone:
-                            pass
-            finally:
-                handle.remove()
-            solvers = {group[0]: solver}
-            for name in group[1:]:
-                solvers[name] = GPTQ(linears[name])
-                solvers[name].H, solvers[name].nsamples = solver.H.clone(), solver.nsamples
-            for name, s in solvers.items():
-                loss = s.quantize(self.wcfg, blocksize=self.gcfg.blocksize, percdamp=self.gcfg.percdamp,
-                                  act_order=self.gcfg.act_order, static_groups=self.gcfg.static_groups)
-                ctx.log[f"gptq_{name}"] = loss
+                    layer(batch.to(ctx.device), **ctx.kwargs)
+            except _GroupDone:
+                pass
+            yield seen.pop("x")
+    finally:
+        handle.remove()
 
 
 class _GroupDone(Exception):
