@@ -101,7 +101,7 @@ def task_rows(tasks: dict) -> list[tuple[str, str]]:
 def cmd_eval(args) -> int:
     from .data import eval_windows
     from .eval.perplexity import perplexity
-    from .models.loading import load_model
+    from .load import load as load_model
 
     check_json_path(args.json)
     check_limit(getattr(args, "limit", None))
@@ -175,8 +175,9 @@ def cmd_quantize(args) -> int:
     from .calibrate.pipeline import act_spec, check_model, needs_calibration, quantize_model
     from .data import calib_windows, eval_windows
     from .eval.perplexity import perplexity
-    from .models.loading import load_model
-    from .runtime.save import check_out_dir, save_quantized
+    from .load import load as load_model
+    from .runtime.format import check_out_dir
+    from .runtime.save import save_fake
 
     cfg = config_from_args(args)
     out = Path(args.out) if args.out else default_out(args, cfg)
@@ -221,7 +222,7 @@ def cmd_quantize(args) -> int:
     if tasks:
         result["tasks"] = tasks
     result["peak_rss_mb"] = peak_rss_mb()
-    save_quantized(model, tokenizer, out, act_spec(cfg), {"method": cfg.label, "bits": cfg.bits.label,
+    save_fake(model, tokenizer, out, act_spec(cfg), {"method": cfg.label, "bits": cfg.bits.label,
                                                           "config": cfg.to_dict(), "model": args.model},
                    overwrite=True)
     import shutil

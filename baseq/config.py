@@ -36,10 +36,13 @@ class BitsConfig:
     w_clip_search: bool = True
     a_clip: float = 0.9  # fixed activation clip ratio (QuaRot); BASE-Q starts its learnable clip here
     kv_clip: float = 0.95
+    embed_bits: int = 16  # embedding table and LM head: 16 = fp16, 8 = int8 per row (symmetric)
 
     def validate(self) -> None:
         for name in ("w_bits", "a_bits", "kv_bits"):
             _bits(name.replace("_", "-"), getattr(self, name))
+        if self.embed_bits not in (8, 16):
+            raise BaseqError(f"embed-bits must be 16 (fp16) or 8 (int8 per row) (got {self.embed_bits})")
         if self.w_group < 0:
             raise BaseqError(f"w-group must be ≥ 0 (got {self.w_group})")
         for name in ("a_clip", "kv_clip"):

@@ -1,12 +1,20 @@
-"""Small file helpers shared by the CLI and the evaluation modules: JSON read with one-line errors, atomic write."""
+"""Small file helpers shared by the whole package: JSON read with one-line errors, and atomic writes.
+
+Everything baseq writes for a user (quantized models, converted assets, results, checkpoints) goes through
+:func:`atomic_path` (one file) or :func:`atomic_dir` (a folder): the content is written under a temporary name beside
+its destination and renamed into place only when complete, so an interrupted or failed run never leaves a
+half-written result behind.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import BaseqError
 
@@ -25,15 +33,43 @@ def read_json(path: str | Path, what: str = "file") -> Any:
         raise BaseqError(f"{what} {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
 
 
-def write_json(path: str | Path, payload: Any) -> None:
-    """Write atomically: a temp file beside the target, renamed into place."""
-    p = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+@contextmanager
+def atomic_path(dest: str | Path) -> Iterator[Path]:
+    """A temporary file path beside ``dest`` to write; renamed onto ``dest`` when the block ends without error,
+    deleted otherwise."""
+    dest = Path(dest)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, p)
+        yield Path(tmp)
+        os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_dir(dest: str | Path) -> Iterator[Path]:
+    """A fresh temporary folder beside ``dest`` to fill; when the block ends without error it takes ``dest``'s
+    place (an existing ``dest`` is removed only then), otherwise it is deleted and ``dest`` is left untouched."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.resolve().parent, prefix=f".{dest.name}.tmp-"))
+    try:
+        yield tmp
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(dir=dest.resolve().parent, prefix=f".{dest.name}.old-"))
+            os.replace(dest, old / "x")
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: str | Path, payload: Any) -> None:
+    """Write ``payload`` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")

@@ -24,9 +24,9 @@ from baseq.data import calib_windows, eval_windows
 from baseq.errors import BaseqError
 from baseq.eval.perplexity import perplexity
 from baseq.models.adapter import LlamaAdapter
-from baseq.models.loading import load_model
+from baseq.load import load as load_model
 from baseq.quant.qmodel import ActPoint, KVPoint, points, quantize_structure
-from baseq.runtime.save import save_quantized
+from baseq.runtime.save import save_fake as save_quantized
 from baseq.testing import byte_tokenizer, tiny_llama
 
 SEQLEN, WINDOWS = 32, 4

@@ -1,5 +1,6 @@
-"""QuaRot's offline rotations (untie, fold norms, R1, R2) and online ones (R3, R4) leave the model's function
-unchanged in full precision, on tiny random Llama/Qwen2 models of awkward shapes."""
+"""QuaRot's rotations leave the model's function unchanged in full precision, on tiny random Llama/Qwen2 models of
+awkward shapes: fold norms, R1 and R2 fused into every block, R1 online at the two ends (the embedding table and LM
+head untouched, still tied), R3/R4 online."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import torch
 
 from baseq.models.adapter import LlamaAdapter
 from baseq.quant.qmodel import ActSpec, quantize_structure
-from baseq.rotation.fuse import OnlineRotation, fold_norms, rotate_model, untie_embeddings
+from baseq.rotation.fuse import (OnlineRotation, ResidualRotation, RotatedEmbedding, RotatedNorm, fold_norms,
+                                 rotate_model, untie_embeddings)
 from baseq.rotation.hadamard import hadamard_matrix, has_hadamard
 from baseq.testing import tiny_llama
 
@@ -75,21 +77,24 @@ def test_rotate_model_and_online_rotations_keep_logits(kw):
     assert ad.shape.head_dim == hd and ad.shape.kv_heads == kw["kv_heads"]
 
     # the rotation really did something (an identity "rotation" would trivially pass the logits check)
-    assert (model.model.embed_tokens.weight - embed0).abs().max() > 0.1 * embed0.abs().max()
     assert (model.model.layers[0].self_attn.o_proj.weight - o0).abs().max() > 0.1 * o0.abs().max()
+    assert isinstance(model.model.embed_tokens, RotatedEmbedding) and isinstance(model.model.norm, RotatedNorm)
+    x = model.model.embed_tokens(ids)
+    assert (x - model.model.embed_tokens.embed(ids)).abs().max() > 0.1 * x.abs().max()  # the stream is rotated
 
     rotated = _logits(model, ids)
     assert _rel(rotated, ref) <= REL_TOL
 
-    # every norm weight was folded into the linears after it
+    # every block norm weight was folded into the linears after it; the final norm keeps its weight
     for layer in ad.layers:
         assert torch.all(layer.input_layernorm.weight == 1)
         assert torch.all(layer.post_attention_layernorm.weight == 1)
-    assert torch.all(ad.final_norm.weight == 1)
-    # untied: a separate tensor, and the config says so (a re-tie on save/load would break the model)
-    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
-    assert not torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
-    assert model.config.tie_word_embeddings is False
+    assert not torch.all(ad.final_norm.weight == 1)
+    # the two ends are untouched: same embedding table, and a tied head is still the same tensor
+    assert torch.equal(model.model.embed_tokens.weight, embed0)
+    tied = kw.get("tied", True)
+    assert (model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()) == tied
+    assert model.config.tie_word_embeddings is tied
 
     # online R3 (queries/keys) and R4 (down_proj input, inverse fused into W_down) at 16 bits: still the same model
     down0 = model.model.layers[0].mlp.down_proj.weight.detach().clone()
@@ -139,7 +144,6 @@ def test_untie_and_fold_norms_alone_are_exact(tied):
     fold_norms(ad)
     for layer in ad.layers:
         assert torch.all(layer.input_layernorm.weight == 1) and torch.all(layer.post_attention_layernorm.weight == 1)
-    assert torch.all(ad.final_norm.weight == 1)
     assert _rel(_logits(model, ids), ref) <= REL_TOL
 
 
@@ -148,8 +152,30 @@ def test_rotate_model_is_seeded():
     rotate_model(a, seed=7)
     rotate_model(b, seed=7)
     rotate_model(c, seed=8)
-    assert torch.equal(a.model.embed_tokens.weight, b.model.embed_tokens.weight)
-    assert not torch.equal(a.model.embed_tokens.weight, c.model.embed_tokens.weight)
+    wa, wb, wc = (m.model.layers[0].self_attn.q_proj.weight for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+    ids = _ids(3)
+    assert torch.equal(a.model.embed_tokens(ids), b.model.embed_tokens(ids))
+    assert not torch.equal(a.model.embed_tokens(ids), c.model.embed_tokens(ids))
+
+
+@pytest.mark.parametrize("n", [48, 576, 96, 10])
+def test_residual_rotation_is_the_seeded_matrix_and_its_inverse(n):
+    """The online R1 (fast transform when a Hadamard exists, dense otherwise) is exactly x R1 and x R1ᵀ."""
+    from baseq.rotation.hadamard import orthogonal_matrix
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rot = ResidualRotation(n, seed=4)
+        q = orthogonal_matrix(n, seed=4)
+    assert rot.fast == has_hadamard(n)
+    x = torch.randn(5, n, dtype=torch.float64)
+    assert torch.allclose(rot(x), x @ q, atol=1e-12)
+    assert torch.allclose(rot.inverse(x), x @ q.T, atol=1e-12)
+    assert torch.allclose(rot.inverse(rot(x)), x, atol=1e-12)
+    assert "matrix" not in rot.state_dict()  # rebuilt from (n, seed), never saved
+    learned = ResidualRotation(n, matrix=q)
+    assert torch.allclose(learned(x), x @ q, atol=1e-6) and "matrix" in learned.state_dict()
 
 
 # ------------------------------------------------------------------------------------------- OnlineRotation
@@ -183,7 +209,7 @@ def test_online_rotation_dense_fallback(n):
         rot = OnlineRotation(n, seed=3)
     assert not rot.fast
     assert rot.matrix is not None and rot.matrix.shape == (n, n)
-    assert "matrix" in rot.state_dict()  # persistent: saved with the model
+    assert "matrix" not in rot.state_dict()  # rebuilt from (n, seed) at load, never saved
     A = _as_matrix(rot, n)
     torch.testing.assert_close(A, rot.matrix.double(), atol=0, rtol=0)
     torch.testing.assert_close(A @ A.T, torch.eye(n, dtype=torch.float64), atol=1e-6, rtol=0)

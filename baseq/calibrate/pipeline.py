@@ -26,8 +26,8 @@ from ..data import calib_windows
 from ..errors import BaseqError
 from ..models.adapter import LlamaAdapter
 from ..quant.qmodel import ActSpec, quantize_structure
-from ..quant.quantizer import WeightQuantConfig
-from ..rotation.fuse import rotate_model, untie_embeddings
+from ..quant.quantizer import WeightQuantConfig, quantize_embedding_
+from ..rotation.fuse import rotate_model
 from .engine import BlockContext, calibrate_blocks
 from .stages import BaseqTrainStage, GPTQStage, RTNStage
 from .transforms import CompensatedTransformStage
@@ -79,6 +79,13 @@ def check_model(model, cfg: QuantizeConfig) -> LlamaAdapter:
     return ad
 
 
+def quantize_ends(ad: LlamaAdapter, bits: int) -> None:
+    """Round the embedding table and the LM head (once when tied) to what the packed format stores (``bits``)."""
+    quantize_embedding_(ad.embed.weight.data, bits)
+    if ad.lm_head.weight.data_ptr() != ad.embed.weight.data_ptr():
+        quantize_embedding_(ad.lm_head.weight.data, bits)
+
+
 def needs_calibration(cfg: QuantizeConfig) -> bool:
     return not (cfg.weight_method == "rtn" and cfg.method != "baseq")
 
@@ -93,8 +100,8 @@ def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, model_spec: str = "
     t0 = time.perf_counter()
     for p in model.parameters():
         p.requires_grad_(False)
-    check_model(model, cfg)  # fail early, with a clear message, on unsupported architectures / group sizes
-    untie_embeddings(model)  # one saved structure for every method
+    ad = check_model(model, cfg)  # fail early, with a clear message, on unsupported architectures / group sizes
+    quantize_ends(ad, cfg.bits.embed_bits)
     if cfg.rotate:
         rotate_model(model, seed=cfg.seed)
     ad = quantize_structure(model, act_spec(cfg))

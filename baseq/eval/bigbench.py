@@ -58,7 +58,7 @@ from typing import Any, Callable
 
 from ..assets import cache_dir, sha256_file
 from ..errors import BaseqError
-from ..io import read_json
+from ..io import atomic_dir, read_json
 
 SDIST = "bigbench==1.0.0"
 _TASKS_ROOT = "bigbench/benchmark_tasks/"  # inside the sdist, below its top folder "bigbench-1.0.0/"
@@ -370,13 +370,8 @@ def fetch_bigbench(dest: str | Path | None = None, archive: str | Path | None = 
             archive = _pip_download_sdist(tmp / "dl", quiet)
         elif not Path(archive).is_file():
             raise BaseqError(f"archive {archive} not found")
-        out = tmp / "tasks"
-        out.mkdir()
-        extract_tasks(archive, out)
-        if dest.exists():  # incomplete or forced: replace
-            old = tmp / "old"
-            os.replace(dest, old)
-        os.replace(out, dest)
+        with atomic_dir(dest) as out:  # an incomplete or forced dest is replaced only once extraction succeeded
+            extract_tasks(archive, out)
     if not quiet:
         print(f"baseq: BIG-bench task files in {dest}", file=sys.stderr)
     return dest

@@ -1,21 +1,20 @@
 """Load a causal LM and its tokenizer from an asset name, a local HF folder, a local .gguf file or a hub id.
 
 GGUF files are read by transformers (``gguf_file=``) and dequantized; for named assets the converted model is kept
-as a plain safetensors folder in the cache, so the (slow) GGUF conversion happens once. A folder written by
-``baseq quantize`` (it holds ``baseq.json``) loads as the quantized model it describes.
+as a plain safetensors folder in the cache, so the (slow) GGUF conversion happens once. Folders written by
+``baseq quantize`` are loaded by :mod:`baseq.runtime`; :func:`baseq.load.load` dispatches between the two.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .. import assets
 from ..errors import BaseqError
+from ..io import atomic_dir
 
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -76,16 +75,9 @@ def _asset_model(name: str, dtype: torch.dtype):
     folder = assets.cache_dir() / "models" / f"{name}-{assets.get_asset(name).sha256[:12]}"
     if not (folder / "config.json").is_file():
         model, tokenizer = _gguf(gguf, torch.float32)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".convert-"))
-        try:
+        with atomic_dir(folder) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return _from_pretrained(str(folder), dtype)
 
 
@@ -112,10 +104,6 @@ def load_model(spec: str = DEFAULT_MODEL, dtype="float32", device="cpu"):
             raise BaseqError(f"asset '{spec}' is not a model")
         model, tokenizer = _asset_model(spec, dtype)
     elif path.is_dir():
-        if (path / "baseq.json").is_file():
-            from ..runtime.save import load_quantized
-
-            return load_quantized(path, dtype=dtype, device=device)
         if not (path / "config.json").is_file():
             raise BaseqError(f"'{spec}' is a folder without config.json: not a Hugging Face model folder")
         model, tokenizer = _local(str(path), dtype, spec)

@@ -19,6 +19,8 @@ from baseq.quant.quantizer import (
     _row_qparams,
     fake_quantize_weight,
     quantize_dequantize,
+    record_weight_qparams,
+    weight_qparams,
 )
 
 __all__ = ["GPTQ", "rtn_quantize_"]
@@ -172,6 +174,7 @@ class GPTQ:
             blocksize = max(gs, blocksize - blocksize % gs)
 
         Q = torch.zeros_like(W)
+        dyn_scale, dyn_zero = [], []  # per-group params chosen on the fly (groups without static_groups)
         losses = torch.zeros(self.rows, device=W.device, dtype=torch.float32)
         for i1 in range(0, ncols, blocksize):
             i2 = min(i1 + blocksize, ncols)
@@ -191,6 +194,8 @@ class GPTQ:
                     scale, zero = group_scale[:, g], group_zero[:, g]
                 elif col % gs == 0:
                     scale, zero = _row_qparams(W1[:, i:i + gs], cfg.bits, cfg.sym, cfg.clip_search)
+                    dyn_scale.append(scale)
+                    dyn_zero.append(zero)
                 q = quantize_dequantize(w, scale, zero, maxq)
                 Q1[:, i] = q
                 err = (w - q) / d
@@ -206,6 +211,12 @@ class GPTQ:
         if not torch.isfinite(Q).all():
             raise BaseqError("GPTQ produced non-finite weights (degenerate calibration data?)")
         weight.data.copy_(Q.to(device=weight.device, dtype=weight.dtype))
+        if not gs:
+            record_weight_qparams(self.layer, row_scale[:, None], row_zero[:, None])
+        elif static_groups:
+            record_weight_qparams(self.layer, group_scale, group_zero)
+        else:
+            record_weight_qparams(self.layer, torch.stack(dyn_scale, 1), torch.stack(dyn_zero, 1))
         return float(losses.sum())
 
 
@@ -215,4 +226,6 @@ def rtn_quantize_(layer: nn.Linear, cfg: WeightQuantConfig) -> None:
     if not cfg.enabled:
         return
     weight = layer.weight
-    weight.data.copy_(fake_quantize_weight(weight.detach().float(), cfg).to(weight.dtype))
+    scale, zero = weight_qparams(weight.detach().float(), cfg)
+    weight.data.copy_(fake_quantize_weight(weight.detach().float(), cfg, (scale, zero)).to(weight.dtype))
+    record_weight_qparams(layer, scale, zero)

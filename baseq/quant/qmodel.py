@@ -102,6 +102,15 @@ class QuantLinear(nn.Linear):
         self.weight.requires_grad_(False)
         self.bias.requires_grad_(False)
         self.act = act
+        # set by GPTQ / RTN (quant.quantizer.record_weight_qparams): what the packed format stores codes with
+        self.register_buffer("weight_scale", None)
+        self.register_buffer("weight_zero", None)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("weight_scale", "weight_zero"):  # adopt the saved shapes ([out, groups])
+            if prefix + name in state_dict:
+                self._buffers[name] = torch.empty_like(state_dict[prefix + name], device=self.weight.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.act(x) if self.act is not None else x, self.weight, self.bias)

@@ -39,6 +39,10 @@ __all__ = [
     "KVQuantizer",
     "CLIP_SEARCH_RATIOS",
     "CLIP_SEARCH_NORM",
+    "half_exact",
+    "record_weight_qparams",
+    "quantize_embedding_",
+    "embedding_scale",
 ]
 
 #: Shrink ratios tried by the weight clip search (1.00, 0.99, ..., 0.75); 1.0 = no clipping.
@@ -102,14 +106,23 @@ def quantize_dequantize(x: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Te
     return (q - zero) * scale
 
 
+def half_exact(scale: Tensor) -> Tensor:
+    """``scale`` rounded to the nearest float16 value wherever that is a positive finite number (else unchanged):
+    quantization scales chosen this way are stored in 16 bits by the packed format without changing a single
+    dequantized value."""
+    s16 = scale.to(torch.float16).to(scale.dtype)
+    return torch.where((s16 > 0) & torch.isfinite(s16), s16, scale)
+
+
 def _qparams_from_range(lo: Tensor, hi: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
-    """scale/zero from a range with ``lo <= 0 <= hi`` (asym) or ``hi = absmax`` (sym)."""
+    """scale/zero from a range with ``lo <= 0 <= hi`` (asym) or ``hi = absmax`` (sym); scales are float16 values
+    (:func:`half_exact`)."""
     maxq = 2**bits - 1
     if sym:
-        scale = (hi / (2 ** (bits - 1) - 1)).clamp_min(_SCALE_EPS)
+        scale = half_exact((hi / (2 ** (bits - 1) - 1)).clamp_min(_SCALE_EPS))
         zero = torch.full_like(scale, float(2 ** (bits - 1)))
     else:
-        scale = ((hi - lo) / maxq).clamp_min(_SCALE_EPS)
+        scale = half_exact(((hi - lo) / maxq).clamp_min(_SCALE_EPS))
         zero = torch.round(-lo / scale).clamp_(0, maxq)
     return scale, zero
 
@@ -174,15 +187,44 @@ def weight_qparams(w: Tensor, cfg: WeightQuantConfig) -> tuple[Tensor, Tensor]:
     return scale.view(out, n_groups), zero.view(out, n_groups)
 
 
-def fake_quantize_weight(w: Tensor, cfg: WeightQuantConfig) -> Tensor:
+def quantize_embedding_(weight: Tensor, bits: int) -> None:
+    """Round an embedding table / LM head ``[rows, dim]`` in place to what the packed format stores: ``bits=16``
+    float16 values; ``bits=8`` symmetric int8 per row, ``(q) * scale`` with ``q`` in [-127, 127] and a float16
+    ``scale = absmax / 127`` (so the row's largest entry is exact up to the scale's rounding)."""
+    with torch.no_grad():
+        if bits == 16:
+            weight.copy_(weight.to(torch.float16).to(weight.dtype))
+        elif bits == 8:
+            w = weight.float()
+            scale = embedding_scale(w)
+            weight.copy_((torch.clamp(torch.round(w / scale), -127, 127) * scale).to(weight.dtype))
+        else:
+            raise BaseqError(f"embedding bits must be 16 or 8 (got {bits})")
+
+
+def embedding_scale(w: Tensor) -> Tensor:
+    """Per-row int8 scale ``[rows, 1]`` of an embedding table (float16 values, > 0)."""
+    return half_exact((w.float().abs().amax(dim=1, keepdim=True) / 127).clamp_min(_SCALE_EPS))
+
+
+def record_weight_qparams(layer: nn.Module, scale: Tensor, zero: Tensor) -> None:
+    """Keep the scale and integer zero point ``[out, n_groups]`` a weight was quantized with on its layer (as the
+    buffers ``weight_scale`` / ``weight_zero``, so checkpoints keep them): the packed format stores the integer codes
+    ``round(w / scale) + zero`` from them."""
+    layer.register_buffer("weight_scale", scale.detach().float().to(layer.weight.device).contiguous())
+    layer.register_buffer("weight_zero", zero.detach().float().to(layer.weight.device).contiguous())
+
+
+def fake_quantize_weight(w: Tensor, cfg: WeightQuantConfig,
+                         qparams: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Quantize-dequantize ``w`` ``[out, in]``; returns ``w``'s dtype.
 
-    The qparams are treated as constants; the gradient wrt ``w`` is the identity
+    The qparams (computed here unless given) are treated as constants; the gradient wrt ``w`` is the identity
     (straight-through rounding) except for values clipped by the range (gradient 0).
     """
     if not cfg.enabled:
         return w
-    scale, zero = weight_qparams(w, cfg)
+    scale, zero = qparams if qparams is not None else weight_qparams(w, cfg)
     out, n_groups = scale.shape
     wg = w.float().reshape(out, n_groups, -1)
     scale, zero = scale.unsqueeze(-1), zero.unsqueeze(-1)

@@ -3,11 +3,16 @@
 Row-vector convention: a linear computes ``y = x Wᵀ``. Rotating its input by an orthogonal ``Q`` (``x' = x Q``)
 is compensated by ``W' = W Q``; rotating its output (``y' = y Q``) by ``W' = Qᵀ W`` (and ``b' = b Q``).
 
-Steps (each exact in real arithmetic):
-1. untie the embeddings from the LM head;
-2. fold every RMSNorm weight into the linears it feeds (norm weights become 1);
-3. R1: rotate the residual stream (embeddings, every block's reading/writing linears, the LM head);
-4. R2: per attention head, rotate V's output and O's input (the same matrix for every query head of a KV group);
+Per block (:func:`rotate_layer`, so a lazily loaded model can be rotated one block at a time):
+
+1. fold the two RMSNorm weights into the linears they feed (the norm weights become 1);
+2. R1: the residual stream is rotated: every linear reading it gets ``W Q``, every linear writing it ``Qᵀ W``;
+3. R2: per attention head, V's output and O's input (the same matrix for every query head of a KV group).
+
+The two ends of the model are not touched: the embedding table, the final norm and the LM head keep their weights
+(and stay tied when they were). Instead R1 is applied online, once per token, to the embedding output and R1ᵀ to the
+input of the final norm (:class:`RotatedEmbedding`, :class:`RotatedNorm`): a fast Hadamard transform of one
+hidden-size vector per token, against a rotated vocab × hidden copy of the table otherwise.
 R4 (an online Hadamard on the down_proj input, its inverse fused into ``W_down``) and R3 (a Hadamard on queries
 and keys after RoPE, no weight change) are applied when the quantized structure is built (``quant/qmodel.py``).
 """
@@ -18,12 +23,11 @@ import torch
 from torch import nn
 
 from ..models.adapter import LlamaAdapter
-from .hadamard import hadamard_transform, has_hadamard, orthogonal_matrix
+from .hadamard import _random_signs, hadamard_transform, has_hadamard, orthogonal_matrix
 
 
 def _right_mul_(w: torch.Tensor, q: torch.Tensor, rows: int = 4096) -> None:
-    """``w ← w q`` in place (``q`` a matrix, or a vector meaning ``diag(q)``), in float64, a slab of rows at a time
-    (embeddings and LM heads are large)."""
+    """``w ← w q`` in place (``q`` a matrix, or a vector meaning ``diag(q)``), in float64, a slab of rows at a time."""
     for start in range(0, w.shape[0], rows):
         sl = w[start:start + rows]
         sl.copy_((sl.double() @ q if q.dim() == 2 else sl.double() * q).to(w.dtype))
@@ -51,51 +55,139 @@ def untie_embeddings(model: nn.Module) -> None:
         model.config.get_text_config().tie_word_embeddings = False
 
 
+def _fold(norm: nn.Module, linears: list[nn.Linear]) -> None:
+    g = norm.weight.data.double()
+    for lin in linears:
+        _right_mul_(lin.weight.data, g)
+    norm.weight.data.fill_(1.0)
+
+
+def fold_layer_norms(layer: nn.Module) -> None:
+    """Scale the input columns of the linears after the block's two RMSNorms by their weights; set those to 1."""
+    _fold(layer.input_layernorm, LlamaAdapter.qkv(layer))
+    _fold(layer.post_attention_layernorm, LlamaAdapter.gate_up(layer))
+
+
 def fold_norms(ad: LlamaAdapter) -> None:
-    """Scale the input columns of the linears after each RMSNorm by its weight; set the weight to 1."""
-    def fold(norm: nn.Module, linears: list[nn.Linear]) -> None:
-        g = norm.weight.data.double()
-        for lin in linears:
-            _right_mul_(lin.weight.data, g)
-        norm.weight.data.fill_(1.0)
-
+    """:func:`fold_layer_norms` on every block (the final norm keeps its weight: the LM head is not rotated)."""
     for layer in ad.layers:
-        fold(layer.input_layernorm, ad.qkv(layer))
-        fold(layer.post_attention_layernorm, ad.gate_up(layer))
-    fold(ad.final_norm, [ad.lm_head])
+        fold_layer_norms(layer)
 
 
-def rotate_residual(ad: LlamaAdapter, q: torch.Tensor) -> None:
-    """R1 on the residual stream; norms must already be folded."""
-    _right_mul_(ad.embed.weight.data, q)
-    for layer in ad.layers:
-        for lin in ad.qkv(layer) + ad.gate_up(layer):
-            _mul_in(lin, q)
-        _mul_out(layer.self_attn.o_proj, q)
-        _mul_out(layer.mlp.down_proj, q)
-    _mul_in(ad.lm_head, q)
+def rotate_layer(layer: nn.Module, r1: torch.Tensor, r2: torch.Tensor | None, heads: int, kv_heads: int) -> None:
+    """Fold the block's norms, then R1 on the residual stream and (unless ``r2`` is None) R2 on V/O, in place."""
+    fold_layer_norms(layer)
+    for lin in LlamaAdapter.qkv(layer) + LlamaAdapter.gate_up(layer):
+        _mul_in(lin, r1)
+    _mul_out(layer.self_attn.o_proj, r1)
+    _mul_out(layer.mlp.down_proj, r1)
+    if r2 is not None:
+        _mul_out(layer.self_attn.v_proj, torch.block_diag(*[r2] * kv_heads))
+        _mul_in(layer.self_attn.o_proj, torch.block_diag(*[r2] * heads))
 
 
-def rotate_values(ad: LlamaAdapter, r2: torch.Tensor) -> None:
-    """R2: per head, ``v' = v R2`` (rows of W_v) and the o_proj input chunks of every query head (cols of W_o)."""
-    s = ad.shape
-    for layer in ad.layers:
-        _mul_out(layer.self_attn.v_proj, torch.block_diag(*[r2] * s.kv_heads))
-        _mul_in(layer.self_attn.o_proj, torch.block_diag(*[r2] * s.heads))
+class ResidualRotation(nn.Module):
+    """R1 applied online: ``forward(x) = x R1``, ``inverse(x) = x R1ᵀ`` along the last dim.
+
+    ``R1 = orthogonal_matrix(n, seed)``. When a Hadamard matrix of order n exists that is ``diag(s) H / √n`` (random
+    signs ``s``), applied as a fast transform: ``x R1 = H-transform⁻¹(x ⊙ s)``, ``x R1ᵀ = H-transform(x) ⊙ s``;
+    nothing is stored. Otherwise (or for a learned ``matrix``) a dense n × n product."""
+
+    def __init__(self, n: int, seed: int = 0, matrix: torch.Tensor | None = None):
+        super().__init__()
+        self.n, self.seed = n, seed
+        self.learned = matrix is not None
+        self.fast = not self.learned and has_hadamard(n)
+        if self.fast:
+            self.register_buffer("signs", _random_signs(n, seed).float(), persistent=False)
+            self.register_buffer("matrix", None)
+        else:
+            m = matrix if matrix is not None else orthogonal_matrix(n, seed=seed)
+            self.register_buffer("signs", None)
+            # a seeded matrix is rebuilt from (n, seed) at load; only a learned one is part of the saved state
+            self.register_buffer("matrix", m.detach().float().clone(), persistent=self.learned)
+
+    def dense(self) -> torch.Tensor:
+        """R1 as a float64 matrix (for fusing into weights)."""
+        if self.fast:
+            return orthogonal_matrix(self.n, seed=self.seed)
+        return self.matrix.double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast:
+            return hadamard_transform(x * self.signs.to(x.dtype), transpose=True)
+        return x @ self.matrix.to(x.dtype)
+
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast:
+            return hadamard_transform(x) * self.signs.to(x.dtype)
+        return x @ self.matrix.to(x.dtype).T
+
+    def describe(self) -> dict:
+        return {"n": self.n, "seed": self.seed, "kind": "learned" if self.learned else "seeded"}
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}, seed={self.seed}, {'fast hadamard' if self.fast else 'dense'}"
+
+
+class RotatedEmbedding(nn.Module):
+    """The model's embedding table followed by R1 (the table itself is unchanged, so a tied LM head stays tied)."""
+
+    def __init__(self, embed: nn.Module, rotation: ResidualRotation):
+        super().__init__()
+        self.embed = embed
+        self.rotation = rotation
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.rotation(self.embed(ids))
+
+
+class RotatedNorm(nn.Module):
+    """R1ᵀ, then the model's final norm (unchanged): the LM head sees the original basis."""
+
+    def __init__(self, norm: nn.Module, rotation: ResidualRotation):
+        super().__init__()
+        self.norm = norm
+        self.rotation = rotation
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.norm.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.rotation.inverse(x))
+
+
+def install_end_rotations(model: nn.Module, rotation: ResidualRotation) -> None:
+    """Wrap the embedding and the final norm so the residual stream between them is rotated by R1."""
+    base = model.model
+    base.embed_tokens = RotatedEmbedding(base.embed_tokens, rotation)
+    base.norm = RotatedNorm(base.norm, rotation)
+
+
+def residual_rotation(model: nn.Module) -> ResidualRotation | None:
+    """The online R1 of a rotated model, or None."""
+    embed = model.model.embed_tokens
+    return embed.rotation if isinstance(embed, RotatedEmbedding) else None
 
 
 class OnlineRotation(nn.Module):
     """``x ↦ x A`` along the last dim with ``A`` orthogonal: a fast normalized Hadamard (``A = Hᵀ/√n``) when one
-    exists for ``n``, otherwise a stored seeded orthogonal matrix (with a warning from :func:`orthogonal_matrix`)."""
+    exists for ``n``, otherwise a seeded orthogonal matrix (with a warning from :func:`orthogonal_matrix`), rebuilt
+    from ``(n, seed)`` rather than saved."""
 
     def __init__(self, n: int, seed: int = 0):
         super().__init__()
-        self.n = n
+        self.n, self.seed = n, seed
         self.fast = has_hadamard(n)
         if self.fast:
             self.register_buffer("matrix", None)
         else:
-            self.register_buffer("matrix", orthogonal_matrix(n, seed=seed).float())
+            self.register_buffer("matrix", orthogonal_matrix(n, seed=seed).float(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fast:
@@ -106,12 +198,16 @@ class OnlineRotation(nn.Module):
         return f"n={self.n}, {'fast hadamard' if self.fast else 'dense orthogonal'}"
 
 
-def rotate_model(model: nn.Module, seed: int = 0) -> LlamaAdapter:
-    """Apply steps 1–4; returns the adapter of the rotated model."""
+def rotate_model(model: nn.Module, seed: int = 0, r1: torch.Tensor | None = None) -> LlamaAdapter:
+    """Fold norms, R1 and R2 into every block and install the online R1 at the two ends; returns the adapter.
+
+    ``r1``: a learned residual rotation to use instead of the seeded randomized Hadamard."""
     ad = LlamaAdapter(model)
     s = ad.shape
-    untie_embeddings(model)
-    fold_norms(ad)
-    rotate_residual(ad, orthogonal_matrix(s.hidden, seed=seed))
-    rotate_values(ad, orthogonal_matrix(s.head_dim, seed=seed + 1))
+    rotation = ResidualRotation(s.hidden, seed=seed, matrix=r1)
+    q1 = rotation.dense()
+    r2 = orthogonal_matrix(s.head_dim, seed=seed + 1)
+    for layer in ad.layers:
+        rotate_layer(layer, q1, r2, s.heads, s.kv_heads)
+    install_end_rotations(model, rotation.to(ad.embed.weight.device))
     return ad

@@ -189,9 +189,10 @@ def _kron_factors(m: int, p: int) -> list[int]:
 _MAX_FACTOR = 128
 
 
-def hadamard_transform(x: torch.Tensor, scale: bool = True) -> torch.Tensor:
+def hadamard_transform(x: torch.Tensor, scale: bool = True, transpose: bool = False) -> torch.Tensor:
     """``x @ hadamard_matrix(n).T / sqrt(n)`` along the last dim (n = x.shape[-1]; no 1/sqrt(n) if
-    ``scale`` is False). Fast: H_n is a Kronecker product of the Paley core and Sylvester factors of order
+    ``scale`` is False; ``x @ hadamard_matrix(n) / sqrt(n)`` with ``transpose``, its inverse when scaled).
+    Fast: H_n is a Kronecker product of the Paley core and Sylvester factors of order
     ≤ 128; each factor is one GEMM on the last axis followed by a transpose that brings the next factor's axis
     last — O(n · Σ factors) work, all of it in BLAS. fp16/bf16 are computed in fp32 and cast back; differentiable."""
     if not x.is_floating_point():
@@ -205,7 +206,7 @@ def hadamard_transform(x: torch.Tensor, scale: bool = True) -> torch.Tensor:
     for k in reversed(range(len(factors))):  # the last Kronecker factor acts on the last (fastest) index
         f = factors[k]
         h = _core(m, y.dtype, y.device) if (k == 0 and m > 1) else _sylvester(f, y.dtype, y.device)
-        y = (y.reshape(-1, f) @ h.T).reshape(rows, n // f, f).transpose(1, 2).reshape(rows, n)
+        y = (y.reshape(-1, f) @ (h if transpose else h.T)).reshape(rows, n // f, f).transpose(1, 2).reshape(rows, n)
     if scale:
         y = y * (1.0 / math.sqrt(n))
     return y.reshape(x.shape).to(x.dtype)

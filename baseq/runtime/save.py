@@ -1,82 +1,95 @@
-"""Save and load quantized models (no pickle: safetensors + JSON).
+"""The fake-quantized format (``--format fake``, for research): dequantized weights + every quantization-point parameter.
 
-A saved folder holds the HF ``config.json`` (embeddings untied), the tokenizer, ``model.safetensors`` with the
-rotated, dequantized-quantized weights and every quantization-point parameter, and ``baseq.json`` describing the
-quantized structure (activation/KV bits, clipping, online rotations) and the config that produced it. The folder is
-written to a temporary sibling and renamed at the end, so a failed run never leaves a half-written result.
+A ``baseq-fake-quant/2`` folder holds the HF ``config.json``, the tokenizer, ``model.safetensors`` with the model's
+state (the rotated blocks with dequantized-quantized weights, activation/KV point parameters; the embedding table
+once when tied) and ``baseq.json`` describing the structure (activation/KV bits, clipping, online rotations, the
+residual rotation R1) and the config that produced it. Loading rebuilds the same :mod:`baseq.quant.qmodel` model,
+which runs in floating point (simulated quantization). ``baseq-fake-quant/1`` folders (R1 fused into an untied
+embedding and head) still load.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from ..errors import BaseqError
+from ..io import atomic_dir, write_json
 from ..quant.qmodel import ActSpec, quantize_structure
+from ..rotation.fuse import ResidualRotation, install_end_rotations, residual_rotation
+from .format import FAKE_FORMAT, FAKE_FORMAT_V1, check_out_dir, load_tensors, read_meta
 
-FORMAT = "baseq-fake-quant/1"
-
-
-def check_out_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise BaseqError(f"--out '{out}' exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise BaseqError(f"--out '{out}' exists and is not empty (pass --overwrite to replace it)")
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise BaseqError(f"--out '{out}': folder '{parent}' does not exist")
-    if not os.access(parent, os.W_OK):
-        raise BaseqError(f"--out '{out}': folder '{parent}' is not writable")
+TIED_KEY = "lm_head.weight"
 
 
-def save_quantized(model, tokenizer, out: Path, spec: ActSpec, meta: dict, overwrite: bool = False) -> Path:
+def is_tied(model) -> bool:
+    return model.lm_head.weight.data_ptr() == model.model.get_input_embeddings().weight.data_ptr()
+
+
+def save_fake(model, tokenizer, out: Path, spec: ActSpec, meta: dict, overwrite: bool = False) -> Path:
     out = Path(out)
     check_out_dir(out, overwrite)
-    tmp = Path(tempfile.mkdtemp(dir=out.resolve().parent, prefix=f".{out.name}.tmp-"))
-    try:
+    tied = is_tied(model)
+    r1 = residual_rotation(model)
+    with atomic_dir(out) as tmp:
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, tmp / "model.safetensors", metadata={"format": FORMAT})
-        (tmp / "baseq.json").write_text(json.dumps({"format": FORMAT, "act_spec": asdict(spec), **meta}, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+                 if not (tied and k == TIED_KEY)}
+        save_file(state, tmp / "model.safetensors", metadata={"format": FAKE_FORMAT})
+        write_json(tmp / "baseq.json", {"format": FAKE_FORMAT, "act_spec": asdict(spec), "tied": tied,
+                                        "residual_rotation": r1.describe() if r1 is not None else None, **meta})
     return out
 
 
-def load_quantized(path: Path, dtype=torch.float32, device="cpu"):
+def load_fake(path: Path, meta: dict, dtype=torch.float32, device="cpu"):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
-    try:
-        meta = json.loads((path / "baseq.json").read_text())
-        spec = ActSpec(**meta["act_spec"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise BaseqError(f"'{path}/baseq.json' is not a valid baseq description: {e}") from None
-    if meta.get("format") != FORMAT:
-        raise BaseqError(f"'{path}' has format {meta.get('format')!r}; this baseq reads {FORMAT}")
+    spec = meta_act_spec(path, meta)
     config = AutoConfig.from_pretrained(path)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = load_tensors(path / "model.safetensors")
+    if meta["format"] == FAKE_FORMAT:
+        r1 = meta.get("residual_rotation")
+        if r1 is not None:
+            learned = state.get("model.embed_tokens.rotation.matrix")
+            install_end_rotations(model, ResidualRotation(r1["n"], seed=r1["seed"], matrix=learned))
+        if meta.get("tied"):
+            state[TIED_KEY] = state["model.embed_tokens.embed.weight" if r1 is not None
+                                    else "model.embed_tokens.weight"]
+    else:  # v1: dense online-rotation matrices were saved; they are rebuilt from their seeds now
+        state = {k: v for k, v in state.items() if not k.endswith(".rotation.matrix")}
     quantize_structure(model, spec, fuse_online=False)
-    state = load_file(path / "model.safetensors")
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
     if missing or unexpected:
-        raise BaseqError(f"'{path}/model.safetensors' does not match its baseq.json "
-                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise_mismatch(path, missing, unexpected)
+    if meta.get("tied"):
+        model.lm_head.weight = model.model.get_input_embeddings().weight
     for p in model.parameters():
         p.requires_grad_(False)
     model.baseq_config = {"method": meta.get("method", "?"), "bits": meta.get("bits", "?")}
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.to(device=device, dtype=dtype).eval(), tokenizer
+
+
+def meta_act_spec(path: Path, meta: dict) -> ActSpec:
+    from ..errors import BaseqError
+
+    try:
+        return ActSpec(**meta["act_spec"])
+    except (KeyError, TypeError) as e:
+        raise BaseqError(f"'{path}/baseq.json' has no valid act_spec ({e})") from None
+
+
+def raise_mismatch(path: Path, missing, unexpected):
+    from ..errors import BaseqError
+
+    raise BaseqError(f"'{path}/model.safetensors' does not match its baseq.json "
+                     f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+
+
+__all__ = ["save_fake", "load_fake", "read_meta", "FAKE_FORMAT", "FAKE_FORMAT_V1"]

@@ -1,0 +1,74 @@
+"""What a folder written by ``baseq quantize`` is: format names, its ``baseq.json``, and checked tensor reading.
+
+Every problem with a saved folder (a missing or malformed ``baseq.json``, a missing field, an unknown format
+version, a truncated or corrupt weights file, shapes that do not match) becomes one :class:`BaseqError` naming the
+file and what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import BaseqError
+
+PACKED_FORMAT = "baseq-packed/1"
+FAKE_FORMAT = "baseq-fake-quant/2"
+FAKE_FORMAT_V1 = "baseq-fake-quant/1"
+FORMATS = (PACKED_FORMAT, FAKE_FORMAT, FAKE_FORMAT_V1)
+META = "baseq.json"
+
+
+def is_saved_folder(path: Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / META).is_file()
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BaseqError(f"--out '{out}' exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise BaseqError(f"--out '{out}' exists and is not empty (pass --overwrite to replace it)")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise BaseqError(f"--out '{out}': folder '{parent}' does not exist")
+    if not os.access(parent, os.W_OK):
+        raise BaseqError(f"--out '{out}': folder '{parent}' is not writable")
+
+
+def read_meta(path: Path, required: tuple[str, ...] = ("format",)) -> dict:
+    """The parsed ``baseq.json`` of a saved folder, with its format checked."""
+    f = Path(path) / META
+    try:
+        meta = json.loads(f.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise BaseqError(f"cannot read '{f}': {e.strerror or e}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BaseqError(f"'{f}' is not valid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise BaseqError(f"'{f}' must hold a JSON object")
+    fmt = meta.get("format")
+    if fmt not in FORMATS:
+        raise BaseqError(f"'{f}' has format {fmt!r}; this baseq reads {', '.join(FORMATS)} "
+                         f"(a newer baseq wrote it?)")
+    missing = [k for k in required if k not in meta]
+    if missing:
+        raise BaseqError(f"'{f}' is missing the field(s) {', '.join(missing)}")
+    return meta
+
+
+def load_tensors(file: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file (memory-mapped), or one clear error naming the file."""
+    from safetensors.torch import load_file
+
+    file = Path(file)
+    if not file.is_file():
+        raise BaseqError(f"'{file}' is missing")
+    try:
+        return load_file(file, device=device)
+    except Exception as e:  # noqa: BLE001 - safetensors raises SafetensorError / OSError / ValueError for bad files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BaseqError(f"'{file}' is truncated or corrupt ({first})") from None
