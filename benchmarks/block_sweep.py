@@ -32,7 +32,7 @@ from baseq.config import QuantizeConfig
 from baseq.data import calib_windows
 from baseq.models.loading import load_model
 from baseq.quant.qmodel import quantize_structure, set_quantize
-from baseq.rotation.fuse import rotate_model, untie_embeddings
+from baseq.rotation.fuse import rotate_model
 
 TOP = {f.name for f in dataclasses.fields(QuantizeConfig)}
 
@@ -65,7 +65,6 @@ def main() -> None:
     model, tok = load_model(args.model)
     for prm in model.parameters():
         prm.requires_grad_(False)
-    untie_embeddings(model)
     rotate_model(model)
     base = QuantizeConfig()
     ad = quantize_structure(model, act_spec(base))

@@ -110,3 +110,13 @@ def test_weights_gptaq_builds_the_asymmetric_stage():
     assert QuantizeConfig(method="quarot", weights="gptaq").label == "quarot-gptaq"
     with pytest.raises(BaseqError, match="weights must be one of"):
         QuantizeConfig(weights="awq").validate()
+
+
+def test_stacked_solve_records_each_linears_scales():
+    ctx = _ctx()
+    GPTQStage(WeightQuantConfig(bits=4), QuantizeConfig().gptq).run(ctx)
+    for name, m in LlamaAdapter.linears(ctx.layer).items():
+        assert m.weight_scale.shape == (m.out_features, 1) and m.weight_zero.shape == (m.out_features, 1)
+        codes = torch.round(m.weight / m.weight_scale) + m.weight_zero
+        assert codes.min() >= 0 and codes.max() <= 15, name
+        torch.testing.assert_close((codes - m.weight_zero) * m.weight_scale, m.weight, rtol=0, atol=1e-6)

@@ -19,7 +19,7 @@ from ..models.adapter import LlamaAdapter
 from ..quant.gptaq import AsymmetricStats, asymmetric_target
 from ..quant.gptq import GPTQ, rtn_quantize_
 from ..quant.qmodel import ActPoint, set_quantize
-from ..quant.quantizer import WeightQuantConfig
+from ..quant.quantizer import WeightQuantConfig, record_weight_qparams
 from .engine import BlockContext
 
 # GPTQ's sequential order: each group sees inputs produced by the already-quantized groups before it.
@@ -81,9 +81,12 @@ class GPTQStage:
             solver.H, solver.nsamples = stats.H, stats.nsamples
             loss = solver.quantize(self.wcfg, blocksize=self.gcfg.blocksize, percdamp=self.gcfg.percdamp,
                                    act_order=self.gcfg.act_order, static_groups=self.gcfg.static_groups)
+            sizes = [m.out_features for m in members]
             with torch.no_grad():
-                for m, w in zip(members, stacked.weight.split([m.out_features for m in members])):
+                for m, w, sc, z in zip(members, stacked.weight.split(sizes), stacked.weight_scale.split(sizes),
+                                       stacked.weight_zero.split(sizes)):
                     m.weight.copy_(w.to(m.weight.dtype))
+                    record_weight_qparams(m, sc, z)
             ctx.log[f"gptq_{'_'.join(n.removesuffix('_proj') for n in group)}"] = loss
 
 
