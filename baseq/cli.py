@@ -156,7 +156,8 @@ def config_from_args(args):
              "bias": cfg.train, "scale": cfg.train, "clip": cfg.train, "seed": cfg,
              "transforms": cfg.train, "vo_rotation": cfg.train, "transform_epochs": cfg.train,
              "lr_transform": cfg.train, "train_loss": (cfg.train, "loss"),
-             "act_order": cfg.gptq, "percdamp": cfg.gptq, "gptaq_alpha": (cfg.gptq, "asym_alpha")}
+             "act_order": cfg.gptq, "percdamp": cfg.gptq, "gptaq_alpha": (cfg.gptq, "asym_alpha"),
+             "weight_scale": cfg.train, "lr_weight_scale": cfg.train}
     for flag, target in flags.items():
         value = getattr(args, flag, None)
         if value is None:
@@ -301,6 +302,10 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train-loss", choices=LOSSES,
                    help=f"block loss: mse, or token (MSE per token relative to the target token's energy); "
                         f"default {T.loss}")
+    toggle("--weight-scale", "learn a scale factor per output row of every quantized weight, after GPTQ",
+           T.weight_scale)
+    g.add_argument("--lr-weight-scale", type=float,
+                   help=f"learning rate of the weight scale factors (default {T.lr_weight_scale:g})")
     toggle("--transforms", "stage 1: compensated V/o/down scales and V/O rotation, fused before GPTQ", T.transforms)
     toggle("--vo-rotation", "learnable per-KV-head V/O rotation in stage 1", T.vo_rotation)
     g.add_argument("--transform-epochs", type=int, help=f"stage 1 epochs per block (default {T.transform_epochs})")

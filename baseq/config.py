@@ -96,6 +96,8 @@ class TrainConfig:
     lr_scale: float = 1e-2
     loss: str = "mse"  # see LOSSES and calibrate/stages.block_loss
     inputs: str = "fp"  # train on the full-precision block inputs ("fp") or the quantized model's ("quant")
+    weight_scale: bool = False  # learn a factor per output row of every quantized weight (calibrate/weight_scale.py)
+    lr_weight_scale: float = 2e-3
     revert_if_worse: bool = False  # keep a block's starting corrections when training raised its loss (measured:
     # lower block loss but worse end-to-end perplexity, so off by default; docs/RESULTS.md)
     # stage 1: compensated transforms (V scale, o/down input scales, per-KV-head V/O rotation), fused before GPTQ
@@ -113,7 +115,7 @@ class TrainConfig:
             raise BaseqError(f"train inputs must be 'fp' or 'quant' (got {self.inputs})")
         if self.epochs < 0 or self.transform_epochs < 0 or self.batch_size < 1 or self.samples < 0:
             raise BaseqError("epochs and train samples must be ≥ 0 and batch size ≥ 1")
-        if min(self.lr_clip, self.lr_bias, self.lr_scale, self.lr_transform) < 0:
+        if min(self.lr_clip, self.lr_bias, self.lr_scale, self.lr_transform, self.lr_weight_scale) < 0:
             raise BaseqError("learning rates must be ≥ 0")
 
 

@@ -7,18 +7,15 @@ import copy
 import pytest
 import torch
 
-from baseq.calibrate.engine import BlockContext, capture_inputs
-from baseq.calibrate.pipeline import act_spec, build_stages
+from baseq.calibrate.pipeline import build_stages
 from baseq.calibrate.stages import SEQUENTIAL, GPTQStage, group_inputs
 from baseq.config import QuantizeConfig
 from baseq.errors import BaseqError
 from baseq.models.adapter import LlamaAdapter
 from baseq.quant.gptaq import AsymmetricStats, asymmetric_target
 from baseq.quant.gptq import GPTQ
-from baseq.quant.qmodel import quantize_structure, set_quantize
 from baseq.quant.quantizer import WeightQuantConfig
-from baseq.rotation.fuse import rotate_model
-from baseq.testing import tiny_llama
+from baseq.testing import tiny_block_context
 
 
 def test_stats_are_the_running_averages_of_their_definitions():
@@ -55,21 +52,7 @@ def test_target_is_the_least_squares_fit_to_the_fp_output():
 
 
 def _ctx(seed=0, noise=0.0):
-    torch.manual_seed(seed)
-    model = tiny_llama(hidden=48, ffn=80, heads=4, kv_heads=2, layers=1, seed=seed)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    cfg = QuantizeConfig(method="quarot")
-    rotate_model(model, seed=0)
-    ad = quantize_structure(model, act_spec(cfg))
-    x, kwargs = capture_inputs(model, ad, torch.randint(0, 256, (6, 32)), "cpu", 3)
-    q = x + noise * x.std() * torch.randn_like(x) if noise else x
-    layer = ad.layers[0]
-    ctx = BlockContext(0, layer, x, q, None, kwargs, torch.device("cpu"), 3, progress=False)
-    set_quantize(layer, False)
-    ctx.fp_out = ctx.run(x)
-    set_quantize(layer, True)
-    return ctx
+    return tiny_block_context(seed, noise)
 
 
 def test_stacked_group_solve_equals_one_solve_per_linear():

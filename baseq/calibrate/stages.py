@@ -20,6 +20,7 @@ from ..quant.gptaq import AsymmetricStats, asymmetric_target
 from ..quant.gptq import GPTQ, rtn_quantize_
 from ..quant.qmodel import ActPoint, set_quantize
 from ..quant.quantizer import WeightQuantConfig, record_weight_qparams
+from . import weight_scale
 from .engine import BlockContext
 
 # GPTQ's sequential order: each group sees inputs produced by the already-quantized groups before it.
@@ -205,6 +206,9 @@ class BaseqTrainStage:
         if cfg.bias and cfg.bias_init == "mean":
             self.init_bias_mean(ctx, x)
         groups = self.parameter_groups(ctx.layer)
+        if cfg.weight_scale:  # per-row weight scales, trained with the corrections (calibrate/weight_scale.py)
+            groups.append({"name": "weight_scale", "params": weight_scale.attach(ctx.layer),
+                           "lr": cfg.lr_weight_scale})
         params = [p for g in groups for p in g["params"]]
         before = ctx.log["loss_before"] = self.loss(ctx, x, y, cfg.loss)
         if params and cfg.epochs > 0:
@@ -220,6 +224,7 @@ class BaseqTrainStage:
             ctx.log["loss_after"] = after
         else:
             ctx.log["loss_after"] = before
+        weight_scale.fold(ctx.layer)
         fold_block(ctx.layer)
 
     def train(self, ctx: BlockContext, x: torch.Tensor, y: torch.Tensor, groups: list[dict], params: list) -> None:
