@@ -157,7 +157,8 @@ def config_from_args(args):
              "transforms": cfg.train, "vo_rotation": cfg.train, "transform_epochs": cfg.train,
              "lr_transform": cfg.train, "train_loss": (cfg.train, "loss"),
              "act_order": cfg.gptq, "percdamp": cfg.gptq, "gptaq_alpha": (cfg.gptq, "asym_alpha"),
-             "weight_scale": cfg.train, "lr_weight_scale": cfg.train}
+             "weight_scale": cfg.train, "lr_weight_scale": cfg.train,
+             "smooth": (cfg.smooth, "points"), "smooth_alpha": (cfg.smooth, "alpha")}
     for flag, target in flags.items():
         value = getattr(args, flag, None)
         if value is None:
@@ -279,6 +280,11 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--percdamp", type=float, help="GPTQ damping (fraction of mean diag H, default 0.01)")
     g.add_argument("--gptaq-alpha", type=float,
                    help=f"--weights gptaq: how far towards the FP-output target (default {GPTQConfig().asym_alpha:g})")
+    g.add_argument("--smooth", metavar="POINTS",
+                   help="channel smoothing before the rotations (SmoothRot) at these quantization points: a comma "
+                        "list of down, qkv, gate_up (quarot and baseq; default: off)")
+    g.add_argument("--smooth-alpha", type=float,
+                   help="smoothing strength α in [0, 1] (default: chosen per block and point from 0.3–0.7 or none)")
     g = p.add_argument_group("BASE-Q training (method baseq)")
     T = TrainConfig()  # help texts show the real defaults
 

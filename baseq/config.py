@@ -79,6 +79,27 @@ class GPTQConfig:
 
 
 @dataclass
+class SmoothConfig:
+    """Channel smoothing before the rotations at a block's quantization points (SmoothRot; rotation/smooth.py)."""
+
+    points: str = ""  # comma list of down, qkv, gate_up ("" = off)
+    alpha: float = -1.0  # < 0: chosen per block and point from a small grid by the quantized output error
+
+    @property
+    def pairs(self) -> tuple[str, ...]:
+        return tuple(p.strip() for p in self.points.split(",") if p.strip())
+
+    def validate(self) -> None:
+        from .rotation.smooth import PAIRS
+
+        bad = [p for p in self.pairs if p not in PAIRS]
+        if bad:
+            raise BaseqError(f"unknown smoothing point(s) {', '.join(bad)} (choose from {', '.join(PAIRS)})")
+        if self.alpha > 1:
+            raise BaseqError(f"smoothing alpha must be ≤ 1, or < 0 to search (got {self.alpha})")
+
+
+@dataclass
 class TrainConfig:
     """BASE-Q's per-block training of biases, asymmetric scales and clipping (stage 3)."""
 
@@ -127,6 +148,7 @@ class QuantizeConfig:
     bits: BitsConfig = field(default_factory=BitsConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    smooth: SmoothConfig = field(default_factory=SmoothConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     @property
@@ -154,6 +176,7 @@ class QuantizeConfig:
             raise BaseqError(f"gptaq alpha must be ≥ 0 (got {self.gptq.asym_alpha})")
         self.bits.validate()
         self.calib.validate()
+        self.smooth.validate()
         self.train.validate()
         return self
 

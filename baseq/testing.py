@@ -99,7 +99,7 @@ def tiny_block_context(seed: int = 0, noise: float = 0.0, method: str = "quarot"
     from .rotation.fuse import rotate_model
 
     torch.manual_seed(seed)
-    kw = dict(hidden=48, ffn=80, heads=4, kv_heads=2, layers=1, seed=seed, **model_kw)
+    kw = {"hidden": 48, "ffn": 80, "heads": 4, "kv_heads": 2, "layers": 1, "seed": seed, **model_kw}
     model = tiny_llama(**kw)
     for p in model.parameters():
         p.requires_grad_(False)

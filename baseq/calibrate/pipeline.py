@@ -29,6 +29,7 @@ from ..quant.qmodel import ActSpec, quantize_structure
 from ..quant.quantizer import WeightQuantConfig, quantize_embedding_
 from ..rotation.fuse import rotate_model
 from .engine import BlockContext, calibrate_blocks
+from .smooth import SmoothStage
 from .stages import BaseqTrainStage, GPTQStage, RTNStage
 from .transforms import CompensatedTransformStage
 
@@ -50,6 +51,9 @@ def build_stages(cfg: QuantizeConfig) -> list:
     w = cfg.weight_method
     stages = [RTNStage(wcfg) if w == "rtn" else
               GPTQStage(wcfg, cfg.gptq, asymmetric=cfg.gptq.asym_alpha if w == "gptaq" else 0.0)]
+    if cfg.rotate and cfg.smooth.pairs:
+        a = cfg.smooth.alpha
+        stages.insert(0, SmoothStage(cfg.smooth.pairs, wcfg, alpha=a if a >= 0 else None, seed=cfg.seed))
     if cfg.method == "baseq":
         t = cfg.train
         if t.transforms:
