@@ -158,7 +158,8 @@ def config_from_args(args):
              "lr_transform": cfg.train, "train_loss": (cfg.train, "loss"),
              "act_order": cfg.gptq, "percdamp": cfg.gptq, "gptaq_alpha": (cfg.gptq, "asym_alpha"),
              "weight_scale": cfg.train, "lr_weight_scale": cfg.train,
-             "smooth": (cfg.smooth, "points"), "smooth_alpha": (cfg.smooth, "alpha")}
+             "smooth": (cfg.smooth, "points"), "smooth_alpha": (cfg.smooth, "alpha"),
+             "rotations": (cfg.rotation, "kind")}
     for flag, target in flags.items():
         value = getattr(args, flag, None)
         if value is None:
@@ -280,6 +281,9 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--percdamp", type=float, help="GPTQ damping (fraction of mean diag H, default 0.01)")
     g.add_argument("--gptaq-alpha", type=float,
                    help=f"--weights gptaq: how far towards the FP-output target (default {GPTQConfig().asym_alpha:g})")
+    g.add_argument("--rotations", choices=("hadamard", "calibrated"),
+                   help="R1/R2: seeded randomized Hadamards (default), or calibrated: trained on the FP model's "
+                        "activations with a distribution loss (DartQuant), per layer and KV head for R2")
     g.add_argument("--smooth", metavar="POINTS",
                    help="channel smoothing before the rotations (SmoothRot) at these quantization points: a comma "
                         "list of down, qkv, gate_up (quarot and baseq; default: off)")

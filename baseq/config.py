@@ -79,6 +79,22 @@ class GPTQConfig:
 
 
 @dataclass
+class RotationConfig:
+    """The offline rotations R1 / R2: seeded randomized Hadamards, or calibrated on FP activations (DartQuant)."""
+
+    kind: str = "hadamard"  # or "calibrated" (rotation/calibrated.py)
+    steps: int = 100  # SGD steps of the calibrated rotations
+    lr: float = 1.0
+    windows: int = 8  # calibration windows whose activations they are fitted on
+
+    def validate(self) -> None:
+        if self.kind not in ("hadamard", "calibrated"):
+            raise BaseqError(f"rotations must be 'hadamard' or 'calibrated' (got {self.kind})")
+        if self.steps < 0 or self.windows < 1 or self.lr < 0:
+            raise BaseqError("calibrated rotations need steps ≥ 0, windows ≥ 1 and lr ≥ 0")
+
+
+@dataclass
 class SmoothConfig:
     """Channel smoothing before the rotations at a block's quantization points (SmoothRot; rotation/smooth.py)."""
 
@@ -148,6 +164,7 @@ class QuantizeConfig:
     bits: BitsConfig = field(default_factory=BitsConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    rotation: RotationConfig = field(default_factory=RotationConfig)
     smooth: SmoothConfig = field(default_factory=SmoothConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -176,6 +193,7 @@ class QuantizeConfig:
             raise BaseqError(f"gptaq alpha must be ≥ 0 (got {self.gptq.asym_alpha})")
         self.bits.validate()
         self.calib.validate()
+        self.rotation.validate()
         self.smooth.validate()
         self.train.validate()
         return self

@@ -221,7 +221,7 @@ def test_quantize_flags_reach_the_config():
         "--train-loss", "token", "--no-scale", "--transforms", "--no-vo-rotation", "--transform-epochs", "1",
         "--lr-transform", "0.01", "--no-act-order", "--percdamp", "0.05", "--seed", "9",
         "--weights", "gptaq", "--gptaq-alpha", "0.5", "--weight-scale", "--lr-weight-scale", "0.004",
-        "--smooth", "down,qkv", "--smooth-alpha", "0.5"])
+        "--smooth", "down,qkv", "--smooth-alpha", "0.5", "--rotations", "calibrated"])
     cfg = config_from_args(args)
     assert (cfg.bits.w_bits, cfg.bits.a_bits, cfg.bits.kv_bits, cfg.bits.w_group, cfg.bits.a_clip) == (4, 8, 8, 16, 0.8)
     assert (cfg.calib.samples, cfg.calib.seqlen, cfg.seed) == (7, 64, 9)
@@ -232,7 +232,7 @@ def test_quantize_flags_reach_the_config():
         (False, True, True, False, 1, 0.01)
     assert (cfg.gptq.act_order, cfg.gptq.percdamp, cfg.weights, cfg.gptq.asym_alpha) == (False, 0.05, "gptaq", 0.5)
     assert (t.weight_scale, t.lr_weight_scale) == (True, 0.004)
-    assert (cfg.smooth.pairs, cfg.smooth.alpha) == (("down", "qkv"), 0.5)
+    assert (cfg.smooth.pairs, cfg.smooth.alpha, cfg.rotation.kind) == (("down", "qkv"), 0.5, "calibrated")
 
 
 def test_no_command_prints_help(capsys):

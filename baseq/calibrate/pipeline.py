@@ -27,6 +27,7 @@ from ..errors import BaseqError
 from ..models.adapter import LlamaAdapter
 from ..quant.qmodel import ActSpec, quantize_structure
 from ..quant.quantizer import WeightQuantConfig, quantize_embedding_
+from ..rotation.calibrated import apply_value_rotations, calibrate_rotations
 from ..rotation.fuse import rotate_model
 from .engine import BlockContext, calibrate_blocks
 from .smooth import SmoothStage
@@ -104,14 +105,24 @@ def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, model_spec: str = "
     t0 = time.perf_counter()
     for p in model.parameters():
         p.requires_grad_(False)
+    report = {"method": cfg.label, "bits": cfg.bits.label}
     ad = check_model(model, cfg)  # fail early, with a clear message, on unsupported architectures / group sizes
     quantize_ends(ad, cfg.bits.embed_bits)
     if cfg.rotate:
-        rotate_model(model, seed=cfg.seed)
+        r1 = r2 = None
+        if cfg.rotation.kind == "calibrated":  # DartQuant-style: fitted to the FP activations (rotation/calibrated.py)
+            if windows is None:
+                windows = calib_windows(tokenizer, cfg.calib.data, cfg.calib.seqlen, cfg.calib.samples,
+                                        cfg.calib.seed)
+            rot = cfg.rotation
+            r1, r2 = calibrate_rotations(model, windows[: rot.windows], seed=cfg.seed, steps=rot.steps, lr=rot.lr,
+                                         log=report.setdefault("rotation", {}))
+        rotate_model(model, seed=cfg.seed, r1=r1)
+        if r2 is not None:
+            apply_value_rotations(model, r2, seed=cfg.seed)
     ad = quantize_structure(model, act_spec(cfg))
     model.to(device)
     stages = build_stages(cfg)
-    report = {"method": cfg.label, "bits": cfg.bits.label}
     if not needs_calibration(cfg):
         for i, layer in enumerate(ad.layers):  # RTN needs no data
             stages[0].run(BlockContext(i, layer, None, None, None, {}, torch.device(device), 1))
