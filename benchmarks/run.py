@@ -45,6 +45,15 @@ ROWS: dict[str, dict] = {
     "abl-loss-token": {**BASEQ, "train": {"loss": "token"}},
     "abl-stage1": {**BASEQ, "train": {"transforms": True}},
     "abl-stage1-no-vo-rotation": {**BASEQ, "train": {"transforms": True, "vo_rotation": False}},
+    # issue 11 candidates at W4A4KV4, each alone on top of the default BASE-Q
+    "cand-gptaq": {**BASEQ, "weights": "gptaq"},
+    "cand-gptaq-alpha1": {**BASEQ, "weights": "gptaq", "gptq": {"asym_alpha": 1.0}},
+    "cand-smooth-down": {**BASEQ, "smooth": {"points": "down"}},
+    "cand-smooth-all": {**BASEQ, "smooth": {"points": "down,qkv,gate_up"}},
+    "cand-rotations": {**BASEQ, "rotation": {"kind": "calibrated"}},
+    "cand-weight-scale": {**BASEQ, "train": {"weight_scale": True}},
+    "quarot-gptaq-w4a4kv4": {"method": "quarot", "weights": "gptaq", "bits": "W4A4KV4"},
+    "baseq-large": {**BASEQ, "calib": {"samples": 64, "seqlen": 1024}, "train": {"epochs": 5}},
 }
 DEFAULT = ["fp", "rtn-w4a4kv4", "gptq-w4a4kv4", "quarot-rtn-w4a4kv4", "quarot-gptq-w4a4kv4", "baseq-w4a4kv4",
            "quarot-gptq-w4a8kv8", "baseq-w4a8kv8", "quarot-gptq-w4a16"]

@@ -292,3 +292,12 @@ def test_subprocess_eval_and_error(tiny_model_dir, text_file, expected_ppl, tmp_
     assert code == 2
     _assert_one_error_line(stderr, f"holds {available} eval windows")
     assert stdout == ""
+
+
+def test_preset_large_sets_the_budget_and_flags_override_it():
+    from baseq.cli import build_parser, config_from_args
+
+    cfg = config_from_args(build_parser().parse_args(["quantize", "--preset", "large", "--epochs", "4"]))
+    assert (cfg.calib.samples, cfg.calib.seqlen, cfg.train.epochs) == (64, 1024, 4)
+    cfg = config_from_args(build_parser().parse_args(["quantize"]))
+    assert (cfg.calib.samples, cfg.calib.seqlen, cfg.train.epochs) == (32, 512, 3)
