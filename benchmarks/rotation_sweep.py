@@ -25,6 +25,7 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=8)
     p.add_argument("--steps", default="100")
     p.add_argument("--lr", default="1")
+    p.add_argument("--only", choices=("R1", "R2"), help="screen one of the two rotations only")
     args = p.parse_args()
     model, tok = load_model(args.model)
     s = LlamaAdapter(model).shape
@@ -41,6 +42,8 @@ def main() -> None:
             "R2": (groups(train_v), groups(test_v), orthogonal_matrix(s.head_dim, seed=1).expand(
                 s.layers * s.kv_heads, -1, -1))}
     for name, (tr, te, init) in data.items():
+        if args.only and name != args.only:
+            continue
         def err(r):
             return sum(per_token_error(te[i], r[i]) for i in range(te.shape[0])) / te.shape[0]
 
