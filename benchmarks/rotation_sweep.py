@@ -52,7 +52,7 @@ def main() -> None:
         for steps in map(int, args.steps.split(",")):
             for lr in map(float, args.lr.split(",")):
                 t0 = time.perf_counter()
-                r, _, _ = train_rotation(tr, init, steps=steps, lr=lr)
+                r, _, _ = train_rotation(tr, init, steps=steps, lr=lr, batch=1024 if name == "R1" else 256)
                 print(f"{name} steps {steps} lr {lr:g}: whip {whip(r):.5f}, 4-bit error {err(r):.5f} "
                       f"({time.perf_counter() - t0:.1f} s)", flush=True)
 

@@ -129,7 +129,8 @@ def calibrate_rotations(model: nn.Module, windows: torch.Tensor, seed: int = 0, 
         x = vo.view(s.layers, -1, s.kv_heads, g, s.head_dim).permute(0, 2, 1, 3, 4)
         x = x.reshape(s.layers * s.kv_heads, -1, s.head_dim)
         init = orthogonal_matrix(s.head_dim, seed=seed + 1).expand(x.shape[0], -1, -1)
-        q2, log["r2_loss_before"], log["r2_loss_after"] = train_rotation(x, init, steps, lr, seed=seed + 1)
+        q2, log["r2_loss_before"], log["r2_loss_after"] = train_rotation(x, init, steps, lr, batch=256,
+                                                                         seed=seed + 1)
         q2 = q2.view(s.layers, s.kv_heads, s.head_dim, s.head_dim)
     return q1, q2
 
