@@ -90,7 +90,7 @@ class RotationConfig:
 
     kind: str = "hadamard"  # or "calibrated" (rotation/calibrated.py)
     steps: int = 100  # SGD steps of the calibrated rotations
-    lr: float = 1.0
+    lr: float = 10.0  # screened on held-out tokens: 0.1 / 1 / 10 → 4-bit error of R1's input −10 / −18 / −25 %
     windows: int = 8  # calibration windows whose activations they are fitted on
 
     def validate(self) -> None:
