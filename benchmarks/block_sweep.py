@@ -82,11 +82,10 @@ def main() -> None:
         x = x_next
     q = x if args.q_inputs == "fp" else q
     set_quantize(model, True)
-    layer = ad.layers[args.block]
-    start = copy.deepcopy(layer.state_dict())
+    start = copy.deepcopy(ad.layers[args.block])
     for setting in args.settings:
         cfg = parse_setting(setting)
-        layer.load_state_dict(start)
+        layer = ad.layers[args.block] = copy.deepcopy(start)  # stages add buffers (recorded scales): a fresh copy
         ctx = BlockContext(args.block, layer, x, q, None, kwargs, cpu, 4, False)
         set_quantize(layer, False)
         ctx.fp_out = ctx.run(x)
