@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import re
 import time
 
 import torch
@@ -39,7 +40,7 @@ TOP = {f.name for f in dataclasses.fields(QuantizeConfig)}
 
 def parse_setting(setting: str) -> QuantizeConfig:
     data: dict = {"method": "baseq"}
-    for key, value in (kv.split("=", 1) for kv in setting.split(",") if kv):
+    for key, value in (kv.split("=", 1) for kv in re.split(r",(?=[\w.]+=)", setting) if kv):  # a, b=x,y
         value = yaml.safe_load(value)
         if "." in key:
             section, field = key.split(".", 1)

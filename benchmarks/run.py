@@ -53,6 +53,7 @@ ROWS: dict[str, dict] = {
     "cand-rotations": {**BASEQ, "rotation": {"kind": "calibrated"}},
     "cand-weight-scale": {**BASEQ, "train": {"weight_scale": True}},
     "quarot-gptaq-w4a4kv4": {"method": "quarot", "weights": "gptaq", "bits": "W4A4KV4"},
+    "cand-combo": {**BASEQ, "weights": "gptaq", "rotation": {"kind": "calibrated"}, "train": {"weight_scale": True}},
     "baseq-large": {**BASEQ, "calib": {"samples": 64, "seqlen": 1024}, "train": {"epochs": 5}},
 }
 DEFAULT = ["fp", "rtn-w4a4kv4", "gptq-w4a4kv4", "quarot-rtn-w4a4kv4", "quarot-gptq-w4a4kv4", "baseq-w4a4kv4",
