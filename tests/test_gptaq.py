@@ -103,3 +103,10 @@ def test_stacked_solve_records_each_linears_scales():
         codes = torch.round(m.weight / m.weight_scale) + m.weight_zero
         assert codes.min() >= 0 and codes.max() <= 15, name
         torch.testing.assert_close((codes - m.weight_zero) * m.weight_scale, m.weight, rtol=0, atol=1e-6)
+
+
+def test_16_bit_weights_are_left_alone():
+    ctx = _ctx()
+    before = {n: m.weight.clone() for n, m in LlamaAdapter.linears(ctx.layer).items()}
+    GPTQStage(WeightQuantConfig(bits=16), QuantizeConfig().gptq, asymmetric=0.25).run(ctx)
+    assert all(torch.equal(m.weight, before[n]) for n, m in LlamaAdapter.linears(ctx.layer).items())

@@ -52,6 +52,8 @@ class GPTQStage:
         self.wcfg, self.gcfg, self.asymmetric = wcfg, gcfg, asymmetric
 
     def run(self, ctx: BlockContext) -> None:
+        if not self.wcfg.enabled:  # 16-bit weights: nothing to quantize
+            return
         linears = LlamaAdapter.linears(ctx.layer)
         fp_layer = None
         if self.asymmetric:
