@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from .errors import BaseqError
 
@@ -73,3 +74,34 @@ def write_json(path: str | Path, payload: Any) -> None:
     """Write ``payload`` as indented JSON, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+_SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+                       "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def write_safetensors(path: str | Path, tensors: Callable[[], Iterable[tuple[str, Any]]],
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file holding one tensor in memory at a time: ``tensors()`` is called twice, first for
+    the header (names, dtypes, shapes), then for the bytes, and must give the same tensors in the same order both
+    times (e.g. blocks read back from disk one by one). The file is the format's plain layout: an 8-byte
+    little-endian header length, the JSON header (padded to 8 bytes), then each tensor's bytes in order."""
+    import torch
+
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    specs, offset = [], 0
+    for name, t in tensors():
+        size = t.numel() * t.element_size()
+        dtype = _SAFETENSORS_DTYPES[str(t.dtype).removeprefix("torch.")]
+        header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        specs.append((name, dtype, tuple(t.shape)))
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for (name, t), spec in zip(tensors(), specs, strict=True):
+            if (name, _SAFETENSORS_DTYPES[str(t.dtype).removeprefix("torch.")], tuple(t.shape)) != spec:
+                raise ValueError(f"write_safetensors: the second pass gave {name} where {spec[0]} was announced")
+            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)

@@ -87,6 +87,63 @@ def save_tiny_llama(path: str | Path, **kwargs) -> Path:
     return path
 
 
+def save_tiny_gguf(path: str | Path, quantize: bool = True, **kwargs) -> Path:
+    """Build :func:`tiny_llama` and write it as a llama GGUF file (with the byte tokenizer), as llama.cpp's converter
+    would: q/k rows permuted for its RoPE layout, 2-D weights whose rows are a multiple of 32 stored as Q8_0 when
+    ``quantize``. Returns the path; ``tiny_llama(**kwargs)`` rebuilds the source model."""
+    import gguf
+    import numpy as np
+
+    path = Path(path)
+    model, tok = tiny_llama(**kwargs), byte_tokenizer()
+    c = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])])
+    w.add_token_types([1] * 256 + [3] * len(SPECIALS))
+    w.add_token_scores([0.0] * (256 + len(SPECIALS)))
+    w.add_token_merges([])
+    w.add_bos_token_id(c.bos_token_id)
+    w.add_eos_token_id(c.eos_token_id)
+
+    def add(name: str, t: torch.Tensor, heads: int = 0) -> None:
+        a = t.detach().float().numpy()
+        if heads:  # llama.cpp's layout of q/k rows: the two halves of each head's rotary pairs interleaved
+            a = a.reshape(heads, 2, a.shape[0] // heads // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
+        if quantize and a.ndim == 2 and a.shape[1] % 32 == 0:
+            w.add_tensor(name, gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0),
+                         raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(name, np.ascontiguousarray(a))
+
+    parts = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    add("token_embd.weight", model.model.embed_tokens.weight)
+    for i, layer in enumerate(model.model.layers):
+        for hf, name in parts.items():
+            heads = {"self_attn.q_proj": c.num_attention_heads, "self_attn.k_proj": c.num_key_value_heads}.get(hf, 0)
+            add(f"blk.{i}.{name}.weight", layer.get_submodule(hf).weight, heads)
+    add("output_norm.weight", model.model.norm.weight)
+    if not c.tie_word_embeddings:
+        add("output.weight", model.lm_head.weight)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
 def tiny_block_context(seed: int = 0, noise: float = 0.0, method: str = "quarot", windows: int = 6, seqlen: int = 32,
                        **model_kw):
     """Block 0 of a rotated, quantized-structure tiny model with its FP inputs and targets, as the calibration engine

@@ -106,3 +106,17 @@ def make_fake_wheel(folder: Path, payload: bytes, member: str = "fakepkg/data/fi
 @pytest.fixture
 def fake_wheel_factory():
     return make_fake_wheel
+
+
+WORDS = "the of and a to in is was for on that with as by at from his her it an were are which this be".split()
+
+
+@pytest.fixture(scope="session")
+def words_file(tmp_path_factory) -> str:
+    """4,000 seeded random common words: calibration and evaluation text for tiny models."""
+    import random
+
+    rng = random.Random(2)
+    path = tmp_path_factory.mktemp("words") / "words.txt"
+    path.write_text(" ".join(rng.choice(WORDS) for _ in range(4000)))
+    return str(path)

@@ -2,20 +2,25 @@
 
 Captures the inputs of block 0 for the calibration windows, then for each block in order:
 
-1. computes the full-precision targets: the block with every quantizer off, on its FP inputs;
-2. runs the method's stages on it (GPTQ, BASE-Q training, ...), each a small object with ``run(ctx)``;
-3. advances: the quantized block's outputs on the quantized inputs become the next quantized inputs, the FP
-   outputs the next FP inputs.
+1. takes the block from its :class:`Blocks` source (the model in memory, or a lazily loaded file) onto ``device``;
+2. computes the full-precision targets: the block with every quantizer off, on its FP inputs;
+3. runs the method's stages on it (GPTQ, BASE-Q training, ...), each a small object with ``run(ctx)``;
+4. advances: the quantized block's outputs on the quantized inputs become the next quantized inputs, the FP
+   outputs the next FP inputs; the block goes back to the CPU (or to disk) before the next one comes.
 
-Only one block's activations and trainable state are live at a time (activations stay on the CPU in the model dtype
-and move to ``device`` batch by batch). With a ``work_dir``, each finished block's state and the propagated
-activations are saved there, so an interrupted run resumes from the last finished block.
+Only one block and one block's activations are live at a time: the model stays on the CPU, only the block being
+calibrated and the current batch are on ``device`` (the embedding only while block 0's inputs are captured).
+Activations stay on the CPU in the model dtype (or in memory-mapped files) and move to ``device`` batch by batch.
+
+Data-parallel: with a :class:`~baseq.calibrate.comm.Communicator` of several ranks, each rank holds a contiguous
+:class:`~baseq.calibrate.comm.Shard` of the windows; stages reduce what they accumulate through ``ctx.comm``.
+With a ``work_dir``, each finished block's state (rank 0) and every rank's propagated activations are saved
+there, so an interrupted run resumes from the last finished block.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,12 +31,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import BaseqError
+from ..io import atomic_path, write_json
 from ..models.adapter import LlamaAdapter
 from ..quant.qmodel import set_quantize
-
-
-class _Captured(Exception):
-    pass
+from .blocks import Blocks, ModelBlocks
+from .comm import Communicator, Shard
+from .train import Tap
 
 
 @dataclass
@@ -46,6 +52,12 @@ class BlockContext:
     batch_size: int
     progress: bool = True
     log: dict[str, Any] = field(default_factory=dict)
+    comm: Communicator = field(default_factory=Communicator)
+    shard: Shard | None = None  # which of the calibration windows this rank holds (default: all of fp_in)
+
+    def __post_init__(self):
+        if self.shard is None and self.fp_in is not None:
+            self.shard = Shard.of(self.fp_in.shape[0])
 
     def forward(self, x: torch.Tensor, grad: bool = False) -> torch.Tensor:
         """The block on ``x`` [b, seq, hidden] (already on the device)."""
@@ -113,43 +125,65 @@ def _move(obj, device):
     return obj
 
 
+class on_device:
+    """``with on_device(modules, device):`` the modules on ``device`` inside, back on the CPU after."""
+
+    def __init__(self, modules: list[nn.Module], device):
+        self.modules, self.device = modules, torch.device(device)
+
+    def __enter__(self):
+        for m in self.modules:
+            m.to(self.device)
+
+    def __exit__(self, *exc):
+        for m in self.modules:
+            m.to("cpu")
+
+
+def ends(model: nn.Module, ad: LlamaAdapter) -> list[nn.Module]:
+    """Everything of the decoder but its blocks: what a forward needs before block 0 (embedding, rotary, ...)."""
+    return [m for name, m in model.model.named_children() if m is not ad.layers]
+
+
 @torch.no_grad()
 def capture_inputs(model: nn.Module, ad: LlamaAdapter, windows: torch.Tensor, device, batch_size: int):
     """Inputs of block 0 for every window (CPU, model dtype) and the block kwargs of a batch-1 call."""
-    layer0 = ad.layers[0]
     seen: dict[str, Any] = {}
 
-    def hook(module, args, kwargs):
+    def grab(name, args, kwargs):
         seen["x"] = args[0] if args else kwargs["hidden_states"]
         seen["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise _Captured
 
-    handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
     xs, kwargs = [], None
-    try:
+    with Tap(ad.layers[0], grab, stop=True) as tap:
         for i, batch in enumerate(windows.split(batch_size)):
             if i == 0:  # a batch-1 call first, so the captured kwargs broadcast over any batch size
-                try:
-                    model(batch[:1].to(device), use_cache=False)
-                except _Captured:
-                    kwargs = seen["kwargs"]
-            try:
-                model(batch.to(device), use_cache=False)
-            except _Captured:
-                xs.append(seen["x"].to("cpu"))
-    finally:
-        handle.remove()
+                tap(model, batch[:1].to(device), use_cache=False)
+                kwargs = seen["kwargs"]
+            tap(model, batch.to(device), use_cache=False)
+            xs.append(seen["x"].to("cpu"))
     kwargs = {k: _move(v, device) for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")}
     kwargs["use_cache"] = False
     return torch.cat(xs), kwargs
 
 
 class Checkpoint:
-    """Finished blocks and propagated activations under ``work_dir`` (safetensors + a small JSON)."""
+    """Finished blocks (written by rank 0) and every rank's propagated activations under ``work_dir``.
 
-    def __init__(self, work_dir: Path, fingerprint: str):
+    Written in an order that is safe to interrupt anywhere: block ``i``'s files first (each renamed into place when
+    complete), then, once every rank has its activations on disk, ``progress.json`` saying ``i`` is done. Two
+    generations of activations are kept, so the ones ``progress.json`` points to always exist."""
+
+    def __init__(self, work_dir: Path, fingerprint: str, comm: Communicator | None = None):
         self.dir = Path(work_dir)
         self.fingerprint = fingerprint
+        self.comm = comm or Communicator()
+
+    def block_file(self, i: int) -> Path:
+        return self.dir / f"block{i}.safetensors"
+
+    def acts_file(self, i: int, rank: int | None = None) -> Path:
+        return self.dir / f"acts{i}.rank{self.comm.rank if rank is None else rank}.safetensors"
 
     def last_done(self) -> int:
         meta = self.dir / "progress.json"
@@ -160,64 +194,105 @@ class Checkpoint:
 
     def save(self, index: int, layer: nn.Module, fp_in: torch.Tensor, q_in: torch.Tensor, log: list) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in layer.state_dict().items()}
-        save_file(state, self.dir / f"block{index}.safetensors")
-        save_file({"fp": fp_in.contiguous(), "q": q_in.contiguous()}, self.dir / "acts.tmp.safetensors")
-        os.replace(self.dir / "acts.tmp.safetensors", self.dir / "acts.safetensors")
-        tmp = self.dir / "progress.tmp.json"
-        tmp.write_text(json.dumps({"done": index, "fingerprint": self.fingerprint, "log": log}))
-        os.replace(tmp, self.dir / "progress.json")
+        if self.comm.is_main:
+            state = {k: v.detach().contiguous().cpu() for k, v in layer.state_dict().items()}
+            with atomic_path(self.block_file(index)) as tmp:
+                save_file(state, tmp)
+        with atomic_path(self.acts_file(index)) as tmp:
+            save_file({"fp": fp_in.contiguous(), "q": q_in.contiguous()}, tmp)
+        self.comm.barrier()  # every rank's activations of block `index` exist; progress.json may point at them
+        if self.comm.is_main:
+            write_json(self.dir / "progress.json", {"done": index, "fingerprint": self.fingerprint, "log": log})
+        self.acts_file(index - 2).unlink(missing_ok=True)  # progress.json says ≥ index - 1 by now
 
-    def restore(self, layers: nn.ModuleList, upto: int):
+    def restore(self, blocks: Blocks, upto: int):
         for i in range(upto + 1):
-            layers[i].load_state_dict(load_file(self.dir / f"block{i}.safetensors"), strict=True)
-        acts = load_file(self.dir / "acts.safetensors")
+            blocks.restore(i, self.block_file(i))
+        acts = load_file(self.acts_file(upto))
         log = json.loads((self.dir / "progress.json").read_text())["log"]
         return acts["fp"], acts["q"], log
 
 
 def calibrate_blocks(model: nn.Module, ad: LlamaAdapter, windows: torch.Tensor, stages: list[Stage], *,
                      device="cpu", batch_size: int = 4, work_dir: Path | None = None, fingerprint: str = "",
-                     resume: bool = False, progress: bool = True, log_fn=print, offload_dir: Path | None = None):
-    """Run ``stages`` on every block in order; returns one log dict per block.
+                     resume: bool = False, progress: bool = True, log_fn=print, offload_dir: Path | None = None,
+                     comm: Communicator | None = None, blocks: Blocks | None = None):
+    """Run ``stages`` on every block in order; returns one log dict per block (the same on every rank).
 
-    ``offload_dir``: keep the propagated activations in memory-mapped files there instead of RAM."""
+    ``windows``: every calibration window (each rank keeps its shard). ``offload_dir``: keep the propagated
+    activations in memory-mapped files there instead of RAM. ``blocks``: where blocks come from and go to
+    (default: ``ad.layers``, in memory)."""
     device = torch.device(device)
-    layers = ad.layers
-    ckpt = Checkpoint(work_dir, fingerprint) if work_dir is not None else None
+    comm = comm or Communicator()
+    blocks = blocks if blocks is not None else ModelBlocks(ad)
+    if comm.world_size > len(windows):
+        raise BaseqError(f"{comm.world_size} ranks for {len(windows)} calibration windows: every rank needs at "
+                         f"least one (raise --calib-samples or start fewer ranks)")
+    shard = comm.shard(len(windows))
+    progress = progress and comm.is_main
+    say = log_fn if comm.is_main else (lambda msg: None)
+    ckpt = Checkpoint(work_dir, fingerprint, comm) if work_dir is not None else None
     start, log = 0, []
-    fp_in, kwargs = capture_inputs(model, ad, windows, device, batch_size)
+    with on_device(ends(model, ad), device):
+        fp_in, kwargs = capture_inputs(model, ad, windows[shard.start:shard.stop], device, batch_size)
     if ckpt is not None and resume and (done := ckpt.last_done()) >= 0:
-        fp_in, q_in, log = ckpt.restore(layers, done)
+        fp_in, q_in, log = ckpt.restore(blocks, done)
         start = done + 1
-        log_fn(f"resuming after block {done}")
+        say(f"resuming after block {done}")
     else:
         q_in = fp_in
     acts = Activations(fp_in, offload_dir)
     same = q_in is fp_in
     fp_in = acts.keep(fp_in)
     q_in = fp_in if same else acts.keep(q_in)
-    bar = tqdm(range(start, len(layers)), desc="blocks", disable=not progress, initial=start, total=len(layers))
+    bar = tqdm(range(start, len(blocks)), desc="blocks", disable=not progress, initial=start, total=len(blocks))
     for i in bar:
         t0 = time.perf_counter()
-        layer = layers[i]
+        layer = blocks.load(i).to(device)
         set_quantize(layer, False)
         ctx = BlockContext(i, layer, fp_in, q_in, fp_out=None, kwargs=kwargs, device=device,
-                           batch_size=batch_size, progress=progress)
+                           batch_size=batch_size, progress=progress, comm=comm, shard=shard)
         ctx.fp_out = ctx.run(fp_in, out=acts.new())
         set_quantize(layer, True)
         for stage in stages:
             stage.run(ctx)
         with torch.no_grad():
             q_out = ctx.run(q_in, out=acts.new())
-            err = (q_out.float() - ctx.fp_out.float()).pow(2).mean().item()
+            err = comm.mean((q_out.float() - ctx.fp_out.float()).pow(2).mean().item(), shard.size)
         acts.release(fp_in, q_in)
         fp_in, q_in = ctx.fp_out, q_out
+        layer.to("cpu")
         entry = {"block": i, "out_mse": err, "seconds": round(time.perf_counter() - t0, 2), **ctx.log}
         log.append(entry)
         bar.set_postfix(out_mse=f"{err:.4g}")
-        log_fn(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                        for k, v in entry.items() if not k.startswith("gptq_")))  # all of it is in the report
+        say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in entry.items() if not k.startswith("gptq_")))  # all of it is in the report
         if ckpt is not None:
             ckpt.save(i, layer, fp_in, q_in, log)
+        blocks.finish(i, layer)
     return log
+
+
+@torch.no_grad()
+def streamed_nll_sum(model: nn.Module, ad: LlamaAdapter, layers, windows: torch.Tensor, *, batch_size: int = 4,
+                     device="cpu", head_chunk: int = 128) -> tuple[float, int]:
+    """(sum of token NLLs, predicted tokens) over ``windows`` computed block by block, as calibration runs: for a
+    model whose blocks are not all in memory. ``layers``: ``(i, block)`` pairs in order (e.g. read from disk one at
+    a time); each visits ``device`` while every window passes through it."""
+    device = torch.device(device)
+    with on_device(ends(model, ad), device):
+        x, kwargs = capture_inputs(model, ad, windows, device, batch_size)
+    for i, layer in layers:
+        with on_device([layer], device):
+            BlockContext(i, layer, x, x, None, kwargs, device, batch_size).run(x, out=x)
+    total, count = 0.0, 0
+    with on_device([model.model.norm, model.lm_head], device):
+        for xs, ids in zip(x.split(batch_size), windows.split(batch_size)):
+            feats, ids = model.model.norm(xs.to(device)), ids.to(device)
+            for row, seq in zip(feats, ids):
+                for a in range(0, len(seq) - 1, head_chunk):
+                    b = min(a + head_chunk, len(seq) - 1)
+                    logits = model.lm_head(row[a:b]).float()
+                    total += torch.nn.functional.cross_entropy(logits, seq[a + 1:b + 1], reduction="sum").item()
+                count += seq.numel() - 1
+    return total, count

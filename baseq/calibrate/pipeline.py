@@ -20,16 +20,21 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from ..config import QuantizeConfig
 from ..data import calib_windows
 from ..errors import BaseqError
+from ..io import atomic_path
 from ..models.adapter import LlamaAdapter
-from ..quant.qmodel import ActSpec, quantize_structure
+from ..models.lazy import LazyModel
+from ..quant.qmodel import ActSpec, quantize_layer, quantize_structure, use_quantized_attention
 from ..quant.quantizer import WeightQuantConfig, quantize_embedding_
 from ..rotation.calibrated import apply_value_rotations, calibrate_rotations
-from ..rotation.fuse import rotate_model
-from .engine import BlockContext, calibrate_blocks
+from ..rotation.fuse import block_rotations, install_end_rotations, rotate_layer, rotate_model
+from .blocks import LazyBlocks, ModelBlocks, finished_layers
+from .comm import Communicator
+from .engine import BlockContext, Checkpoint, calibrate_blocks, on_device
 from .smooth import SmoothStage
 from .stages import BaseqTrainStage, GPTQStage, RTNStage
 from .transforms import CompensatedTransformStage
@@ -65,8 +70,10 @@ def build_stages(cfg: QuantizeConfig) -> list:
     return stages
 
 
-def fingerprint(cfg: QuantizeConfig, model_spec: str) -> str:
-    blob = json.dumps({"model": model_spec, "config": cfg.to_dict()}, sort_keys=True)
+def fingerprint(cfg: QuantizeConfig, model_spec: str, world_size: int = 1) -> str:
+    """What a resumable partial run must match: the model, the config and the number of ranks (each rank's saved
+    activations are its shard of the windows)."""
+    blob = json.dumps({"model": model_spec, "config": cfg.to_dict(), "world_size": world_size}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -97,35 +104,50 @@ def needs_calibration(cfg: QuantizeConfig) -> bool:
 
 def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, model_spec: str = "", device="cpu",
                    work_dir: Path | None = None, resume: bool = False, progress: bool = True, log_fn=print,
-                   windows: torch.Tensor | None = None) -> dict:
+                   windows: torch.Tensor | None = None, comm: Communicator | None = None,
+                   lazy: LazyModel | None = None) -> dict:
     """Quantize ``model`` in place following ``cfg``; returns a small report (timings, per-block log).
 
-    ``windows`` are the calibration token windows (default: drawn from ``cfg.calib``)."""
+    The model stays on (or is moved to) the CPU; each block visits ``device`` while it is calibrated.
+    ``windows`` are the calibration token windows (default: drawn from ``cfg.calib``); ``comm`` splits them across
+    the ranks of a distributed run (default: one process). With ``lazy`` (``model`` is then ``lazy.model``), blocks
+    are read from the files one at a time and the finished ones kept in ``work_dir`` (required): read them back
+    with :func:`quantized_layers`."""
     cfg.validate()
+    comm = comm or Communicator()
     t0 = time.perf_counter()
+    if lazy is None:
+        model.to("cpu")
+    elif work_dir is None:
+        raise BaseqError("lazy loading keeps the finished blocks in a work folder: pass work_dir")
     for p in model.parameters():
         p.requires_grad_(False)
     report = {"method": cfg.label, "bits": cfg.bits.label}
     ad = check_model(model, cfg)  # fail early, with a clear message, on unsupported architectures / group sizes
     quantize_ends(ad, cfg.bits.embed_bits)
-    if cfg.rotate:
-        r1 = r2 = None
-        if cfg.rotation.kind == "calibrated":  # DartQuant-style: fitted to the FP activations (rotation/calibrated.py)
-            if windows is None:
-                windows = calib_windows(tokenizer, cfg.calib.data, cfg.calib.seqlen, cfg.calib.samples,
-                                        cfg.calib.seed)
-            rot = cfg.rotation
-            r1, r2 = calibrate_rotations(model, windows[: rot.windows], seed=cfg.seed, steps=rot.steps, lr=rot.lr,
-                                         log=report.setdefault("rotation", {}))
-        rotate_model(model, seed=cfg.seed, r1=r1)
-        if r2 is not None:
-            apply_value_rotations(model, r2, seed=cfg.seed)
-    ad = quantize_structure(model, act_spec(cfg))
-    model.to(device)
+    learned = None
+    if cfg.rotate and cfg.rotation.kind == "calibrated":  # DartQuant-style: fitted to the FP activations
+        if lazy is not None:
+            raise BaseqError("--rotations calibrated needs the whole model in memory (a forward over every block "
+                             "before rotating): not available with --lazy yet")
+        if windows is None:
+            windows = calib_windows(tokenizer, cfg.calib.data, cfg.calib.seqlen, cfg.calib.samples, cfg.calib.seed)
+        rot = cfg.rotation
+        learned = calibrate_rotations(model, windows[: rot.windows], seed=cfg.seed, steps=rot.steps, lr=rot.lr,
+                                      log=report.setdefault("rotation", {}))
+        comm.broadcast_(list(learned), src=0)  # every rank fuses rank 0's rotations, bit for bit
+    blocks = prepare_blocks(model, ad, cfg, lazy, learned)
     stages = build_stages(cfg)
     if not needs_calibration(cfg):
-        for i, layer in enumerate(ad.layers):  # RTN needs no data
-            stages[0].run(BlockContext(i, layer, None, None, None, {}, torch.device(device), 1))
+        for i in range(len(blocks)):  # RTN needs no data
+            layer = blocks.load(i)
+            with on_device([layer], device):
+                stages[0].run(BlockContext(i, layer, None, None, None, {}, torch.device(device), 1))
+            if lazy is not None and comm.is_main:
+                work_dir.mkdir(parents=True, exist_ok=True)
+                with atomic_path(block_file(work_dir, i)) as tmp:
+                    save_file({k: v.contiguous() for k, v in layer.state_dict().items()}, tmp)
+            blocks.finish(i, layer)
         report["blocks"] = []
     else:
         if windows is None:
@@ -135,8 +157,44 @@ def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, model_spec: str = "
         with offload as tmp:
             report["blocks"] = calibrate_blocks(
                 model, ad, windows, stages, device=device, batch_size=cfg.calib.batch_size, work_dir=work_dir,
-                fingerprint=fingerprint(cfg, model_spec), resume=resume, progress=progress, log_fn=log_fn,
-                offload_dir=Path(tmp) if tmp else None)
+                fingerprint=fingerprint(cfg, model_spec, comm.world_size), resume=resume, progress=progress,
+                log_fn=log_fn, offload_dir=Path(tmp) if tmp else None, comm=comm, blocks=blocks)
     report["calib_seconds"] = round(time.perf_counter() - t0, 2)
     model.baseq_config = {"method": cfg.label, "bits": cfg.bits.label}
     return report
+
+
+def prepare_blocks(model, ad: LlamaAdapter, cfg: QuantizeConfig, lazy: LazyModel | None, learned=None):
+    """Rotate (QuaRot methods) and give every block the quantized structure: the whole model now, or each block of
+    a lazy model as it is read. ``learned``: calibrated (R1, per-layer R2) to fuse instead of the seeded ones."""
+    spec = act_spec(cfg)
+    if lazy is None:
+        if cfg.rotate:
+            rotate_model(model, seed=cfg.seed, r1=learned[0] if learned else None)
+            if learned:
+                apply_value_rotations(model, learned[1], seed=cfg.seed)
+        return ModelBlocks(quantize_structure(model, spec))
+    s = ad.shape
+    if cfg.rotate:
+        rotation, r1, r2 = block_rotations(s, cfg.seed)
+        install_end_rotations(model, rotation)
+    use_quantized_attention(model)
+
+    def prepare(layer):
+        if cfg.rotate:
+            rotate_layer(layer, r1, r2, s.heads, s.kv_heads)
+        quantize_layer(layer, spec, s)
+
+    return LazyBlocks(lazy, prepare)
+
+
+def block_file(work_dir: Path, i: int) -> Path:
+    return Checkpoint(work_dir, "").block_file(i)
+
+
+def quantized_layers(model, cfg: QuantizeConfig, work_dir: Path | None = None, lazy: LazyModel | None = None):
+    """A callable giving, each time it is called, an iterator over ``(i, block)`` of the quantized model: the
+    blocks in memory, or (lazy runs) each block rebuilt from ``work_dir``, one at a time."""
+    if lazy is None:
+        return lambda: enumerate(LlamaAdapter(model).layers)
+    return lambda: finished_layers(lazy, act_spec(cfg), lambda i: block_file(work_dir, i))

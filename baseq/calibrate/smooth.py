@@ -69,5 +69,7 @@ class SmoothStage:
             best = min(errs, key=errs.get) if self.alpha is None else self.alpha
             ctx.log[f"smooth_{pair}_alpha"] = -1.0 if best is None else float(best)
             ctx.log[f"smooth_{pair}_gain"] = errs[best] / errs[None] if errs[None] > 0 else 1.0
-            if best is not None:
-                smooth_pair_(ctx.layer, pair, candidates[best])
+            chosen = torch.cat([torch.tensor([0.0 if best is None else 1.0], dtype=torch.float64), candidates[best]])
+            ctx.comm.broadcast_([chosen])  # on several ranks, rank 0's choice (from its windows) holds everywhere
+            if chosen[0]:
+                smooth_pair_(ctx.layer, pair, chosen[1:])

@@ -7,21 +7,19 @@ to ``ctx.log``. Methods are compositions of stages (see ``calibrate/pipeline.py`
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..config import GPTQConfig, TrainConfig
-from ..errors import BaseqError
 from ..models.adapter import LlamaAdapter
 from ..quant.gptaq import AsymmetricStats, asymmetric_target
 from ..quant.gptq import GPTQ, rtn_quantize_
 from ..quant.qmodel import ActPoint, set_quantize
-from ..quant.quantizer import WeightQuantConfig, record_weight_qparams
+from ..quant.quantizer import WeightQuantConfig, _group_count, record_weight_qparams
 from . import weight_scale
 from .engine import BlockContext
+from .train import Tap, fit
 
 # GPTQ's sequential order: each group sees inputs produced by the already-quantized groups before it.
 SEQUENTIAL = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
@@ -41,7 +39,8 @@ class RTNStage:
 class GPTQStage:
     """GPTQ on every linear of the block, group by group in :data:`SEQUENTIAL` order, on the quantized model's
     inputs (activation quantizers on). The linears of a group share one Hessian and are solved as one stacked
-    matrix (GPTQ treats rows independently, so this equals solving them one by one, once instead of three times).
+    matrix (GPTQ treats rows independently, so this equals solving them one by one, once instead of three times);
+    on several ranks the Hessian is summed over all of them and each group is solved by one rank, round-robin.
 
     ``asymmetric > 0``: GPTAQ-style asymmetric calibration (``quant/gptaq.py``): the FP block's inputs of each
     group are collected too, and GPTQ fits the FP block's output instead of its own (shift scaled by the value)."""
@@ -59,71 +58,98 @@ class GPTQStage:
         if self.asymmetric:
             fp_layer = copy.deepcopy(ctx.layer)  # the block before any weight is quantized, quantizers off
             set_quantize(fp_layer, False)
-        for group in SEQUENTIAL:
-            first = group[0]
-            if fp_layer is None:
-                stats = GPTQ(linears[first])
-                for xq in group_inputs(ctx, ctx.layer, first, ctx.q_in):
-                    stats.add_batch(xq)
-            else:
-                stats = AsymmetricStats(linears[first].in_features, linears[first].weight.device)
-                fp_linears = LlamaAdapter.linears(fp_layer)
-                for xq, xf in zip(group_inputs(ctx, ctx.layer, first, ctx.q_in),
-                                  group_inputs(ctx, fp_layer, first, ctx.fp_in)):
-                    stats.add_batch(xq, xf)
+        comm = ctx.comm
+        for k, group in enumerate(SEQUENTIAL):
+            stats = self.statistics(ctx, group[0], fp_layer)
+            comm.all_reduce_([stats.H] + ([stats.C] if fp_layer is not None else []))  # sums: exact, divided once
+            stats.nsamples = int(comm.sum([stats.nsamples])[0])
             members = [linears[n] for n in group]
-            stacked = torch.nn.Linear(members[0].in_features, sum(m.out_features for m in members), bias=False,
-                                      device=members[0].weight.device, dtype=torch.float32)
-            with torch.no_grad():
-                stacked.weight.copy_(torch.cat([m.weight.float() for m in members]))
+            owner = k % comm.world_size
+            loss = 0.0
+            if comm.rank == owner:
+                target = None
                 if fp_layer is not None:
-                    w_fp = torch.cat([fp_linears[n].weight.float() for n in group])
-                    stacked.weight.copy_(asymmetric_target(w_fp, stats.H, stats.C, self.asymmetric,
-                                                           self.gcfg.percdamp))
-            solver = GPTQ(stacked)
-            solver.H, solver.nsamples = stats.H, stats.nsamples
-            loss = solver.quantize(self.wcfg, blocksize=self.gcfg.blocksize, percdamp=self.gcfg.percdamp,
-                                   act_order=self.gcfg.act_order, static_groups=self.gcfg.static_groups)
-            sizes = [m.out_features for m in members]
-            with torch.no_grad():
-                for m, w, sc, z in zip(members, stacked.weight.split(sizes), stacked.weight_scale.split(sizes),
-                                       stacked.weight_zero.split(sizes)):
-                    m.weight.copy_(w.to(m.weight.dtype))
-                    record_weight_qparams(m, sc, z)
+                    fp = LlamaAdapter.linears(fp_layer)
+                    target = asymmetric_target(torch.cat([fp[n].weight.float() for n in group]), stats.H, stats.C,
+                                               self.asymmetric, self.gcfg.percdamp)
+                loss = self.solve(members, stats, target)
+            for m in members:
+                loss = share_quantized(m, self.wcfg, loss, owner, comm)
             ctx.log[f"gptq_{'_'.join(n.removesuffix('_proj') for n in group)}"] = loss
+
+    @staticmethod
+    def statistics(ctx: BlockContext, name: str, fp_layer=None):
+        """This rank's Hessian sums of linear ``name``'s quantized inputs (a :class:`GPTQ`), or with ``fp_layer``
+        also the cross term with the FP block's inputs (an :class:`AsymmetricStats`)."""
+        first = LlamaAdapter.linears(ctx.layer)[name]
+        if fp_layer is None:
+            stats = GPTQ(first)
+            for xq in group_inputs(ctx, ctx.layer, name, ctx.q_in):
+                stats.add_batch(xq)
+            return stats
+        stats = AsymmetricStats(first.in_features, first.weight.device)
+        for xq, xf in zip(group_inputs(ctx, ctx.layer, name, ctx.q_in), group_inputs(ctx, fp_layer, name, ctx.fp_in)):
+            stats.add_batch(xq, xf)
+        return stats
+
+    def solve(self, members: list, stats, target: torch.Tensor | None = None) -> float:
+        """GPTQ on the members' weights stacked (or on ``target``), written back with each member's scales."""
+        first = members[0]
+        stacked = torch.nn.Linear(first.in_features, sum(m.out_features for m in members), bias=False,
+                                  device=first.weight.device, dtype=torch.float32)
+        with torch.no_grad():
+            stacked.weight.copy_(target if target is not None else torch.cat([m.weight.float() for m in members]))
+        solver = GPTQ(stacked)
+        solver.H, solver.nsamples = stats.H, stats.nsamples
+        loss = solver.quantize(self.wcfg, blocksize=self.gcfg.blocksize, percdamp=self.gcfg.percdamp,
+                               act_order=self.gcfg.act_order, static_groups=self.gcfg.static_groups)
+        sizes = [m.out_features for m in members]
+        with torch.no_grad():
+            for m, w, sc, z in zip(members, stacked.weight.split(sizes), stacked.weight_scale.split(sizes),
+                                   stacked.weight_zero.split(sizes)):
+                m.weight.copy_(w.to(m.weight.dtype))
+                record_weight_qparams(m, sc, z)
+        return loss
 
 
 def group_inputs(ctx: BlockContext, layer, name: str, x: torch.Tensor):
     """For each batch of ``x``: the input of linear ``name`` of ``layer`` after its activation point (what its
-    weights multiply), the forward stopped right there."""
+    weights multiply); each forward stops right there."""
     lin = LlamaAdapter.linears(layer)[name]
-    seen = {}
+    seen: list = []
 
-    def hook(module, args, output):
-        seen["x"] = module.act(args[0]) if module.act is not None else args[0]
-        raise _GroupDone  # nothing after the group's input is needed: stop the forward here
+    def keep(_, args, kwargs):
+        seen.append(lin.act(args[0]) if lin.act is not None else args[0])
 
-    handle = lin.register_forward_hook(hook)
-    try:
+    with torch.no_grad(), Tap(lin, keep, stop=True) as tap:
         for batch in x.split(ctx.batch_size):
-            try:
-                with torch.no_grad():
-                    layer(batch.to(ctx.device), **ctx.kwargs)
-            except _GroupDone:
-                pass
-            yield seen.pop("x")
-    finally:
-        handle.remove()
+            tap(lambda b: layer(b, **ctx.kwargs), batch.to(ctx.device))
+            yield seen.pop()
 
 
-class _GroupDone(Exception):
-    pass
+def first_linear_index(group: tuple[str, ...]) -> int:
+    """Position of a group's first linear in the block (so ranks take turns across groups too)."""
+    return sum(len(g) for g in SEQUENTIAL[:SEQUENTIAL.index(group)])
+
+
+def share_quantized(lin, wcfg: WeightQuantConfig, loss: float, owner: int, comm) -> float:
+    """Send a linear quantized on rank ``owner`` (its weight, the scale / zero buffers, its GPTQ loss) to every
+    rank; returns the loss."""
+    if comm.world_size == 1 or not wcfg.enabled:
+        return loss
+    if comm.rank != owner:
+        groups = _group_count(lin.weight, wcfg)
+        for buf in ("weight_scale", "weight_zero"):
+            lin.register_buffer(buf, torch.empty(lin.out_features, groups, device=lin.weight.device))
+    value = torch.tensor([loss], dtype=torch.float64)
+    comm.broadcast_([lin.weight.data, lin.weight_scale, lin.weight_zero, value], src=owner)
+    return value.item()
 
 
 def training_set(ctx: BlockContext, samples: int, inputs: str = "fp") -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, FP targets) for training: the first ``samples`` calibration windows (0 = all)."""
+    """(inputs, FP targets) for training: this rank's part of the first ``samples`` calibration windows (0 = all)."""
     x = ctx.fp_in if inputs == "fp" else ctx.q_in
-    k = samples or x.shape[0]
+    k = ctx.shard.first(samples).size
     return x[:k], ctx.fp_out[:k]
 
 
@@ -177,30 +203,34 @@ class BaseqTrainStage:
     @torch.no_grad()
     def init_bias_mean(self, ctx: BlockContext, x: torch.Tensor) -> None:
         """Set each point's bias to the channel mean of what it quantizes (over all calibration tokens)."""
-        sums, hooks = {}, []
-        for name, p in block_points(ctx.layer).items():
-            def pre(module, args, name=name):
-                y = args[0]
-                if module.rotation is not None:
-                    y = module.rotation(y)
-                y = (y * module.scale).float().flatten(0, -2)
-                s, n = sums.get(name, (0.0, 0))
-                sums[name] = (s + y.sum(0), n + y.shape[0])
-            hooks.append(p.register_forward_pre_hook(pre))
-        try:
-            ctx.run(x)
-        finally:
-            for h in hooks:
-                h.remove()
-        for name, p in block_points(ctx.layer).items():
-            s, n = sums[name]
-            p.shift.copy_(s / n)
+        pts = block_points(ctx.layer)
+        sums: dict[str, list] = {}
+
+        def add(name, args, kwargs):
+            module, y = pts[name], args[0]
+            if module.rotation is not None:
+                y = module.rotation(y)
+            y = (y * module.scale).float().flatten(0, -2)
+            s, n = sums.get(name, (0.0, 0))
+            sums[name] = (s + y.sum(0), n + y.shape[0])
+
+        with Tap(pts, add) as tap:
+            if len(x):
+                tap(ctx.run, x)
+        names = list(pts)
+        totals = ctx.comm.all_reduce_([sums[n][0] if n in sums else torch.zeros_like(pts[n].shift) for n in names])
+        counts = ctx.comm.sum([sums[n][1] if n in sums else 0 for n in names])
+        for name, s, n in zip(names, totals, counts):
+            pts[name].shift.copy_(s / n)
 
     @staticmethod
     def loss(ctx: BlockContext, x: torch.Tensor, y: torch.Tensor, kind: str = "mse") -> float:
-        with torch.no_grad():
-            out = ctx.run(x)
-        return block_loss(out, y, kind).item()
+        """The block's loss on every rank's windows (``x``, ``y``: this rank's)."""
+        value = 0.0
+        if len(x):
+            with torch.no_grad():
+                value = block_loss(ctx.run(x), y, kind).item()
+        return ctx.comm.mean(value, len(x))
 
     def run(self, ctx: BlockContext) -> None:
         cfg = self.cfg
@@ -212,10 +242,11 @@ class BaseqTrainStage:
             groups.append({"name": "weight_scale", "params": weight_scale.attach(ctx.layer),
                            "lr": cfg.lr_weight_scale})
         params = [p for g in groups for p in g["params"]]
+        ctx.comm.broadcast_(params)  # every rank starts from rank 0's values
         before = ctx.log["loss_before"] = self.loss(ctx, x, y, cfg.loss)
         if params and cfg.epochs > 0:
             start = [p.detach().clone() for p in params]
-            self.train(ctx, x, y, groups, params)
+            self.train(ctx, x, y, groups)
             after = self.loss(ctx, x, y, cfg.loss)
             if cfg.revert_if_worse and after > before:  # training overshot on this block: keep where it started
                 with torch.no_grad():
@@ -229,38 +260,16 @@ class BaseqTrainStage:
         weight_scale.fold(ctx.layer)
         fold_block(ctx.layer)
 
-    def train(self, ctx: BlockContext, x: torch.Tensor, y: torch.Tensor, groups: list[dict], params: list) -> None:
+    def train(self, ctx: BlockContext, x: torch.Tensor, y: torch.Tensor, groups: list[dict]) -> None:
         cfg = self.cfg
-        n = x.shape[0]
-        steps_per_epoch = math.ceil(n / cfg.batch_size)
-        total = cfg.epochs * steps_per_epoch
-        for p in params:
-            p.requires_grad_(True)
-        opt = torch.optim.AdamW(groups, weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
-        gen = torch.Generator().manual_seed(self.seed * 100003 + ctx.index)
-        step = 0
-        bar = tqdm(total=total, desc=f"block {ctx.index} baseq", disable=not ctx.progress, leave=False)
-        try:
-            for epoch in range(cfg.epochs):
-                for idx in torch.randperm(n, generator=gen).split(cfg.batch_size):
-                    out = ctx.forward(x[idx].to(ctx.device), grad=True)
-                    loss = block_loss(out, y[idx].to(ctx.device), cfg.loss)
-                    if not torch.isfinite(loss):
-                        raise BaseqError(f"non-finite training loss in block {ctx.index} at epoch {epoch}, step "
-                                         f"{step}: lower the learning rates (--lr-clip/--lr-bias/--lr-scale)")
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    sched.step()
-                    step += 1
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss.item():.4g}", epoch=epoch)
-        finally:
-            bar.close()
-            for p in params:
-                p.requires_grad_(False)
-                p.grad = None
+
+        def step_loss(local: torch.Tensor) -> torch.Tensor:
+            return block_loss(ctx.forward(x[local].to(ctx.device), grad=True), y[local].to(ctx.device), cfg.loss)
+
+        fit(groups, step_loss, ctx.shard.first(cfg.samples), epochs=cfg.epochs, batch_size=cfg.batch_size,
+            seed=self.seed * 100003 + ctx.index, comm=ctx.comm, index=ctx.index, progress=ctx.progress,
+            hint=": lower the learning rates (--lr-clip/--lr-bias/--lr-scale)")
+        ctx.comm.broadcast_([p for g in groups for p in g["params"]])  # identical on every rank, whatever the reductions did
 
 
 @torch.no_grad()

@@ -14,18 +14,16 @@ activation/KV quantizers on; then the transformed full-precision weights are wri
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.func import functional_call
-from tqdm.auto import tqdm
 
-from ..errors import BaseqError
 from ..quant.quantizer import WeightQuantConfig, fake_quantize_weight
 from .engine import BlockContext
 from .stages import block_loss, training_set
+from .train import fit
 
 
 def cayley(p: torch.Tensor) -> torch.Tensor:
@@ -118,28 +116,23 @@ class CompensatedTransformStage:
 
         x, y = training_set(ctx, self.samples)
         n = x.shape[0]
-        total = self.epochs * math.ceil(n / self.batch_size)
-        opt = torch.optim.Adam(params, lr=self.lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
-        gen = torch.Generator().manual_seed(self.seed * 100003 + ctx.index + 7)
-        with torch.no_grad():
-            ctx.log["t_loss_before"] = sum(
-                block_loss(forward(b.to(ctx.device)), t.to(ctx.device), self.loss_kind).item() * len(b)
-                for b, t in zip(x.split(self.batch_size), y.split(self.batch_size))) / n
-        step = 0
-        for epoch in tqdm(range(self.epochs), desc=f"block {ctx.index} transforms", disable=not ctx.progress,
-                          leave=False):
-            for idx in torch.randperm(n, generator=gen).split(self.batch_size):
-                loss = block_loss(forward(x[idx].to(ctx.device)), y[idx].to(ctx.device), self.loss_kind)
-                if not torch.isfinite(loss):
-                    raise BaseqError(f"non-finite transform loss in block {ctx.index} at epoch {epoch}, step {step}")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                step += 1
+        before = 0.0
+        if n:
+            with torch.no_grad():
+                before = sum(block_loss(forward(b.to(ctx.device)), t.to(ctx.device), self.loss_kind).item() * len(b)
+                             for b, t in zip(x.split(self.batch_size), y.split(self.batch_size))) / n
+        ctx.log["t_loss_before"] = ctx.comm.mean(before, n)
+
+        def step_loss(local: torch.Tensor) -> torch.Tensor:
+            return block_loss(forward(x[local].to(ctx.device)), y[local].to(ctx.device), self.loss_kind)
+
+        ctx.comm.broadcast_(params)
+        ctx.log["t_loss_last"] = fit([{"params": params, "lr": self.lr}], step_loss, ctx.shard.first(self.samples),
+                                     epochs=self.epochs, batch_size=self.batch_size,
+                                     seed=self.seed * 100003 + ctx.index + 7, comm=ctx.comm, what="transform",
+                                     index=ctx.index, progress=ctx.progress)
+        ctx.comm.broadcast_(params)
         with torch.no_grad():
             for name, value in tp.weights().items():
                 target = layer.get_parameter(name)
                 target.copy_(value.to(target.dtype))
-        ctx.log["t_loss_last"] = loss.item()

@@ -19,8 +19,6 @@ target). ``H`` is damped like GPTQ's (``percdamp`` × its mean diagonal) before 
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -28,8 +26,10 @@ from ..errors import BaseqError
 
 
 class AsymmetricStats:
-    """Running averages of ``H = 2/N Σ x̃ x̃ᵀ`` and ``C = 2/N Σ (x − x̃) x̃ᵀ`` over N token rows (float32), fed
-    with paired batches of the quantized model's input ``x̃`` and the FP model's input ``x`` of one linear."""
+    """Sums ``H = Σ x̃ x̃ᵀ`` and ``C = Σ (x − x̃) x̃ᵀ`` over ``nsamples`` token rows (float32, unnormalised like
+    :class:`~baseq.quant.gptq.GPTQ`'s, so partial sums of several ranks add up exactly), fed with paired batches of
+    the quantized model's input ``x̃`` and the FP model's input ``x`` of one linear. ``H⁻¹C`` does not depend on
+    the normalisation."""
 
     def __init__(self, columns: int, device=None):
         self.columns = columns
@@ -44,14 +44,9 @@ class AsymmetricStats:
                              f"(got {tuple(x_quant.shape)} and {tuple(x_fp.shape)})")
         xq = x_quant.reshape(-1, self.columns).to(self.H.device, torch.float32)
         dx = x_fp.reshape(-1, self.columns).to(self.H.device, torch.float32) - xq
-        n = xq.shape[0]
-        total = self.nsamples + n
-        self.H.mul_(self.nsamples / total)
-        self.C.mul_(self.nsamples / total)
-        f = math.sqrt(2.0 / total)
-        self.H.addmm_((xq * f).t(), xq * f)
-        self.C.addmm_((dx * f).t(), xq * f)
-        self.nsamples = total
+        self.H.addmm_(xq.t(), xq)
+        self.C.addmm_(dx.t(), xq)
+        self.nsamples += xq.shape[0]
 
 
 @torch.no_grad()

@@ -6,7 +6,6 @@ keeping its dtype; with ``bits=16`` they do nothing.
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
@@ -32,9 +31,10 @@ class GPTQ:
     """Quantizes one ``nn.Linear`` with GPTQ.
 
     Feed calibration inputs with :meth:`add_batch` (or register :meth:`hook` as a forward
-    hook), then call :meth:`quantize`.  ``H = 2/N * sum_n x_n x_n^T`` is kept as a running
-    average over the N input rows (tokens) seen so far, accumulated in float32 on the
-    layer's device.
+    hook), then call :meth:`quantize`.  ``H`` holds the unnormalised sum ``sum_n x_n x_n^T``
+    over the ``nsamples`` input rows (tokens) seen so far, in float32 on the layer's device,
+    so partial sums from several processes add up exactly as they are (all-reduce ``H`` and
+    ``nsamples``); it is normalised once, to ``2/N * sum_n x_n x_n^T``, by :meth:`hessian`.
     """
 
     def __init__(self, layer: nn.Linear):
@@ -59,14 +59,16 @@ class GPTQ:
                 f"GPTQ.add_batch: input has {inp.shape[-1]} features, layer expects {self.columns}"
             )
         x = inp.detach().reshape(-1, self.columns).to(device=self.H.device, dtype=torch.float32)
-        n = x.shape[0]
-        if n == 0:
-            return
-        total = self.nsamples + n
-        self.H.mul_(self.nsamples / total)
-        x = x * math.sqrt(2.0 / total)
         self.H.addmm_(x.t(), x)
-        self.nsamples = total
+        self.nsamples += x.shape[0]
+
+    def hessian(self) -> Tensor:
+        """The normalised Hessian proxy ``2/N * sum_n x_n x_n^T`` (a new tensor)."""
+        if self.H is None:
+            raise BaseqError("GPTQ.hessian called after quantize()/free()")
+        if self.nsamples == 0:
+            raise BaseqError("GPTQ.quantize called before any calibration data was added")
+        return self.H * (2.0 / self.nsamples)
 
     def hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         """Forward-hook adapter: ``layer.register_forward_hook(gptq.hook)``."""
@@ -136,8 +138,8 @@ class GPTQ:
         maxq = cfg.maxq
         ncols = self.columns
 
-        H = self.H
-        self.H = None
+        H, self.H = self.H, None
+        H.mul_(2.0 / self.nsamples)  # normalised once, in place (no second copy of a large Hessian)
         dead = torch.diag(H) == 0
         H[dead, dead] = 1.0
         W[:, dead] = 0.0

@@ -67,9 +67,17 @@ class ActPoint(nn.Module):
         if self.rotation is not None:
             x = self.rotation(x)
         x = x * self.scale.to(x.dtype) - self.shift.to(x.dtype)
+        unshift = not bool(self.shift_folded) and bool(self.shift.detach().any())
+        if self.quantize and self.quantizer.enabled and not torch.is_grad_enabled() and not unshift \
+                and x.dtype == torch.float32 and self.quantizer.groups == 1:
+            # inference: keep the integers with the values, so the next linear can compute exactly (QuantLinear)
+            codes, scale = self.quantizer.codes(x)
+            out = codes * scale  # the fake-quantized x, bit for bit
+            out.baseq_codes, out.baseq_scale = codes, scale
+            return out
         if self.quantize:
             x = self.quantizer(x)
-        if not self.shift_folded:
+        if unshift:
             x = x + self.shift.to(x.dtype)
         return x
 
@@ -113,7 +121,30 @@ class QuantLinear(nn.Linear):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.act(x) if self.act is not None else x, self.weight, self.bias)
+        if self.act is not None:
+            x = self.act(x)
+        codes = getattr(x, "baseq_codes", None)
+        if codes is None or self.weight_scale is None or self.weight.dtype != torch.float32:
+            return F.linear(x, self.weight, self.bias)
+        return exact_linear(codes, x.baseq_scale, self.weight, self.weight_scale, self.bias)
+
+
+def exact_linear(codes: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                 bias: torch.Tensor) -> torch.Tensor:
+    """``F.linear(codes·scale, weight, bias)`` computed the way the integer runtime computes it: the sums of integer
+    products ``Σ_k (q_k − z)(c_jk − z_j)`` first — exact in float32 (integers below 2^24) — then the runtime's float
+    epilogue in its order (``baseq.runtime.kernels.IntLinear``). So a simulated model and its packed runtime compute
+    the same numbers, and neither depends on the summation order of a float GEMM."""
+    groups = weight_scale.shape[1]
+    gs = weight.shape[1] // groups
+    w_int = torch.round(weight / weight_scale.repeat_interleave(gs, dim=1))  # c − z, exactly (see pack_linear)
+    if groups == 1:
+        return torch.addcmul(bias, F.linear(codes, w_int) * scale, weight_scale[:, 0])
+    out = None
+    for g in range(groups):
+        part = F.linear(codes[..., g * gs:(g + 1) * gs], w_int[:, g * gs:(g + 1) * gs]) * weight_scale[:, g]
+        out = part if out is None else out.add_(part)
+    return torch.addcmul(bias, out, scale)
 
 
 class KVPoint(nn.Module):
@@ -161,34 +192,44 @@ def quantize_structure(model: nn.Module, spec: ActSpec, fuse_online: bool = True
     With ``spec.online_rotations`` and ``fuse_online``, the inverse of the online R4 is fused into ``W_down`` here
     (the model function is unchanged); a saved model is rebuilt with ``fuse_online=False``."""
     ad = LlamaAdapter(model)
-    s = ad.shape
     for layer in ad.layers:
-        attn, mlp = layer.self_attn, layer.mlp
+        quantize_layer(layer, spec, ad.shape, fuse_online)
+    use_quantized_attention(model)
+    return ad
 
-        def point(channels: int, rotation=None) -> ActPoint:
-            return ActPoint(channels, spec.a_bits, spec.a_clip, spec.learnable_clip, rotation)
 
-        layer.input_layernorm = QuantRMSNorm(layer.input_layernorm.weight, _eps(layer.input_layernorm),
-                                             point(s.hidden))
-        layer.post_attention_layernorm = QuantRMSNorm(layer.post_attention_layernorm.weight,
-                                                      _eps(layer.post_attention_layernorm), point(s.hidden))
-        for name in ("q_proj", "k_proj", "v_proj"):
-            setattr(attn, name, QuantLinear(getattr(attn, name)))
-        attn.o_proj = QuantLinear(attn.o_proj, point(s.heads * s.head_dim))
-        mlp.gate_proj = QuantLinear(mlp.gate_proj)
-        mlp.up_proj = QuantLinear(mlp.up_proj)
-        r4 = OnlineRotation(s.ffn, seed=spec.seed + 4) if spec.online_rotations else None
-        mlp.down_proj = QuantLinear(mlp.down_proj, point(s.ffn, r4))
-        if r4 is not None and fuse_online:
-            w = mlp.down_proj.weight.data
-            mlp.down_proj.weight.data = r4(w.double()).to(w.dtype)
-        attn.kv_point = KVPoint(s.kv_heads, s.head_dim, spec)
+def quantize_layer(layer: nn.Module, spec: ActSpec, s, fuse_online: bool = True) -> None:
+    """:func:`quantize_structure` for one block (``s``: the model's LlamaShape); the model must also go through
+    :func:`use_quantized_attention` once."""
+    attn, mlp = layer.self_attn, layer.mlp
+
+    def point(channels: int, rotation=None) -> ActPoint:
+        return ActPoint(channels, spec.a_bits, spec.a_clip, spec.learnable_clip, rotation)
+
+    layer.input_layernorm = QuantRMSNorm(layer.input_layernorm.weight, _eps(layer.input_layernorm),
+                                         point(s.hidden))
+    layer.post_attention_layernorm = QuantRMSNorm(layer.post_attention_layernorm.weight,
+                                                  _eps(layer.post_attention_layernorm), point(s.hidden))
+    for name in ("q_proj", "k_proj", "v_proj"):
+        setattr(attn, name, QuantLinear(getattr(attn, name)))
+    attn.o_proj = QuantLinear(attn.o_proj, point(s.heads * s.head_dim))
+    mlp.gate_proj = QuantLinear(mlp.gate_proj)
+    mlp.up_proj = QuantLinear(mlp.up_proj)
+    r4 = OnlineRotation(s.ffn, seed=spec.seed + 4) if spec.online_rotations else None
+    mlp.down_proj = QuantLinear(mlp.down_proj, point(s.ffn, r4))
+    if r4 is not None and fuse_online:
+        w = mlp.down_proj.weight.data
+        mlp.down_proj.weight.data = r4(w.double()).to(w.dtype)
+    attn.kv_point = KVPoint(s.kv_heads, s.head_dim, spec)
+
+
+def use_quantized_attention(model: nn.Module) -> None:
+    """Route every attention of ``model`` through the ``baseq`` attention function (KV quantization points)."""
     register_attention()
     model.config._attn_implementation = ATTN_NAME
     for m in model.modules():
         if hasattr(m, "config") and m.config is not model.config:
             m.config._attn_implementation = ATTN_NAME
-    return ad
 
 
 def _eps(norm: nn.Module) -> float:

@@ -198,15 +198,20 @@ class OnlineRotation(nn.Module):
         return f"n={self.n}, {'fast hadamard' if self.fast else 'dense orthogonal'}"
 
 
+def block_rotations(shape, seed: int = 0, r1: torch.Tensor | None = None):
+    """(the online R1 module, R1 as a float64 matrix, R2) for a model of ``shape`` (a LlamaShape)."""
+    rotation = ResidualRotation(shape.hidden, seed=seed, matrix=r1)
+    return rotation, rotation.dense(), orthogonal_matrix(shape.head_dim, seed=seed + 1)
+
+
 def rotate_model(model: nn.Module, seed: int = 0, r1: torch.Tensor | None = None) -> LlamaAdapter:
     """Fold norms, R1 and R2 into every block and install the online R1 at the two ends; returns the adapter.
 
-    ``r1``: a learned residual rotation to use instead of the seeded randomized Hadamard."""
+    ``r1``: a learned residual rotation to use instead of the seeded randomized Hadamard. (A lazily loaded model
+    does the same a block at a time: :func:`block_rotations`, :func:`rotate_layer`, :func:`install_end_rotations`.)"""
     ad = LlamaAdapter(model)
     s = ad.shape
-    rotation = ResidualRotation(s.hidden, seed=seed, matrix=r1)
-    q1 = rotation.dense()
-    r2 = orthogonal_matrix(s.head_dim, seed=seed + 1)
+    rotation, q1, r2 = block_rotations(s, seed, r1)
     for layer in ad.layers:
         rotate_layer(layer, q1, r2, s.heads, s.kv_heads)
     install_end_rotations(model, rotation.to(ad.embed.weight.device))

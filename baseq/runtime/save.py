@@ -12,11 +12,13 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
-from ..io import atomic_dir, write_json
+from ..io import atomic_dir, write_json, write_safetensors
 from ..quant.qmodel import ActSpec, quantize_structure
 from ..rotation.fuse import ResidualRotation, install_end_rotations, residual_rotation
 from .format import FAKE_FORMAT, FAKE_FORMAT_V1, check_out_dir, load_tensors, read_meta
@@ -28,17 +30,32 @@ def is_tied(model) -> bool:
     return model.lm_head.weight.data_ptr() == model.model.get_input_embeddings().weight.data_ptr()
 
 
-def save_fake(model, tokenizer, out: Path, spec: ActSpec, meta: dict, overwrite: bool = False) -> Path:
+def save_fake(model, tokenizer, out: Path, spec: ActSpec, meta: dict, overwrite: bool = False,
+              layers: Callable[[], Iterable[tuple[int, nn.Module]]] | None = None) -> Path:
+    """Write ``model`` in the fake-quant format. ``layers``: a callable giving ``(i, block)`` pairs to write instead
+    of the model's own blocks (a lazy run's blocks, read back one at a time); ``model.safetensors`` is streamed, so
+    one block is in memory at a time."""
     out = Path(out)
     check_out_dir(out, overwrite)
     tied = is_tied(model)
     r1 = residual_rotation(model)
+
+    def tensors():
+        for k, v in model.state_dict().items():
+            if not (tied and k == TIED_KEY) and not (layers is not None and k.startswith("model.layers.")):
+                yield k, v
+        for i, layer in layers() if layers is not None else ():
+            for k, v in layer.state_dict().items():
+                yield f"model.layers.{i}.{k}", v
+
     with atomic_dir(out) as tmp:
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
-                 if not (tied and k == TIED_KEY)}
-        save_file(state, tmp / "model.safetensors", metadata={"format": FAKE_FORMAT})
+        if layers is None:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors()}, tmp / "model.safetensors",
+                      metadata={"format": FAKE_FORMAT})
+        else:
+            write_safetensors(tmp / "model.safetensors", tensors, metadata={"format": FAKE_FORMAT})
         write_json(tmp / "baseq.json", {"format": FAKE_FORMAT, "act_spec": asdict(spec), "tied": tied,
                                         "residual_rotation": r1.describe() if r1 is not None else None, **meta})
     return out

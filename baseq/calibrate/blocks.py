@@ -1,0 +1,91 @@
+"""Where the engine takes blocks from and puts them back: the model in memory, or a lazily loaded model.
+
+A :class:`Blocks` source hands out block ``i`` ready for the stages (rotated, with the quantized structure, on the
+CPU) and takes it back when its stages are done. :class:`ModelBlocks` is a model held in memory (rotated and
+structured up front). :class:`LazyBlocks` reads each block from the model's files when it is due, rotates and
+structures it then, and drops it when done: a finished block lives only in its checkpoint file
+(``work_dir/block{i}.safetensors``), so calibration holds one block in memory whatever the model's depth.
+
+:func:`finished_layers` is how writers read the result back, one block at a time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator, Protocol
+
+from safetensors.torch import load_file
+from torch import nn
+
+from ..errors import BaseqError
+from ..models.adapter import LlamaAdapter
+from ..models.lazy import LazyModel
+from ..quant.qmodel import ActSpec, quantize_layer
+
+
+class Blocks(Protocol):
+    def __len__(self) -> int: ...
+
+    def load(self, i: int) -> nn.Module: ...
+
+    def finish(self, i: int, layer: nn.Module) -> None: ...
+
+    def restore(self, i: int, path: Path) -> None:
+        """Block ``i`` was finished by an interrupted run; its state is in ``path``."""
+
+
+class ModelBlocks:
+    """The blocks of a model held in memory."""
+
+    def __init__(self, ad: LlamaAdapter):
+        self.layers = ad.layers
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def load(self, i: int) -> nn.Module:
+        return self.layers[i]
+
+    def finish(self, i: int, layer: nn.Module) -> None:
+        pass
+
+    def restore(self, i: int, path: Path) -> None:
+        self.layers[i].load_state_dict(load_file(path), strict=True)
+
+
+class LazyBlocks:
+    """Blocks read from a :class:`LazyModel`'s files one at a time, made ready by ``prepare`` (rotate, quantized
+    structure), dropped when finished (their state is in the engine's checkpoint files by then)."""
+
+    def __init__(self, lazy: LazyModel, prepare: Callable[[nn.Module], None]):
+        self.lazy, self.prepare = lazy, prepare
+
+    def __len__(self) -> int:
+        return len(self.lazy)
+
+    def load(self, i: int) -> nn.Module:
+        layer = self.lazy.load_block(i)
+        self.prepare(layer)
+        return layer
+
+    def finish(self, i: int, layer: nn.Module) -> None:
+        layer.to("meta")  # frees the weights now, whoever still holds the module
+
+    def restore(self, i: int, path: Path) -> None:
+        if not Path(path).is_file():
+            raise BaseqError(f"cannot resume: '{path}' is missing")
+
+
+def finished_layers(lazy: LazyModel, spec: ActSpec, block_file: Callable[[int], Path]
+                    ) -> Iterator[tuple[int, nn.Module]]:
+    """Each quantized block of a lazy run, rebuilt from its file (CPU; one block in memory at a time: a block is
+    dropped when the consumer asks for the next)."""
+    shape = LlamaAdapter(lazy.model).shape
+    for i in range(len(lazy)):
+        layer = lazy.template(i)
+        quantize_layer(layer, spec, shape, fuse_online=False)  # R4 is fused in the saved weights already
+        layer.load_state_dict(load_file(block_file(i)), strict=True, assign=True)
+        for p in layer.parameters():
+            p.requires_grad_(False)
+        yield i, layer.eval()
+        layer.to("meta")

@@ -1,0 +1,35 @@
+"""``--device``: parsed and checked once, so a missing GPU is one clear line instead of a traceback mid-run."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .errors import BaseqError
+
+
+def check_device(spec: str | torch.device) -> torch.device:
+    """The torch device ``spec`` names, checked to exist here. Under ``torchrun`` a bare ``cuda`` means this rank's
+    GPU (``cuda:LOCAL_RANK``)."""
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise BaseqError(f"--device '{spec}' is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise BaseqError(f"--device {spec}: {why} (use --device cpu)")
+        if device.index is None and "LOCAL_RANK" in os.environ:
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        count = torch.cuda.device_count()
+        if (device.index or 0) >= count:
+            raise BaseqError(f"--device {spec}: GPU {device.index or 0} requested but only {count} visible")
+        return device
+    backend = getattr(torch, device.type, None) or getattr(torch.backends, device.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise BaseqError(f"--device {spec}: no {device.type} device is available here (use --device cpu)")
+    return device

@@ -1,0 +1,274 @@
+"""Data-parallel calibration on torch.distributed (gloo, CPU): ranks are spawned processes with one thread each.
+
+Checked: 2 ranks on 5 windows (an uneven split) give the single-process Hessians and trained parameters within float
+tolerance and identical weights on every rank; each GPTQ linear is quantized once; ``torchrun`` with one process
+equals a plain run bit for bit; bad input (more ranks than windows, a rank that dies, a rank that hangs) fails with
+one clear line and writes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import multiprocessing as mp
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available() or not dist.is_gloo_available():
+    pytest.skip("torch.distributed with the gloo backend is not available in this torch build",
+                allow_module_level=True)
+
+SEQLEN = 32
+
+
+@pytest.fixture(scope="module")
+def text_file(words_file) -> str:
+    return words_file
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    from baseq.testing import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("m") / "tiny", hidden=48, ffn=80, heads=4, kv_heads=2, layers=2,
+                           seed=11)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env(rank: int, world: int, port: int) -> dict[str, str]:
+    return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+
+
+def spawn(target, world: int, *args, wait: float = 60.0, grace: float = 3.0) -> list[int | None]:
+    """Run ``target(rank, world, port, *args)`` in ``world`` forked processes; their exit codes. A process still
+    running ``wait`` seconds after the start, or ``grace`` seconds after rank 0 ended, is killed (exit code None)."""
+    ctx = mp.get_context("fork")  # the parent has torch and transformers imported already: start in milliseconds
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(r, world, port, *args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    procs[0].join(wait)
+    deadline = time.monotonic() + (grace if procs[0].exitcode is not None else 0)
+    codes = []
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+        codes.append(p.exitcode)
+        if p.is_alive():
+            p.kill()
+            p.join()
+    return codes
+
+
+# ---------------------------------------------------------------- engine level: what the ranks compute
+
+def quantize_config(text_file: str, samples: int = 5):
+    from baseq.config import QuantizeConfig
+
+    return QuantizeConfig.from_dict({
+        "method": "baseq", "calib": {"data": text_file, "samples": samples, "seqlen": SEQLEN, "batch_size": 2},
+        "train": {"epochs": 2, "batch_size": 2, "transforms": True, "transform_epochs": 1,
+                  "lr_bias": 1e-3, "lr_scale": 1e-3, "lr_clip": 1e-3}})
+
+
+def run_quantization(comm, text_file: str, out: Path, tag: str) -> None:
+    """Quantize the tiny model with ``comm``; save the final state, the per-block log and every Hessian GPTQ used."""
+    from baseq.calibrate.pipeline import quantize_model
+    from baseq.quant.gptq import GPTQ
+    from baseq.testing import byte_tokenizer, tiny_llama
+
+    seen, original = {}, GPTQ.quantize
+
+    def recording(self, *a, **kw):
+        seen[id(self.layer)] = self.hessian().clone()
+        return original(self, *a, **kw)
+
+    GPTQ.quantize = recording
+    try:
+        model = tiny_llama(hidden=48, ffn=80, heads=4, kv_heads=2, layers=2, seed=11)
+        report = quantize_model(model, byte_tokenizer(), quantize_config(text_file), progress=False,
+                                log_fn=lambda m: None, comm=comm)
+    finally:
+        GPTQ.quantize = original
+    hessians = {name: seen[id(m)] for name, m in model.named_modules() if id(m) in seen}
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if "layers" in k}
+    save_file(state, out / f"{tag}.state.safetensors")
+    if hessians:
+        save_file(hessians, out / f"{tag}.hessians.safetensors")
+    (out / f"{tag}.log.json").write_text(json.dumps([{k: v for k, v in b.items() if k != "seconds"}
+                                                     for b in report["blocks"]]))
+
+
+def engine_worker(rank: int, world: int, port: int, text_file: str, out: str) -> None:
+    os.environ.update(rank_env(rank, world, port))
+    torch.set_num_threads(1)
+    from baseq.calibrate.comm import DistributedCommunicator
+
+    comm = DistributedCommunicator("cpu", timeout=60)
+    try:
+        run_quantization(comm, text_file, Path(out), f"rank{rank}")
+    finally:
+        comm.close()
+
+
+def test_two_ranks_on_five_windows_match_one_process(text_file, tmp_path):
+    from baseq.calibrate.comm import Communicator
+
+    assert spawn(engine_worker, 2, text_file, str(tmp_path)) == [0, 0]
+    run_quantization(Communicator(), text_file, tmp_path, "single")
+
+    ranks = [load_file(tmp_path / f"rank{r}.state.safetensors") for r in range(2)]
+    for k in ranks[0]:  # every rank holds the very same model
+        assert torch.equal(ranks[0][k], ranks[1][k]), k
+    logs = [json.loads((tmp_path / f"{t}.log.json").read_text()) for t in ("rank0", "rank1", "single")]
+    assert logs[0] == logs[1]
+
+    # each linear was quantized once, by one of the ranks; its Hessian is the single process's up to the order of
+    # float sums (windows split 3 + 2) — exactly so in block 0, whose inputs are the same
+    single_h = load_file(tmp_path / "single.hessians.safetensors")
+    per_rank = [load_file(tmp_path / f"rank{r}.hessians.safetensors") for r in range(2)]
+    assert len(single_h) == 14 and not per_rank[0].keys() & per_rank[1].keys()
+    assert per_rank[0].keys() | per_rank[1].keys() == single_h.keys() and all(per_rank)
+    for name, h in {**per_rank[0], **per_rank[1]}.items():
+        rel = (torch.dist(h, single_h[name]) / single_h[name].norm()).item()
+        assert rel < (1e-5 if ".layers.0." in name else 1e-2), (name, rel)
+
+    # trained parameters of block 0 (corrections folded into norms and biases) agree to float tolerance
+    single = load_file(tmp_path / "single.state.safetensors")
+    for k, v in single.items():
+        if k.startswith("model.layers.0.") and v.is_floating_point():
+            assert torch.allclose(ranks[0][k], v, rtol=1e-4, atol=1e-5), k
+    for a, b in zip(logs[0], logs[2]):  # every logged loss within 1 %
+        for key in ("out_mse", "loss_before", "loss_after", "t_loss_before"):
+            assert a[key] == pytest.approx(b[key], rel=1e-2), (a["block"], key)
+
+
+# ---------------------------------------------------------------- the command line
+
+def cli_args(model_dir, text_file, out, *extra) -> list[str]:
+    return ["quantize", "--model", str(model_dir), "--calib-data", text_file, "--calib-samples", "5",
+            "--calib-seqlen", str(SEQLEN), "--data", text_file, "--seqlen", str(SEQLEN), "--windows", "3",
+            "--epochs", "1", "--lr-bias", "1e-3", "--lr-scale", "1e-3", "--lr-clip", "1e-3", "--out", str(out),
+            "--quiet", *extra]
+
+
+def cli_worker(rank: int, world: int, port: int, argv: list[str], fault: str, results: str) -> None:
+    """``baseq`` as torchrun would start it on rank ``rank``; ``fault``: what rank 1 does at block 1."""
+    os.environ.update(rank_env(rank, world, port))
+    torch.set_num_threads(1)
+    from baseq.calibrate import stages
+    from baseq.cli import main
+
+    if fault and rank == 1:
+        original = stages.BaseqTrainStage.run
+
+        def faulty(self, ctx):
+            if ctx.index == 1:
+                if fault == "die":
+                    os._exit(3)
+                time.sleep(120)  # "hang"
+            return original(self, ctx)
+
+        stages.BaseqTrainStage.run = faulty
+    err, t0 = io.StringIO(), time.monotonic()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(argv)
+    Path(results, f"rank{rank}.json").write_text(json.dumps({"code": code, "stderr": err.getvalue(),
+                                                             "seconds": time.monotonic() - t0}))
+    os._exit(code)
+
+
+def test_cli_two_ranks_write_once_and_match_one_process(model_dir, text_file, tmp_path):
+    from baseq.cli import main
+
+    out2, out1 = tmp_path / "two", tmp_path / "one"
+    assert spawn(cli_worker, 2, cli_args(model_dir, text_file, out2, "--json", str(tmp_path / "two.json")), "",
+                 str(tmp_path)) == [0, 0]
+    assert main(cli_args(model_dir, text_file, out1, "--json", str(tmp_path / "one.json"))) == 0
+    two, one = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
+    assert two["ranks"] == 2 and "ranks" not in one
+    assert two["ppl_fp"] == pytest.approx(one["ppl_fp"], rel=1e-6)  # the eval windows are split too
+    assert two["ppl_quant"] == pytest.approx(one["ppl_quant"], rel=1e-2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "one.json", "rank0.json", "rank1.json", "two",
+                                                         "two.json"]  # no partial state, no second output
+    a, b = load_file(out2 / "model.safetensors"), load_file(out1 / "model.safetensors")
+    assert a.keys() == b.keys()
+
+
+def test_torchrun_with_one_process_equals_a_plain_run(model_dir, text_file, tmp_path):
+    from baseq.cli import main
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "TORCHELASTIC_RUN_ID"):
+        env.pop(k, None)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+                          "-m", "baseq", *cli_args(model_dir, text_file, tmp_path / "tr", "--no-eval")],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert main(cli_args(model_dir, text_file, tmp_path / "plain", "--no-eval")) == 0
+    a, b = load_file(tmp_path / "tr" / "model.safetensors"), load_file(tmp_path / "plain" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ---------------------------------------------------------------- bad input
+
+class _Ranks:
+    """A communicator claiming ``world_size`` ranks (for checks made before any collective)."""
+
+    def __init__(self, world_size: int):
+        from baseq.calibrate.comm import Communicator
+
+        self.base, self.world_size, self.rank, self.is_main = Communicator(), world_size, 0, True
+
+    def __getattr__(self, name):
+        return getattr(self.base, name)
+
+
+def test_more_ranks_than_windows_is_one_line_before_any_work(model_dir, text_file, tmp_path, capsys, monkeypatch):
+    from baseq.calibrate import comm as comm_mod
+    from baseq.calibrate.engine import calibrate_blocks
+    from baseq.cli import main
+    from baseq.errors import BaseqError
+    from baseq.models.adapter import LlamaAdapter
+    from baseq.testing import tiny_llama
+
+    monkeypatch.setattr(comm_mod, "from_env", lambda *a, **k: _Ranks(6))
+    argv = cli_args(model_dir, text_file, tmp_path / "out")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("baseq: error: 6 ranks for 5 calibration windows: every rank needs at least one "
+                   "(raise --calib-samples or start fewer ranks)")
+    assert not any(tmp_path.iterdir())
+    model = tiny_llama(layers=1)
+    with pytest.raises(BaseqError, match="3 ranks for 2 calibration windows"):
+        calibrate_blocks(model, LlamaAdapter(model), torch.zeros(2, 8, dtype=torch.long), [], comm=_Ranks(3))
+
+
+@pytest.mark.parametrize("fault", ["die", "hang"])
+def test_a_rank_that_dies_or_hangs_fails_the_others_with_one_line(fault, model_dir, text_file, tmp_path):
+    out = tmp_path / "out"
+    argv = cli_args(model_dir, text_file, out, "--dist-timeout", "3", "--no-eval")
+    codes = spawn(cli_worker, 2, argv, fault, str(tmp_path), wait=60)
+    assert codes[0] == 2 and codes[1] == (3 if fault == "die" else None)  # the hung rank is killed by the test
+    result = json.loads((tmp_path / "rank0.json").read_text())
+    assert result["seconds"] < 30  # rank 0 gave up on its own: at once (dead peer) or after the 3 s timeout
+    lines = result["stderr"].strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("baseq: error: rank 0: ") and "another rank" in lines[0], lines
+    assert not out.exists()  # nothing (half-)written

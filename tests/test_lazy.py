@@ -1,0 +1,195 @@
+"""Bigger models on one machine: blocks read lazily from safetensors shards or a GGUF file (equal to the eager
+run), the result written block by block, one block on the device at a time, and clean errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from baseq.calibrate.engine import streamed_nll_sum
+from baseq.calibrate.pipeline import quantize_model, quantized_layers
+from baseq.cli import main
+from baseq.config import QuantizeConfig
+from baseq.errors import BaseqError
+from baseq.eval.perplexity import nll_sum
+from baseq.io import write_safetensors
+from baseq.models.adapter import LlamaAdapter
+from baseq.models.lazy import open_lazy
+from baseq.models.loading import load_model
+from baseq.testing import byte_tokenizer, save_tiny_gguf, tiny_llama
+
+SHAPE = dict(hidden=48, ffn=80, heads=4, kv_heads=2, layers=3, seed=5)
+
+
+@pytest.fixture(scope="module")
+def text_file(words_file) -> str:
+    return words_file
+
+
+@pytest.fixture(scope="module")
+def sharded_dir(tmp_path_factory) -> Path:
+    """The tiny model saved in many small safetensors shards (a block's tensors spread over several files)."""
+    path = tmp_path_factory.mktemp("sharded") / "m"
+    tiny_llama(**SHAPE).save_pretrained(path, max_shard_size="20KB")
+    byte_tokenizer().save_pretrained(path)
+    assert len(list(path.glob("model-*.safetensors"))) > 3 and (path / "model.safetensors.index.json").is_file()
+    return path
+
+
+def config(text_file: str, method: str = "baseq") -> QuantizeConfig:
+    return QuantizeConfig.from_dict({"method": method, "calib": {"data": text_file, "samples": 4, "seqlen": 32,
+                                                                 "batch_size": 2},
+                                     "train": {"epochs": 1, "batch_size": 2}})
+
+
+def assert_same_blocks(layers, eager) -> None:
+    n = 0
+    for i, layer in layers:
+        ref = eager.model.layers[i].state_dict()
+        state = layer.state_dict()
+        assert state.keys() == ref.keys()
+        for k in ref:
+            assert torch.equal(state[k], ref[k]), (i, k)
+        n += 1
+    assert n == len(eager.model.layers)
+
+
+@pytest.mark.parametrize("method", ["baseq", "quarot"])
+def test_lazy_quantization_of_shards_equals_eager(method, sharded_dir, text_file, tmp_path):
+    eager = tiny_llama(**SHAPE)
+    quantize_model(eager, byte_tokenizer(), config(text_file, method), progress=False, log_fn=lambda m: None)
+    lazy, tok = open_lazy(str(sharded_dir))
+    work = tmp_path / "work"
+    quantize_model(lazy.model, tok, config(text_file, method), progress=False, log_fn=lambda m: None, lazy=lazy,
+                   work_dir=work)
+    assert all(p.device.type == "meta" for t in lazy.templates for p in t.parameters())  # no block stayed in RAM
+    assert_same_blocks(quantized_layers(lazy.model, config(text_file, method), work, lazy)(), eager)
+    ends = {k: v for k, v in eager.state_dict().items() if ".layers." not in k}
+    assert {k: v for k, v in lazy.model.state_dict().items() if ".layers." not in k}.keys() == ends.keys()
+    assert all(torch.equal(lazy.model.state_dict()[k], v) for k, v in ends.items())
+
+
+def test_lazy_gguf_blocks_equal_transformers_and_quantize_alike(tmp_path, text_file):
+    kw = dict(hidden=64, ffn=96, heads=4, kv_heads=2, layers=2, seed=4, tied=False)
+    gguf_file = save_tiny_gguf(tmp_path / "tiny.gguf", **kw)
+    eager, _ = load_model(str(gguf_file))  # transformers' own GGUF loading, dequantized
+    lazy, tok = open_lazy(str(gguf_file))
+    assert tok("the cat")["input_ids"] == byte_tokenizer()("the cat")["input_ids"]
+    assert_same_blocks(((i, lazy.load_block(i)) for i in range(len(lazy))), eager)
+    src = tiny_llama(**kw)  # Q8_0 really was dequantized: close to the source weights, not equal
+    w, w0 = lazy.load_block(1).mlp.up_proj.weight, src.model.layers[1].mlp.up_proj.weight
+    assert not torch.equal(w, w0) and torch.allclose(w, w0, atol=2e-3)
+    quantize_model(eager, tok, config(text_file), progress=False, log_fn=lambda m: None)
+    quantize_model(lazy.model, tok, config(text_file), progress=False, log_fn=lambda m: None, lazy=lazy,
+                   work_dir=tmp_path / "work")
+    assert_same_blocks(quantized_layers(lazy.model, config(text_file), tmp_path / "work", lazy)(), eager)
+
+
+def test_cli_lazy_writes_the_eager_result_block_by_block(sharded_dir, text_file, tmp_path):
+    common = ["quantize", "--model", str(sharded_dir), "--calib-data", text_file, "--calib-samples", "4",
+              "--calib-seqlen", "32", "--data", text_file, "--seqlen", "32", "--windows", "3", "--epochs", "1",
+              "--quiet"]
+    assert main(common + ["--out", str(tmp_path / "eager"), "--json", str(tmp_path / "e.json")]) == 0
+    assert main(common + ["--lazy", "--out", str(tmp_path / "lazy"), "--json", str(tmp_path / "l.json")]) == 0
+    a, b = load_file(tmp_path / "eager" / "model.safetensors"), load_file(tmp_path / "lazy" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    e, lz = (json.loads((tmp_path / n).read_text()) for n in ("e.json", "l.json"))
+    assert (lz["ppl_fp"], lz["ppl_quant"]) == (e["ppl_fp"], e["ppl_quant"])  # the streamed eval too
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.json", "eager", "l.json", "lazy"]  # work folder gone
+    assert main(["eval", "--model", str(tmp_path / "lazy"), "--data", text_file, "--seqlen", "32", "--windows", "3",
+                 "--quiet", "--json", str(tmp_path / "x.json")]) == 0
+    assert json.loads((tmp_path / "x.json").read_text())["ppl"] == pytest.approx(lz["ppl_quant"], rel=1e-6)
+
+
+def test_streamed_nll_equals_the_whole_model(sharded_dir):
+    model, _ = load_model(str(sharded_dir))
+    windows = torch.randint(0, 258, (5, 40), generator=torch.Generator().manual_seed(0))
+    lazy, _ = open_lazy(str(sharded_dir))
+    got = streamed_nll_sum(lazy.model, LlamaAdapter(lazy.model), ((i, lazy.load_block(i)) for i in range(len(lazy))),
+                           windows, batch_size=2)
+    assert got == nll_sum(model, windows, 2, "cpu", progress=False)
+
+
+def test_write_safetensors_streams_any_dtype(tmp_path):
+    tensors = {"a": torch.randn(3, 5), "b": torch.randn(7).bfloat16(), "c": torch.tensor(True),
+               "d": torch.arange(6).view(2, 3), "e": torch.zeros(0, 4), "f": torch.randn(4, 4).half().t()}
+    calls = []
+
+    def gen():
+        calls.append(1)
+        yield from tensors.items()
+
+    write_safetensors(tmp_path / "x.safetensors", gen, {"format": "demo"})
+    back = load_file(tmp_path / "x.safetensors")
+    assert len(calls) == 2 and back.keys() == tensors.keys()
+    assert all(torch.equal(back[k], v) for k, v in tensors.items())
+
+
+# ---------------------------------------------------------------- one block on the device
+
+def test_only_one_block_and_the_ends_visit_the_device(monkeypatch, text_file):
+    """No GPU here: record every module move during calibration instead. The whole model never moves; block i goes
+    to the device and back before block i + 1 goes; the ends go only while block 0's inputs are captured."""
+    moves = []
+    original = torch.nn.Module.to
+
+    def spy(self, *args, **kwargs):
+        moves.append((self, str(args[0]) if args else str(kwargs.get("device"))))
+        return original(self, *args, **kwargs)
+
+    model = tiny_llama(**SHAPE)
+    monkeypatch.setattr(torch.nn.Module, "to", spy)
+    quantize_model(model, byte_tokenizer(), config(text_file), progress=False, log_fn=lambda m: None, device="cpu")
+    monkeypatch.undo()
+    names = {id(m): n for n, m in model.named_modules()}  # after the run: the ends are wrapped by then
+    moves = [(names.get(id(m), "?"), d) for m, d in moves]
+    assert moves[0] == ("", "cpu") and all(n != "" for n, _ in moves[1:])  # the model: once, to the CPU
+    layer_moves = [(n, d) for n, d in moves if n.startswith("model.layers.")]
+    assert layer_moves == [(f"model.layers.{i}", d) for i in range(3) for d in ("cpu", "cpu")]  # there and back
+    ends = [n for n, _ in moves if n.count(".") == 1 and not n.startswith("model.layers")]  # children of the decoder
+    assert sorted(ends) == sorted(["model.embed_tokens", "model.norm", "model.rotary_emb"] * 2)  # there and back
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is available here")
+@pytest.mark.parametrize("command", ["quantize", "eval"])
+def test_device_cuda_without_a_gpu_is_one_line(command, sharded_dir, tmp_path, capsys):
+    assert main([command, "--model", str(sharded_dir), "--device", "cuda", "--quiet"]
+                + (["--out", str(tmp_path / "o")] if command == "quantize" else [])) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("baseq: error: --device cuda: ") and "--device cpu" in err[0]
+    assert not any(tmp_path.iterdir())
+    assert main([command, "--model", str(sharded_dir), "--device", "gpu0", "--quiet"]) == 2
+    assert "is not a torch device" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_lazy_bad_inputs_are_one_clear_error(sharded_dir, tmp_path, text_file):
+    no_weights = tmp_path / "bin"  # e.g. only a pytorch_model.bin
+    tiny_llama(layers=1).save_pretrained(no_weights)
+    byte_tokenizer().save_pretrained(no_weights)
+    (no_weights / "model.safetensors").rename(no_weights / "pytorch_model.bin")
+    with pytest.raises(BaseqError, match="has no safetensors weights"):
+        open_lazy(str(no_weights))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in sharded_dir.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    index = json.loads((broken / "model.safetensors.index.json").read_text())
+    del index["weight_map"]["model.layers.1.mlp.up_proj.weight"]
+    (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+    lazy, _ = open_lazy(str(broken))
+    with pytest.raises(BaseqError, match=r"lacks tensor\(s\) model.layers.1.mlp.up_proj.weight"):
+        lazy.load_block(1)
+    shard = index["weight_map"]["model.layers.2.mlp.down_proj.weight"]
+    (broken / shard).write_bytes((broken / shard).read_bytes()[:40])
+    with pytest.raises(BaseqError, match="truncated or corrupt"):
+        lazy.load_block(2)
+    with pytest.raises(BaseqError, match="lazy loading reads"):
+        open_lazy(text_file)
+    with pytest.raises(BaseqError, match="pass work_dir"):
+        quantize_model(lazy.model, byte_tokenizer(), config(text_file), lazy=lazy)
