@@ -110,3 +110,11 @@ def test_16_bit_weights_are_left_alone():
     before = {n: m.weight.clone() for n, m in LlamaAdapter.linears(ctx.layer).items()}
     GPTQStage(WeightQuantConfig(bits=16), QuantizeConfig().gptq, asymmetric=0.25).run(ctx)
     assert all(torch.equal(m.weight, before[n]) for n, m in LlamaAdapter.linears(ctx.layer).items())
+
+
+def test_collecting_statistics_leaves_grad_mode_and_hooks_as_they_were():
+    ctx = _ctx(noise=0.1)
+    torch.set_grad_enabled(True)
+    GPTQStage(WeightQuantConfig(bits=4), QuantizeConfig().gptq, asymmetric=0.25).run(ctx)
+    assert torch.is_grad_enabled()
+    assert all(not m._forward_pre_hooks for m in ctx.layer.modules())

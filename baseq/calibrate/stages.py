@@ -88,8 +88,13 @@ class GPTQStage:
                 stats.add_batch(xq)
             return stats
         stats = AsymmetricStats(first.in_features, first.weight.device)
-        for xq, xf in zip(group_inputs(ctx, ctx.layer, name, ctx.q_in), group_inputs(ctx, fp_layer, name, ctx.fp_in)):
-            stats.add_batch(xq, xf)
+        quant, fp = group_inputs(ctx, ctx.layer, name, ctx.q_in), group_inputs(ctx, fp_layer, name, ctx.fp_in)
+        try:
+            for xq, xf in zip(quant, fp):
+                stats.add_batch(xq, xf)
+        finally:  # both taps removed now, not whenever the generators are collected
+            quant.close()
+            fp.close()
         return stats
 
     def solve(self, members: list, stats, target: torch.Tensor | None = None) -> float:
@@ -121,9 +126,10 @@ def group_inputs(ctx: BlockContext, layer, name: str, x: torch.Tensor):
     def keep(_, args, kwargs):
         seen.append(lin.act(args[0]) if lin.act is not None else args[0])
 
-    with torch.no_grad(), Tap(lin, keep, stop=True) as tap:
+    with Tap(lin, keep, stop=True) as tap:  # (no grad mode held across the yield: the caller's stays its own)
         for batch in x.split(ctx.batch_size):
-            tap(lambda b: layer(b, **ctx.kwargs), batch.to(ctx.device))
+            with torch.no_grad():
+                tap(lambda b: layer(b, **ctx.kwargs), batch.to(ctx.device))
             yield seen.pop()
 
 

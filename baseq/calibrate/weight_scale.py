@@ -30,9 +30,15 @@ class RowScale(nn.Module):
 
 
 def attach(layer: nn.Module) -> list[nn.Parameter]:
-    """Put a :class:`RowScale` on every block linear's weight; returns the ``γ`` parameters (to train)."""
+    """Put a :class:`RowScale` on every block linear's weight; returns the ``γ`` parameters (to train).
+
+    While attached, a linear's recorded scale is set aside (kept for :func:`fold`), so every forward — with or
+    without gradients — computes with the float weight ``γ W`` (the exact integer path needs the final scales)."""
     gammas = []
     for lin in LlamaAdapter.linears(layer).values():
+        lin._gptq_scale = getattr(lin, "weight_scale", None)
+        if lin._gptq_scale is not None:
+            lin.weight_scale = None
         parametrize.register_parametrization(lin, "weight", RowScale(lin.out_features, lin.weight.device),
                                              unsafe=True)
         gammas.append(lin.parametrizations.weight[0].gamma)
@@ -48,7 +54,7 @@ def fold(layer: nn.Module) -> None:
             continue
         gamma = lin.parametrizations.weight[0].gamma.detach().float()
         parametrize.remove_parametrizations(lin, "weight", leave_parametrized=False)  # back to W = (Q − z) s
-        scale, zero = getattr(lin, "weight_scale", None), getattr(lin, "weight_zero", None)
+        scale, zero = lin.__dict__.pop("_gptq_scale", None), getattr(lin, "weight_zero", None)
         if scale is None:
             lin.weight.mul_(gamma.to(lin.weight.dtype)[:, None])
             continue
