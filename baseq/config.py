@@ -11,12 +11,19 @@ from typing import Any
 from .errors import BaseqError
 
 METHODS = ("rtn", "gptq", "quarot", "baseq")
+WEIGHTS = ("rtn", "gptq", "gptaq")  # gptaq: GPTQ fitted to the FP model's output (asymmetric calibration)
 LOSSES = ("mse", "token")  # BASE-Q block loss: plain MSE, or MSE per token relative to the target token's energy
 PRESETS: dict[str, dict[str, int]] = {
     "W4A4KV4": dict(w_bits=4, a_bits=4, kv_bits=4),
     "W4A8KV8": dict(w_bits=4, a_bits=8, kv_bits=8),
     "W4A16": dict(w_bits=4, a_bits=16, kv_bits=16),
     "W8A8": dict(w_bits=8, a_bits=8, kv_bits=16),
+}
+
+#: Calibration budgets (``--preset``): overrides of the defaults, which fit ~10 minutes on 2 CPU cores for a 135M model.
+BUDGETS: dict[str, dict[str, dict]] = {
+    "default": {},
+    "large": {"calib": {"samples": 64, "seqlen": 1024}, "train": {"epochs": 5}},  # ~4× the tokens, 5 epochs
 }
 
 
@@ -74,6 +81,44 @@ class GPTQConfig:
     blocksize: int = 128
     act_order: bool = True
     static_groups: bool = True  # keeps groups aligned with the original columns under act_order
+    asym_alpha: float = 0.25  # weights gptaq: scale of the shift towards the FP-output target (quant/gptaq.py)
+
+
+@dataclass
+class RotationConfig:
+    """The offline rotations R1 / R2: seeded randomized Hadamards, or calibrated on FP activations (DartQuant)."""
+
+    kind: str = "hadamard"  # or "calibrated" (rotation/calibrated.py)
+    steps: int = 100  # SGD steps of the calibrated rotations
+    lr: float = 10.0  # screened on held-out tokens: 0.1 / 1 / 10 → 4-bit error of R1's input −10 / −18 / −25 %
+    windows: int = 8  # calibration windows whose activations they are fitted on
+
+    def validate(self) -> None:
+        if self.kind not in ("hadamard", "calibrated"):
+            raise BaseqError(f"rotations must be 'hadamard' or 'calibrated' (got {self.kind})")
+        if self.steps < 0 or self.windows < 1 or self.lr < 0:
+            raise BaseqError("calibrated rotations need steps ≥ 0, windows ≥ 1 and lr ≥ 0")
+
+
+@dataclass
+class SmoothConfig:
+    """Channel smoothing before the rotations at a block's quantization points (SmoothRot; rotation/smooth.py)."""
+
+    points: str = ""  # comma list of down, qkv, gate_up ("" = off)
+    alpha: float = -1.0  # < 0: chosen per block and point from a small grid by the quantized output error
+
+    @property
+    def pairs(self) -> tuple[str, ...]:
+        return tuple(p.strip() for p in self.points.split(",") if p.strip())
+
+    def validate(self) -> None:
+        from .rotation.smooth import PAIRS
+
+        bad = [p for p in self.pairs if p not in PAIRS]
+        if bad:
+            raise BaseqError(f"unknown smoothing point(s) {', '.join(bad)} (choose from {', '.join(PAIRS)})")
+        if self.alpha > 1:
+            raise BaseqError(f"smoothing alpha must be ≤ 1, or < 0 to search (got {self.alpha})")
 
 
 @dataclass
@@ -94,6 +139,8 @@ class TrainConfig:
     lr_scale: float = 1e-2
     loss: str = "mse"  # see LOSSES and calibrate/stages.block_loss
     inputs: str = "fp"  # train on the full-precision block inputs ("fp") or the quantized model's ("quant")
+    weight_scale: bool = False  # learn a factor per output row of every quantized weight (calibrate/weight_scale.py)
+    lr_weight_scale: float = 2e-3
     revert_if_worse: bool = False  # keep a block's starting corrections when training raised its loss (measured:
     # lower block loss but worse end-to-end perplexity, so off by default; docs/RESULTS.md)
     # stage 1: compensated transforms (V scale, o/down input scales, per-KV-head V/O rotation), fused before GPTQ
@@ -111,18 +158,20 @@ class TrainConfig:
             raise BaseqError(f"train inputs must be 'fp' or 'quant' (got {self.inputs})")
         if self.epochs < 0 or self.transform_epochs < 0 or self.batch_size < 1 or self.samples < 0:
             raise BaseqError("epochs and train samples must be ≥ 0 and batch size ≥ 1")
-        if min(self.lr_clip, self.lr_bias, self.lr_scale, self.lr_transform) < 0:
+        if min(self.lr_clip, self.lr_bias, self.lr_scale, self.lr_transform, self.lr_weight_scale) < 0:
             raise BaseqError("learning rates must be ≥ 0")
 
 
 @dataclass
 class QuantizeConfig:
     method: str = "baseq"
-    weights: str = "gptq"  # rtn | gptq (for quarot; rtn/gptq methods imply it, baseq uses gptq)
+    weights: str = "gptq"  # rtn | gptq | gptaq (quarot; baseq takes gptq or gptaq; the rtn/gptq methods imply it)
     seed: int = 0
     bits: BitsConfig = field(default_factory=BitsConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    rotation: RotationConfig = field(default_factory=RotationConfig)
+    smooth: SmoothConfig = field(default_factory=SmoothConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     @property
@@ -131,7 +180,11 @@ class QuantizeConfig:
 
     @property
     def weight_method(self) -> str:
-        return {"rtn": "rtn", "gptq": "gptq", "baseq": "gptq"}.get(self.method, self.weights)
+        if self.method == "rtn":
+            return "rtn"
+        if self.method in ("gptq", "baseq"):
+            return "gptaq" if self.weights == "gptaq" else "gptq"
+        return self.weights
 
     @property
     def label(self) -> str:
@@ -140,10 +193,14 @@ class QuantizeConfig:
     def validate(self) -> "QuantizeConfig":
         if self.method not in METHODS:
             raise BaseqError(f"unknown method '{self.method}' (choose from {', '.join(METHODS)})")
-        if self.weights not in ("rtn", "gptq"):
-            raise BaseqError(f"weights must be 'rtn' or 'gptq' (got {self.weights})")
+        if self.weights not in WEIGHTS:
+            raise BaseqError(f"weights must be one of {', '.join(WEIGHTS)} (got {self.weights})")
+        if self.gptq.asym_alpha < 0:
+            raise BaseqError(f"gptaq alpha must be ≥ 0 (got {self.gptq.asym_alpha})")
         self.bits.validate()
         self.calib.validate()
+        self.rotation.validate()
+        self.smooth.validate()
         self.train.validate()
         return self
 

@@ -1,8 +1,9 @@
 """Text sources turned into deterministic token windows.
 
 Sources: ``wiki`` (the embedded Wikipedia lead paragraphs; split by sha1 of the title, first hex digit 0-3 → eval),
-``wikitext2`` and ``c4`` (through ``datasets``, where a hub is reachable), or a local ``.txt`` / ``.jsonl`` (``text``
-field) file. Evaluation uses the first N non-overlapping windows; calibration uses N windows at random offsets
+``books`` (four embedded public-domain books, in sections of consecutive paragraphs split the same way by sha1 of
+the book title and section number), ``wikitext2`` and ``c4`` (through ``datasets``, where a hub is reachable), or a
+local ``.txt`` / ``.jsonl`` (``text`` field) file. Evaluation uses the first N non-overlapping windows; calibration uses N windows at random offsets
 from a seeded generator.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -17,8 +19,9 @@ import torch
 from . import assets
 from .errors import BaseqError
 
-BUILTIN = ("wiki", "wikitext2", "c4")
+BUILTIN = ("wiki", "books", "wikitext2", "c4")
 EVAL_DIGITS = "0123"
+SECTION_CHARS = 4000  # a books section: consecutive paragraphs up to about this many characters (~1,000 tokens)
 
 
 def _wiki(split: str) -> str:
@@ -29,6 +32,43 @@ def _wiki(split: str) -> str:
         if in_eval == (split == "eval"):
             keep.append(entries[title]["extract"].strip())
     return "\n\n".join(keep)
+
+
+def _in_eval(key: str) -> bool:
+    return hashlib.sha1(key.encode("utf-8")).hexdigest()[0] in EVAL_DIGITS
+
+
+_BOOK = re.compile(r"\*\*\* ?START OF (?:THE|THIS) PROJECT GUTENBERG EBOOK,? (.*?) ?\*\*\*(.*?)\*\*\* ?END OF",
+                   re.DOTALL)
+
+
+def book_sections(text: str) -> list[tuple[str, str]]:
+    """``(key, section)`` for every section of every Project Gutenberg book in ``text``.
+
+    Only each book's body (between the ``*** START OF`` and ``*** END OF`` markers) is kept, so the licence
+    boilerplate never enters the text. Paragraphs are separated by blank lines; a paragraph's wrapped lines are
+    joined with single spaces. A section is a run of consecutive paragraphs of about :data:`SECTION_CHARS`
+    characters, so windows drawn from it read as continuous prose; its key is ``"TITLE/NUMBER"``."""
+    out = []
+    for title, body in _BOOK.findall(text):
+        paras = [" ".join(p.split()) for p in re.split(r"\n\s*\n", body)]
+        section, size, number = [], 0, 0
+        for p in (p for p in paras if p):
+            section.append(p)
+            size += len(p)
+            if size >= SECTION_CHARS:
+                out.append((f"{title.strip()}/{number}", "\n\n".join(section)))
+                section, size, number = [], 0, number + 1
+        if section:
+            out.append((f"{title.strip()}/{number}", "\n\n".join(section)))
+    return out
+
+
+def _books(split: str) -> str:
+    sections = book_sections(assets.fetch("books").read_text(encoding="utf-8"))
+    keep = sorted(((hashlib.sha1(k.encode("utf-8")).hexdigest(), s) for k, s in sections
+                   if _in_eval(k) == (split == "eval")), key=lambda x: x[0])  # books interleaved, deterministically
+    return "\n\n".join(s for _, s in keep)
 
 
 def _hub_dataset(name: str, split: str) -> str:
@@ -74,6 +114,8 @@ def load_text(source: str, split: str = "eval") -> str:
         raise ValueError(split)
     if source == "wiki":
         return _wiki(split)
+    if source == "books":
+        return _books(split)
     if source in ("wikitext2", "c4"):
         return _hub_dataset(source, split)
     path = Path(source).expanduser()

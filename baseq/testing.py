@@ -142,3 +142,31 @@ def save_tiny_gguf(path: str | Path, quantize: bool = True, **kwargs) -> Path:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def tiny_block_context(seed: int = 0, noise: float = 0.0, method: str = "quarot", windows: int = 6, seqlen: int = 32,
+                       **model_kw):
+    """Block 0 of a rotated, quantized-structure tiny model with its FP inputs and targets, as the calibration engine
+    hands it to the stages (``noise`` > 0: quantized-model inputs that drifted from the FP ones by that fraction of
+    their standard deviation)."""
+    from .calibrate.engine import BlockContext, capture_inputs
+    from .calibrate.pipeline import act_spec
+    from .config import QuantizeConfig
+    from .quant.qmodel import quantize_structure, set_quantize
+    from .rotation.fuse import rotate_model
+
+    torch.manual_seed(seed)
+    kw = {"hidden": 48, "ffn": 80, "heads": 4, "kv_heads": 2, "layers": 1, "seed": seed, **model_kw}
+    model = tiny_llama(**kw)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    rotate_model(model, seed=0)
+    ad = quantize_structure(model, act_spec(QuantizeConfig(method=method)))
+    x, kwargs = capture_inputs(model, ad, torch.randint(0, 256, (windows, seqlen)), "cpu", 3)
+    q = x + noise * x.std() * torch.randn_like(x) if noise else x
+    layer = ad.layers[0]
+    ctx = BlockContext(0, layer, x, q, None, kwargs, torch.device("cpu"), 3, progress=False)
+    set_quantize(layer, False)
+    ctx.fp_out = ctx.run(x)
+    set_quantize(layer, True)
+    return ctx

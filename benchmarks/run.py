@@ -2,11 +2,15 @@
 
 Each row runs in its own process (so its peak RSS is its own) and writes a results JSON that ``baseq report``
 reads; this script then prints a markdown table with the fraction of QuaRot-GPTQ's perplexity gap to FP that each
-row closes. Timings depend on the machine and on whatever else runs on it: compare rows of one run.
+row closes (against QuaRot-GPTQ with the same seed), on ``wiki`` and on the second text, ``books``. With several
+``--seeds``, every row runs once per seed (the seed drives the rotations, the training order and the calibration
+windows) and the table adds each row's mean. Timings depend on the machine and on whatever else runs on it:
+compare rows of one run.
 
     python benchmarks/run.py --out results/bench                 # the default table
     python benchmarks/run.py --out results/bench --rows fp,quarot-gptq-w4a4kv4,baseq-w4a4kv4 \
         --tasks siqa,winogrande --tasks-dir ../shared/data/bigbench --limit 300
+    python benchmarks/run.py --out results/seeds --rows quarot-gptq-w4a4kv4,baseq-w4a4kv4 --seeds 0,1
     python benchmarks/run.py --list
 """
 
@@ -41,9 +45,26 @@ ROWS: dict[str, dict] = {
     "abl-loss-token": {**BASEQ, "train": {"loss": "token"}},
     "abl-stage1": {**BASEQ, "train": {"transforms": True}},
     "abl-stage1-no-vo-rotation": {**BASEQ, "train": {"transforms": True, "vo_rotation": False}},
+    # issue 11 candidates at W4A4KV4, each alone on top of the default BASE-Q
+    "cand-gptaq": {**BASEQ, "weights": "gptaq"},
+    "cand-gptaq-alpha1": {**BASEQ, "weights": "gptaq", "gptq": {"asym_alpha": 1.0}},
+    "cand-smooth-down": {**BASEQ, "smooth": {"points": "down"}},
+    "cand-smooth-all": {**BASEQ, "smooth": {"points": "down,qkv,gate_up"}},
+    "cand-rotations": {**BASEQ, "rotation": {"kind": "calibrated"}},
+    "cand-weight-scale": {**BASEQ, "train": {"weight_scale": True}},
+    "quarot-gptaq-w4a4kv4": {"method": "quarot", "weights": "gptaq", "bits": "W4A4KV4"},
+    "cand-combo": {**BASEQ, "weights": "gptaq", "rotation": {"kind": "calibrated"}, "train": {"weight_scale": True}},
+    "baseq-large": {**BASEQ, "calib": {"samples": 64, "seqlen": 1024}, "train": {"epochs": 5}},
 }
 DEFAULT = ["fp", "rtn-w4a4kv4", "gptq-w4a4kv4", "quarot-rtn-w4a4kv4", "quarot-gptq-w4a4kv4", "baseq-w4a4kv4",
            "quarot-gptq-w4a8kv8", "baseq-w4a8kv8", "quarot-gptq-w4a16"]
+
+
+EVAL_DATA = ("wiki", "books")
+
+
+def result_name(row: str, seed: int) -> str:
+    return row if seed == 0 else f"{row}-seed{seed}"
 
 
 def run_row(name: str, args) -> dict:
@@ -55,21 +76,24 @@ def run_row(name: str, args) -> dict:
 
     spec = dict(ROWS[name])
     model, tokenizer = load_model(args.model)
-    windows = eval_windows(tokenizer, "wiki", args.seqlen, args.windows)
-    result = {"row": name, "model": args.model, "data": "wiki", "seqlen": args.seqlen, "windows": args.windows}
+    windows = {d: eval_windows(tokenizer, d, args.seqlen, args.windows) for d in EVAL_DATA}
+    result = {"row": name, "seed": args.seed, "model": args.model, "data": "wiki", "seqlen": args.seqlen,
+              "windows": args.windows}
     if spec["method"] == "fp":
         result.update(method="fp", bits="fp", calib_seconds=0.0)
     else:
         bits = spec.pop("bits", "W4A4KV4")
-        cfg = QuantizeConfig.from_dict({**spec, "bits": PRESETS[bits],
-                                        "calib": {"samples": args.calib_samples, "seqlen": args.calib_seqlen}})
+        calib = {"samples": args.calib_samples, "seqlen": args.calib_seqlen, "seed": args.seed,
+                 **spec.pop("calib", {})}
+        cfg = QuantizeConfig.from_dict({**spec, "seed": args.seed, "bits": PRESETS[bits], "calib": calib})
         report = quantize_model(model, tokenizer, cfg, model_spec=args.model, progress=False,
                                 log_fn=lambda m: print(f"[{name}] {m}", file=sys.stderr, flush=True))
         result.update(method=name.split("-w4")[0] if not name.startswith("abl") else name, bits=cfg.bits.label,
                       calib_seconds=report["calib_seconds"], config=cfg.to_dict(),
                       calib_peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
     t0 = time.perf_counter()
-    result["ppl"] = perplexity(model, windows, batch_size=4, progress=False)
+    result["ppl_by_data"] = {d: perplexity(model, w, batch_size=4, progress=False) for d, w in windows.items()}
+    result["ppl"] = result["ppl_by_data"]["wiki"]
     result["eval_seconds"] = round(time.perf_counter() - t0, 1)
     if args.tasks:
         from baseq.eval.zeroshot import zero_shot
@@ -82,22 +106,45 @@ def run_row(name: str, args) -> dict:
     return result
 
 
+def _closed(ppl: float, base: float | None, fp: float | None) -> str:
+    if fp is None or base is None or base <= fp:
+        return ""
+    return f"{100 * (base - ppl) / (base - fp):.1f} %"
+
+
 def table(results: list[dict]) -> str:
-    fp = next((r["ppl"] for r in results if r["method"] == "fp"), None)
-    base = {r["bits"]: r["ppl"] for r in results if r["method"] == "quarot-gptq"}
+    """One line per (row, seed), then a mean line for every row run at several seeds. Gap closed: against
+    QuaRot-GPTQ at the same bits and seed (its seed mean on the mean lines)."""
+    fp = next((r["ppl_by_data"] for r in results if r["method"] == "fp"), None)
+    base = {(r["bits"], r.get("seed", 0)): r["ppl_by_data"] for r in results if r["method"] == "quarot-gptq"}
     tasks = sorted({t for r in results for t in r.get("tasks", {})})
-    lines = ["| row | bits | PPL | gap to FP closed vs QuaRot-GPTQ | " + "".join(f"{t} acc | " for t in tasks)
-             + "calibration s | peak RSS MB |",
-             "|---|---|---:|---:|" + "---:|" * len(tasks) + "---:|---:|"]
+    head = "| row | seed | bits | " + "".join(f"PPL {d} | closed {d} | " for d in EVAL_DATA)
+    lines = [head + "".join(f"{t} acc | " for t in tasks) + "calibration s | peak RSS MB |",
+             "|---|---:|---|" + "---:|---:|" * len(EVAL_DATA) + "---:|" * len(tasks) + "---:|---:|"]
+
+    def line(name, seed, bits, ppls, basel, accs, secs, rss):
+        cells = "".join(f"{ppls[d]:.3f} | {_closed(ppls[d], basel and basel.get(d), fp and fp.get(d))} | "
+                        for d in EVAL_DATA)
+        return f"| {name} | {seed} | {bits} | {cells}{accs}{secs} | {rss} |"
+
+    by_row: dict[str, list[dict]] = {}
     for r in results:
-        closed = ""
-        b = base.get(r["bits"])
-        if fp is not None and b is not None and r["method"] != "fp" and b > fp:
-            closed = f"{100 * (b - r['ppl']) / (b - fp):.1f} %"
-        accs = "".join(f"{r['tasks'][t]['acc']:.3f} ± {r['tasks'][t]['acc_stderr']:.3f} | " if t in r.get("tasks", {})
-                       else " | " for t in tasks)
-        lines.append(f"| {r['row']} | {r['bits']} | {r['ppl']:.3f} | {closed} | {accs}{r['calib_seconds']:.0f} | "
-                     f"{r['peak_rss_mb']} |")
+        by_row.setdefault(r["row"], []).append(r)
+        accs = "".join(f"{r['tasks'][t]['acc']:.3f} ± {r['tasks'][t]['acc_stderr']:.3f} | "
+                       if t in r.get("tasks", {}) else " | " for t in tasks)
+        lines.append(line(r["row"], r.get("seed", 0), r["bits"], r["ppl_by_data"],
+                          base.get((r["bits"], r.get("seed", 0))), accs, f"{r['calib_seconds']:.0f}",
+                          r["peak_rss_mb"]))
+    for name, rs in by_row.items():
+        if len(rs) < 2:
+            continue
+        mean = {d: sum(r["ppl_by_data"][d] for r in rs) / len(rs) for d in EVAL_DATA}
+        bases = [base.get((rs[0]["bits"], r.get("seed", 0))) for r in rs]
+        basel = ({d: sum(b[d] for b in bases) / len(bases) for d in EVAL_DATA} if all(bases) else None)
+        seeds = ",".join(str(r.get("seed", 0)) for r in rs)
+        lines.append(line(f"**{name}** (mean)", seeds, rs[0]["bits"], mean, basel, " | " * len(tasks),
+                          f"{sum(r['calib_seconds'] for r in rs) / len(rs):.0f}",
+                          max(r["peak_rss_mb"] for r in rs)))
     return "\n".join(lines)
 
 
@@ -114,6 +161,8 @@ def main() -> int:
     p.add_argument("--tasks", help="also zero-shot tasks, e.g. siqa,winogrande (offline BIG-bench)")
     p.add_argument("--tasks-dir", help="folder of the BIG-bench files (e.g. ../shared/data/bigbench)")
     p.add_argument("--limit", type=int, help="items per task")
+    p.add_argument("--seeds", default="0", help="comma list of seeds; each row runs once per seed (default 0)")
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # internal: the seed of --row
     p.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
     args = p.parse_args()
     if args.list:
@@ -122,7 +171,7 @@ def main() -> int:
     out = Path(args.out)
     if args.row:
         result = run_row(args.row, args)
-        (out / f"{args.row}.json").write_text(json.dumps(result, indent=2))
+        (out / f"{result_name(args.row, args.seed)}.json").write_text(json.dumps(result, indent=2))
         return 0
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in rows if r not in ROWS]
@@ -130,23 +179,33 @@ def main() -> int:
         print(f"unknown rows: {', '.join(unknown)} (see --list)", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    names = []
     for row in rows:
-        if (out / f"{row}.json").is_file():
-            print(f"{row}: done already ({out / (row + '.json')})", file=sys.stderr)
-            continue
-        cmd = [sys.executable, __file__, "--row", row, "--out", str(out), "--model", args.model,
-               "--windows", str(args.windows), "--seqlen", str(args.seqlen),
-               "--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen)]
-        for flag in ("tasks", "tasks_dir", "limit"):
-            if getattr(args, flag) is not None:
-                cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-        print(f"{row}: running", file=sys.stderr, flush=True)
-        subprocess.run(cmd, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
-    results = [json.loads((out / f"{r}.json").read_text()) for r in rows]
+        for seed in ([0] if row == "fp" else seeds):
+            name = result_name(row, seed)
+            names.append(name)
+            if (out / f"{name}.json").is_file():
+                print(f"{name}: done already ({out / (name + '.json')})", file=sys.stderr)
+                continue
+            run_one(row, seed, out, args)
+    results = [json.loads((out / f"{n}.json").read_text()) for n in names]
     text = table(results)
     (out / "table.md").write_text(text + "\n")
     print(text)
     return 0
+
+
+def run_one(row: str, seed: int, out: Path, args) -> None:
+    """One row at one seed, in its own process."""
+    cmd = [sys.executable, __file__, "--row", row, "--seed", str(seed), "--out", str(out), "--model", args.model,
+           "--windows", str(args.windows), "--seqlen", str(args.seqlen),
+           "--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen)]
+    for flag in ("tasks", "tasks_dir", "limit"):
+        if getattr(args, flag) is not None:
+            cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    print(f"{result_name(row, seed)}: running", file=sys.stderr, flush=True)
+    subprocess.run(cmd, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
 
 
 if __name__ == "__main__":

@@ -219,7 +219,9 @@ def test_quantize_flags_reach_the_config():
         "--calib-seqlen", "64", "--epochs", "2", "--lr-clip", "0.5", "--lr-bias", "0.25", "--lr-scale", "0.125",
         "--bias-init", "zero", "--train-batch-size", "2", "--train-samples", "3", "--train-inputs", "quant",
         "--train-loss", "token", "--no-scale", "--transforms", "--no-vo-rotation", "--transform-epochs", "1",
-        "--lr-transform", "0.01", "--no-act-order", "--percdamp", "0.05", "--seed", "9"])
+        "--lr-transform", "0.01", "--no-act-order", "--percdamp", "0.05", "--seed", "9",
+        "--weights", "gptaq", "--gptaq-alpha", "0.5", "--weight-scale", "--lr-weight-scale", "0.004",
+        "--smooth", "down,qkv", "--smooth-alpha", "0.5", "--rotations", "calibrated"])
     cfg = config_from_args(args)
     assert (cfg.bits.w_bits, cfg.bits.a_bits, cfg.bits.kv_bits, cfg.bits.w_group, cfg.bits.a_clip) == (4, 8, 8, 16, 0.8)
     assert (cfg.calib.samples, cfg.calib.seqlen, cfg.seed) == (7, 64, 9)
@@ -228,7 +230,9 @@ def test_quantize_flags_reach_the_config():
     assert (t.batch_size, t.samples, t.inputs, t.loss) == (2, 3, "quant", "token")
     assert (t.scale, t.bias, t.transforms, t.vo_rotation, t.transform_epochs, t.lr_transform) == \
         (False, True, True, False, 1, 0.01)
-    assert (cfg.gptq.act_order, cfg.gptq.percdamp) == (False, 0.05)
+    assert (cfg.gptq.act_order, cfg.gptq.percdamp, cfg.weights, cfg.gptq.asym_alpha) == (False, 0.05, "gptaq", 0.5)
+    assert (t.weight_scale, t.lr_weight_scale) == (True, 0.004)
+    assert (cfg.smooth.pairs, cfg.smooth.alpha, cfg.rotation.kind) == (("down", "qkv"), 0.5, "calibrated")
 
 
 def test_no_command_prints_help(capsys):
@@ -288,3 +292,12 @@ def test_subprocess_eval_and_error(tiny_model_dir, text_file, expected_ppl, tmp_
     assert code == 2
     _assert_one_error_line(stderr, f"holds {available} eval windows")
     assert stdout == ""
+
+
+def test_preset_large_sets_the_budget_and_flags_override_it():
+    from baseq.cli import build_parser, config_from_args
+
+    cfg = config_from_args(build_parser().parse_args(["quantize", "--preset", "large", "--epochs", "4"]))
+    assert (cfg.calib.samples, cfg.calib.seqlen, cfg.train.epochs) == (64, 1024, 4)
+    cfg = config_from_args(build_parser().parse_args(["quantize"]))
+    assert (cfg.calib.samples, cfg.calib.seqlen, cfg.train.epochs) == (32, 512, 3)

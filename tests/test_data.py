@@ -6,6 +6,7 @@ import hashlib
 import json
 import random
 import re
+import textwrap
 
 import pytest
 import torch
@@ -250,3 +251,56 @@ def test_unknown_source(source):
     with pytest.raises(BaseqError, match="unknown data") as e:
         data.load_text(source)
     assert "wiki" in str(e.value) and "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------ books
+
+
+def _gutenberg_book(title: str, paragraphs: list[str]) -> str:
+    body = "\n\n".join(textwrap.fill(p, 60) for p in paragraphs)  # wrapped lines, as in the real file
+    return (f"The Project Gutenberg EBook of {title.title()}\n\nlicence header text\n\n"
+            f"*** START OF THE PROJECT GUTENBERG EBOOK, {title} ***\n\n\n{body}\n\n\n"
+            f"*** END OF THE PROJECT GUTENBERG EBOOK, {title} ***\n\nlicence footer text\n")
+
+
+@pytest.fixture
+def books(tmp_path, monkeypatch):
+    """A synthetic big.txt: three small books (wrapped lines, blank-line paragraphs) between licence texts."""
+    rng = random.Random(7)
+    content = {}
+    for title in ("FIRST BOOK", "SECOND BOOK", "THIRD BOOK"):
+        content[title] = [f"<{title}:{i}> " + " ".join(rng.choice(["tea", "rain", "door", "glass"]) for _ in
+                                                        range(rng.randrange(20, 400)))
+                          for i in range(120)]
+    path = tmp_path / "big.txt"
+    path.write_text("".join(_gutenberg_book(t, ps) for t, ps in content.items()) + "word lists at the end\n",
+                    encoding="utf-8")
+    monkeypatch.setattr("baseq.assets.fetch", lambda name, asset=None, quiet=False: path)
+    return content
+
+
+def test_book_sections_keep_bodies_and_paragraph_order(books):
+    secs = data.book_sections(data.assets.fetch("books").read_text(encoding="utf-8"))
+    for title, paras in books.items():
+        mine = [s for k, s in secs if k.startswith(title + "/")]
+        assert [k for k, _ in secs if k.startswith(title + "/")] == [f"{title}/{i}" for i in range(len(mine))]
+        assert "\n\n".join(mine).split("\n\n") == paras  # unwrapped, in order, nothing lost or added
+        assert all(len(s) >= data.SECTION_CHARS for s in mine[:-1])  # every section but the last is full
+        assert all(len(s) < data.SECTION_CHARS + 3000 for s in mine)
+    joined = "\n".join(s for _, s in secs)
+    assert "licence" not in joined and "word lists" not in joined and "***" not in joined
+
+
+def test_books_split_disjoint_complete_interleaved(books):
+    ev, ca = data.load_text("books", "eval"), data.load_text("books", "calib")
+    tags = lambda text: re.findall(r"<([A-Z ]+:\d+)>", text)  # noqa: E731
+    ev_tags, ca_tags = tags(ev), tags(ca)
+    everything = [f"{t}:{i}" for t, ps in books.items() for i in range(len(ps))]
+    assert set(ev_tags).isdisjoint(ca_tags) and sorted(ev_tags + ca_tags) == sorted(everything)
+    secs = data.book_sections(data.assets.fetch("books").read_text(encoding="utf-8"))
+    n_eval = sum(_is_eval(k) for k, _ in secs)
+    assert 0 < n_eval < len(secs) and ev.count("\n\n") + 1 == sum(s.count("\n\n") + 1 for k, s in secs if _is_eval(k))
+    assert len({t.split(":")[0] for t in ev_tags[:40]}) > 1  # sections of several books mixed, not book by book
+    assert data.load_text("books", "eval") == ev  # deterministic
+    w = data.eval_windows(TOK, "books", 64, 3)
+    assert bytes(w.flatten().tolist()) == ev.encode("utf-8")[:192]

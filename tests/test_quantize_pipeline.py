@@ -50,9 +50,15 @@ def _cfg(method: str, weights: str, text_file, **bits) -> QuantizeConfig:
     train = TrainConfig(epochs=1, batch_size=4)
     if hasattr(train, "transform_epochs"):  # BASE-Q stage 1 (compensated transforms), where present: keep it short
         train.transform_epochs = 1
-    return QuantizeConfig(method=method, weights=weights, bits=BitsConfig(**bits),
-                          calib=CalibConfig(data=str(text_file), samples=8, seqlen=SEQLEN, batch_size=4),
-                          train=train)
+    everything = weights.endswith("+")
+    cfg = QuantizeConfig(method=method, weights=weights.rstrip("+"), bits=BitsConfig(**bits),
+                         calib=CalibConfig(data=str(text_file), samples=8, seqlen=SEQLEN, batch_size=4),
+                         train=train)
+    if everything:
+        cfg.rotation.kind, cfg.rotation.steps, cfg.rotation.windows = "calibrated", 3, 2
+        cfg.smooth.points = "down,qkv,gate_up"
+        cfg.train.weight_scale = True
+    return cfg
 
 
 # ------------------------------------------------------------------------------------------- every method
@@ -63,6 +69,8 @@ METHODS = [  # (method, weights, tiny_llama kwargs): one awkward shape per metho
     ("quarot", "rtn", dict(hidden=48, ffn=70, heads=4, kv_heads=2, head_dim=10)),  # dense fallback rotations
     ("quarot", "gptq", dict(hidden=48, ffn=96, heads=3, kv_heads=1, head_dim=12, tied=False)),
     ("baseq", "gptq", dict(hidden=48, ffn=80, heads=4, kv_heads=2, qkv_bias=True)),
+    # every issue-11 option at once: GPTAQ, calibrated rotations, smoothing at all three points, weight scales
+    ("baseq", "gptaq+", dict(hidden=48, ffn=80, heads=6, kv_heads=2, head_dim=12)),
 ]
 
 

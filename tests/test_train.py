@@ -31,11 +31,12 @@ def text_file(tmp_path_factory):
 # GPTQ Hessians kept as unnormalised sums divided once (GPTQ losses moved by ~1e-6 relative, and a few weights of
 # block 1 landed on the neighbouring level), then with the simulated linears computed exactly on integer codes in
 # inference (quant/qmodel.exact_linear: the block outputs that decide the next block's inputs moved by ~1e-7 relative).
+# The GPTQ groups then became one stacked solve each (logged per group, e.g. gptq_down): numbers unchanged.
 # Any change of these numbers is a change of what a single process computes and must be deliberate.
 PINNED = [
-    {"out_mse": 3.117236929028877e-06, "t_loss_last": 3.796889359364286e-06, "gptq_down_proj": 1.8842730753476644e-07,
+    {"out_mse": 3.117236929028877e-06, "t_loss_last": 3.796889359364286e-06, "gptq_down": 1.8842730753476644e-07,
      "loss_before": 1.439269226466422e-06, "loss_after": 3.117236929028877e-06},
-    {"out_mse": 8.598353815614246e-06, "t_loss_last": 3.6096323583478807e-06, "gptq_down_proj": 3.4902706147477147e-07,
+    {"out_mse": 8.598353815614246e-06, "t_loss_last": 3.6096323583478807e-06, "gptq_down": 3.4902706147477147e-07,
      "loss_before": 1.5002271993580507e-06, "loss_after": 4.57387659480446e-06},
 ]
 PINNED_WEIGHT_SUM = 6699.39160297241

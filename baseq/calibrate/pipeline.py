@@ -30,10 +30,12 @@ from ..models.adapter import LlamaAdapter
 from ..models.lazy import LazyModel
 from ..quant.qmodel import ActSpec, quantize_layer, quantize_structure, use_quantized_attention
 from ..quant.quantizer import WeightQuantConfig, quantize_embedding_
+from ..rotation.calibrated import apply_value_rotations, calibrate_rotations
 from ..rotation.fuse import block_rotations, install_end_rotations, rotate_layer, rotate_model
 from .blocks import LazyBlocks, ModelBlocks, finished_layers
 from .comm import Communicator
 from .engine import BlockContext, Checkpoint, calibrate_blocks, on_device
+from .smooth import SmoothStage
 from .stages import BaseqTrainStage, GPTQStage, RTNStage
 from .transforms import CompensatedTransformStage
 
@@ -52,7 +54,12 @@ def weight_config(cfg: QuantizeConfig) -> WeightQuantConfig:
 
 def build_stages(cfg: QuantizeConfig) -> list:
     wcfg = weight_config(cfg)
-    stages = [RTNStage(wcfg) if cfg.weight_method == "rtn" else GPTQStage(wcfg, cfg.gptq)]
+    w = cfg.weight_method
+    stages = [RTNStage(wcfg) if w == "rtn" else
+              GPTQStage(wcfg, cfg.gptq, asymmetric=cfg.gptq.asym_alpha if w == "gptaq" else 0.0)]
+    if cfg.rotate and cfg.smooth.pairs:
+        a = cfg.smooth.alpha
+        stages.insert(0, SmoothStage(cfg.smooth.pairs, wcfg, alpha=a if a >= 0 else None, seed=cfg.seed))
     if cfg.method == "baseq":
         t = cfg.train
         if t.transforms:
@@ -115,11 +122,22 @@ def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, model_spec: str = "
         raise BaseqError("lazy loading keeps the finished blocks in a work folder: pass work_dir")
     for p in model.parameters():
         p.requires_grad_(False)
+    report = {"method": cfg.label, "bits": cfg.bits.label}
     ad = check_model(model, cfg)  # fail early, with a clear message, on unsupported architectures / group sizes
     quantize_ends(ad, cfg.bits.embed_bits)
-    blocks = prepare_blocks(model, ad, cfg, lazy)
+    learned = None
+    if cfg.rotate and cfg.rotation.kind == "calibrated":  # DartQuant-style: fitted to the FP activations
+        if lazy is not None:
+            raise BaseqError("--rotations calibrated needs the whole model in memory (a forward over every block "
+                             "before rotating): not available with --lazy yet")
+        if windows is None:
+            windows = calib_windows(tokenizer, cfg.calib.data, cfg.calib.seqlen, cfg.calib.samples, cfg.calib.seed)
+        rot = cfg.rotation
+        learned = calibrate_rotations(model, windows[: rot.windows], seed=cfg.seed, steps=rot.steps, lr=rot.lr,
+                                      log=report.setdefault("rotation", {}))
+        comm.broadcast_(list(learned), src=0)  # every rank fuses rank 0's rotations, bit for bit
+    blocks = prepare_blocks(model, ad, cfg, lazy, learned)
     stages = build_stages(cfg)
-    report = {"method": cfg.label, "bits": cfg.bits.label}
     if not needs_calibration(cfg):
         for i in range(len(blocks)):  # RTN needs no data
             layer = blocks.load(i)
@@ -146,13 +164,15 @@ def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, model_spec: str = "
     return report
 
 
-def prepare_blocks(model, ad: LlamaAdapter, cfg: QuantizeConfig, lazy: LazyModel | None):
+def prepare_blocks(model, ad: LlamaAdapter, cfg: QuantizeConfig, lazy: LazyModel | None, learned=None):
     """Rotate (QuaRot methods) and give every block the quantized structure: the whole model now, or each block of
-    a lazy model as it is read."""
+    a lazy model as it is read. ``learned``: calibrated (R1, per-layer R2) to fuse instead of the seeded ones."""
     spec = act_spec(cfg)
     if lazy is None:
         if cfg.rotate:
-            rotate_model(model, seed=cfg.seed)
+            rotate_model(model, seed=cfg.seed, r1=learned[0] if learned else None)
+            if learned:
+                apply_value_rotations(model, learned[1], seed=cfg.seed)
         return ModelBlocks(quantize_structure(model, spec))
     s = ad.shape
     if cfg.rotate:

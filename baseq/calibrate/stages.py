@@ -6,14 +6,18 @@ to ``ctx.log``. Methods are compositions of stages (see ``calibrate/pipeline.py`
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 
 from ..config import GPTQConfig, TrainConfig
 from ..models.adapter import LlamaAdapter
+from ..quant.gptaq import AsymmetricStats, asymmetric_target
 from ..quant.gptq import GPTQ, rtn_quantize_
-from ..quant.qmodel import ActPoint
-from ..quant.quantizer import WeightQuantConfig, _group_count
+from ..quant.qmodel import ActPoint, set_quantize
+from ..quant.quantizer import WeightQuantConfig, _group_count, record_weight_qparams
+from . import weight_scale
 from .engine import BlockContext
 from .train import Tap, fit
 
@@ -33,45 +37,100 @@ class RTNStage:
 
 
 class GPTQStage:
+    """GPTQ on every linear of the block, group by group in :data:`SEQUENTIAL` order, on the quantized model's
+    inputs (activation quantizers on). The linears of a group share one Hessian and are solved as one stacked
+    matrix (GPTQ treats rows independently, so this equals solving them one by one, once instead of three times);
+    on several ranks the Hessian is summed over all of them and each group is solved by one rank, round-robin.
+
+    ``asymmetric > 0``: GPTAQ-style asymmetric calibration (``quant/gptaq.py``): the FP block's inputs of each
+    group are collected too, and GPTQ fits the FP block's output instead of its own (shift scaled by the value)."""
+
     name = "gptq"
 
-    def __init__(self, wcfg: WeightQuantConfig, gcfg: GPTQConfig):
-        self.wcfg, self.gcfg = wcfg, gcfg
+    def __init__(self, wcfg: WeightQuantConfig, gcfg: GPTQConfig, asymmetric: float = 0.0):
+        self.wcfg, self.gcfg, self.asymmetric = wcfg, gcfg, asymmetric
 
     def run(self, ctx: BlockContext) -> None:
+        if not self.wcfg.enabled:  # 16-bit weights: nothing to quantize
+            return
         linears = LlamaAdapter.linears(ctx.layer)
-        for group in SEQUENTIAL:
-            # the linears of a group read the same input: collect one Hessian, from the first, and share it
-            first = linears[group[0]]
-            solver = GPTQ(first)
+        fp_layer = None
+        if self.asymmetric:
+            fp_layer = copy.deepcopy(ctx.layer)  # the block before any weight is quantized, quantizers off
+            set_quantize(fp_layer, False)
+        comm = ctx.comm
+        for k, group in enumerate(SEQUENTIAL):
+            stats = self.statistics(ctx, group[0], fp_layer)
+            comm.all_reduce_([stats.H] + ([stats.C] if fp_layer is not None else []))  # sums: exact, divided once
+            stats.nsamples = int(comm.sum([stats.nsamples])[0])
+            members = [linears[n] for n in group]
+            owner = k % comm.world_size
+            loss = 0.0
+            if comm.rank == owner:
+                target = None
+                if fp_layer is not None:
+                    fp = LlamaAdapter.linears(fp_layer)
+                    target = asymmetric_target(torch.cat([fp[n].weight.float() for n in group]), stats.H, stats.C,
+                                               self.asymmetric, self.gcfg.percdamp)
+                loss = self.solve(members, stats, target)
+            for m in members:
+                loss = share_quantized(m, self.wcfg, loss, owner, comm)
+            ctx.log[f"gptq_{'_'.join(n.removesuffix('_proj') for n in group)}"] = loss
 
-            def add(name, args, kwargs):
-                x = args[0]
-                solver.add_batch(first.act(x) if first.act is not None else x)
+    @staticmethod
+    def statistics(ctx: BlockContext, name: str, fp_layer=None):
+        """This rank's Hessian sums of linear ``name``'s quantized inputs (a :class:`GPTQ`), or with ``fp_layer``
+        also the cross term with the FP block's inputs (an :class:`AsymmetricStats`)."""
+        first = LlamaAdapter.linears(ctx.layer)[name]
+        if fp_layer is None:
+            stats = GPTQ(first)
+            for xq in group_inputs(ctx, ctx.layer, name, ctx.q_in):
+                stats.add_batch(xq)
+            return stats
+        stats = AsymmetricStats(first.in_features, first.weight.device)
+        quant, fp = group_inputs(ctx, ctx.layer, name, ctx.q_in), group_inputs(ctx, fp_layer, name, ctx.fp_in)
+        try:
+            for xq, xf in zip(quant, fp):
+                stats.add_batch(xq, xf)
+        finally:  # both taps removed now, not whenever the generators are collected
+            quant.close()
+            fp.close()
+        return stats
 
-            # nothing after the group's input is needed: each forward stops there
-            with torch.no_grad(), Tap(first, add, stop=True) as tap:
-                for batch in ctx.q_in.split(ctx.batch_size):
-                    tap(ctx.forward, batch.to(ctx.device))
-            comm = ctx.comm
-            comm.all_reduce_([solver.H])  # partial sums of every rank's windows: exact, divided once in quantize
-            solver.nsamples = int(comm.sum([solver.nsamples])[0])
-            # each linear is quantized once, by one rank (spread round-robin), then sent to all
-            owners = {name: (k + first_linear_index(group)) % comm.world_size for k, name in enumerate(group)}
-            solvers = {}
-            for name in group:
-                if owners[name] == comm.rank:
-                    solvers[name] = solver if name == group[0] else GPTQ(linears[name])
-                    if name != group[0]:  # copies first: quantize() consumes the Hessian it is given
-                        solvers[name].H, solvers[name].nsamples = solver.H.clone(), solver.nsamples
-            if group[0] not in solvers:
-                solver.free()
-            losses = {name: s.quantize(self.wcfg, blocksize=self.gcfg.blocksize, percdamp=self.gcfg.percdamp,
-                                       act_order=self.gcfg.act_order, static_groups=self.gcfg.static_groups)
-                      for name, s in solvers.items()}
-            for name in group:
-                ctx.log[f"gptq_{name}"] = share_quantized(linears[name], self.wcfg, losses.get(name, 0.0),
-                                                          owners[name], comm)
+    def solve(self, members: list, stats, target: torch.Tensor | None = None) -> float:
+        """GPTQ on the members' weights stacked (or on ``target``), written back with each member's scales."""
+        first = members[0]
+        stacked = torch.nn.Linear(first.in_features, sum(m.out_features for m in members), bias=False,
+                                  device=first.weight.device, dtype=torch.float32)
+        with torch.no_grad():
+            stacked.weight.copy_(target if target is not None else torch.cat([m.weight.float() for m in members]))
+        solver = GPTQ(stacked)
+        solver.H, solver.nsamples = stats.H, stats.nsamples
+        loss = solver.quantize(self.wcfg, blocksize=self.gcfg.blocksize, percdamp=self.gcfg.percdamp,
+                               act_order=self.gcfg.act_order, static_groups=self.gcfg.static_groups)
+        sizes = [m.out_features for m in members]
+        with torch.no_grad():
+            for m, w, sc, z in zip(members, stacked.weight.split(sizes), stacked.weight_scale.split(sizes),
+                                   stacked.weight_zero.split(sizes)):
+                m.weight.copy_(w.to(m.weight.dtype))
+                record_weight_qparams(m, sc, z)
+        return loss
+
+
+def group_inputs(ctx: BlockContext, layer, name: str, x: torch.Tensor):
+    """For each batch of ``x``: the input of linear ``name`` of ``layer`` after its activation point (what its
+    weights multiply); each forward stops right there."""
+    lin = LlamaAdapter.linears(layer)[name]
+    seen: list = []
+
+    def keep(_, args, kwargs):
+        seen.append(lin.act(args[0]) if lin.act is not None else args[0])
+
+    with Tap(lin, keep, stop=True) as tap:  # (no grad mode held across the yield: the caller's stays its own)
+        for batch in x.split(ctx.batch_size):
+            with torch.no_grad():
+                tap(lambda b: layer(b, **ctx.kwargs), batch.to(ctx.device))
+            yield seen.pop()
 
 
 def first_linear_index(group: tuple[str, ...]) -> int:
@@ -185,6 +244,9 @@ class BaseqTrainStage:
         if cfg.bias and cfg.bias_init == "mean":
             self.init_bias_mean(ctx, x)
         groups = self.parameter_groups(ctx.layer)
+        if cfg.weight_scale:  # per-row weight scales, trained with the corrections (calibrate/weight_scale.py)
+            groups.append({"name": "weight_scale", "params": weight_scale.attach(ctx.layer),
+                           "lr": cfg.lr_weight_scale})
         params = [p for g in groups for p in g["params"]]
         ctx.comm.broadcast_(params)  # every rank starts from rank 0's values
         before = ctx.log["loss_before"] = self.loss(ctx, x, y, cfg.loss)
@@ -201,6 +263,7 @@ class BaseqTrainStage:
             ctx.log["loss_after"] = after
         else:
             ctx.log["loss_after"] = before
+        weight_scale.fold(ctx.layer)
         fold_block(ctx.layer)
 
     def train(self, ctx: BlockContext, x: torch.Tensor, y: torch.Tensor, groups: list[dict]) -> None:
