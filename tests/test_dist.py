@@ -193,12 +193,14 @@ def cli_worker(rank: int, world: int, port: int, argv: list[str], fault: str, re
     os._exit(code)
 
 
-def test_cli_two_ranks_write_once_and_match_one_process(model_dir, text_file, tmp_path):
+@pytest.mark.parametrize("lazy", [False, True], ids=["in-memory", "lazy"])
+def test_cli_two_ranks_write_once_and_match_one_process(lazy, model_dir, text_file, tmp_path):
     from baseq.cli import main
 
     out2, out1 = tmp_path / "two", tmp_path / "one"
-    assert spawn(cli_worker, 2, cli_args(model_dir, text_file, out2, "--json", str(tmp_path / "two.json")), "",
-                 str(tmp_path)) == [0, 0]
+    extra = ["--lazy"] if lazy else []
+    assert spawn(cli_worker, 2, cli_args(model_dir, text_file, out2, "--json", str(tmp_path / "two.json"), *extra),
+                 "", str(tmp_path)) == [0, 0]
     assert main(cli_args(model_dir, text_file, out1, "--json", str(tmp_path / "one.json"))) == 0
     two, one = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
     assert two["ranks"] == 2 and "ranks" not in one

@@ -105,6 +105,33 @@ def test_cli_lazy_writes_the_eager_result_block_by_block(sharded_dir, text_file,
     assert json.loads((tmp_path / "x.json").read_text())["ppl"] == pytest.approx(lz["ppl_quant"], rel=1e-6)
 
 
+def test_lazy_resume_after_a_crash_gives_the_same_model(sharded_dir, text_file, tmp_path, monkeypatch):
+    from baseq.calibrate.stages import BaseqTrainStage
+
+    eager = tiny_llama(**SHAPE)
+    quantize_model(eager, byte_tokenizer(), config(text_file), progress=False, log_fn=lambda m: None)
+    original = BaseqTrainStage.run
+
+    def crash_on_block_2(self, ctx):
+        if ctx.index == 2:
+            raise RuntimeError("simulated crash")
+        return original(self, ctx)
+
+    work = tmp_path / "work"
+    monkeypatch.setattr(BaseqTrainStage, "run", crash_on_block_2)
+    lazy, tok = open_lazy(str(sharded_dir))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        quantize_model(lazy.model, tok, config(text_file), progress=False, log_fn=lambda m: None, lazy=lazy,
+                       work_dir=work)
+    monkeypatch.setattr(BaseqTrainStage, "run", original)
+    lazy, tok = open_lazy(str(sharded_dir))
+    said = []
+    quantize_model(lazy.model, tok, config(text_file), progress=False, log_fn=said.append, lazy=lazy, work_dir=work,
+                   resume=True)
+    assert "resuming after block 1" in said
+    assert_same_blocks(quantized_layers(lazy.model, config(text_file), work, lazy)(), eager)
+
+
 def test_streamed_nll_equals_the_whole_model(sharded_dir):
     model, _ = load_model(str(sharded_dir))
     windows = torch.randint(0, 258, (5, 40), generator=torch.Generator().manual_seed(0))

@@ -14,6 +14,7 @@ from ..models.adapter import LlamaAdapter
 from ..quant.gptq import GPTQ, rtn_quantize_
 from ..quant.qmodel import ActPoint
 from ..quant.quantizer import WeightQuantConfig, _group_count
+from .blocks import release_memory
 from .engine import BlockContext
 from .train import Tap, fit
 
@@ -58,17 +59,16 @@ class GPTQStage:
             solver.nsamples = int(comm.sum([solver.nsamples])[0])
             # each linear is quantized once, by one rank (spread round-robin), then sent to all
             owners = {name: (k + first_linear_index(group)) % comm.world_size for k, name in enumerate(group)}
-            solvers = {}
-            for name in group:
-                if owners[name] == comm.rank:
-                    solvers[name] = solver if name == group[0] else GPTQ(linears[name])
-                    if name != group[0]:  # copies first: quantize() consumes the Hessian it is given
-                        solvers[name].H, solvers[name].nsamples = solver.H.clone(), solver.nsamples
-            if group[0] not in solvers:
-                solver.free()
-            losses = {name: s.quantize(self.wcfg, blocksize=self.gcfg.blocksize, percdamp=self.gcfg.percdamp,
-                                       act_order=self.gcfg.act_order, static_groups=self.gcfg.static_groups)
-                      for name, s in solvers.items()}
+            release_memory()  # GPTQ's large temporaries come next: start from a trimmed heap
+            losses = {}
+            mine = [name for name in group if owners[name] == comm.rank]
+            for name in sorted(mine, key=lambda n: n == group[0]):  # the first last: quantize() consumes its H
+                s = solver if name == group[0] else GPTQ(linears[name])
+                if s is not solver:  # one copy of the Hessian at a time
+                    s.H, s.nsamples = solver.H.clone(), solver.nsamples
+                losses[name] = s.quantize(self.wcfg, blocksize=self.gcfg.blocksize, percdamp=self.gcfg.percdamp,
+                                          act_order=self.gcfg.act_order, static_groups=self.gcfg.static_groups)
+            solver.free()
             for name in group:
                 ctx.log[f"gptq_{name}"] = share_quantized(linears[name], self.wcfg, losses.get(name, 0.0),
                                                           owners[name], comm)
