@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import BaseqError
-from .eval.zeroshot import check_limit
+from .eval.zeroshot import check_tasks
 from .io import write_json
 
 
@@ -102,13 +102,15 @@ def cmd_eval(args) -> int:
     from .device import check_device
     from .eval.perplexity import perplexity
     from .load import load as load_model
+    from .runtime.generate import check_context
 
     check_device(args.device)
     check_json_path(args.json)
-    check_limit(getattr(args, "limit", None))
+    check_tasks(getattr(args, "tasks", None), getattr(args, "tasks_dir", None), getattr(args, "limit", None))
     if args.seqlen < 2:
         raise BaseqError(f"--seqlen must be at least 2 (got {args.seqlen})")
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    check_context(model, args.seqlen, "--seqlen")
     windows = eval_windows(tokenizer, args.data, args.seqlen, args.windows)
     t0 = time.perf_counter()
     ppl = perplexity(model, windows, batch_size=args.batch_size, device=args.device, progress=not args.quiet)
@@ -157,7 +159,7 @@ def config_from_args(args):
              "bias": cfg.train, "scale": cfg.train, "clip": cfg.train, "seed": cfg,
              "transforms": cfg.train, "vo_rotation": cfg.train, "transform_epochs": cfg.train,
              "lr_transform": cfg.train, "train_loss": (cfg.train, "loss"),
-             "act_order": cfg.gptq, "percdamp": cfg.gptq}
+             "act_order": cfg.gptq, "percdamp": cfg.gptq, "embed_bits": cfg.bits}
     for flag, target in flags.items():
         value = getattr(args, flag, None)
         if value is None:
@@ -190,16 +192,18 @@ def cmd_quantize(args) -> int:
 
 def quantize_command(args, cfg, device, comm) -> int:
     from .calibrate.engine import on_device
-    from .calibrate.pipeline import act_spec, check_model, needs_calibration, quantize_model, quantized_layers
+    from .calibrate.pipeline import check_model, needs_calibration, quantize_model, quantized_layers
     from .data import calib_windows, eval_windows
     from .load import load as load_model
-    from .runtime.format import check_out_dir
-    from .runtime.save import save_fake
+    from .runtime.format import check_out_dir, is_saved_folder
+    from .runtime.generate import check_context
 
     out = Path(args.out) if args.out else default_out(args, cfg)
     check_json_path(args.json)
-    check_limit(getattr(args, "limit", None))
+    check_tasks(getattr(args, "tasks", None), getattr(args, "tasks_dir", None), getattr(args, "limit", None))
     check_out_dir(out, args.overwrite)  # the result is written at the very end, so this holds for --resume too
+    if is_saved_folder(Path(args.model).expanduser()):
+        raise BaseqError(f"'{args.model}' was written by 'baseq quantize' already: quantize its source model")
     if needs_calibration(cfg) and comm.world_size > cfg.calib.samples:
         raise BaseqError(f"{comm.world_size} ranks for {cfg.calib.samples} calibration windows: every rank needs at "
                          f"least one (raise --calib-samples or start fewer ranks)")
@@ -218,6 +222,9 @@ def quantize_command(args, cfg, device, comm) -> int:
     else:
         model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu")  # blocks visit the device in turn
     check_model(model, cfg)  # before the full-precision evaluation
+    check_context(model, cfg.calib.seqlen, "--calib-seqlen")
+    if args.eval:
+        check_context(model, args.seqlen, "--seqlen")
     calib = None
     if needs_calibration(cfg):  # draw the calibration windows now: a too-short text fails before any real work
         c = cfg.calib
@@ -255,19 +262,25 @@ def quantize_command(args, cfg, device, comm) -> int:
             with on_device([model], device):
                 result["tasks"] = run_zero_shot(model, tokenizer, args)
         result["peak_rss_mb"] = peak_rss_mb()
-        save_fake(model, tokenizer, out, act_spec(cfg), {"method": cfg.label, "bits": cfg.bits.label,
-                                                         "config": cfg.to_dict(), "model": args.model},
-                  overwrite=True, layers=layers)
+        save_output(model, tokenizer, cfg, out, args.format, {"method": cfg.label, "bits": cfg.bits.label,
+                                                              "config": cfg.to_dict(), "model": args.model}, layers)
+        result.update(out=str(out), format=args.format, disk_mb=round(folder_bytes(out) / 2**20, 1))
         import shutil
 
         shutil.rmtree(work_dir, ignore_errors=True)
     comm.barrier()
     if not comm.is_main:
         return 0
-    rows = [("model", args.model), ("method", f"{cfg.label} {cfg.bits.label}"), ("out", str(out)),
+    rows = [("model", args.model), ("method", f"{cfg.label} {cfg.bits.label}"),
+            ("out", f"{out} ({args.format}, {result['disk_mb']:.1f} MB)"),
             ("calibration s", f"{report['calib_seconds']:.1f}"), ("peak RSS", f"{result['peak_rss_mb']:.0f} MB")]
     if comm.world_size > 1:
         rows.insert(4, ("ranks", str(comm.world_size)))
+    if args.format == "packed" and args.eval and lazy is None:  # the saved model, run by the runtime, on one window
+        with on_device([model], device):
+            result["packed_check"] = check_packed(model, out, windows[:1])
+        rows.append(("packed check", f"runtime vs simulated NLL on one window: "
+                                     f"{result['packed_check']['rel_diff']:+.2e} (relative)"))
     if args.eval:
         rows[2:2] = [("data", f"{args.data} ({args.windows} × {args.seqlen})"),
                      ("perplexity FP", f"{result['ppl_fp']:.3f}"),
@@ -278,6 +291,37 @@ def quantize_command(args, cfg, device, comm) -> int:
         write_json(args.json, result)
     return 0
 
+
+def save_output(model, tokenizer, cfg, out: Path, fmt: str, meta: dict, layers=None) -> None:
+    """Write the quantized model; ``layers`` gives its blocks one at a time (lazy runs), else the model's own."""
+    from .calibrate.pipeline import act_spec
+
+    if fmt == "packed":
+        from .runtime.packed import save_packed
+
+        b = cfg.bits
+        save_packed(model, tokenizer, out, act_spec(cfg), meta, w_bits=b.w_bits, w_group=b.w_group,
+                    embed_bits=b.embed_bits, overwrite=True, layers=layers)
+    else:
+        from .runtime.save import save_fake
+
+        save_fake(model, tokenizer, out, act_spec(cfg), meta, overwrite=True, layers=layers)
+
+
+def check_packed(model, out: Path, window) -> dict:
+    """NLL of the simulated model and of the packed folder (integer runtime) on ``window``."""
+    from .eval.perplexity import nll_sum
+    from .load import load
+
+    runtime, _ = load(str(out))
+    ref, n = nll_sum(model, window, progress=False)
+    got, _ = nll_sum(runtime, window, progress=False)
+    del runtime
+    return {"nll_simulated": ref / n, "nll_runtime": got / n, "rel_diff": (got - ref) / ref}
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 def sharded_perplexity(model, windows, batch_size: int, device, comm, progress: bool, layers=None) -> float:
     """Perplexity over ``windows``, each rank scoring its shard: with the whole model on ``device``, or, given
@@ -367,6 +411,11 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr-transform", type=float, help=f"stage 1 learning rate (default {T.lr_transform:g})")
     g = p.add_argument_group("output and evaluation")
     g.add_argument("--out", help="output folder (default: out/MODEL-METHOD-BITS)")
+    g.add_argument("--format", choices=("packed", "fake"), default="packed",
+                   help="packed (default): 4-bit codes, run by the integer runtime; fake: dequantized float "
+                        "weights and quantization parameters, run in simulation (research)")
+    g.add_argument("--embed-bits", type=int, choices=(16, 8),
+                   help="embedding table and LM head: 16 = float16 (default), 8 = int8 per row")
     g.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     g.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished block")
     g.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
@@ -374,6 +423,74 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     add_eval_data_args(p)
     p.add_argument("--json", help="write config, perplexities and timings to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-block lines")
+
+
+# ---------------------------------------------------------------- generate, bench
+
+def cmd_generate(args) -> int:
+    from .load import load
+    from .runtime.generate import TextStream, eos_ids, generate, prompt_ids
+
+    if args.max_new_tokens < 1:
+        raise BaseqError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens})")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise BaseqError("--temperature must be ≥ 0 and --top-p in (0, 1]")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
+    ids = prompt_ids(tokenizer, args.prompt, args.chat)
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    stream = TextStream(tokenizer, write)
+    stats = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                     seed=args.seed, eos=eos_ids(model, tokenizer), on_token=stream)
+    stream.close()
+    write("\n")
+    if not args.quiet:
+        print(f"baseq: {stats.prompt_tokens} prompt tokens in {stats.prefill_s:.2f} s ({stats.prefill_tok_s:.0f} tok/s), "
+              f"{stats.new_tokens} new tokens ({stats.decode_tok_s:.1f} tok/s after the first); "
+              f"peak RSS {peak_rss_mb():.0f} MB", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    from .bench import bench, default_baseline
+
+    check_json_path(args.json)
+    for name in ("prefill", "decode", "repeats"):
+        if getattr(args, name) < 1:
+            raise BaseqError(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    baseline = args.baseline if args.baseline is not None else default_baseline(args.model)
+    if baseline in ("", "none"):
+        baseline = None
+    threads = args.threads or torch.get_num_threads()
+    say = (lambda m: None) if args.quiet else (lambda m: print(f"baseq: {m}", file=sys.stderr))
+    res = bench(args.model, baseline, args.prefill, args.decode, args.repeats, threads, args.device, progress=say)
+    rows = [("machine", f"{res['cpu']}, {threads} threads, {res['date']}"),
+            ("workload", f"prefill {args.prefill} tokens, decode {args.decode}, median of {args.repeats}")]
+    for key in ("model", "baseline"):
+        if key in res:
+            r = res[key]
+            disk = f"{r['disk_mb']:.1f} MB" if r["disk_mb"] is not None else "?"
+            rows.append((f"{key}: {r['spec']}", f"prefill {r['prefill_tok_s']:.0f} tok/s, decode "
+                         f"{r['decode_tok_s']:.1f} tok/s, TTFT {r['ttft_s']:.3f} s, peak RSS {r['peak_rss_mb']:.0f} MB, "
+                         f"disk {disk}"))
+    if "ratio" in res:
+        q = res["ratio"]
+        fmt = lambda v: "-" if v is None else f"{v:.2f}×"  # noqa: E731
+        rows.append(("model / baseline", f"prefill {fmt(q['prefill_tok_s'])}, decode {fmt(q['decode_tok_s'])}, "
+                     f"TTFT {fmt(q['ttft_s'])}, peak RSS {fmt(q['peak_rss_mb'])}, disk {fmt(q['disk_mb'])}"))
+    print_table("baseq bench", rows)
+    if args.json:
+        write_json(args.json, res)
+    return 0
 
 
 # ---------------------------------------------------------------- parser
@@ -405,6 +522,35 @@ def build_parser() -> argparse.ArgumentParser:
     add_quantize_args(p)
     add_zero_shot_args(p)
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("generate", help="generate text with a model (full precision or packed), streamed",
+                       description="Generate text after a prompt, streamed to stdout (greedy unless --temperature). "
+                                   "Works on full-precision models and on folders written by 'baseq quantize'.")
+    add_model_args(p)
+    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--threads", type=positive_int, help="torch threads (default: torch's)")
+    p.add_argument("--quiet", action="store_true", help="no statistics line on stderr")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="speed, memory and size of a model against its full-precision baseline",
+                       description="Prefill and decode tokens/s, time to first token, peak RSS and bytes on disk of "
+                                   "a model and its baseline (default: the model a quantized folder was made "
+                                   "from), each in its own process with the same threads; medians of --repeats.")
+    p.add_argument("--model", required=True, help="model to measure (a packed folder, or anything --model takes)")
+    p.add_argument("--baseline", help="baseline model (default: the source of a quantized folder; 'none' = skip)")
+    p.add_argument("--prefill", type=int, default=512, help="prompt tokens (default 512)")
+    p.add_argument("--decode", type=int, default=128, help="generated tokens (default 128)")
+    p.add_argument("--repeats", type=int, default=3, help="repeats; medians reported (default 3)")
+    p.add_argument("--threads", type=positive_int, help="torch threads for both (default: torch's)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--json", help="write the figures to this JSON file (keys model, baseline)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_bench)
 
     from .eval.bigbench import add_bigbench_args, bigbench_main
     from .eval.report import add_report_args, report_main

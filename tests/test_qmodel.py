@@ -29,7 +29,8 @@ def _rel(a, ref):
 
 
 class _Spy:
-    """Wraps ``module.forward`` and records (input, output) of every call."""
+    """Wraps ``module.forward`` (and an activation quantizer's ``codes``, which inference uses instead) and records
+    (input, fake-quantized output) of every call."""
 
     def __init__(self, module):
         self.calls = []
@@ -41,6 +42,15 @@ class _Spy:
             return y
 
         module.forward = fwd
+        if hasattr(module, "codes"):
+            orig_codes = module.codes
+
+            def codes(x):
+                c, s = orig_codes(x)
+                self.calls.append((x.detach().clone(), (c * s).to(x.dtype)))
+                return c, s
+
+            module.codes = codes
 
 
 # ------------------------------------------------------------------------------------------- KV cache

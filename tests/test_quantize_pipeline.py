@@ -386,15 +386,19 @@ def test_cli_failure_mid_calibration_leaves_no_output(tiny_model_dir, text_file,
     assert not list(tmp_path.glob(".out.tmp-*"))
 
 
-def test_cli_failure_while_saving_leaves_no_output(tiny_model_dir, text_file, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("fmt", ["packed", "fake"])
+def test_cli_failure_while_saving_leaves_no_output(fmt, tiny_model_dir, text_file, tmp_path, capsys, monkeypatch):
+    import baseq.runtime.packed as packed
     import baseq.runtime.save as save
 
     def broken_save_file(*a, **k):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(save, "save_file", broken_save_file)
+    monkeypatch.setattr(packed, "save_file", broken_save_file)
     out, js = tmp_path / "out", tmp_path / "r.json"
-    rc = main(_quantize_args(tiny_model_dir, text_file, out, js, "--quiet", "--method", "rtn", "--no-eval"))
+    rc = main(_quantize_args(tiny_model_dir, text_file, out, js, "--quiet", "--method", "rtn", "--no-eval",
+                             "--format", fmt))
     err = capsys.readouterr().err.strip().splitlines()
     assert rc != 0 and len(err) == 1 and err[0] == "baseq: error: No space left on device"
     assert not out.exists() and not js.exists()

@@ -17,16 +17,17 @@ from tqdm.auto import tqdm
 
 
 def _chunkable(model) -> bool:
+    """Logits are ``lm_head(model.model(...).last_hidden_state)``: a plain linear head, or the runtime's table."""
     cfg = getattr(model, "config", None)
-    return (isinstance(getattr(model, "lm_head", None), nn.Linear) and hasattr(model, "model")
+    return (isinstance(getattr(model, "lm_head", None), nn.Module) and hasattr(model, "model")
             and not getattr(cfg, "final_logit_softcapping", None) and getattr(cfg, "logit_scale", None) is None)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def nll_sum(model, windows: torch.Tensor, batch_size: int = 4, device=None, progress: bool = True,
             desc: str = "perplexity", head_chunk: int = 128) -> tuple[float, int]:
     """(sum of token NLLs, number of predicted tokens) over ``windows`` [n, seqlen]."""
-    device = device or next(model.parameters()).device
+    device = device or next(iter(model.state_dict().values())).device
     chunked = _chunkable(model)
     total, count = 0.0, 0
     batches = windows.split(max(1, batch_size))

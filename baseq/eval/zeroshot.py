@@ -289,6 +289,29 @@ def add_zero_shot_args(parser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="score only the first N items of each task")
 
 
+def check_tasks(tasks: str | list[str] | None, tasks_dir: str | Path | None = None, limit: int | None = None) -> None:
+    """Fail before any model work on a task list that cannot run: an unknown name, a missing or unreadable offline
+    task file, an lm-eval name lm-eval does not know (its task index takes a few seconds to build)."""
+    if limit is not None:
+        check_limit(limit)
+    names = parse_task_list(tasks)
+    if not names:
+        return
+    resolved = [resolve_task(n) for n in names]
+    for source, task in resolved:
+        if source == "offline":
+            bigbench.load_items(task, tasks_dir, 1)
+    hub = [t for s, t in resolved if s == "lmeval"]
+    if hub:
+        _require_lm_eval()
+        known = _default_task_manager().all_tasks
+        unknown = [t for t in hub if t not in known]
+        if unknown:
+            raise BaseqError(f"unknown task{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: "
+                             f"not an offline task (known offline tasks: {', '.join(bigbench.TASKS)}) "
+                             "nor an lm-eval task")
+
+
 def zero_shot_from_args(model, tokenizer, args, batch_size: int | str = 8, device: str | None = "cpu"):
     """Run :func:`zero_shot` as asked by :func:`add_zero_shot_args`' options; ``None`` when no ``--tasks``."""
     names = parse_task_list(getattr(args, "tasks", None))

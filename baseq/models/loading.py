@@ -70,9 +70,14 @@ def _gguf(path: Path, dtype: torch.dtype):
     return _local(str(path.parent), dtype, str(path), gguf_file=path.name)
 
 
+def asset_folder(name: str) -> Path:
+    """Where the converted (full-precision safetensors) copy of a model asset lives in the cache."""
+    return assets.cache_dir() / "models" / f"{name}-{assets.get_asset(name).sha256[:12]}"
+
+
 def _asset_model(name: str, dtype: torch.dtype):
     gguf = assets.fetch(name)
-    folder = assets.cache_dir() / "models" / f"{name}-{assets.get_asset(name).sha256[:12]}"
+    folder = asset_folder(name)
     if not (folder / "config.json").is_file():
         model, tokenizer = _gguf(gguf, torch.float32)
         with atomic_dir(folder) as tmp:

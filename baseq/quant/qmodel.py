@@ -67,9 +67,17 @@ class ActPoint(nn.Module):
         if self.rotation is not None:
             x = self.rotation(x)
         x = x * self.scale.to(x.dtype) - self.shift.to(x.dtype)
+        unshift = not bool(self.shift_folded) and bool(self.shift.detach().any())
+        if self.quantize and self.quantizer.enabled and not torch.is_grad_enabled() and not unshift \
+                and x.dtype == torch.float32 and self.quantizer.groups == 1:
+            # inference: keep the integers with the values, so the next linear can compute exactly (QuantLinear)
+            codes, scale = self.quantizer.codes(x)
+            out = codes * scale  # the fake-quantized x, bit for bit
+            out.baseq_codes, out.baseq_scale = codes, scale
+            return out
         if self.quantize:
             x = self.quantizer(x)
-        if not self.shift_folded:
+        if unshift:
             x = x + self.shift.to(x.dtype)
         return x
 
@@ -113,7 +121,30 @@ class QuantLinear(nn.Linear):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.act(x) if self.act is not None else x, self.weight, self.bias)
+        if self.act is not None:
+            x = self.act(x)
+        codes = getattr(x, "baseq_codes", None)
+        if codes is None or self.weight_scale is None or self.weight.dtype != torch.float32:
+            return F.linear(x, self.weight, self.bias)
+        return exact_linear(codes, x.baseq_scale, self.weight, self.weight_scale, self.bias)
+
+
+def exact_linear(codes: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                 bias: torch.Tensor) -> torch.Tensor:
+    """``F.linear(codes·scale, weight, bias)`` computed the way the integer runtime computes it: the sums of integer
+    products ``Σ_k (q_k − z)(c_jk − z_j)`` first — exact in float32 (integers below 2^24) — then the runtime's float
+    epilogue in its order (``baseq.runtime.kernels.IntLinear``). So a simulated model and its packed runtime compute
+    the same numbers, and neither depends on the summation order of a float GEMM."""
+    groups = weight_scale.shape[1]
+    gs = weight.shape[1] // groups
+    w_int = torch.round(weight / weight_scale.repeat_interleave(gs, dim=1))  # c − z, exactly (see pack_linear)
+    if groups == 1:
+        return torch.addcmul(bias, F.linear(codes, w_int) * scale, weight_scale[:, 0])
+    out = None
+    for g in range(groups):
+        part = F.linear(codes[..., g * gs:(g + 1) * gs], w_int[:, g * gs:(g + 1) * gs]) * weight_scale[:, g]
+        out = part if out is None else out.add_(part)
+    return torch.addcmul(bias, out, scale)
 
 
 class KVPoint(nn.Module):

@@ -40,6 +40,7 @@ __all__ = [
     "CLIP_SEARCH_RATIOS",
     "CLIP_SEARCH_NORM",
     "half_exact",
+    "minmax_codes",
     "record_weight_qparams",
     "quantize_embedding_",
     "embedding_scale",
@@ -250,6 +251,21 @@ def _minmax_fake_quant(x: Tensor, clip: Tensor | float, bits: int) -> Tensor:
     return (q - zero) * scale
 
 
+def minmax_codes(x: Tensor, clip: Tensor | float, bits: int) -> tuple[Tensor, Tensor]:
+    """The integers behind :func:`_minmax_fake_quant` (same operations, no gradient): centred codes ``q − zero``
+    (integer-valued float32, x's shape) and the per-row ``scale`` ``[..., 1]``; their product is the fake-quantized
+    ``x`` bit for bit."""
+    maxq = 2**bits - 1
+    lo = x.amin(dim=-1, keepdim=True)
+    hi = x.amax(dim=-1, keepdim=True)
+    mid = (hi + lo) * 0.5
+    half = (hi - lo) * 0.5 * clip
+    scale = torch.clamp(2.0 * half / maxq, min=_ACT_SCALE_EPS)
+    zero = torch.round((half - mid) / scale)
+    q = torch.clamp(torch.round(x / scale) + zero, 0, maxq)
+    return q - zero, scale
+
+
 def _check_clip(clip_ratio: float) -> float:
     if not (0.0 < float(clip_ratio) <= 1.0):
         raise BaseqError(f"clip_ratio must be in (0, 1] (got {clip_ratio!r})")
@@ -320,6 +336,14 @@ class ActQuantizer(_ClipQuantizerBase):
         if isinstance(clip, Tensor):
             clip = clip.to(xf.device).unsqueeze(-1)  # [groups, 1]
         return _minmax_fake_quant(xg, clip, self.bits).reshape(x.shape).to(dtype)
+
+    def codes(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(q − zero, scale)`` of :meth:`forward` (one group only; no gradient): see :func:`minmax_codes`."""
+        if self.groups != 1 or not self.enabled:
+            raise ValueError("codes() needs an enabled quantizer with one group")
+        clip = self.clip_factor()
+        xf = x.float()
+        return minmax_codes(xf, clip.detach().to(xf.device) if isinstance(clip, Tensor) else clip, self.bits)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, groups={self.groups}, {self._clip_repr()}"

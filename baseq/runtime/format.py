@@ -60,14 +60,26 @@ def read_meta(path: Path, required: tuple[str, ...] = ("format",)) -> dict:
     return meta
 
 
-def load_tensors(file: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file (memory-mapped), or one clear error naming the file."""
+def load_tensors(file: Path, device: str = "cpu", check_only: bool = False) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file, or one clear error naming the file. ``check_only``: just verify that the
+    header is valid and that the file holds every byte it announces (a truncated file fails here)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     file = Path(file)
     if not file.is_file():
         raise BaseqError(f"'{file}' is missing")
     try:
+        if check_only:
+            with open(file, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if file.stat().st_size < 8 + n + end:
+                raise ValueError(f"{file.stat().st_size} bytes, the header announces {8 + n + end}")
+            with safe_open(str(file), framework="pt"):
+                pass
+            return {}
         return load_file(file, device=device)
     except Exception as e:  # noqa: BLE001 - safetensors raises SafetensorError / OSError / ValueError for bad files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

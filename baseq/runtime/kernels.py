@@ -1,0 +1,202 @@
+"""Integer kernels of the runtime: per-token activation codes, 4-bit packing, and the int8 GEMM with its zero points.
+
+Zero-point arithmetic (the gemmlowp way). An activation row is quantized to unsigned codes ``q_k ∈ [0, 2^b − 1]``
+with a per-token float scale ``s`` and an integer zero point ``z`` (exactly the fake quantizer's grid:
+``x̂_k = (q_k − z)·s``). A weight row ``j`` is ``ŵ_jk = (c_jk − z_j)·t_j`` with codes ``c``, zero ``z_j``, scale ``t_j``
+per output channel (or per group of input columns). Then
+
+    y_j = Σ_k x̂_k ŵ_jk = s · t_j · Σ_k (q_k − z)(c_jk − z_j).
+
+At load the weights become ``W_jk = c_jk − z_j`` in int8 (|W| ≤ 2^b − 1 fits for b ≤ 7). The activation side is
+held as *centred* codes ``a_k = q_k − z`` in int8 — they fit whenever ``z`` lies in ``[2^b − 128, 128]``, i.e. for
+every token whose clipped range contains or nearly contains zero — so ``Σ_k a_k W_jk`` is one int8 × int8 → int32 GEMM
+(``torch._int_mm``) and the float epilogue is ``acc · s · t_j + bias_j``. For the rare batch with a token whose zero
+point does not fit, the codes are offset instead (``a_k = q_k − 2^(b−1)``, ``z' = z − 2^(b−1)``) and the
+precomputed row sums ``Σ_k W_jk`` give the correction ``− z' Σ_k W_jk``. 8-bit weights (|c − z| up to 255) keep
+``c − 128`` and subtract ``(z_j − 128) Σ_k a_k``. Every integer is exact; the only rounding is the float epilogue
+(and, in the reference fake-quant model, its float GEMM), so the two agree to float tolerance.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ACT_SCALE_EPS = 1e-6  # the fake quantizer's guard against constant tokens (quant/quantizer.py)
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc reuse freed memory for the next large temporary instead of mapping fresh pages for each one.
+
+    The runtime creates many short-lived tensors of a few MB per layer (codes, accumulators, epilogues); by default
+    glibc serves each from a fresh mmap and unmaps it on free, so every one pays page faults on first touch. Measured
+    on the default model (1 thread, 512-token prefill): 840 ms → 608 ms; the full-precision model is unchanged.
+    Process-wide and harmless elsewhere (peak memory is the same; freed memory is kept for reuse). No-op off glibc."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+    except (OSError, AttributeError):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------- activations
+
+
+def token_grid(x: Tensor, clip: Tensor | float, bits: int) -> tuple[Tensor, Tensor]:
+    """Per-row ``(scale, zero)`` ``[..., 1]`` of the fake quantizer (:func:`baseq.quant.quantizer._minmax_fake_quant`,
+    the same operations in the same order): the row's ``[min, max]`` shrunk towards its midpoint by ``clip``."""
+    maxq = 2**bits - 1
+    lo = x.amin(dim=-1, keepdim=True)  # (torch.aminmax is 3× slower than these two on the CPU)
+    hi = x.amax(dim=-1, keepdim=True)
+    mid = (hi + lo) * 0.5
+    half = (hi - lo) * 0.5 * clip
+    scale = torch.clamp(2.0 * half / maxq, min=ACT_SCALE_EPS)
+    return scale, torch.round((half - mid) / scale)
+
+
+def quantize_tokens(x: Tensor, clip: Tensor | float, bits: int) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per-row asymmetric quantization of ``x [..., C]`` (float32) onto the fake quantizer's grid.
+
+    Returns ``(a, s, z)``: int8 codes of x's shape and float32 ``s`` ``[..., 1]``. Usually ``z`` is None and ``a`` the
+    centred codes ``q − zero``; when some zero point does not fit, ``a = q − 2^(b−1)`` and ``z = zero − 2^(b−1)``.
+    Either way ``(a − z)·s`` (``z`` = 0 when None) is bit for bit the fake-quantized ``x``."""
+    maxq = 2**bits - 1
+    scale, zero = token_grid(x, clip, bits)
+    r = torch.div(x, scale).round_()
+    # round(x/s) + zero clamped to [0, maxq], then − zero: integer-valued floats, so this is exact
+    if bool(zero.abs().max() <= 128 - 2**bits):
+        return r.clamp_(-zero, maxq - zero).to(torch.int8), scale, None
+    off = 2 ** (bits - 1)
+    return r.add_(zero).clamp_(0, maxq).sub_(off).to(torch.int8), scale, zero - off
+
+
+def dequantize_tokens(a: Tensor, s: Tensor, z: Tensor | None) -> Tensor:
+    """``(a − z)·s`` in float32: the fake-quantized values of :func:`quantize_tokens`'s input."""
+    return a.float() * s if z is None else (a.float() - z) * s
+
+
+# ---------------------------------------------------------------------------------------------- packing
+
+
+def pack_nibbles(codes: Tensor) -> Tensor:
+    """Unsigned 4-bit codes ``[rows, n]`` (values 0..15) → uint8 ``[rows, ⌈n/2⌉]``, column 2i in the low nibble."""
+    c = codes.to(torch.uint8)
+    if c.shape[-1] % 2:
+        c = F.pad(c, (0, 1))
+    return c[..., 0::2] | (c[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: Tensor, n: int) -> Tensor:
+    """Inverse of :func:`pack_nibbles`: uint8 codes ``[rows, n]``."""
+    out = torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)
+    return out[..., :n]
+
+
+# ---------------------------------------------------------------------------------------------- GEMM
+
+
+def int_mm(a: Tensor, w: Tensor) -> Tensor:
+    """``a [M, K] int8 @ w[N, K]ᵀ int8 → int32`` with ``torch._int_mm`` (w is used column-major, its fast layout on
+    the CPU). CUDA's kernel needs M > 16 and K, N multiples of 8: rows/columns of zeros are added there."""
+    if a.device.type != "cuda":
+        return torch._int_mm(a, w.t())
+    m, k = a.shape
+    n = w.shape[0]
+    pk, pn, pm = -k % 8, -n % 8, max(0, 17 - m)
+    out = torch._int_mm(F.pad(a, (0, pk, 0, pm)), F.pad(w, (0, pk, 0, pn)).t())
+    return out[:m, :n]
+
+
+class IntLinear(nn.Module):
+    """One or several linears that read the same input, as one int8 weight matrix (outputs concatenated).
+
+    Built from per-linear codes ``c [N, K]`` (uint8), zero points and scales ``[N, G]`` (``G`` groups of input
+    columns; 1 = per output channel) and biases. ``forward(a, s, z)`` takes activation codes from
+    :func:`quantize_tokens`; ``forward_float(x)`` serves 16-bit activations (weight-only quantization)."""
+
+    def __init__(self, codes: list[Tensor], zeros: list[Tensor], scales: list[Tensor], biases: list[Tensor | None],
+                 bits: int):
+        super().__init__()
+        c = torch.cat(codes).to(torch.int16)
+        zero = torch.cat(zeros).to(torch.int16)
+        scale = torch.cat(scales).float()
+        n, k = c.shape
+        groups = scale.shape[1]
+        if k % groups:
+            raise ValueError(f"{groups} weight groups do not divide {k} input columns")
+        self.n, self.k, self.groups, self.bits = n, k, groups, bits
+        zero_full = zero.repeat_interleave(k // groups, dim=1)
+        if bits <= 7:  # W = c − z fits int8 (|W| ≤ 127)
+            w = (c - zero_full).to(torch.int8)
+            self.register_buffer("wzero", None)  # folded into the codes
+        else:  # keep c − 128 and correct for z − 128 separately
+            w = (c - 128).to(torch.int8)
+            self.register_buffer("wzero", (zero - 128).float())  # [N, G]
+        gs = k // groups
+        self.register_buffer("wsum", w.view(n, groups, gs).sum(-1, dtype=torch.int32).float())  # [N, G]
+        # [N, K] per channel; [G, N, K/G] with groups, so each group's matrix is contiguous for the GEMM
+        self.register_buffer("weight", w.contiguous() if groups == 1 else w.view(n, groups, gs).transpose(0, 1)
+                             .contiguous())
+        self.register_buffer("scale", scale.contiguous())  # [N, G]
+        self.register_buffer("scale_t", scale.t().contiguous())  # [G, N]; row g = group g's scales
+        self.register_buffer("scale_row", self.scale_t[0])  # per channel: [N]
+        b = [bb if bb is not None else torch.zeros(cc.shape[0]) for bb, cc in zip(biases, codes)]
+        self.register_buffer("bias", torch.cat(b).float())
+        self.splits = [cc.shape[0] for cc in codes]
+
+    def forward(self, a: Tensor, s: Tensor, z: Tensor | None) -> Tensor:
+        """Codes from :func:`quantize_tokens` (``a [M, K]`` int8, ``s`` / ``z`` ``[M, 1]``) → float32 ``[M, N]``."""
+        if self.groups == 1:
+            acc = self._correct(int_mm(a, self.weight), a, z, 0, self.k)
+            return torch.addcmul(self.bias, acc * s, self.scale_row)
+        gs = self.k // self.groups
+        out = None
+        for g in range(self.groups):
+            ag = a[:, g * gs:(g + 1) * gs]
+            part = self._correct(int_mm(ag, self.weight[g]), ag, z, g, gs) * self.scale_t[g]
+            out = part if out is None else out.add_(part)
+        return torch.addcmul(self.bias, out, s)
+
+    def _correct(self, acc: Tensor, a: Tensor, z: Tensor | None, g: int, k: int) -> Tensor:
+        """The zero-point terms of group ``g`` (``k`` columns), if any: ``Σ_k (a_k − z) W_jk`` from ``Σ_k a_k W_jk``."""
+        if z is None and self.wzero is None:
+            return acc
+        acc = acc.float()
+        if z is not None:
+            acc.sub_(z * self.wsum[:, g])
+        if self.wzero is not None:
+            rows = a.sum(-1, keepdim=True, dtype=torch.int32).float() - (0 if z is None else k * z)
+            acc.sub_(rows * self.wzero[:, g])
+        return acc
+
+    def dequantized(self) -> Tensor:
+        """The float32 weight ``[N, K]`` these codes stand for."""
+        w = self.weight.float() if self.groups == 1 else self.weight.float().transpose(0, 1).reshape(self.n, self.k)
+        gs = self.k // self.groups
+        if self.wzero is not None:
+            w = w - self.wzero.repeat_interleave(gs, dim=1)
+        return w * self.scale.repeat_interleave(gs, dim=1)
+
+    def use_float_weights(self) -> None:
+        """For 16-bit activations (W4A16, W8A16): keep the dequantized float32 weight instead of the codes. (torch's
+        int8-weight × float kernel, ``_weight_int8pack_mm``, measured 10–100× slower than a float32 GEMM on this
+        project's CPU, so weight-only models save disk, not memory or time.)"""
+        self.register_buffer("wfloat", self.dequantized().contiguous())
+        for name in ("weight", "wsum", "wzero"):
+            self.register_buffer(name, None)
+
+    def forward_float(self, x: Tensor) -> Tensor:
+        """Float activations ``x [M, K]`` (16-bit activation models): a float32 GEMM with the dequantized weight."""
+        if getattr(self, "wfloat", None) is None:
+            self.use_float_weights()
+        return F.linear(x.float(), self.wfloat, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.k}, out={self.splits}, groups={self.groups}, w_bits={self.bits}"

@@ -1,0 +1,245 @@
+"""The runtime's modules: what replaces a Llama-family block, the embedding and the LM head in a packed model.
+
+A decoder layer keeps transformers' own structure (residuals, norms, RoPE, masks, cache plumbing); inside it
+
+* :class:`RuntimeAttention`: one activation quantization and ONE integer GEMM for q, k and v together (their
+  weights concatenated), RoPE, the online R3 Hadamard on queries and keys, K/V quantized per token and KV head
+  (stored as codes in a :class:`~baseq.runtime.kvcache.QuantizedKVCache`), attention, then the o_proj input point
+  (asymmetric scale, bias shift, quantization) and its integer GEMM;
+* :class:`RuntimeMLP`: one quantization and ONE integer GEMM for gate and up, SiLU·up, the online R4 Hadamard, the
+  down_proj input point and its integer GEMM.
+
+Each point computes exactly the fake quantizer's codes (:func:`~baseq.runtime.kernels.quantize_tokens`), so the
+runtime computes the fake-quant model's function with integer arithmetic (see ``kernels.py`` for the zero-point
+algebra).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .kernels import IntLinear, int_mm, quantize_tokens, token_grid
+from .kvcache import QuantizedKVCache
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm (same arithmetic as transformers' and as :class:`baseq.quant.qmodel.QuantRMSNorm`)."""
+
+    def __init__(self, weight: Tensor, eps: float):
+        super().__init__()
+        # a (frozen) parameter: transformers reads a model's device and dtype from its parameters
+        self.weight = nn.Parameter(weight.float().contiguous(), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class ActPoint(nn.Module):
+    """An activation quantization point: ``x ↦ codes of (R(x)·scale − shift)`` per token (its ``+ shift`` lives in
+    the next bias). ``bits = 16``: no quantization, the float value is passed on."""
+
+    def __init__(self, bits: int, clip: Tensor, scale: Tensor | None, shift: Tensor | None,
+                 rotation: nn.Module | None = None):
+        super().__init__()
+        self.bits = bits
+        self.rotation = rotation
+        self.register_buffer("clip", clip.float())
+        # identities are skipped (x·1 and x − 0 are exact, so this changes no value)
+        self.register_buffer("scale", None if scale is None or bool((scale == 1).all()) else scale.float().contiguous())
+        self.register_buffer("shift", None if shift is None or bool((shift == 0).all()) else shift.float().contiguous())
+
+    def prepare(self, x: Tensor) -> Tensor:
+        if self.rotation is not None:
+            x = self.rotation(x)
+        if self.scale is not None:
+            x = x * self.scale
+        if self.shift is not None:
+            x = x - self.shift
+        return x
+
+    def forward(self, x: Tensor, linear: IntLinear) -> Tensor:
+        """``linear`` applied to this point's quantized ``x [M, C]``."""
+        x = self.prepare(x)
+        if self.bits >= 16:
+            return linear.forward_float(x)
+        a, s, z = quantize_tokens(x, self.clip, self.bits)
+        return linear(a, s, z)
+
+
+class KVQuant(nn.Module):
+    """R3 on queries/keys, and the per-token, per-KV-head quantization grid of K and V."""
+
+    def __init__(self, bits: int, k_clip: Tensor, v_clip: Tensor, rotation: nn.Module | None):
+        super().__init__()
+        self.bits = bits
+        self.rotation = rotation
+        self.register_buffer("k_clip", k_clip.float())
+        self.register_buffer("v_clip", v_clip.float())
+
+    def fake(self, x: Tensor, clip: Tensor) -> Tensor:
+        if self.bits >= 16:
+            return x
+        s, z = token_grid(x.float(), clip, self.bits)
+        return (torch.div(x.float(), s).round_().add_(z).clamp_(0, 2**self.bits - 1) - z) * s
+
+
+class RuntimeAttention(nn.Module):
+    def __init__(self, point: ActPoint, qkv: IntLinear, o_point: ActPoint, o: IntLinear, kv: KVQuant, *,
+                 layer_idx: int, heads: int, kv_heads: int, head_dim: int):
+        super().__init__()
+        self.point, self.qkv, self.o_point, self.o_proj, self.kv = point, qkv, o_point, o, kv
+        self.layer_idx, self.heads, self.kv_heads, self.head_dim = layer_idx, heads, kv_heads, head_dim
+        self.num_key_value_groups = heads // kv_heads
+        self.scaling = head_dim ** -0.5
+        self.is_causal = True
+
+    def forward(self, hidden_states: Tensor, position_embeddings=None, attention_mask=None, cache=None,
+                past_key_values=None, **kwargs):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        cache = cache if cache is not None else past_key_values
+        b, t, d = hidden_states.shape
+        h, kvh, hd = self.heads, self.kv_heads, self.head_dim
+        y = self.point(hidden_states.reshape(b * t, d), self.qkv)
+        # queries and keys together: RoPE and the online R3 act per head, so one call serves both
+        qk = _rope(y[:, :(h + kvh) * hd].view(b, t, h + kvh, hd).transpose(1, 2), *position_embeddings)
+        if self.kv.rotation is not None:
+            qk = self.kv.rotation(qk)
+        q, k = qk[:, :h], qk[:, h:]
+        v = y[:, (h + kvh) * hd:].view(b, t, kvh, hd).transpose(1, 2)
+        layer = cache.layers[self.layer_idx] if isinstance(cache, QuantizedKVCache) else None
+        if layer is not None and t == 1 and layer.get_seq_length() > 0 and layer.bits < 16:
+            layer.append(k, v)  # decoding: attention straight on the stored codes
+            out = attend_codes(q, layer, self.scaling, attention_mask)
+            return self.o_point(out.reshape(b, h * hd), self.o_proj).view(b, t, -1), None
+        if layer is not None:  # stores codes, returns every token's K/V dequantized
+            k, v = cache.update(k, v, self.layer_idx)
+        else:  # same grid, float values (e.g. a cache transformers made, or none)
+            k, v = self.kv.fake(k, self.kv.k_clip), self.kv.fake(v, self.kv.v_clip)
+            if cache is not None:
+                k, v = cache.update(k, v, self.layer_idx)
+        kwargs.pop("position_ids", None)
+        kwargs.pop("use_cache", None)
+        out, _ = sdpa_attention_forward(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
+        return self.o_point(out.reshape(b * t, h * hd), self.o_proj).view(b, t, -1), None
+
+
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary position embedding of ``x [b, heads, t, d]`` (transformers' formula, ``cos``/``sin`` ``[b, t, d]``)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def attend_codes(q: Tensor, layer, scaling: float, mask: Tensor | None) -> Tensor:
+    """One query token per sequence (``q [b, heads, 1, d]``) against every token of a quantized cache layer,
+    computed on the codes: with ``K̂_t = (C_t − z_t)·s_t``,
+
+        q·K̂_t = s_t (q·C_t − z_t Σ_i q_i),      Σ_t p_t V̂_t = Σ_t (p_t s_t) C_t − Σ_t (p_t s_t) z_t,
+
+    so the cache is never dequantized (two matrix products over the codes, the rest is per token). Returns
+    ``[b, heads, d]``."""
+    c, s, z = layer.codes()  # K heads, then V heads
+    b, h, _, d = q.shape
+    kvh = c.shape[1] // 2
+    ck, sk, zk, cv, sv, zv = c[:, :kvh], s[:, :kvh], z[:, :kvh], c[:, kvh:], s[:, kvh:], z[:, kvh:]
+    qg = q.reshape(b, kvh, h // kvh, d)
+    scores = qg @ ck.transpose(-1, -2)  # [b, kv, g, n]
+    scores = (scores - qg.sum(-1, keepdim=True) * zk.transpose(-1, -2)) * (sk.transpose(-1, -2) * scaling)
+    if mask is not None:  # [b, 1, 1, n]: bool (True = attend) or additive
+        m = mask[:, :, -1:, :].reshape(b, 1, 1, -1)
+        scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m
+    pv = torch.softmax(scores, dim=-1) * sv.transpose(-1, -2)
+    out = pv @ cv - pv @ zv  # [b, kv, g, d]
+    return out.reshape(b, h, d)
+
+
+class RuntimeMLP(nn.Module):
+    def __init__(self, point: ActPoint, gate_up: IntLinear, down_point: ActPoint, down: IntLinear):
+        super().__init__()
+        self.point, self.gate_up, self.down_point, self.down = point, gate_up, down_point, down
+        self.ffn = gate_up.splits[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        gu = self.point(x.reshape(b * t, d), self.gate_up)
+        h = F.silu(gu[:, :self.ffn]) * gu[:, self.ffn:]
+        return self.down_point(h, self.down).view(b, t, -1)
+
+
+class Table(nn.Module):
+    """An embedding table / LM head stored as float16, or int8 rows with a float16 scale each."""
+
+    def __init__(self, weight: Tensor | None = None, codes: Tensor | None = None, scale: Tensor | None = None):
+        super().__init__()
+        self.register_buffer("weight", weight)  # float16 [V, d]
+        self.register_buffer("codes", codes)  # int8 [V, d]
+        self.register_buffer("row_scale", None if scale is None else scale.float().reshape(-1))  # [V]
+        src = weight if weight is not None else codes
+        self.rows, self.dim = src.shape
+
+    def lookup(self, ids: Tensor) -> Tensor:
+        if self.weight is not None:
+            return F.embedding(ids, self.weight).float()
+        return F.embedding(ids, self.codes).float() * self.row_scale[ids].unsqueeze(-1)
+
+    def logits(self, h: Tensor, chunk: int = 8192) -> Tensor:
+        """``h [..., d] @ tableᵀ`` in float32. Many rows (prefill, evaluation): exact float32 GEMMs over slabs of the
+        vocabulary, so no float32 copy of the table is kept. A few rows (decoding): one float16 GEMV (``h`` rounded to
+        float16), or for an int8 table an int8 GEMV (``h`` quantized to int8 per row): logits within ~1e-3 relative
+        of the exact ones, which can only flip near-ties of greedy decoding."""
+        x = h.reshape(-1, self.dim).float().contiguous()
+        if x.shape[0] <= 8 and self.codes is not None:  # int8 table: x quantized to int8 per row, integer GEMV
+            sx = (x.abs().amax(-1, keepdim=True) / 127).clamp_min(1e-12)
+            xq = torch.round(x / sx).to(torch.int8)
+            out = int_mm(xq, self.codes).float() * sx * self.row_scale
+        elif x.shape[0] <= 8:  # float16 table: a float16 GEMV
+            out = F.linear(x.to(self.weight.dtype), self.weight).float()
+        else:  # exact float32 logits, a slab of the vocabulary at a time
+            out = torch.empty(x.shape[0], self.rows, dtype=torch.float32, device=x.device)
+            for i in range(0, self.rows, chunk):
+                w = self.weight[i:i + chunk].float() if self.codes is None else \
+                    self.codes[i:i + chunk].float() * self.row_scale[i:i + chunk, None]
+                out[:, i:i + chunk] = x @ w.t()
+        return out.reshape(*h.shape[:-1], self.rows)
+
+
+class RuntimeEmbedding(nn.Module):
+    """Token ids → rows of the table, then the online R1 (the residual stream is rotated)."""
+
+    def __init__(self, table: Table, rotation: nn.Module | None):
+        super().__init__()
+        self.table, self.rotation = table, rotation
+
+    @property
+    def weight(self) -> Tensor:
+        return self.table.weight if self.table.weight is not None else self.table.codes
+
+    def forward(self, ids: Tensor) -> Tensor:
+        x = self.table.lookup(ids)
+        return self.rotation(x) if self.rotation is not None else x
+
+
+class RuntimeHead(nn.Module):
+    def __init__(self, table: Table):
+        super().__init__()
+        self.table = table
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.table.logits(h)
+
+
+class FinalNorm(nn.Module):
+    """R1ᵀ (back to the original basis), then the model's final RMSNorm."""
+
+    def __init__(self, norm: RMSNorm, rotation: nn.Module | None):
+        super().__init__()
+        self.norm, self.rotation = norm, rotation
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(self.rotation.inverse(x) if self.rotation is not None else x)

@@ -1,0 +1,427 @@
+"""The packed format (``baseq-packed/1``, the default output of ``baseq quantize``) and building the integer runtime
+model from it.
+
+A packed folder holds the HF ``config.json`` and ``generation_config.json``, the tokenizer, ``baseq.json`` (format,
+weight/activation/KV bits, clipping, the online rotations described by size and seed — rebuilt at load, never stored
+as matrices — and the config that produced the model) and ``model.safetensors`` (or shards + an index) with:
+
+=================================  ===============================================================================
+``layers.{i}.{proj}.codes``        uint8, two 4-bit codes per byte (column 2k in the low nibble); one per byte above
+                                   4 bits; ``proj`` ∈ q, k, v, o, gate, up, down
+``layers.{i}.{proj}.scale/zero``   float16 scale (float32 where a scale is not a float16 value) and uint8 integer zero
+                                   point per output channel ``[out, 1]`` or per group ``[out, in / group]``
+``layers.{i}.{proj}.bias``         float32 (the folded BASE-Q shifts ``W·b`` live here)
+``layers.{i}.{point}.clip/scale/shift``  the activation points qkv, o, gate_up, down: clipping factor, asymmetric
+                                   scale, shift (float32 vectors)
+``layers.{i}.kv.k_clip/v_clip``    KV clipping factors (per KV head when learned)
+``layers.{i}.attn_norm/mlp_norm``  RMSNorm weights (BASE-Q's scales folded in)
+``embed.weight``                   float16 ``[vocab, hidden]``, unrotated; or ``embed.codes`` int8 + ``embed.scale``
+                                   (``--embed-bits 8``); ``lm_head.*`` likewise when not tied to the embedding
+``norm.weight``                    the final RMSNorm weight; ``r1.matrix`` only for a learned residual rotation
+=================================  ===============================================================================
+
+Loading builds the model skeleton on the meta device (no float weights are ever materialised), unpacks each
+linear once into int8 (``c − z``), concatenates q/k/v and gate/up, and swaps in the modules of
+:mod:`baseq.runtime.modules`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from ..errors import BaseqError
+from ..io import atomic_dir, write_json
+from ..models.adapter import LlamaAdapter
+from ..quant.qmodel import ActSpec
+from ..quant.quantizer import embedding_scale, half_exact
+from ..rotation.fuse import (
+    OnlineRotation,
+    ResidualRotation,
+    RotatedEmbedding,
+    RotatedNorm,
+    residual_rotation,
+)
+from ..rotation.hadamard import has_hadamard
+from .format import PACKED_FORMAT, check_out_dir, load_tensors, read_meta
+from .kernels import IntLinear, keep_freed_memory, pack_nibbles, unpack_nibbles
+from .kvcache import QuantizedKVCache
+from .modules import (
+    ActPoint,
+    FinalNorm,
+    KVQuant,
+    RMSNorm,
+    RuntimeAttention,
+    RuntimeEmbedding,
+    RuntimeHead,
+    RuntimeMLP,
+    Table,
+)
+
+PROJ = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+        "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+POINTS = {"qkv": "input_layernorm.act", "o": "self_attn.o_proj.act", "gate_up": "post_attention_layernorm.act",
+          "down": "mlp.down_proj.act"}
+SHARD_BYTES = 2 << 30  # start a new safetensors shard after ~2 GB
+INDEX = "model.safetensors.index.json"
+
+
+# ============================================================================================ writing
+
+
+def _scale16(scale: Tensor) -> Tensor:
+    """float16 when that is lossless (it is for scales chosen by baseq's quantizers), else float32."""
+    s = scale.detach().float().contiguous()
+    return s.half() if torch.equal(half_exact(s), s) and torch.equal(s.half().float(), s) else s
+
+
+def pack_linear(lin: nn.Module, bits: int, name: str) -> dict[str, Tensor]:
+    """Integer codes of a quantized linear from its dequantized weight and recorded grid (exactly recovered)."""
+    scale, zero = getattr(lin, "weight_scale", None), getattr(lin, "weight_zero", None)
+    if scale is None or zero is None:
+        raise BaseqError(f"{name} has no recorded quantization grid (quantized before baseq recorded grids?): "
+                         f"save it with --format fake")
+    w = lin.weight.detach().float().cpu()
+    scale, zero = scale.detach().float().cpu(), zero.detach().float().cpu()
+    gs = w.shape[1] // scale.shape[1]
+    sc, zc = scale.repeat_interleave(gs, 1), zero.repeat_interleave(gs, 1)
+    q = torch.round(w / sc) + zc
+    maxq = 2**bits - 1
+    back = (q - zc) * sc
+    tol = 0.0 if lin.weight.dtype == torch.float32 else 1e-2 * sc  # 16-bit models: within rounding of the dtype
+    if q.min() < 0 or q.max() > maxq or ((back - w).abs() > tol).any():
+        raise BaseqError(f"{name}: the weights are not on their recorded {bits}-bit grid")
+    q = q.to(torch.uint8)
+    bias = lin.bias.detach().float().cpu() if getattr(lin, "bias", None) is not None else torch.zeros(w.shape[0])
+    return {"codes": pack_nibbles(q) if bits <= 4 else q.contiguous(), "scale": _scale16(scale),
+            "zero": zero.to(torch.uint8).contiguous(), "bias": bias.contiguous()}
+
+
+def _clip_tensor(quantizer) -> Tensor:
+    c = quantizer.clip_factor()
+    return (c.detach().float().cpu() if isinstance(c, Tensor) else torch.tensor(float(c), dtype=torch.float32))
+
+
+def pack_layer(layer: nn.Module, w_bits: int) -> dict[str, Tensor]:
+    """Every tensor the runtime needs for one decoder layer of a quantized (fake-quant structure) model."""
+    out: dict[str, Tensor] = {}
+    for short, path in PROJ.items():
+        for k, v in pack_linear(layer.get_submodule(path), w_bits, path).items():
+            out[f"{short}.{k}"] = v
+    for short, path in POINTS.items():
+        point = layer.get_submodule(path)
+        if not bool(point.shift_folded) and point.shift.abs().max() > 0:
+            raise BaseqError(f"{path}: its bias shift was never folded into the next linear")
+        out[f"{short}_point.clip"] = _clip_tensor(point.quantizer)
+        out[f"{short}_point.scale"] = point.scale.detach().float().cpu().contiguous()
+        out[f"{short}_point.shift"] = point.shift.detach().float().cpu().contiguous()
+    kv = layer.self_attn.kv_point
+    out["kv.k_clip"], out["kv.v_clip"] = _clip_tensor(kv.k), _clip_tensor(kv.v)
+    out["attn_norm"] = layer.input_layernorm.weight.detach().float().cpu().contiguous()
+    out["mlp_norm"] = layer.post_attention_layernorm.weight.detach().float().cpu().contiguous()
+    return out
+
+
+def pack_table(weight: Tensor, bits: int) -> dict[str, Tensor]:
+    w = weight.detach().float().cpu()
+    if bits == 16:
+        w16 = w.half()
+        if not torch.equal(w16.float(), w):
+            raise BaseqError("the embedding table is not on its float16 grid (quantized with --embed-bits 8?)")
+        return {"weight": w16}
+    scale = embedding_scale(w)
+    q = torch.round(w / scale)
+    if q.abs().max() > 127 or not torch.equal(q * scale, w):
+        raise BaseqError("the embedding table is not on its int8 grid (quantized with --embed-bits 16?)")
+    return {"codes": q.to(torch.int8), "scale": _scale16(scale.reshape(-1))}
+
+
+class ShardWriter:
+    """Tensors written into safetensors shards of at most ~``limit`` bytes as they come (one block in memory)."""
+
+    def __init__(self, folder: Path, limit: int = SHARD_BYTES):
+        self.folder, self.limit = Path(folder), limit
+        self.pending: dict[str, Tensor] = {}
+        self.size = 0
+        self.files: list[tuple[str, list[str]]] = []
+        self.total = 0
+
+    def add(self, tensors: dict[str, Tensor]) -> None:
+        for name, t in tensors.items():
+            self.pending[name] = t.contiguous()
+            self.size += t.numel() * t.element_size()
+        if self.size >= self.limit:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        name = f"shard-{len(self.files) + 1:05d}.safetensors"
+        save_file(self.pending, self.folder / name, metadata={"format": PACKED_FORMAT})
+        self.files.append((name, list(self.pending)))
+        self.total += self.size
+        self.pending, self.size = {}, 0
+
+    def finish(self) -> None:
+        self.flush()
+        if len(self.files) == 1:
+            (self.folder / self.files[0][0]).rename(self.folder / "model.safetensors")
+            return
+        n = len(self.files)
+        weight_map = {}
+        for i, (old, names) in enumerate(self.files, 1):
+            new = f"model-{i:05d}-of-{n:05d}.safetensors"
+            (self.folder / old).rename(self.folder / new)
+            weight_map.update({k: new for k in names})
+        write_json(self.folder / INDEX, {"metadata": {"total_size": self.total}, "weight_map": weight_map})
+
+
+def _ends(model) -> tuple[nn.Module, nn.Module, ResidualRotation | None]:
+    """(embedding module, final norm module, R1) of a model whose ends may carry the online R1."""
+    base = model.model
+    embed = base.embed_tokens.embed if isinstance(base.embed_tokens, RotatedEmbedding) else base.embed_tokens
+    norm = base.norm.norm if isinstance(base.norm, RotatedNorm) else base.norm
+    return embed, norm, residual_rotation(model)
+
+
+def save_packed(model, tokenizer, out: Path, spec: ActSpec, meta: dict, *, w_bits: int, w_group: int,
+                embed_bits: int = 16, overwrite: bool = False, shard_bytes: int = SHARD_BYTES,
+                layers: Callable[[], Iterable[tuple[int, nn.Module]]] | None = None) -> Path:
+    """Write the fake-quant model ``model`` (as built by ``quantize_model``) in the packed format. ``layers``: a
+    callable giving ``(i, block)`` pairs to write instead of the model's own blocks (a lazy run's blocks, read back
+    one at a time); the shards are written as the blocks come, so one block is in memory at a time."""
+    out = Path(out)
+    check_out_dir(out, overwrite)
+    if w_bits > 8:
+        raise BaseqError("the packed format stores quantized weights (w-bits 2..8); use --format fake")
+    ad = LlamaAdapter(model)
+    s = ad.shape
+    embed, norm, r1 = _ends(model)
+    tied = model.lm_head.weight.data_ptr() == embed.weight.data_ptr()
+    with atomic_dir(out) as tmp:
+        writer = ShardWriter(tmp, shard_bytes)
+        for i, layer in (layers() if layers is not None else enumerate(ad.layers)):
+            writer.add({f"layers.{i}.{k}": v for k, v in pack_layer(layer, w_bits).items()})
+        writer.add({f"embed.{k}": v for k, v in pack_table(embed.weight, embed_bits).items()})
+        if not tied:
+            writer.add({f"lm_head.{k}": v for k, v in pack_table(model.lm_head.weight, embed_bits).items()})
+        writer.add({"norm.weight": norm.weight.detach().float().cpu().contiguous()})
+        if r1 is not None and r1.learned:
+            writer.add({"r1.matrix": r1.matrix.detach().float().cpu().contiguous()})
+        writer.finish()
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        online = None
+        if spec.online_rotations:
+            def describe(n: int, seed: int) -> dict:
+                kind = "hadamard" if has_hadamard(n) else "seeded orthogonal (no Hadamard of this order)"
+                return {"n": n, "seed": seed, "kind": kind}
+
+            online = {"r3": describe(s.head_dim, spec.seed + 3), "r4": describe(s.ffn, spec.seed + 4)}
+        write_json(tmp / "baseq.json", {
+            "format": PACKED_FORMAT, "act_spec": asdict(spec),
+            "weights": {"bits": w_bits, "group_size": w_group}, "embed_bits": embed_bits, "tied": tied,
+            "residual_rotation": r1.describe() if r1 is not None else None, "online_rotations": online,
+            "shape": {"layers": s.layers, "hidden": s.hidden, "ffn": s.ffn, "heads": s.heads,
+                      "kv_heads": s.kv_heads, "head_dim": s.head_dim, "vocab": embed.weight.shape[0]},
+            **meta})
+    return out
+
+
+# ============================================================================================ loading
+
+
+class _Tensors:
+    """The packed tensors of a folder, taken one at a time from the memory-mapped shards and copied out (so the
+    mapping can go when loading ends), each checked for presence and shape."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        index = self.path / INDEX
+        if index.is_file():
+            try:
+                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError) as e:
+                raise BaseqError(f"'{index}' is not a valid shard index ({e})") from None
+        else:
+            files = ["model.safetensors"]
+        self.file = files[0] if len(files) == 1 else INDEX
+        self.where: dict[str, object] = {}
+        for f in files:
+            load_tensors(self.path / f, check_only=True)  # a truncated or corrupt file fails here, with its name
+            h = safe_open(str(self.path / f), framework="pt")
+            self.where.update({k: h for k in h.keys()})
+
+    def take(self, name: str, shape: tuple | None = None, optional: bool = False) -> Tensor | None:
+        if name not in self.where:
+            if optional:
+                return None
+            raise BaseqError(f"'{self.path / self.file}' has no tensor '{name}' (written by another version, or "
+                             f"damaged)")
+        try:
+            # a copy: a tensor left pointing into the memory-mapped file would keep the whole mapping resident
+            t = self.where.pop(name).get_tensor(name).clone()
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types for a damaged tensor
+            raise BaseqError(f"'{self.path / self.file}': tensor '{name}' cannot be read ({e})") from None
+        if shape is not None and tuple(t.shape) != tuple(shape):
+            raise BaseqError(f"'{self.path / self.file}': tensor '{name}' has shape {tuple(t.shape)}, config.json "
+                             f"implies {tuple(shape)}")
+        return t
+
+    def finish(self) -> None:
+        if self.where:
+            raise BaseqError(f"'{self.path / self.file}' has unexpected tensors ({', '.join(sorted(self.where)[:3])}, "
+                             f"...): it does not match its baseq.json")
+
+
+def _linear_parts(t: _Tensors, prefix: str, out_f: int, in_f: int, bits: int, groups: int):
+    packed_cols = (in_f + 1) // 2 if bits <= 4 else in_f
+    codes = t.take(f"{prefix}.codes", (out_f, packed_cols))
+    codes = unpack_nibbles(codes, in_f) if bits <= 4 else codes
+    return (codes, t.take(f"{prefix}.zero", (out_f, groups)), t.take(f"{prefix}.scale", (out_f, groups)).float(),
+            t.take(f"{prefix}.bias", (out_f,)))
+
+
+def _fused(t: _Tensors, prefix: str, names: list[str], outs: list[int], in_f: int, bits: int, groups: int):
+    parts = [_linear_parts(t, f"{prefix}.{n}", o, in_f, bits, groups) for n, o in zip(names, outs)]
+    return IntLinear(*[list(x) for x in zip(*parts)], bits=bits)
+
+
+def _table(t: _Tensors, prefix: str, bits: int, vocab: int, hidden: int) -> Table:
+    if bits == 16:
+        return Table(weight=t.take(f"{prefix}.weight", (vocab, hidden)))
+    return Table(codes=t.take(f"{prefix}.codes", (vocab, hidden)), scale=t.take(f"{prefix}.scale", (vocab,)))
+
+
+def _shape_of(config) -> dict:
+    heads = config.num_attention_heads
+    return {"layers": config.num_hidden_layers, "hidden": config.hidden_size, "ffn": config.intermediate_size,
+            "heads": heads, "kv_heads": getattr(config, "num_key_value_heads", None) or heads,
+            "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads, "vocab": config.vocab_size}
+
+
+def load_packed(path: Path, meta: dict | None = None, device="cpu"):
+    """(runtime model, tokenizer) for a packed folder."""
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        GenerationConfig,
+    )
+
+    from ..models.loading import _quiet_transformers
+
+    _quiet_transformers()
+    keep_freed_memory()
+    path = Path(path)
+    meta = meta or read_meta(path)
+    required = ("act_spec", "weights", "embed_bits", "tied", "residual_rotation", "online_rotations", "shape")
+    missing = [k for k in required if k not in meta]
+    if missing:
+        raise BaseqError(f"'{path / 'baseq.json'}' is missing the field(s) {', '.join(missing)}")
+    try:
+        spec = ActSpec(**meta["act_spec"])
+        w_bits, group = int(meta["weights"]["bits"]), int(meta["weights"]["group_size"])
+        embed_bits = int(meta["embed_bits"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise BaseqError(f"'{path / 'baseq.json'}' has an invalid field ({e})") from None
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - transformers raises several types for a bad config.json
+        raise BaseqError(f"'{path / 'config.json'}' is not a valid model config: {str(e).splitlines()[0]}") from None
+    shape = _shape_of(config)
+    if meta["shape"] != shape:
+        raise BaseqError(f"'{path}': config.json describes {shape}, baseq.json was written for {meta['shape']}")
+    t = _Tensors(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    ad = LlamaAdapter(model)
+    s = ad.shape
+    online = meta["online_rotations"]
+    r3 = OnlineRotation(s.head_dim, seed=online["r3"]["seed"]) if online else None
+    r4 = OnlineRotation(s.ffn, seed=online["r4"]["seed"]) if online else None
+    kv_specs = []
+    for i, layer in enumerate(ad.layers):
+        p = f"layers.{i}"
+
+        def point(name: str, rotation=None, channels: int = s.hidden) -> ActPoint:
+            return ActPoint(spec.a_bits, t.take(f"{p}.{name}_point.clip"), t.take(f"{p}.{name}_point.scale",
+                            (channels,)), t.take(f"{p}.{name}_point.shift", (channels,)), rotation)
+
+        def groups_of(in_f: int) -> int:
+            return 1 if group == 0 else in_f // group
+
+        kv = KVQuant(spec.kv_bits, t.take(f"{p}.kv.k_clip").reshape(1, -1, 1, 1),
+                     t.take(f"{p}.kv.v_clip").reshape(1, -1, 1, 1), r3)
+        nq, nkv, attn_in = s.heads * s.head_dim, s.kv_heads * s.head_dim, s.heads * s.head_dim
+        layer.self_attn = RuntimeAttention(
+            point("qkv"), _fused(t, p, ["q", "k", "v"], [nq, nkv, nkv], s.hidden, w_bits, groups_of(s.hidden)),
+            point("o", channels=attn_in), _fused(t, p, ["o"], [s.hidden], attn_in, w_bits, groups_of(attn_in)), kv,
+            layer_idx=i, heads=s.heads, kv_heads=s.kv_heads, head_dim=s.head_dim)
+        layer.mlp = RuntimeMLP(
+            point("gate_up"), _fused(t, p, ["gate", "up"], [s.ffn, s.ffn], s.hidden, w_bits, groups_of(s.hidden)),
+            point("down", r4, channels=s.ffn), _fused(t, p, ["down"], [s.hidden], s.ffn, w_bits, groups_of(s.ffn)))
+        eps = float(config.rms_norm_eps)
+        layer.input_layernorm = RMSNorm(t.take(f"{p}.attn_norm", (s.hidden,)), eps)
+        layer.post_attention_layernorm = RMSNorm(t.take(f"{p}.mlp_norm", (s.hidden,)), eps)
+        kv_specs.append((spec.kv_bits, kv.k_clip, kv.v_clip))
+        if spec.a_bits >= 16:  # weight-only quantization: float GEMMs (see IntLinear.use_float_weights)
+            for lin in (layer.self_attn.qkv, layer.self_attn.o_proj, layer.mlp.gate_up, layer.mlp.down):
+                lin.use_float_weights()
+    vocab = shape["vocab"]
+    r1_meta = meta["residual_rotation"]
+    r1 = None
+    if r1_meta is not None:
+        matrix = t.take("r1.matrix", (s.hidden, s.hidden)) if r1_meta.get("kind") == "learned" else None
+        r1 = ResidualRotation(s.hidden, seed=int(r1_meta["seed"]), matrix=matrix)
+    table = _table(t, "embed", embed_bits, vocab, s.hidden)
+    model.model.embed_tokens = RuntimeEmbedding(table, r1)
+    model.lm_head = RuntimeHead(table if meta["tied"] else _table(t, "lm_head", embed_bits, vocab, s.hidden))
+    model.model.norm = FinalNorm(RMSNorm(t.take("norm.weight", (s.hidden,)), float(config.rms_norm_eps)), r1)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    t.finish()
+    left = [n for n, x in list(model.named_parameters()) + list(model.named_buffers()) if x.is_meta]
+    if left:
+        raise BaseqError(f"internal error: the runtime model still has unset tensors ({', '.join(left[:3])})")
+    model.config._attn_implementation = "sdpa"
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    model.baseq_config = {"method": meta.get("method", "?"), "bits": meta.get("bits", "?"), "format": PACKED_FORMAT}
+    model.baseq_kv_specs = kv_specs
+    model.tie_weights = lambda *a, **k: None  # the runtime shares a tied table itself (no embed_tokens.weight here)
+    _default_quantized_cache(model)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model.to(device), tokenizer
+
+
+def _default_quantized_cache(model) -> None:
+    """Make ``model.generate`` keep its KV cache quantized (a :class:`QuantizedKVCache`) unless the caller passes a
+    cache or a cache implementation of their own."""
+    prepare = getattr(model, "_prepare_cache_for_generation", None)
+    if prepare is None:  # another transformers version: generate still works, with a float cache
+        return
+
+    def with_quantized_cache(generation_config, model_kwargs, *args, **kwargs):
+        if (model_kwargs.get("cache") is None and model_kwargs.get("past_key_values") is None
+                and generation_config.use_cache is not False and generation_config.cache_implementation is None):
+            model_kwargs["cache"] = QuantizedKVCache(model.baseq_kv_specs)
+        return prepare(generation_config, model_kwargs, *args, **kwargs)
+
+    model._prepare_cache_for_generation = with_quantized_cache
+
+
+def new_cache(model) -> QuantizedKVCache | None:
+    """A fresh quantized KV cache for a runtime model (None for other models)."""
+    specs = getattr(model, "baseq_kv_specs", None)
+    return QuantizedKVCache(specs) if specs is not None else None

@@ -1,0 +1,153 @@
+"""The command line around the packed runtime: ``baseq quantize`` writing packed folders, ``baseq eval`` /
+``generate`` / ``bench`` on them, and the early checks (context length, task names)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from baseq.cli import main
+
+SEQLEN = 32
+TEXT = "\n".join(f"Line {i}: the quick brown fox jumps over the lazy dog, number {i * i}." for i in range(60)) + "\n"
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    f = tmp_path_factory.mktemp("text") / "sample.txt"
+    f.write_text(TEXT, encoding="utf-8")
+    return f
+
+
+def _quantize(model, text_file, out, *extra) -> list[str]:
+    return ["quantize", "--model", str(model), "--method", "quarot", "--weights", "rtn", "--calib-data",
+            str(text_file), "--data", str(text_file), "--seqlen", str(SEQLEN), "--windows", "3", "--quiet",
+            "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory, tiny_model_dir, text_file) -> tuple[Path, dict]:
+    folder = tmp_path_factory.mktemp("q")
+    out, js = folder / "packed", folder / "r.json"
+    assert main(_quantize(tiny_model_dir, text_file, out, "--json", str(js))) == 0
+    return out, json.loads(js.read_text())
+
+
+def _one_error_line(err: str, *fragments: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("baseq: error:") and "Traceback" not in err, err
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+
+
+def test_quantize_writes_a_packed_folder_that_eval_runs(packed, text_file, tmp_path, capsys):
+    out, result = packed
+    meta = json.loads((out / "baseq.json").read_text())
+    assert meta["format"] == "baseq-packed/1" and result["format"] == "packed"
+    assert abs(result["packed_check"]["rel_diff"]) < 1e-6  # the saved model, run by the runtime, matches
+    js = tmp_path / "e.json"
+    assert main(["eval", "--model", str(out), "--data", str(text_file), "--seqlen", str(SEQLEN), "--windows", "3",
+                 "--quiet", "--json", str(js)]) == 0
+    ev = json.loads(js.read_text())
+    assert ev["ppl"] == pytest.approx(result["ppl_quant"], rel=2e-3)
+    assert ev["method"] == "quarot-rtn"
+
+
+def test_fake_format_still_available(tiny_model_dir, text_file, tmp_path):
+    out = tmp_path / "fake"
+    assert main(_quantize(tiny_model_dir, text_file, out, "--format", "fake", "--no-eval")) == 0
+    assert json.loads((out / "baseq.json").read_text())["format"] == "baseq-fake-quant/2"
+
+
+def test_embed_bits_8_makes_a_smaller_folder(packed, tiny_model_dir, text_file, tmp_path):
+    out = tmp_path / "e8"
+    assert main(_quantize(tiny_model_dir, text_file, out, "--embed-bits", "8", "--no-eval")) == 0
+    size = lambda d: (d / "model.safetensors").stat().st_size  # noqa: E731
+    assert size(out) < size(packed[0])
+    assert json.loads((out / "baseq.json").read_text())["embed_bits"] == 8
+
+
+def test_generate_streams_text_for_packed_and_fp_models(packed, tiny_model_dir, capsys):
+    for model in (packed[0], tiny_model_dir):
+        assert main(["generate", "--model", str(model), "--prompt", "Line 3: the quick", "--max-new-tokens", "8"]) == 0
+        cap = capsys.readouterr()
+        assert cap.out.endswith("\n") and len(cap.out) > 1
+        assert "8 new tokens" in cap.err and "tok/s" in cap.err
+
+
+def test_generate_sampling_is_seeded(packed, capsys):
+    args = ["generate", "--model", str(packed[0]), "--prompt", "Line", "--max-new-tokens", "12", "--temperature",
+            "1.0", "--top-p", "0.9", "--quiet"]
+    outs = []
+    for seed in ("1", "1", "2"):
+        assert main(args + ["--seed", seed]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("case", ["too-long", "chat-template", "bad-temperature", "zero-tokens"])
+def test_generate_bad_input(case, packed, capsys):
+    args = ["generate", "--model", str(packed[0]), "--prompt", "hello"]
+    if case == "too-long":  # the tiny model's context is 512 positions
+        args[-1], frag = "x" * 600, "longer than the model's context of 512 tokens"
+    elif case == "chat-template":
+        args, frag = args + ["--chat"], "no chat template"
+    elif case == "bad-temperature":
+        args, frag = args + ["--temperature", "-1"], "--temperature"
+    else:
+        args, frag = args + ["--max-new-tokens", "0"], "--max-new-tokens"
+    assert main(args) == 2
+    _one_error_line(capsys.readouterr().err, frag)
+
+
+def test_bench_measures_model_and_baseline(packed, tiny_model_dir, tmp_path, capsys):
+    js = tmp_path / "b.json"
+    assert main(["bench", "--model", str(packed[0]), "--baseline", str(tiny_model_dir), "--prefill", "16",
+                 "--decode", "4", "--repeats", "1", "--threads", "1", "--json", str(js), "--quiet"]) == 0
+    res = json.loads(js.read_text())
+    for key in ("model", "baseline"):
+        r = res[key]
+        assert {"prefill_tok_s", "decode_tok_s", "ttft_s", "peak_rss_mb", "disk_mb"} <= set(r)
+        assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["ttft_s"] > 0 and r["peak_rss_mb"] > 50
+    assert res["model"]["method"] == "quarot-rtn" and res["baseline"]["method"] == "fp"
+    assert res["threads"] == 1 and res["ratio"]["disk_mb"] > 0
+    assert "model / baseline" in capsys.readouterr().out
+
+
+def test_bench_bad_model_is_one_line(tmp_path, capsys):
+    assert main(["bench", "--model", str(tmp_path / "nope"), "--baseline", "none", "--prefill", "8", "--decode", "2",
+                 "--repeats", "1", "--quiet"]) == 2
+    _one_error_line(capsys.readouterr().err, "benchmarking", "unknown model")
+
+
+def test_eval_refuses_a_seqlen_past_the_context(tiny_model_dir, text_file, capsys):
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(text_file), "--seqlen", "100000",
+                 "--quiet"]) == 2
+    _one_error_line(capsys.readouterr().err, "--seqlen (100,000 tokens) is longer than the model's context of 512")
+
+
+def test_quantize_refuses_a_calib_seqlen_past_the_context(tiny_model_dir, text_file, tmp_path, capsys):
+    assert main(_quantize(tiny_model_dir, text_file, tmp_path / "o", "--calib-seqlen", "4096")) == 2
+    _one_error_line(capsys.readouterr().err, "--calib-seqlen")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_tasks_fail_before_any_work(tiny_model_dir, text_file, tmp_path, capsys, monkeypatch):
+    import baseq.eval.perplexity as perplexity
+
+    monkeypatch.setattr(perplexity, "perplexity", lambda *a, **k: pytest.fail("perplexity ran before the check"))
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(text_file), "--tasks", "bb:nosuch",
+                 "--quiet"]) == 2
+    _one_error_line(capsys.readouterr().err, "unknown offline task 'nosuch'")
+    empty = tmp_path / "tasks"
+    empty.mkdir()
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(text_file), "--tasks", "siqa",
+                 "--tasks-dir", str(empty), "--quiet"]) == 2
+    _one_error_line(capsys.readouterr().err)
+
+
+def test_quantize_refuses_an_already_quantized_folder(packed, text_file, tmp_path, capsys):
+    assert main(_quantize(packed[0], text_file, tmp_path / "again")) == 2
+    _one_error_line(capsys.readouterr().err, "written by 'baseq quantize' already")

@@ -1,0 +1,380 @@
+"""The packed format and the integer runtime: codes and kernels exact, packed folders small, the runtime model
+computing the fake-quant model's function (logits to float tolerance), the quantized KV cache, and clean errors on
+damaged folders."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from baseq.calibrate.pipeline import act_spec, quantize_model
+from baseq.config import BitsConfig, CalibConfig, QuantizeConfig, TrainConfig
+from baseq.data import eval_windows
+from baseq.errors import BaseqError
+from baseq.eval.perplexity import perplexity
+from baseq.load import load
+from baseq.quant.quantizer import _minmax_fake_quant
+from baseq.runtime.kernels import IntLinear, dequantize_tokens, pack_nibbles, quantize_tokens, unpack_nibbles
+from baseq.runtime.kvcache import QuantizedKVCache, QuantizedKVLayer
+from baseq.runtime.packed import save_packed
+from baseq.runtime.save import save_fake
+from baseq.testing import byte_tokenizer, tiny_llama
+
+SEQLEN = 32
+TEXT = "\n".join(f"Line {i}: a quick brown fox jumps over {i * 7} lazy dogs, then rests." for i in range(60)) + "\n"
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    f = tmp_path_factory.mktemp("rt-text") / "sample.txt"
+    f.write_text(TEXT, encoding="utf-8")
+    return f
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return byte_tokenizer()
+
+
+# ------------------------------------------------------------------------------------------------ kernels
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("clip", [1.0, 0.9])
+@pytest.mark.parametrize("constant_token", [False, True])
+def test_token_codes_are_the_fake_quantizers_grid(bits, clip, constant_token):
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(7, 37, generator=g) * 3 + torch.randn(7, 1, generator=g)
+    if constant_token:  # its zero point is huge: the codes are offset instead of centred
+        x[3] = 0.25
+    a, s, z = quantize_tokens(x, clip, bits)
+    assert a.dtype == torch.int8 and s.shape == (7, 1)
+    assert (z is not None) == (constant_token or bits == 8)  # 8 bits: centred codes can leave int8
+    if z is not None:
+        assert int(a.min()) >= -(2 ** (bits - 1)) and int(a.max()) <= 2 ** (bits - 1) - 1
+    assert torch.equal(dequantize_tokens(a, s, z), _minmax_fake_quant(x, clip, bits))  # bit for bit
+
+
+@pytest.mark.parametrize("n", [1, 6, 7, 48])
+def test_nibble_packing_round_trips(n):
+    codes = torch.randint(0, 16, (5, n), dtype=torch.uint8)
+    packed = pack_nibbles(codes)
+    assert packed.shape == (5, (n + 1) // 2) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_nibbles(packed, n), codes)
+    assert int(packed[0, 0]) == int(codes[0, 0]) | (int(codes[0, 1]) << 4 if n > 1 else 0)
+
+
+def _grid(out_f, in_f, bits, groups, seed):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (out_f, in_f), generator=g).to(torch.uint8)
+    zero = torch.randint(0, 2**bits, (out_f, groups), generator=g).to(torch.uint8)
+    scale = (torch.rand(out_f, groups, generator=g) * 0.1 + 0.01).half().float()
+    bias = torch.randn(out_f, generator=g)
+    w = (codes.float() - zero.float().repeat_interleave(in_f // groups, 1)) * scale.repeat_interleave(in_f // groups, 1)
+    return codes, zero, scale, bias, w
+
+
+@pytest.mark.parametrize("w_bits,a_bits,groups", [(4, 4, 1), (4, 8, 1), (4, 4, 3), (8, 8, 1), (8, 4, 2), (3, 6, 1)])
+def test_int_linear_matches_float_matmul_of_the_dequantized_operands(w_bits, a_bits, groups):
+    k = 48
+    parts = [_grid(n, k, w_bits, groups, seed) for seed, n in enumerate((20, 12, 12))]
+    lin = IntLinear([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts], [p[3] for p in parts],
+                    bits=w_bits)
+    assert lin.weight.dtype == torch.int8
+    x = torch.randn(9, k, generator=torch.Generator().manual_seed(1)) * 2
+    x[4] = 0.5  # a constant token: offset codes (zero-point correction with the weight row sums)
+    a, s, z = quantize_tokens(x, 0.9, a_bits)
+    got_offset = lin(a, s, z)
+    a, s, z = quantize_tokens(x[torch.arange(9) != 4], 0.9, a_bits)
+    assert z is None or a_bits == 8  # centred codes
+    ref_c = dequantize_tokens(a, s, z).double() @ torch.cat([p[4] for p in parts]).double().t() \
+        + torch.cat([p[3] for p in parts]).double()
+    assert torch.allclose(lin(a, s, z).double(), ref_c, rtol=1e-5, atol=1e-5)
+    a, s, z = quantize_tokens(x, 0.9, a_bits)
+    ref = dequantize_tokens(a, s, z).double() @ torch.cat([p[4] for p in parts]).double().t() \
+        + torch.cat([p[3] for p in parts]).double()
+    got = got_offset
+    assert got.shape == (9, 44) and got.dtype == torch.float32
+    assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-5)
+    if w_bits <= 7:  # weight-only path (16-bit activations): the same weights against float inputs
+        ref16 = x.double() @ torch.cat([p[4] for p in parts]).double().t() + torch.cat([p[3] for p in parts]).double()
+        assert torch.allclose(lin.forward_float(x).double(), ref16, rtol=1e-5, atol=1e-4)
+
+
+def test_int_linear_never_calls_a_float_or_int32_matmul(monkeypatch):
+    """The integer path is torch._int_mm (int8 × int8 → int32); an int32 matmul fallback would be slow."""
+    parts = [_grid(16, 32, 4, 1, 0)]
+    lin = IntLinear([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts], [p[3] for p in parts], 4)
+    calls = []
+    real = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append((a.dtype, b.dtype)) or real(a, b))
+    a, s, z = quantize_tokens(torch.randn(3, 32), 1.0, 4)
+    lin(a, s, z)
+    assert calls == [(torch.int8, torch.int8)]
+
+
+# ------------------------------------------------------------------------------------------------ KV cache
+
+
+def test_quantized_kv_layer_appends_without_requantizing_and_matches_the_fake_grid():
+    g = torch.Generator().manual_seed(0)
+    clip = torch.tensor([0.9, 0.95]).view(1, -1, 1, 1)
+    layer = QuantizedKVLayer(4, clip, 1.0)
+    k1, v1 = torch.randn(1, 2, 5, 12, generator=g), torch.randn(1, 2, 5, 12, generator=g)
+    k, v = layer.update(k1, v1)
+    assert k.shape == (1, 2, 5, 12) and layer.get_seq_length() == 5
+    assert torch.equal(k, _minmax_fake_quant(k1, clip, 4)) and torch.equal(v, _minmax_fake_quant(v1, 1.0, 4))
+    codes_before = layer.store.codes[:, :, :5].clone()
+    for step in range(20):  # decoding, one token at a time: the buffer grows, old codes never change
+        k2, v2 = torch.randn(1, 2, 1, 12, generator=g), torch.randn(1, 2, 1, 12, generator=g)
+        k, v = layer.update(k2, v2)
+    assert k.shape == (1, 2, 25, 12) and torch.equal(layer.store.codes[:, :, :5], codes_before)
+    assert torch.equal(k[:, :, -1:], _minmax_fake_quant(k2, clip, 4))
+    fp32_bytes = 2 * 2 * 25 * 12 * 4
+    assert layer.nbytes() == 2 * 2 * 25 * (6 + 8) and layer.nbytes() < fp32_bytes / 3  # 4-bit codes + scale/zero
+    layer.crop(-5)
+    assert layer.get_seq_length() == 20
+
+
+# ------------------------------------------------------------------------------------------------ packed models
+
+
+def _quantized(method, kw, text_file, tokenizer, **bits):
+    model = tiny_llama(**{"layers": 2, "seed": 2, **kw})
+    cfg = QuantizeConfig(method=method, bits=BitsConfig(**bits),
+                         calib=CalibConfig(data=str(text_file), samples=8, seqlen=SEQLEN, batch_size=4),
+                         train=TrainConfig(epochs=1))
+    quantize_model(model, tokenizer, cfg, progress=False, log_fn=lambda m: None)
+    return model, cfg
+
+
+def _save_packed(model, tokenizer, cfg, out, **kw):
+    b = cfg.bits
+    return save_packed(model, tokenizer, out, act_spec(cfg), {"method": cfg.label, "bits": b.label},
+                       w_bits=b.w_bits, w_group=b.w_group, embed_bits=b.embed_bits, **kw)
+
+
+CASES = [  # (method, tiny_llama kwargs, bits): awkward shapes, tied and untied, groups, 8-bit embeddings
+    ("baseq", dict(hidden=48, ffn=80, heads=4, kv_heads=2, qkv_bias=True), {}),
+    ("baseq", dict(hidden=96, ffn=160, heads=6, kv_heads=2, head_dim=16, tied=False), {"embed_bits": 8}),
+    ("quarot", dict(hidden=48, ffn=96, heads=3, kv_heads=1, head_dim=12), {"w_group": 12}),
+    ("quarot", dict(hidden=48, ffn=70, heads=4, kv_heads=2, head_dim=10), {"a_bits": 8, "kv_bits": 8}),
+    ("gptq", dict(hidden=48, ffn=80, heads=4, kv_heads=2), {"w_bits": 4, "a_bits": 16, "kv_bits": 16}),
+]
+
+
+@pytest.mark.filterwarnings("ignore:no Hadamard matrix")
+@pytest.mark.parametrize("method,kw,bits", CASES, ids=[f"{m}-{i}" for i, (m, _, _) in enumerate(CASES)])
+def test_packed_runtime_computes_the_fake_quant_model(method, kw, bits, text_file, tokenizer, tmp_path):
+    model, cfg = _quantized(method, kw, text_file, tokenizer, **bits)
+    out = _save_packed(model, tokenizer, cfg, tmp_path / "packed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["packed"]
+    meta = json.loads((out / "baseq.json").read_text())
+    assert meta["format"] == "baseq-packed/1"
+    rt, tok = load(str(out))
+    assert rt.baseq_config["format"] == "baseq-packed/1"
+    windows = eval_windows(tokenizer, str(text_file), SEQLEN, 3)
+    with torch.no_grad():
+        ref = model(windows, use_cache=False).logits
+        got = rt(windows, use_cache=False).logits
+    # the simulated model computes its linears exactly on integer codes too (qmodel.exact_linear), with the runtime's
+    # epilogue: the two agree to the last bits (the LM head's float GEMMs are blocked differently)
+    rel = (got - ref).abs() / ref.abs().max()
+    assert rel.max() < 1e-6, rel.max()
+    p_ref, p_rt = perplexity(model, windows, progress=False), perplexity(rt, windows, progress=False)
+    assert p_rt == pytest.approx(p_ref, rel=1e-6)
+    if cfg.bits.a_bits >= 16:  # weight-only models run float GEMMs (IntLinear.use_float_weights)
+        return
+    # nothing float32 of the size of a weight matrix in the runtime model
+    big_float = [n for n, b in rt.named_buffers() if b.is_floating_point() and b.dtype == torch.float32
+                 and b.dim() == 2 and min(b.shape) > 8 and not n.endswith("rotation.matrix")]  # dense R3/R4 fallback
+    assert not big_float, big_float
+
+
+@pytest.mark.filterwarnings("ignore:no Hadamard matrix")
+def test_packed_folder_is_small_and_4bit(text_file, tokenizer, tmp_path):
+    model, cfg = _quantized("baseq", dict(hidden=96, ffn=192, heads=6, kv_heads=2, head_dim=16, vocab=258,
+                                          layers=2), text_file, tokenizer)
+    packed = _save_packed(model, tokenizer, cfg, tmp_path / "packed")
+    fake = save_fake(model, tokenizer, tmp_path / "fake", act_spec(cfg), {"method": "baseq", "bits": "W4A4KV4"})
+    from safetensors import safe_open
+
+    with safe_open(packed / "model.safetensors", "pt") as f:
+        lin_bytes = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys()
+                        if k.endswith((".codes", ".scale", ".zero")) and k.startswith("layers."))
+        q = f.get_tensor("layers.0.q.codes")
+    assert q.dtype == torch.uint8 and q.shape == (96, 48)  # two codes per byte
+    fp32_lin = 2 * 4 * (2 * 96 * 96 + 2 * 32 * 96 + 3 * 96 * 192)  # 2 layers: q/o 96², k/v 32×96, gate/up/down 96×192
+    assert lin_bytes <= 0.14 * fp32_lin
+    size = lambda d: sum(f.stat().st_size for f in Path(d).glob("*.safetensors"))  # noqa: E731
+    assert size(packed) < 0.35 * size(fake)
+
+
+def test_generate_with_the_quantized_cache_matches_a_full_forward(text_file, tokenizer, tmp_path):
+    model, cfg = _quantized("baseq", dict(hidden=48, ffn=80, heads=4, kv_heads=2), text_file, tokenizer)
+    rt, _ = load(str(_save_packed(model, tokenizer, cfg, tmp_path / "p")))
+    ids = eval_windows(tokenizer, str(text_file), 12, 1)
+    with torch.no_grad():
+        out = rt.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+        cache = out["cache"] if "cache" in out else out["past_key_values"]
+        assert isinstance(cache, QuantizedKVCache)  # generate keeps the cache quantized by default
+        assert cache.get_seq_length() == 17 and 0 < cache.nbytes() < 2 * 2 * 2 * 17 * 12 * 4 / 3
+        seq = out.sequences
+        assert seq.shape == (1, 18)
+        # every generated token is the argmax of a full (cache-free) forward over the prefix: the cache is exact
+        full = rt(seq[:, :-1], use_cache=False).logits
+        assert torch.equal(full[0, 11:].argmax(-1), seq[0, 12:])
+
+
+# ------------------------------------------------------------------------------------------------ bad folders
+
+
+@pytest.fixture(scope="module")
+def packed_dir(tmp_path_factory, text_file, tokenizer):
+    model, cfg = _quantized("quarot", dict(hidden=48, ffn=80, heads=4, kv_heads=2), text_file, tokenizer)
+    return _save_packed(model, tokenizer, cfg, tmp_path_factory.mktemp("p") / "packed")
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_damaged_packed_folders_fail_with_one_clear_line(packed_dir, tmp_path):
+    bad = _copy(packed_dir, tmp_path / "truncated")
+    f = bad / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(BaseqError, match="model.safetensors' is truncated or corrupt"):
+        load(str(bad))
+
+    bad = _copy(packed_dir, tmp_path / "nofield")
+    meta = json.loads((bad / "baseq.json").read_text())
+    del meta["weights"]
+    (bad / "baseq.json").write_text(json.dumps(meta))
+    with pytest.raises(BaseqError, match="missing the field.*weights"):
+        load(str(bad))
+
+    bad = _copy(packed_dir, tmp_path / "future")
+    meta["format"], meta["weights"] = "baseq-packed/9", {"bits": 4, "group_size": 0}
+    (bad / "baseq.json").write_text(json.dumps(meta))
+    with pytest.raises(BaseqError, match="has format 'baseq-packed/9'"):
+        load(str(bad))
+
+    bad = _copy(packed_dir, tmp_path / "shape")
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["intermediate_size"] = 96
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BaseqError, match="config.json describes"):
+        load(str(bad))
+
+    bad = _copy(packed_dir, tmp_path / "notjson")
+    (bad / "baseq.json").write_text("{not json")
+    with pytest.raises(BaseqError, match="not valid JSON"):
+        load(str(bad))
+
+
+def test_packed_writer_refuses_what_it_cannot_store(text_file, tokenizer, tmp_path):
+    model, cfg = _quantized("quarot", dict(hidden=48, ffn=80, heads=4, kv_heads=2), text_file, tokenizer)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[0, 0] += 1e-3  # off the grid
+    with pytest.raises(BaseqError, match="q_proj: the weights are not on their recorded 4-bit grid"):
+        _save_packed(model, tokenizer, cfg, tmp_path / "x")
+    assert not (tmp_path / "x").exists() and not list(tmp_path.iterdir())  # nothing half-written
+
+
+@pytest.mark.filterwarnings("ignore:no Hadamard matrix")
+def test_sharded_packed_folder_loads(text_file, tokenizer, tmp_path):
+    model, cfg = _quantized("quarot", dict(hidden=48, ffn=80, heads=4, kv_heads=2), text_file, tokenizer)
+    out = _save_packed(model, tokenizer, cfg, tmp_path / "sharded", shard_bytes=20_000)
+    assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-*.safetensors"))) > 2
+    rt, _ = load(str(out))
+    ids = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        assert torch.allclose(rt(ids, use_cache=False).logits, model(ids, use_cache=False).logits, atol=1e-2)
+    assert math.isfinite(float(rt(ids, use_cache=False).logits.sum()))
+
+
+def test_zero_shot_runs_on_the_runtime_model(text_file, tokenizer, tmp_path):
+    """lm-eval drives the packed model like any transformers model, with the fake-quant model's scores."""
+    from baseq.eval.zeroshot import zero_shot
+
+    model, cfg = _quantized("quarot", dict(hidden=48, ffn=80, heads=4, kv_heads=2), text_file, tokenizer)
+    rt, _ = load(str(_save_packed(model, tokenizer, cfg, tmp_path / "p")))
+    words = ["yes", "no", "red", "blue", "up", "down", "cat", "dog", "hot", "cold", "sun", "moon"]
+    examples = [{"input": f"Item {i}: pick one of these words, number {i}.",
+                 "target_scores": {words[(2 * i) % 12]: 1, words[(2 * i + 1) % 12]: 0}} for i in range(10)]
+    (tmp_path / "physical_intuition.json").write_text(json.dumps({"examples": examples}))
+    ref = zero_shot(model, tokenizer, ["physical_intuition"], tasks_dir=tmp_path, limit=10, batch_size=4)
+    got = zero_shot(rt, tokenizer, ["physical_intuition"], tasks_dir=tmp_path, limit=10, batch_size=4)
+    assert got["physical_intuition"]["n"] == 10
+    assert got["physical_intuition"]["acc"] == ref["physical_intuition"]["acc"]
+    assert got["physical_intuition"]["acc_norm"] == ref["physical_intuition"]["acc_norm"]
+
+
+@pytest.mark.filterwarnings("ignore:no Hadamard matrix")
+def test_fake_format_v1_folders_still_load(tokenizer, tmp_path):
+    """A folder of the first fake-quant format (R1 fused into an untied embedding and a head with the final norm
+    folded in; dense fallback rotation matrices saved) loads and computes the same function."""
+    from safetensors.torch import save_file
+
+    from baseq.models.adapter import LlamaAdapter
+    from baseq.quant.qmodel import ActSpec, quantize_structure
+    from baseq.rotation.fuse import _right_mul_, rotate_layer, untie_embeddings
+    from baseq.rotation.hadamard import orthogonal_matrix
+
+    model = tiny_llama(hidden=48, ffn=70, heads=4, kv_heads=2, layers=2, seed=4)  # ffn 70: dense R4 matrix
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+    untie_embeddings(model)
+    ad = LlamaAdapter(model)
+    s = ad.shape
+    _right_mul_(ad.lm_head.weight.data, ad.final_norm.weight.data.double())
+    ad.final_norm.weight.data.fill_(1.0)
+    q1 = orthogonal_matrix(s.hidden, seed=0)
+    _right_mul_(ad.embed.weight.data, q1)
+    _right_mul_(ad.lm_head.weight.data, q1)
+    for layer in ad.layers:
+        rotate_layer(layer, q1, orthogonal_matrix(s.head_dim, seed=1), s.heads, s.kv_heads)
+    spec = ActSpec(a_bits=16, kv_bits=16)
+    quantize_structure(model, spec)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    r4 = model.model.layers[0].mlp.down_proj.act.rotation
+    state["model.layers.0.mlp.down_proj.act.rotation.matrix"] = r4.matrix.clone()  # v1 saved these
+    out = tmp_path / "v1"
+    out.mkdir()
+    model.config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    save_file(state, out / "model.safetensors")
+    (out / "baseq.json").write_text(json.dumps({"format": "baseq-fake-quant/1", "act_spec": spec.__dict__,
+                                                "method": "quarot-rtn", "bits": "W4A16"}))
+    loaded, _ = load(str(out))
+    with torch.no_grad():
+        got = loaded(ids, use_cache=False).logits
+    assert (got - ref).abs().max() / ref.abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("bits", [16, 8])
+def test_head_decode_gemv_is_close_to_the_exact_logits(bits):
+    """Few rows (decoding) take a 16-bit / int8 GEMV; many rows take exact float32 slabs: they agree closely."""
+    from baseq.quant.quantizer import quantize_embedding_
+    from baseq.runtime.modules import Table
+    from baseq.runtime.packed import pack_table
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(1000, 48, generator=g) * 0.05
+    quantize_embedding_(w, bits)
+    parts = pack_table(w, bits)
+    table = Table(weight=parts.get("weight"), codes=parts.get("codes"), scale=parts.get("scale"))
+    h = torch.randn(12, 48, generator=g)
+    exact = table.logits(h, chunk=300)  # 12 rows: float32 slabs
+    assert torch.allclose(exact, h @ w.t(), rtol=1e-5, atol=1e-5)
+    few = table.logits(h[:3])
+    assert ((few - exact[:3]).abs().max() / exact.abs().max()) < 1e-2
+    assert torch.equal(table.lookup(torch.tensor([[3, 999]]))[0], w[[3, 999]])
