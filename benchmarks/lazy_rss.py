@@ -22,14 +22,15 @@ from pathlib import Path
 
 
 def make_model(folder: Path, layers: int, hidden: int, ffn: int) -> float:
-    """A random wide tiny Llama in 100 MB safetensors shards; returns its weights' size in MB."""
-    from baseq.testing import byte_tokenizer, tiny_llama
-
-    model = tiny_llama(hidden=hidden, ffn=ffn, layers=layers, heads=hidden // 64, kv_heads=hidden // 128,
-                       tied=True, seed=0)
-    model.save_pretrained(folder, max_shard_size="100MB")
-    byte_tokenizer().save_pretrained(folder)
-    return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    """A random wide tiny Llama in 100 MB safetensors shards; returns its weights' size in MB. Built in a child
+    process: Linux counts a parent's resident memory at fork into its children's peak RSS."""
+    code = ("import sys; from baseq.testing import byte_tokenizer, tiny_llama; "
+            f"m = tiny_llama(hidden={hidden}, ffn={ffn}, layers={layers}, heads={hidden // 64}, "
+            f"kv_heads={hidden // 128}, tied=True, seed=0); "
+            f"m.save_pretrained(sys.argv[1], max_shard_size='100MB'); byte_tokenizer().save_pretrained(sys.argv[1]); "
+            "print(sum(p.numel() * p.element_size() for p in m.parameters()) / 2**20)")
+    out = subprocess.run([sys.executable, "-c", code, str(folder)], check=True, capture_output=True, text=True)
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def run(model: Path, out: Path, mode: str, text: str, samples: int, seqlen: int) -> dict:

@@ -89,10 +89,11 @@ def test_lazy_gguf_blocks_equal_transformers_and_quantize_alike(tmp_path, text_f
     assert_same_blocks(quantized_layers(lazy.model, config(text_file), tmp_path / "work", lazy)(), eager)
 
 
-def test_cli_lazy_writes_the_eager_result_block_by_block(sharded_dir, text_file, tmp_path):
+@pytest.mark.parametrize("fmt", ["packed", "fake"])
+def test_cli_lazy_writes_the_eager_result_block_by_block(fmt, sharded_dir, text_file, tmp_path):
     common = ["quantize", "--model", str(sharded_dir), "--calib-data", text_file, "--calib-samples", "4",
               "--calib-seqlen", "32", "--data", text_file, "--seqlen", "32", "--windows", "3", "--epochs", "1",
-              "--quiet"]
+              "--quiet", "--format", fmt]
     assert main(common + ["--out", str(tmp_path / "eager"), "--json", str(tmp_path / "e.json")]) == 0
     assert main(common + ["--lazy", "--out", str(tmp_path / "lazy"), "--json", str(tmp_path / "l.json")]) == 0
     a, b = load_file(tmp_path / "eager" / "model.safetensors"), load_file(tmp_path / "lazy" / "model.safetensors")
