@@ -27,6 +27,8 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with the gloo backend is not available in this torch build",
                 allow_module_level=True)
+if "fork" not in mp.get_all_start_methods():
+    pytest.skip("the ranks are forked processes: no fork on this platform", allow_module_level=True)
 
 SEQLEN = 32
 
@@ -197,12 +199,14 @@ def cli_worker(rank: int, world: int, port: int, argv: list[str], fault: str, re
     os._exit(code)
 
 
-def test_cli_two_ranks_write_once_and_match_one_process(model_dir, text_file, tmp_path):
+@pytest.mark.parametrize("lazy", [False, True], ids=["in-memory", "lazy"])
+def test_cli_two_ranks_write_once_and_match_one_process(lazy, model_dir, text_file, tmp_path):
     from baseq.cli import main
 
     out2, out1 = tmp_path / "two", tmp_path / "one"
-    assert spawn(cli_worker, 2, cli_args(model_dir, text_file, out2, "--json", str(tmp_path / "two.json")), "",
-                 str(tmp_path)) == [0, 0]
+    extra = ["--lazy"] if lazy else []
+    assert spawn(cli_worker, 2, cli_args(model_dir, text_file, out2, "--json", str(tmp_path / "two.json"), *extra),
+                 "", str(tmp_path)) == [0, 0]
     assert main(cli_args(model_dir, text_file, out1, "--json", str(tmp_path / "one.json"))) == 0
     two, one = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
     assert two["ranks"] == 2 and "ranks" not in one
@@ -269,7 +273,7 @@ def test_more_ranks_than_windows_is_one_line_before_any_work(model_dir, text_fil
 def test_a_rank_that_dies_or_hangs_fails_the_others_with_one_line(fault, model_dir, text_file, tmp_path):
     out = tmp_path / "out"
     argv = cli_args(model_dir, text_file, out, "--dist-timeout", "3", "--no-eval")
-    codes = spawn(cli_worker, 2, argv, fault, str(tmp_path), wait=60)
+    codes = spawn(cli_worker, 2, argv, fault, str(tmp_path), wait=60, grace=1.0)
     assert codes[0] == 2 and codes[1] == (3 if fault == "die" else None)  # the hung rank is killed by the test
     result = json.loads((tmp_path / "rank0.json").read_text())
     assert result["seconds"] < 30  # rank 0 gave up on its own: at once (dead peer) or after the 3 s timeout

@@ -89,10 +89,11 @@ def test_lazy_gguf_blocks_equal_transformers_and_quantize_alike(tmp_path, text_f
     assert_same_blocks(quantized_layers(lazy.model, config(text_file), tmp_path / "work", lazy)(), eager)
 
 
-def test_cli_lazy_writes_the_eager_result_block_by_block(sharded_dir, text_file, tmp_path):
+@pytest.mark.parametrize("fmt", ["packed", "fake"])
+def test_cli_lazy_writes_the_eager_result_block_by_block(fmt, sharded_dir, text_file, tmp_path):
     common = ["quantize", "--model", str(sharded_dir), "--calib-data", text_file, "--calib-samples", "4",
               "--calib-seqlen", "32", "--data", text_file, "--seqlen", "32", "--windows", "3", "--epochs", "1",
-              "--quiet"]
+              "--quiet", "--format", fmt]
     assert main(common + ["--out", str(tmp_path / "eager"), "--json", str(tmp_path / "e.json")]) == 0
     assert main(common + ["--lazy", "--out", str(tmp_path / "lazy"), "--json", str(tmp_path / "l.json")]) == 0
     a, b = load_file(tmp_path / "eager" / "model.safetensors"), load_file(tmp_path / "lazy" / "model.safetensors")
@@ -103,6 +104,33 @@ def test_cli_lazy_writes_the_eager_result_block_by_block(sharded_dir, text_file,
     assert main(["eval", "--model", str(tmp_path / "lazy"), "--data", text_file, "--seqlen", "32", "--windows", "3",
                  "--quiet", "--json", str(tmp_path / "x.json")]) == 0
     assert json.loads((tmp_path / "x.json").read_text())["ppl"] == pytest.approx(lz["ppl_quant"], rel=1e-6)
+
+
+def test_lazy_resume_after_a_crash_gives_the_same_model(sharded_dir, text_file, tmp_path, monkeypatch):
+    from baseq.calibrate.stages import BaseqTrainStage
+
+    eager = tiny_llama(**SHAPE)
+    quantize_model(eager, byte_tokenizer(), config(text_file), progress=False, log_fn=lambda m: None)
+    original = BaseqTrainStage.run
+
+    def crash_on_block_2(self, ctx):
+        if ctx.index == 2:
+            raise RuntimeError("simulated crash")
+        return original(self, ctx)
+
+    work = tmp_path / "work"
+    monkeypatch.setattr(BaseqTrainStage, "run", crash_on_block_2)
+    lazy, tok = open_lazy(str(sharded_dir))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        quantize_model(lazy.model, tok, config(text_file), progress=False, log_fn=lambda m: None, lazy=lazy,
+                       work_dir=work)
+    monkeypatch.setattr(BaseqTrainStage, "run", original)
+    lazy, tok = open_lazy(str(sharded_dir))
+    said = []
+    quantize_model(lazy.model, tok, config(text_file), progress=False, log_fn=said.append, lazy=lazy, work_dir=work,
+                   resume=True)
+    assert "resuming after block 1" in said
+    assert_same_blocks(quantized_layers(lazy.model, config(text_file), work, lazy)(), eager)
 
 
 def test_streamed_nll_equals_the_whole_model(sharded_dir):

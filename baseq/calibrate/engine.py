@@ -35,7 +35,7 @@ from ..errors import BaseqError
 from ..io import atomic_path, write_json
 from ..models.adapter import LlamaAdapter
 from ..quant.qmodel import set_quantize
-from .blocks import Blocks, ModelBlocks
+from .blocks import Blocks, ModelBlocks, release_memory
 from .comm import Communicator, Shard
 from .train import Tap
 
@@ -192,6 +192,19 @@ class Checkpoint:
         data = json.loads(meta.read_text())
         return data["done"] if data.get("fingerprint") == self.fingerprint else -1
 
+    def agreed_done(self) -> int:
+        """Rank 0's last finished block, once every rank has checked that it holds what resuming there needs."""
+        done = int(self.comm.broadcast_([torch.tensor([float(self.last_done())], dtype=torch.float64)])[0].item())
+        if done < 0:
+            return done
+        missing = [str(p) for p in (self.acts_file(done), self.dir / "progress.json") if not p.is_file()]
+        lacking = self.comm.sum([bool(missing)])[0]
+        if lacking:
+            raise BaseqError(f"cannot resume after block {done}: {int(lacking)} rank(s) lack their saved state "
+                             f"(e.g. {missing[0] if missing else 'on another node'}); every rank must see the "
+                             f"folder beside --out")
+        return done
+
     def save(self, index: int, layer: nn.Module, fp_in: torch.Tensor, q_in: torch.Tensor, log: list) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         if self.comm.is_main:
@@ -235,7 +248,7 @@ def calibrate_blocks(model: nn.Module, ad: LlamaAdapter, windows: torch.Tensor, 
     start, log = 0, []
     with on_device(ends(model, ad), device):
         fp_in, kwargs = capture_inputs(model, ad, windows[shard.start:shard.stop], device, batch_size)
-    if ckpt is not None and resume and (done := ckpt.last_done()) >= 0:
+    if ckpt is not None and resume and (done := ckpt.agreed_done()) >= 0:
         fp_in, q_in, log = ckpt.restore(blocks, done)
         start = done + 1
         say(f"resuming after block {done}")
@@ -248,7 +261,9 @@ def calibrate_blocks(model: nn.Module, ad: LlamaAdapter, windows: torch.Tensor, 
     bar = tqdm(range(start, len(blocks)), desc="blocks", disable=not progress, initial=start, total=len(blocks))
     for i in bar:
         t0 = time.perf_counter()
-        layer = blocks.load(i).to(device)
+        layer = blocks.load(i)
+        release_memory()  # the temporaries of reading / rotating the block
+        layer = layer.to(device)
         set_quantize(layer, False)
         ctx = BlockContext(i, layer, fp_in, q_in, fp_out=None, kwargs=kwargs, device=device,
                            batch_size=batch_size, progress=progress, comm=comm, shard=shard)
@@ -270,7 +285,9 @@ def calibrate_blocks(model: nn.Module, ad: LlamaAdapter, windows: torch.Tensor, 
         if ckpt is not None:
             ckpt.save(i, layer, fp_in, q_in, log)
         blocks.finish(i, layer)
+        release_memory()
     return log
+
 
 
 @torch.no_grad()

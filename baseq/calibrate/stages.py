@@ -18,6 +18,7 @@ from ..quant.gptq import GPTQ, rtn_quantize_
 from ..quant.qmodel import ActPoint, set_quantize
 from ..quant.quantizer import WeightQuantConfig, _group_count, record_weight_qparams
 from . import weight_scale
+from .blocks import release_memory
 from .engine import BlockContext
 from .train import Tap, fit
 
@@ -67,6 +68,7 @@ class GPTQStage:
             owner = k % comm.world_size
             loss = 0.0
             if comm.rank == owner:
+                release_memory()  # GPTQ's large temporaries come next: start from a trimmed heap
                 target = None
                 if fp_layer is not None:
                     fp = LlamaAdapter.linears(fp_layer)
@@ -131,11 +133,6 @@ def group_inputs(ctx: BlockContext, layer, name: str, x: torch.Tensor):
             with torch.no_grad():
                 tap(lambda b: layer(b, **ctx.kwargs), batch.to(ctx.device))
             yield seen.pop()
-
-
-def first_linear_index(group: tuple[str, ...]) -> int:
-    """Position of a group's first linear in the block (so ranks take turns across groups too)."""
-    return sum(len(g) for g in SEQUENTIAL[:SEQUENTIAL.index(group)])
 
 
 def share_quantized(lin, wcfg: WeightQuantConfig, loss: float, owner: int, comm) -> float:

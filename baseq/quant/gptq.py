@@ -81,15 +81,19 @@ class GPTQ:
     # ------------------------------------------------------------------ quantization
     def _inverse_hessian_chol(self, H: Tensor, percdamp: float) -> Tensor:
         """Upper Cholesky factor of ``(H + damp*I)^-1``, increasing damping on failure."""
-        eye = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
         base = float(torch.mean(torch.diag(H)))
         damp_frac = percdamp
         for attempt in range(_MAX_DAMP_RETRIES + 1):
-            Hd = H + (damp_frac * base) * eye
+            # at most three matrices of H's size alive at once (a large layer's H is hundreds of MB)
+            Hd = H.clone()
+            Hd.diagonal().add_(damp_frac * base)
             L, info = torch.linalg.cholesky_ex(Hd)
+            del Hd
             if int(info) == 0:
                 Hinv = torch.cholesky_inverse(L)
+                del L
                 U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+                del Hinv
                 if int(info) == 0 and torch.isfinite(U).all():
                     if attempt > 0:
                         warnings.warn(
@@ -163,7 +167,8 @@ class GPTQ:
         if act_order:
             perm = torch.argsort(torch.diag(H), descending=True)
             W = W[:, perm]
-            H = H[perm][:, perm]
+            H = H.index_select(0, perm)
+            H = H.index_select(1, perm)
             invperm = torch.argsort(perm)
         else:
             perm = torch.arange(ncols, device=W.device)
