@@ -14,7 +14,7 @@ from pathlib import Path
 from . import __version__
 from .errors import BaseqError
 from .eval.zeroshot import check_tasks
-from .io import write_json
+from .io import check_parent, write_json
 
 
 # ---------------------------------------------------------------- helpers
@@ -34,10 +34,7 @@ def check_json_path(path: str | None) -> None:
     p = Path(path)
     if p.is_dir():
         raise BaseqError(f"--json '{path}' is a directory")
-    if not p.parent.is_dir():
-        raise BaseqError(f"--json '{path}': folder '{p.parent}' does not exist")
-    if not os.access(p.parent, os.W_OK):
-        raise BaseqError(f"--json '{path}': folder '{p.parent}' is not writable")
+    check_parent(p, "--json")
 
 
 def print_table(title: str, rows: list[tuple[str, str]]) -> None:

@@ -34,11 +34,24 @@ def read_json(path: str | Path, what: str = "file") -> Any:
         raise BaseqError(f"{what} {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
 
 
+def check_parent(path: Path, flag: str) -> None:
+    """Fail when the folders above ``path`` can neither be found nor created (``mkdir -p``): the nearest existing
+    ancestor must be a writable folder. Nothing is created here, so a run that fails later leaves nothing behind."""
+    existing = Path(os.path.abspath(path)).parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise BaseqError(f"{flag} '{path}': '{existing}' is not a folder")
+    if not os.access(existing, os.W_OK):
+        raise BaseqError(f"{flag} '{path}': folder '{existing}' is not writable")
+
+
 @contextmanager
 def atomic_path(dest: str | Path) -> Iterator[Path]:
     """A temporary file path beside ``dest`` to write; renamed onto ``dest`` when the block ends without error,
     deleted otherwise."""
     dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
     os.close(fd)
     try:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BaseqError
+from ..io import check_parent
 
 PACKED_FORMAT = "baseq-packed/1"
 FAKE_FORMAT = "baseq-fake-quant/2"
@@ -27,16 +28,14 @@ def is_saved_folder(path: Path) -> bool:
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Fail before any work when ``out`` cannot become the output folder (missing parent folders are created when
+    it is written)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise BaseqError(f"--out '{out}' exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise BaseqError(f"--out '{out}' exists and is not empty (pass --overwrite to replace it)")
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise BaseqError(f"--out '{out}': folder '{parent}' does not exist")
-    if not os.access(parent, os.W_OK):
-        raise BaseqError(f"--out '{out}': folder '{parent}' is not writable")
+    check_parent(out, "--out")
 
 
 def read_meta(path: Path, required: tuple[str, ...] = ("format",)) -> dict:
