@@ -170,6 +170,8 @@ def config_from_args(args):
             continue
         obj, attr = target if isinstance(target, tuple) else (target, flag)
         setattr(obj, attr, value)
+    if args.seed is not None:  # one seed for the whole run: the calibration windows are drawn with it too
+        cfg.calib.seed = args.seed
     return cfg.validate()
 
 
@@ -206,6 +208,11 @@ def quantize_command(args, cfg, device, comm) -> int:
     check_json_path(args.json)
     check_tasks(getattr(args, "tasks", None), getattr(args, "tasks_dir", None), getattr(args, "limit", None))
     check_out_dir(out, args.overwrite)  # the result is written at the very end, so this holds for --resume too
+    if args.format is None:  # packed needs quantized weights; a model with 16-bit weights is written as it computes
+        args.format = "packed" if cfg.bits.w_bits <= 8 else "fake"
+    elif args.format == "packed" and cfg.bits.w_bits > 8:
+        raise BaseqError(f"--format packed stores quantized weights (w-bits 2..8, got {cfg.bits.w_bits}); "
+                         f"use --format fake")
     if is_saved_folder(Path(args.model).expanduser()):
         raise BaseqError(f"'{args.model}' was written by 'baseq quantize' already: quantize its source model")
     if needs_calibration(cfg) and comm.world_size > cfg.calib.samples:
@@ -376,7 +383,7 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--w-sym", action=argparse.BooleanOptionalAction, default=None, help="symmetric weights")
     g.add_argument("--a-clip", type=float, help="activation clip ratio (default 0.9)")
     g.add_argument("--kv-clip", type=float, help="KV clip ratio (default 0.95)")
-    g.add_argument("--seed", type=int, help="rotation / training seed (default 0)")
+    g.add_argument("--seed", type=int, help="seed of the rotations, the training and the calibration windows (default 0)")
     g = p.add_argument_group("calibration")
     g.add_argument("--calib-data", help="calibration text: wiki (default), books, wikitext2, c4 or a .txt/.jsonl path")
     g.add_argument("--calib-samples", type=positive_int, help="calibration windows (default 32)")
@@ -434,9 +441,10 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr-transform", type=float, help=f"stage 1 learning rate (default {T.lr_transform:g})")
     g = p.add_argument_group("output and evaluation")
     g.add_argument("--out", help="output folder (default: out/MODEL-METHOD-BITS)")
-    g.add_argument("--format", choices=("packed", "fake"), default="packed",
+    g.add_argument("--format", choices=("packed", "fake"),
                    help="packed (default): 4-bit codes, run by the integer runtime; fake: dequantized float "
-                        "weights and quantization parameters, run in simulation (research)")
+                        "weights and quantization parameters, run in simulation (research; the default when "
+                        "weights stay 16-bit)")
     g.add_argument("--embed-bits", type=int, choices=(16, 8),
                    help="embedding table and LM head: 16 = float16 (default), 8 = int8 per row")
     g.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
