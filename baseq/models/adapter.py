@@ -183,7 +183,7 @@ class ModelAdapter:
         config = getattr(model, "config", None)
         base_layers = _get(model, "model.layers")
         if config is None or base_layers is None or len(base_layers) == 0:
-            refuse("not a decoder-only transformer (no model.layers)")
+            refuse(f"no model.layers: none of the supported families ({supported_families()})")
         if _moe(base_layers[0], config):
             refuse("layer 0 mlp has experts (MoE is not supported yet)")
         spec = spec_for_config(config)
