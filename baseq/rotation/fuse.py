@@ -29,6 +29,8 @@ and R3, on q/k outputs that R1 does not touch).
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -107,6 +109,7 @@ def rotate_layer(layer: nn.Module, r1: torch.Tensor, r2: torch.Tensor | None, he
     else:
         if online is None:
             raise ValueError(f"a {spec.family} block takes R1 online: pass its ResidualRotation")
+        online = copy.deepcopy(online)  # the block's own (a lazy run sends finished blocks to the meta device)
         install_input_point(layer.self_attn, InputPoint(online))
         install_input_point(layer.mlp, InputPoint(online))
     if r2 is not None:
