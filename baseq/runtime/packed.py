@@ -378,8 +378,8 @@ def load_packed(path: Path, meta: dict | None = None, device="cpu"):
     r3 = OnlineRotation(s.head_dim, seed=online["r3"]["seed"]) if online else None
     r4 = OnlineRotation(s.ffn, seed=online["r4"]["seed"]) if online else None
     r1_in = ResidualRotation(s.hidden, seed=online["r1"]["seed"]) if online and "r1" in online else None
-    if (r1_in is None) != (arch.r1_fusable or not online):
-        raise BaseqError(f"'{path / 'baseq.json'}': its online rotations do not fit a {arch.family} model")
+    if online and r1_in is None and not arch.r1_fusable:  # (online R1 is exact for any family; required here)
+        raise BaseqError(f"'{path / 'baseq.json'}': a rotated {arch.family} model needs online_rotations.r1")
     act_fn = ACT2FN[getattr(config, arch.act_key)]
     eps = float(config.rms_norm_eps)
     kv_specs = []
