@@ -341,12 +341,12 @@ def sharded_perplexity(model, windows, batch_size: int, device, comm, progress: 
 
     from .calibrate.engine import on_device, streamed_nll_sum
     from .eval.perplexity import nll_sum
-    from .models.adapter import LlamaAdapter
+    from .models.adapter import ModelAdapter
 
     shard = comm.shard(len(windows))
     total, count = 0.0, 0
     if shard.size and layers is not None:
-        total, count = streamed_nll_sum(model, LlamaAdapter(model), layers(), windows[shard.start:shard.stop],
+        total, count = streamed_nll_sum(model, ModelAdapter(model), layers(), windows[shard.start:shard.stop],
                                         batch_size=batch_size, device=device)
     elif shard.size:
         with on_device([model], device):
