@@ -167,9 +167,10 @@ def get_asset(name: str) -> Asset:
 
 
 @contextmanager
-def _locked(folder: Path, say) -> Iterator[None]:
-    """An exclusive lock on ``folder`` (flock on the folder itself, so nothing is created) while fetching into it;
-    released when the block ends or the process dies."""
+def locked(folder: Path, say=lambda msg: None) -> Iterator[None]:
+    """An exclusive lock on ``folder`` (flock on the folder itself, so nothing is created) while writing into it;
+    released when the block ends or the process dies. Holding it, a writer may remove what an earlier, killed
+    writer left behind."""
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock
@@ -238,7 +239,7 @@ def fetch(name: str, asset: Asset | None = None, quiet: bool = False) -> Path:
         return target
     folder.mkdir(parents=True, exist_ok=True)
     say = (lambda msg: None) if quiet else (lambda msg: print(f"baseq: {msg}", file=sys.stderr))
-    with _locked(folder, say):
+    with locked(folder, say):
         if target.is_file():
             if sha256_file(target) == asset.sha256:  # another process fetched it meanwhile
                 return target
