@@ -230,6 +230,38 @@ def test_generate_with_the_quantized_cache_matches_a_full_forward(text_file, tok
         assert torch.equal(full[0, 11:].argmax(-1), seq[0, 12:])
 
 
+def _greedy_by_full_forwards(model, ids, n):
+    """Reference: each token the argmax of a cache-free forward computing the logits of every position."""
+    seq = ids
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+    return seq[0, ids.shape[1]:].tolist()
+
+
+def test_prefill_computes_the_head_for_the_last_position_only(text_file, tokenizer, tmp_path):
+    """The prompt's forward needs one row of logits: with a 151,936-token head (Qwen2.5) computing all 512 would
+    cost about as much as a block. generate passes logits_to_keep=1 — for FP models (untied head here) and packed
+    ones — and the tokens are those of full forwards."""
+    from baseq.runtime.generate import generate
+
+    fp = tiny_llama(hidden=48, ffn=80, heads=4, kv_heads=2, qkv_bias=True, tied=False, seed=5)
+    q, cfg = _quantized("baseq", dict(hidden=48, ffn=80, heads=4, kv_heads=2), text_file, tokenizer)
+    packed, _ = load(str(_save_packed(q, tokenizer, cfg, tmp_path / "p")))
+    ids = eval_windows(tokenizer, str(text_file), 24, 1)
+    for model in (fp.eval(), packed):
+        rows = []
+        hook = model.lm_head.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[1]))
+        try:
+            stats = generate(model, ids, 5)
+        finally:
+            hook.remove()
+        assert rows == [1] * 5  # prefill (24 positions) and 4 decode steps: one row of logits each
+        hook_free = _greedy_by_full_forwards(model, ids, 5)
+        assert stats.tokens == hook_free
+
+
 # ------------------------------------------------------------------------------------------------ bad folders
 
 
