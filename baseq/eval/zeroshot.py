@@ -238,8 +238,8 @@ def _scoring_lm(model, tokenizer, batch_size: int | str):
         def loglikelihood(self, requests, disable_tqdm: bool = False):
             hook = Progress()
             self.set_cache_hook(hook)
-            hook.bar = tqdm(total=len(requests), desc=self.label, unit="req", file=sys.stderr,
-                            disable=disable_tqdm or not self.show)
+            off = {"disable": True} if disable_tqdm or not self.show else {}  # else tqdm's default ($TQDM_DISABLE)
+            hook.bar = tqdm(total=len(requests), desc=self.label, unit="req", file=sys.stderr, **off)
             try:
                 return super().loglikelihood(requests, disable_tqdm=True)
             finally:
