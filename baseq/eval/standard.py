@@ -233,7 +233,10 @@ def load_docs(name: str, folder: str | Path | None = None, limit: int | None = N
 
 def _arrow_rows(zf: zipfile.ZipFile, folder: str) -> list[Doc]:
     """Rows of a ``datasets.save_to_disk`` folder inside the wheel (its ``data-*.arrow`` shards, Arrow IPC streams)."""
-    import pyarrow as pa
+    try:
+        import pyarrow as pa
+    except ImportError:
+        raise BaseqError("reading the task files needs pyarrow: pip install 'baseq[eval]'") from None
 
     shards = sorted(n for n in zf.namelist() if n.startswith(folder + "/") and n.endswith(".arrow"))
     if not shards:
