@@ -63,8 +63,10 @@ class _Stiefel(Optimizer):
 
     def _master(self, p: torch.Tensor) -> torch.Tensor:
         state = self.state[p]
-        if "master" not in state:
-            state["master"] = p.detach().double().clone()
+        if "master" not in state:  # the float32 parameter is orthogonal to ~1e-7: start from its nearest-in-QR
+            q, r = torch.linalg.qr(p.detach().double())  # float64 orthogonal factor (signs fixed: Q ≈ p)
+            d = torch.diagonal(r, dim1=-2, dim2=-1)
+            state["master"] = q * torch.where(d < 0, -1.0, 1.0).to(q.dtype).unsqueeze(-2)
         return state["master"]
 
     def _write(self, p: torch.Tensor, r: torch.Tensor) -> None:
