@@ -288,6 +288,8 @@ def quantize_command(args, cfg, device, comm) -> int:
     layers = quantized_layers(model, cfg, work_dir, lazy) if lazy else None
     result["calib_seconds"] = report["calib_seconds"]
     result["blocks"] = report["blocks"]
+    if "rotation" in report:  # learned rotations: their training log (losses per step, budget)
+        result["rotation"] = report["rotation"]
     if args.eval:
         t0 = time.perf_counter()
         result["ppl_quant"] = sharded_perplexity(model, windows, args.batch_size, device, comm, not quiet, layers)

@@ -105,7 +105,8 @@ class RotationConfig:
                          "ostquant 0.001)"))
     windows: int = 8  # calibrated: calibration windows whose activations they are fitted on
     # spinquant / ostquant: sequences × tokens per step. The papers use 8 × 2048 (WikiText-2); 1 × 512 is our CPU
-    # budget (a 135M model trains its 100 steps in ~10 min on 2 idle cores): a stated deviation (README)
+    # budget (a 512-token step of the 135M model measured 17–21 s on one thread of a shared machine): a stated
+    # deviation (README)
     batch: int = field(default=1, metadata=flag("--rotation-batch", "spinquant / ostquant: sequences per step"))
     seqlen: int = field(default=512, metadata=flag("--rotation-seqlen", "spinquant / ostquant: tokens per sequence"))
     lr_scale: float = 1e-2  # ostquant: Adam on the log channel scales

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -254,6 +255,7 @@ def train_transforms(model: nn.Module, windows: torch.Tensor, spec: ActSpec, kin
                            for w in windows]
             sim.set_quantize(True)
         losses = []
+        t0 = time.perf_counter()
         bar = range(settings.steps)
         if progress:
             from tqdm.auto import tqdm
@@ -281,7 +283,7 @@ def train_transforms(model: nn.Module, windows: torch.Tensor, spec: ActSpec, kin
                 losses.append(loss.item())
                 if progress:
                     bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        log.update(kind=kind, steps=settings.steps, loss_first=losses[0] if losses else None,
+        log.update(kind=kind, steps=settings.steps, seconds=round(time.perf_counter() - t0, 2), loss_first=losses[0] if losses else None,
                    loss_last=losses[-1] if losses else None, losses=[round(v, 5) for v in losses])
         return sim.result(opt)
     finally:
