@@ -53,7 +53,7 @@ def one_norm(m: torch.Tensor) -> torch.Tensor:
 
 def orthogonality_error(r: torch.Tensor) -> float:
     """``max |RᵀR − I|`` over a (batch of) matrix(es)."""
-    r = r.double()
+    r = r.detach().double()
     eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
     return float((r.transpose(-1, -2) @ r - eye).abs().max())
 
