@@ -195,9 +195,37 @@ def config_from_args(args):
             continue
         obj, attr = target if isinstance(target, tuple) else (target, flag)
         setattr(obj, attr, value)
+    for section, f in flag_fields():  # flags declared on the config fields themselves (config.flag)
+        value = getattr(args, flag_dest(f), None)
+        if value is not None:
+            setattr(getattr(cfg, section) if section else cfg, f.name, value)
     if args.seed is not None:  # one seed for the whole run: the calibration windows are drawn with it too
         cfg.calib.seed = args.seed
     return cfg.validate()
+
+
+def flag_fields():
+    from .config import flag_fields as fields
+
+    return fields()
+
+
+def flag_dest(f) -> str:
+    return f.metadata["flag"].lstrip("-").replace("-", "_")
+
+
+def add_config_flags(g) -> None:
+    """The flags declared on config fields (``config.flag`` metadata): type and default from the field."""
+    for _, f in flag_fields():
+        default = f.default
+        kind = type(default)
+        if kind is bool:
+            g.add_argument(f.metadata["flag"], dest=flag_dest(f), action=argparse.BooleanOptionalAction, default=None,
+                           help=f"{f.metadata['help']} (default: {'on' if default else 'off'})")
+            continue
+        shown = "" if "default" in f.metadata["help"] else f" (default {default:g})" if kind is float \
+            else f" (default {default})"
+        g.add_argument(f.metadata["flag"], dest=flag_dest(f), type=kind, help=f.metadata["help"] + shown)
 
 
 def default_out(args, cfg) -> Path:
@@ -214,6 +242,10 @@ def cmd_quantize(args) -> int:
     if args.tasks and (launched_by_torchrun() or args.lazy):
         raise BaseqError(f"--tasks is not run {'under torchrun' if not args.lazy else 'with --lazy'}: evaluate the "
                          f"written model with 'baseq eval --model OUT --tasks ...' instead")
+    if args.lazy:
+        from .calibrate.rotations import check_lazy
+
+        check_lazy(cfg)
     comm = from_env(device, timeout=args.dist_timeout)  # one process unless started by torchrun
     try:
         return quantize_command(args, cfg, device, comm)
@@ -289,6 +321,8 @@ def quantize_command(args, cfg, device, comm) -> int:
     layers = quantized_layers(model, cfg, work_dir, lazy) if lazy else None
     result["calib_seconds"] = report["calib_seconds"]
     result["blocks"] = report["blocks"]
+    if "rotation" in report:  # learned rotations: their training log (losses per step, budget)
+        result["rotation"] = report["rotation"]
     if args.eval:
         t0 = time.perf_counter()
         result["ppl_quant"] = sharded_perplexity(model, windows, args.batch_size, device, comm, not quiet, layers)
@@ -390,12 +424,14 @@ def peak_rss_mb() -> float:
 
 
 def add_quantize_args(p: argparse.ArgumentParser) -> None:
-    from .config import BUDGETS, LOSSES, METHODS, PRESETS, WEIGHTS, GPTQConfig, TrainConfig
+    from .config import BUDGETS, LOSSES, PRESETS, WEIGHTS, GPTQConfig, TrainConfig
+    from .methods import METHOD_REGISTRY, ROTATION_SOURCES
 
     add_model_args(p)
     g = p.add_argument_group("method")
     g.add_argument("--config", help="a YAML/JSON file with a QuantizeConfig; flags given override it")
-    g.add_argument("--method", choices=METHODS, help="rtn | gptq | quarot | baseq (default: baseq)")
+    g.add_argument("--method", choices=list(METHOD_REGISTRY), metavar="METHOD",
+                   help="; ".join(f"{m.name}: {m.summary}" for m in METHOD_REGISTRY.values()) + " (default: baseq)")
     g.add_argument("--weights", choices=WEIGHTS,
                    help="weight quantizer: rtn | gptq (default) | gptaq (GPTQ fitted to the FP model's output; "
                         "quarot, gptq and baseq)")
@@ -422,9 +458,10 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--percdamp", type=float, help="GPTQ damping (fraction of mean diag H, default 0.01)")
     g.add_argument("--gptaq-alpha", type=float,
                    help=f"--weights gptaq: how far towards the FP-output target (default {GPTQConfig().asym_alpha:g})")
-    g.add_argument("--rotations", choices=("hadamard", "calibrated"),
-                   help="R1/R2: seeded randomized Hadamards (default), or calibrated: trained on the FP model's "
-                        "activations with a distribution loss (DartQuant), per layer and KV head for R2")
+    g.add_argument("--rotations", choices=list(ROTATION_SOURCES), metavar="SOURCE",
+                   help="where R1/R2 come from (quarot, baseq): " + "; ".join(
+                       f"{r.name}: {r.summary}" for r in ROTATION_SOURCES.values()) + " (default: hadamard)")
+    add_config_flags(g)
     g.add_argument("--smooth", metavar="POINTS",
                    help="channel smoothing before the rotations (SmoothRot) at these quantization points: a comma "
                         "list of down, qkv, gate_up (quarot and baseq; default: off)")

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BaseqError
+from .methods import METHOD_REGISTRY, METHODS, ROTATION_SOURCES, ROTATIONS, Method
 
-METHODS = ("rtn", "gptq", "quarot", "baseq")
 WEIGHTS = ("rtn", "gptq", "gptaq")  # gptaq: GPTQ fitted to the FP model's output (asymmetric calibration)
 LOSSES = ("mse", "token")  # BASE-Q block loss: plain MSE, or MSE per token relative to the target token's energy
 PRESETS: dict[str, dict[str, int]] = {
@@ -84,20 +84,45 @@ class GPTQConfig:
     asym_alpha: float = 0.25  # weights gptaq: scale of the shift towards the FP-output target (quant/gptaq.py)
 
 
+def flag(name: str, help: str) -> dict:
+    """Field metadata making a config field a ``baseq quantize`` flag: the CLI adds ``name`` with this help and the
+    field's default, and writes the value back into the field (one source for both; see :func:`flag_fields`)."""
+    return {"flag": name, "help": help}
+
+
 @dataclass
 class RotationConfig:
-    """The offline rotations R1 / R2: seeded randomized Hadamards, or calibrated on FP activations (DartQuant)."""
+    """The offline rotations R1 / R2: seeded randomized Hadamards, calibrated on FP activations (DartQuant), or
+    trained end to end through the quantized model (SpinQuant, OSTQuant); see :mod:`baseq.methods`."""
 
-    kind: str = "hadamard"  # or "calibrated" (rotation/calibrated.py)
-    steps: int = 100  # SGD steps of the calibrated rotations
-    lr: float = 10.0  # screened on held-out tokens: 0.1 / 1 / 10 → 4-bit error of R1's input −10 / −18 / −25 %
-    windows: int = 8  # calibration windows whose activations they are fitted on
+    kind: str = "hadamard"  # a baseq.methods.ROTATION_SOURCES name (the method's default when it allows one only)
+    steps: int = field(default=100, metadata=flag(
+        "--rotation-steps", "training steps of learned rotations (calibrated, spinquant, ostquant)"))
+    # < 0: the rotation source's default (calibrated 10: screened on held-out tokens, 0.1 / 1 / 10 → 4-bit error of
+    # R1's input −10 / −18 / −25 %; spinquant 1.5, the paper's; ostquant 1e-3: Cayley Adam step, our choice)
+    lr: float = field(default=-1.0, metadata=flag(
+        "--rotation-lr", "learning rate of learned rotations; default: the source's (calibrated 10, spinquant 1.5, "
+                         "ostquant 0.001)"))
+    windows: int = 8  # calibrated: calibration windows whose activations they are fitted on
+    # spinquant / ostquant: sequences × tokens per step. The papers use 8 × 2048 (WikiText-2); 1 × 512 is our CPU
+    # budget (a 512-token step of the 135M model measured 17–21 s on one thread of a shared machine): a stated
+    # deviation (README)
+    batch: int = field(default=1, metadata=flag("--rotation-batch", "spinquant / ostquant: sequences per step"))
+    seqlen: int = field(default=512, metadata=flag("--rotation-seqlen", "spinquant / ostquant: tokens per sequence"))
+    lr_scale: float = 1e-2  # ostquant: Adam on the log channel scales
+    topk: int = 1000  # ostquant: KL-Top's k
+    autocast: bool = False  # spinquant / ostquant: train under bfloat16 autocast (faster on CPUs with bf16 units)
 
     def validate(self) -> None:
-        if self.kind not in ("hadamard", "calibrated"):
-            raise BaseqError(f"rotations must be 'hadamard' or 'calibrated' (got {self.kind})")
-        if self.steps < 0 or self.windows < 1 or self.lr < 0:
-            raise BaseqError("calibrated rotations need steps ≥ 0, windows ≥ 1 and lr ≥ 0")
+        if self.kind not in ROTATIONS:
+            raise BaseqError(f"rotations must be one of {', '.join(ROTATIONS)} (got {self.kind})")
+        if self.steps < 0 or self.windows < 1 or self.batch < 1 or self.seqlen < 2 or self.topk < 1:
+            raise BaseqError("learned rotations need steps ≥ 0, windows ≥ 1, batch ≥ 1, seqlen ≥ 2 and topk ≥ 1")
+        if self.lr_scale < 0:
+            raise BaseqError("learning rates must be ≥ 0")
+
+    def learning_rate(self, source: str) -> float:
+        return self.lr if self.lr >= 0 else ROTATION_SOURCES[source].lr
 
 
 @dataclass
@@ -175,24 +200,41 @@ class QuantizeConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     @property
+    def spec(self) -> Method:
+        """The method's registry entry (:mod:`baseq.methods`)."""
+        if self.method not in METHOD_REGISTRY:
+            raise BaseqError(f"unknown method '{self.method}' (choose from {', '.join(METHODS)})")
+        return METHOD_REGISTRY[self.method]
+
+    @property
     def rotate(self) -> bool:
-        return self.method in ("quarot", "baseq")
+        return self.spec.rotate
+
+    @property
+    def rotation_source(self) -> str:
+        """Where R1 / R2 come from: the configured kind, or the method's own when it accepts only one."""
+        m = self.spec
+        return m.rotations[0] if len(m.rotations) == 1 else self.rotation.kind
 
     @property
     def weight_method(self) -> str:
-        if self.method == "rtn":
-            return "rtn"
-        if self.method in ("gptq", "baseq"):
-            return "gptaq" if self.weights == "gptaq" else "gptq"
-        return self.weights
+        w = self.spec.weights
+        return self.weights if self.weights in w else w[0]
 
     @property
     def label(self) -> str:
-        return f"{self.method}-{self.weight_method}" if self.method == "quarot" else self.method
+        m = self.spec
+        name = f"{m.name}-{self.weight_method}" if m.label_weights else m.name
+        src = self.rotation_source
+        if m.rotate and len(m.rotations) > 1 and src not in ("hadamard", "calibrated"):
+            name += f"-{src}"  # e.g. baseq-spinquant: BASE-Q started from SpinQuant's rotations
+        return name
 
     def validate(self) -> "QuantizeConfig":
-        if self.method not in METHODS:
-            raise BaseqError(f"unknown method '{self.method}' (choose from {', '.join(METHODS)})")
+        m = self.spec
+        kind = self.rotation.kind
+        if m.rotate and kind not in m.rotations and not (len(m.rotations) == 1 and kind == "hadamard"):
+            raise BaseqError(f"method {m.name} takes rotations {', '.join(m.rotations)} (got {kind})")
         if self.weights not in WEIGHTS:
             raise BaseqError(f"weights must be one of {', '.join(WEIGHTS)} (got {self.weights})")
         if self.gptq.asym_alpha < 0:
@@ -231,6 +273,19 @@ class QuantizeConfig:
         if not isinstance(data, dict):
             raise BaseqError(f"config '{path}' must hold a mapping at the top level")
         return cls.from_dict(data)
+
+
+def flag_fields():
+    """``(section, field)`` for every QuantizeConfig field that is a CLI flag (field metadata from :func:`flag`);
+    ``section`` is the attribute of QuantizeConfig holding it ("" for QuantizeConfig's own fields)."""
+    for top in dataclasses.fields(QuantizeConfig):
+        if top.metadata.get("flag"):
+            yield "", top
+        default = top.default_factory() if top.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(default):
+            for f in dataclasses.fields(default):
+                if f.metadata.get("flag"):
+                    yield top.name, f
 
 
 def _build(cls, data: dict[str, Any], where: str):

@@ -56,6 +56,10 @@ ROWS: dict[str, dict] = {
     "quarot-gptaq-w4a4kv4": {"method": "quarot", "weights": "gptaq", "bits": "W4A4KV4"},
     "cand-combo": {**BASEQ, "weights": "gptaq", "rotation": {"kind": "calibrated"}, "train": {"weight_scale": True}},
     "baseq-large": {**BASEQ, "calib": {"samples": 64, "seqlen": 1024}, "train": {"epochs": 5}},
+    # issue 17: the learned-rotation baselines (default budget: 100 steps × 1 × 512 tokens) and BASE-Q on SpinQuant
+    "spinquant-w4a4kv4": {"method": "spinquant", "bits": "W4A4KV4"},
+    "ostquant-w4a4kv4": {"method": "ostquant", "bits": "W4A4KV4"},
+    "baseq-spinquant-w4a4kv4": {**BASEQ, "bits": "W4A4KV4", "rotation": {"kind": "spinquant"}},
 }
 DEFAULT = ["fp", "rtn-w4a4kv4", "gptq-w4a4kv4", "quarot-rtn-w4a4kv4", "quarot-gptq-w4a4kv4", "baseq-w4a4kv4",
            "quarot-gptq-w4a8kv8", "baseq-w4a8kv8", "quarot-gptq-w4a16"]

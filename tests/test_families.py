@@ -182,3 +182,19 @@ def test_a_family_whose_weights_do_not_match_is_refused():
     model.config.hidden_activation = "relu"
     with pytest.raises(BaseqError, match="MLP activation hidden_activation='relu'"):
         ModelAdapter(model)
+
+
+@pytest.mark.parametrize("family", [s.model_types[0] for s in SPECS if not s.learned_rotations][:3] + ["qwen3"])
+@pytest.mark.parametrize("method,rotations", [("spinquant", None), ("ostquant", None), ("quarot", "calibrated")])
+def test_learned_rotations_are_refused_where_they_cannot_be_fused(family, method, rotations):
+    """Learned R1/R2/scales are fitted on the plain Llama block; other families get one clear line, before any
+    training (the seeded Hadamards work for every family)."""
+    from baseq.calibrate.pipeline import check_model
+
+    cfg = QuantizeConfig(method=method)
+    if rotations:
+        cfg.rotation.kind = rotations
+    with pytest.raises(BaseqError, match="rotations are learned and fused on plain Llama-like blocks"):
+        check_model(tiny_model(family, layers=1), cfg.validate())
+    check_model(tiny_model(family, layers=1), QuantizeConfig(method="quarot").validate())
+    assert {s.family for s in SPECS if s.learned_rotations} == {"Llama", "Mistral", "Qwen2 / 2.5"}

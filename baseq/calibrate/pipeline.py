@@ -1,13 +1,16 @@
-"""Methods as compositions: rotation (or not), the quantized structure, then per-block stages.
+"""Methods as compositions: rotation (or not, and from which source), the quantized structure, then per-block
+stages. The methods and rotation sources are entries of :mod:`baseq.methods`; this module only composes them.
 
-=========  ========  ==================================================================
-method     rotation  stages per block
-=========  ========  ==================================================================
-rtn        no        RTN
-gptq       no        GPTQ
-quarot     R1–R4     RTN or GPTQ (``weights``)
-baseq      R1–R4     compensated transforms (stage 1), GPTQ, BASE-Q bias / scale / clip training
-=========  ========  ==================================================================
+==========  ========================  ==================================================================
+method      rotation (R1/R2 source)   stages per block
+==========  ========================  ==================================================================
+rtn         no                        RTN
+gptq        no                        GPTQ
+quarot      R1–R4 (any source)        RTN or GPTQ (``weights``)
+baseq       R1–R4 (hadamard, ...)     compensated transforms (stage 1), GPTQ, BASE-Q bias / scale / clip training
+spinquant   R1–R4 (spinquant)         GPTQ (``weights``)
+ostquant    R1–R4 + scales (ostquant) GPTQ (``weights``)
+==========  ========================  ==================================================================
 """
 
 from __future__ import annotations
@@ -27,14 +30,16 @@ from ..data import calib_windows
 from ..errors import BaseqError
 from ..io import atomic_path
 from ..models.adapter import ModelAdapter
+from ..models.arch import FAMILIES
 from ..models.lazy import LazyModel
 from ..quant.qmodel import ActSpec, quantize_layer, quantize_structure, use_quantized_attention
+from ..methods import ROTATION_SOURCES
 from ..quant.quantizer import WeightQuantConfig, quantize_embedding_
-from ..rotation.calibrated import apply_value_rotations, calibrate_rotations
 from ..rotation.fuse import block_rotations, install_end_rotations, rotate_layer, rotate_model
 from .blocks import LazyBlocks, ModelBlocks, finished_layers
 from .comm import Communicator
 from .engine import BlockContext, Checkpoint, calibrate_blocks, on_device
+from .rotations import Rotate, check_lazy, learn_rotations
 from .smooth import SmoothStage
 from .stages import BaseqTrainStage, GPTQStage, RTNStage
 from .transforms import CompensatedTransformStage
@@ -43,7 +48,7 @@ from .transforms import CompensatedTransformStage
 def act_spec(cfg: QuantizeConfig) -> ActSpec:
     b = cfg.bits
     return ActSpec(a_bits=b.a_bits, kv_bits=b.kv_bits, a_clip=b.a_clip, kv_clip=b.kv_clip,
-                   learnable_clip=cfg.method == "baseq" and cfg.train.clip, online_rotations=cfg.rotate,
+                   learnable_clip=cfg.spec.learnable_clip and cfg.train.clip, online_rotations=cfg.rotate,
                    seed=cfg.seed)
 
 
@@ -60,7 +65,7 @@ def build_stages(cfg: QuantizeConfig) -> list:
     if cfg.rotate and cfg.smooth.pairs:
         a = cfg.smooth.alpha
         stages.insert(0, SmoothStage(cfg.smooth.pairs, wcfg, alpha=a if a >= 0 else None, seed=cfg.seed))
-    if cfg.method == "baseq":
+    if cfg.spec.baseq_stages:
         t = cfg.train
         if t.transforms:
             stages.insert(0, CompensatedTransformStage(wcfg, epochs=t.transform_epochs, lr=t.lr_transform,
@@ -81,9 +86,11 @@ def check_model(model, cfg: QuantizeConfig) -> ModelAdapter:
     """Fail early, with a clear message, on a model ``cfg`` cannot quantize (unsupported architecture, a weight
     group size that does not divide some linear's in_features); cheap, so callers run it before any evaluation."""
     ad = ModelAdapter(model)
-    if cfg.rotate and cfg.rotation.kind == "calibrated" and not ad.spec.r1_fusable:
-        raise BaseqError(f"--rotations calibrated fits a fused R1; {ad.spec.family} (post-norms) takes R1 online: "
-                         f"use the default rotations")
+    src = cfg.rotation_source
+    if cfg.rotate and src != "hadamard" and not ad.spec.learned_rotations:
+        ok = ", ".join(s.family for s in FAMILIES if s.learned_rotations)
+        raise BaseqError(f"{src} rotations are learned and fused on plain Llama-like blocks ({ok}); "
+                         f"{ad.spec.family} is not one: use --method quarot or baseq with the default rotations")
     g = cfg.bits.w_group
     if g and cfg.bits.w_bits < 16:
         s = ad.shape
@@ -102,7 +109,7 @@ def quantize_ends(ad: ModelAdapter, bits: int) -> None:
 
 
 def needs_calibration(cfg: QuantizeConfig) -> bool:
-    return not (cfg.weight_method == "rtn" and cfg.method != "baseq")
+    return not (cfg.weight_method == "rtn" and not cfg.spec.baseq_stages)
 
 
 def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, model_spec: str = "", device="cpu",
@@ -128,18 +135,14 @@ def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, model_spec: str = "
     report = {"method": cfg.label, "bits": cfg.bits.label}
     ad = check_model(model, cfg)  # fail early, with a clear message, on unsupported architectures / group sizes
     quantize_ends(ad, cfg.bits.embed_bits)
-    learned = None
-    if cfg.rotate and cfg.rotation.kind == "calibrated":  # DartQuant-style: fitted to the FP activations
+    rotate = None
+    if cfg.rotate and ROTATION_SOURCES[cfg.rotation_source].whole_model:  # learned from the whole model first
         if lazy is not None:
-            raise BaseqError("--rotations calibrated needs the whole model in memory (a forward over every block "
-                             "before rotating): not available with --lazy yet")
-        if windows is None:
-            windows = calib_windows(tokenizer, cfg.calib.data, cfg.calib.seqlen, cfg.calib.samples, cfg.calib.seed)
-        rot = cfg.rotation
-        learned = calibrate_rotations(model, windows[: rot.windows], seed=cfg.seed, steps=rot.steps, lr=rot.lr,
-                                      log=report.setdefault("rotation", {}))
-        comm.broadcast_(list(learned), src=0)  # every rank fuses rank 0's rotations, bit for bit
-    blocks = prepare_blocks(model, ad, cfg, lazy, learned)
+            check_lazy(cfg)
+        with on_device([model], device):
+            rotate = learn_rotations(model, tokenizer, cfg, act_spec(cfg), windows=windows,
+                                     log=report.setdefault("rotation", {}), comm=comm, progress=progress)
+    blocks = prepare_blocks(model, ad, cfg, lazy, rotate)
     stages = build_stages(cfg)
     if not needs_calibration(cfg):
         for i in range(len(blocks)):  # RTN needs no data
@@ -167,15 +170,15 @@ def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, model_spec: str = "
     return report
 
 
-def prepare_blocks(model, ad: ModelAdapter, cfg: QuantizeConfig, lazy: LazyModel | None, learned=None):
+def prepare_blocks(model, ad: ModelAdapter, cfg: QuantizeConfig, lazy: LazyModel | None,
+                   rotate: Rotate | None = None):
     """Rotate (QuaRot methods) and give every block the quantized structure: the whole model now, or each block of
-    a lazy model as it is read. ``learned``: calibrated (R1, per-layer R2) to fuse instead of the seeded ones."""
+    a lazy model as it is read. ``rotate``: fuses learned rotations (:func:`.rotations.learn_rotations`) instead of
+    the seeded ones."""
     spec = act_spec(cfg)
     if lazy is None:
         if cfg.rotate:
-            rotate_model(model, seed=cfg.seed, r1=learned[0] if learned else None)
-            if learned:
-                apply_value_rotations(model, learned[1], seed=cfg.seed)
+            (rotate or (lambda m: rotate_model(m, seed=cfg.seed)))(model)
         return ModelBlocks(quantize_structure(model, spec))
     s = ad.shape
     if cfg.rotate:

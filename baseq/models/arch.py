@@ -59,6 +59,15 @@ class ArchSpec:
         return not self.post_norms
 
     @property
+    def learned_rotations(self) -> bool:
+        """Learned R1/R2 and scales (``--rotations calibrated|spinquant``, ``--method ostquant``) are fitted and fused
+        on the plain Llama block: a fused R1, ``w·x̂`` pre-norms named as in Llama, separate projections, no q/k
+        norms (a q/k scale would be normalised away) and no embedding scale."""
+        return (self.r1_fusable and not self.fused and self.norm_offset == 0 and self.qk_norm is None
+                and not self.embed_scaled and (self.attn_norm, self.mlp_norm) == ("input_layernorm",
+                                                                                    "post_attention_layernorm"))
+
+    @property
     def pre_norms(self) -> tuple[str, ...]:
         return tuple(n for n in (self.attn_norm, self.mlp_norm) if n is not None)
 
