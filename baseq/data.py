@@ -141,7 +141,7 @@ def _check(seqlen: int, n: int, ntokens: int, source: str, what: str) -> None:
 
 
 def bos_prefix(tokenizer) -> torch.Tensor:
-    """The tokens the tokenizer puts before any text (e.g. Gemma's ``<bos>``; none for Llama-3/SmolLM2/Qwen): each
+    """The tokens the tokenizer puts before any text (Gemma's and Llama's ``<bos>``; none for SmolLM2 or Qwen): each
     window starts with them, so a model that relies on its BOS token (Gemma's attention sink: without it its
     perplexity is several times higher) sees text the way it was trained. They are never predicted."""
     with_special = tokenizer("a", add_special_tokens=True, return_attention_mask=False)["input_ids"]
