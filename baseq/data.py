@@ -140,23 +140,49 @@ def _check(seqlen: int, n: int, ntokens: int, source: str, what: str) -> None:
         raise BaseqError(f"'{source}' holds {ntokens} tokens, fewer than one window of {seqlen}")
 
 
+def bos_prefix(tokenizer) -> torch.Tensor:
+    """The tokens the tokenizer puts before any text (e.g. Gemma's ``<bos>``; none for Llama-3/SmolLM2/Qwen): each
+    window starts with them, so a model that relies on its BOS token (Gemma's attention sink: without it its
+    perplexity is several times higher) sees text the way it was trained. They are never predicted."""
+    with_special = tokenizer("a", add_special_tokens=True, return_attention_mask=False)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    n = len(with_special) - len(plain)
+    if n <= 0 or with_special[n:] != plain:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.tensor(with_special[:n], dtype=torch.long)
+
+
+def _windows(ids: torch.Tensor, prefix: torch.Tensor, starts: list[int], span: int) -> torch.Tensor:
+    return torch.stack([torch.cat([prefix, ids[s: s + span]]) for s in starts])
+
+
 def eval_windows(tokenizer, source: str, seqlen: int, n: int) -> torch.Tensor:
-    """The first ``n`` non-overlapping windows of ``seqlen`` tokens: LongTensor [n, seqlen]."""
+    """The first ``n`` non-overlapping windows of ``seqlen`` tokens: LongTensor [n, seqlen] (each starting with the
+    tokenizer's :func:`bos_prefix`, then consecutive text tokens)."""
     ids = tokenize(tokenizer, load_text(source, "eval"))
+    prefix = bos_prefix(tokenizer)
     _check(seqlen, n, len(ids), source, "eval")
-    available = len(ids) // seqlen
+    span = seqlen - len(prefix)
+    if span < 1:
+        raise BaseqError(f"seqlen {seqlen} leaves no room for text after the model's {len(prefix)} BOS token(s)")
+    available = len(ids) // span
     if n > available:
         raise BaseqError(f"'{source}' holds {available} eval windows of {seqlen} tokens; {n} requested")
-    return ids[: n * seqlen].view(n, seqlen)
+    return _windows(ids, prefix, [i * span for i in range(n)], span)
 
 
 def calib_windows(tokenizer, source: str, seqlen: int, n: int, seed: int = 0) -> torch.Tensor:
-    """``n`` windows at random offsets (seeded) of the calibration split: LongTensor [n, seqlen]."""
+    """``n`` windows at random offsets (seeded) of the calibration split: LongTensor [n, seqlen] (each starting with
+    the tokenizer's :func:`bos_prefix`)."""
     ids = tokenize(tokenizer, load_text(source, "calib"))
+    prefix = bos_prefix(tokenizer)
     _check(seqlen, n, len(ids), source, "calibration")
-    if n * seqlen > len(ids):
-        raise BaseqError(f"'{source}' calibration text holds {len(ids)} tokens, at most {len(ids) // seqlen} "
+    span = seqlen - len(prefix)
+    if span < 1:
+        raise BaseqError(f"seqlen {seqlen} leaves no room for text after the model's {len(prefix)} BOS token(s)")
+    if n * span > len(ids):
+        raise BaseqError(f"'{source}' calibration text holds {len(ids)} tokens, at most {len(ids) // span} "
                          f"windows of {seqlen}; {n} requested")
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(ids) - seqlen + 1, (n,), generator=gen)
-    return torch.stack([ids[s: s + seqlen] for s in starts.tolist()])
+    starts = torch.randint(0, len(ids) - span + 1, (n,), generator=gen)
+    return _windows(ids, prefix, starts.tolist(), span)

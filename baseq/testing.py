@@ -1,4 +1,5 @@
-"""Tiny random Llama-family models saved as local HF folders, for fast tests and examples.
+"""Tiny random models (Llama-family, and every supported family's real transformers class) saved as local HF
+folders, for fast tests and examples.
 
 Every size is configurable on purpose (odd hidden sizes, GQA, untied embeddings, q/k/v biases like Qwen2), so
 code that hard-codes a shape fails here first. The tokenizer is a byte-level BPE with no merges: 256 byte tokens
@@ -76,6 +77,70 @@ def tiny_llama(
             elif name.endswith(".bias"):
                 p.copy_(0.05 * torch.randn_like(p))
     return model.eval()
+
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "olmo2")
+
+
+def tiny_model(family: str, hidden: int = 96, ffn: int = 160, layers: int = 3, heads: int = 4, kv_heads: int = 2,
+               head_dim: int | None = 16, vocab: int = 258, tied: bool | None = None, window: int = 8,
+               max_positions: int = 512, seed: int = 0, init: float = 0.08):
+    """A random model of the real transformers class of ``family`` (one of :data:`FAMILIES`), fp32, eval mode.
+
+    Odd sizes and GQA by default; ``head_dim`` ≠ hidden / heads where the family allows it (Phi-3 and OLMo 2 derive
+    it); every norm weight randomised (around 1 for ``w·x̂`` norms, around 0 for Gemma's ``(1 + w)·x̂``), biases
+    too. Sliding-window families get a ``window``-token window (Gemma 2/3: local and global layers); Llama gets
+    llama3 RoPE scaling, Phi-3 a partial rotary factor, Gemma 2 soft-capping small enough to matter. ``init``: the
+    weights' std (larger than a fresh model's, so attention patterns and soft-capping are not trivial)."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
+                  rms_norm_eps=1e-5, bos_token_id=256, eos_token_id=257, pad_token_id=257, initializer_range=init)
+    hd = {} if head_dim is None else {"head_dim": head_dim}
+    local_global = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+    builders = {
+        "llama": lambda: (tf.LlamaForCausalLM, tf.LlamaConfig(**common, **hd, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+        "mistral": lambda: (tf.MistralForCausalLM, tf.MistralConfig(**common, **hd, sliding_window=window)),
+        "qwen2": lambda: (tf.Qwen2ForCausalLM, tf.Qwen2Config(**common, **hd)),
+        "qwen3": lambda: (tf.Qwen3ForCausalLM, tf.Qwen3Config(**common, **hd)),
+        "phi3": lambda: (tf.Phi3ForCausalLM, tf.Phi3Config(**common, rope_parameters={
+            "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75})),
+        "gemma": lambda: (tf.GemmaForCausalLM, tf.GemmaConfig(**common, **hd, hidden_act="gelu_pytorch_tanh")),
+        "gemma2": lambda: (tf.Gemma2ForCausalLM, tf.Gemma2Config(
+            **common, **hd, sliding_window=window, layer_types=local_global, query_pre_attn_scalar=24,
+            attn_logit_softcapping=2.0, final_logit_softcapping=3.0)),
+        "gemma3": lambda: (tf.Gemma3ForCausalLM, tf.Gemma3TextConfig(
+            **common, **hd, sliding_window=window, layer_types=local_global, query_pre_attn_scalar=24)),
+        "olmo2": lambda: (tf.Olmo2ForCausalLM, tf.Olmo2Config(**common)),
+    }
+    if family not in builders:
+        raise ValueError(f"unknown family {family!r} (one of {', '.join(FAMILIES)})")
+    cls, config = builders[family]()
+    if tied is not None:
+        config.tie_word_embeddings = tied
+    if family == "qwen2":
+        config.attention_bias = True  # Qwen2 has q/k/v biases by construction; kept explicit
+    torch.manual_seed(seed)
+    model = cls(config)
+    offset = 1.0 if family.startswith("gemma") else 0.0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 - offset + 0.3 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def save_tiny_model(path: str | Path, family: str, **kwargs) -> Path:
+    """Build :func:`tiny_model` and save it, with the byte tokenizer, as a local HF folder."""
+    path = Path(path)
+    tiny_model(family, **kwargs).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
 
 
 def save_tiny_llama(path: str | Path, **kwargs) -> Path:

@@ -9,7 +9,8 @@ compare rows of one run.
 
     python benchmarks/run.py --out results/bench                 # the default table
     python benchmarks/run.py --out results/bench --rows fp,quarot-gptq-w4a4kv4,baseq-w4a4kv4 \
-        --tasks siqa,winogrande --tasks-dir ../shared/data/bigbench --limit 300
+        --tasks bb_siqa,ni_winogrande_029 --tasks-dir ../shared/data/bigbench --limit 300
+    python benchmarks/run.py --out results/paper --rows fp,quarot-gptq-w4a4kv4,baseq-w4a4kv4 --tasks paper --limit 100
     python benchmarks/run.py --out results/seeds --rows quarot-gptq-w4a4kv4,baseq-w4a4kv4 --seeds 0,1
     python benchmarks/run.py --list
 """
@@ -100,7 +101,8 @@ def run_row(name: str, args) -> dict:
         from baseq.eval.zeroshot import zero_shot
 
         t0 = time.perf_counter()
-        result["tasks"] = zero_shot(model, tokenizer, args.tasks.split(","), tasks_dir=args.tasks_dir,
+        result["tasks"] = zero_shot(model, tokenizer, args.tasks, tasks_dir=args.tasks_dir,
+                                    standard_dir=args.standard_dir,
                                     limit=args.limit, batch_size=8)
         result["zero_shot_seconds"] = round(time.perf_counter() - t0, 1)
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -142,9 +144,12 @@ def table(results: list[dict]) -> str:
     QuaRot-GPTQ at the same bits and seed (its seed mean on the mean lines)."""
     fp = next((r["ppl_by_data"] for r in results if r["method"] == "fp"), None)
     base = {(r["bits"], r.get("seed", 0)): r["ppl_by_data"] for r in results if r["method"] == "quarot-gptq"}
-    tasks = sorted({t for r in results for t in r.get("tasks", {})})
+    tasks = list(dict.fromkeys(t for r in results for t in r.get("tasks", {})))
+    # the standard tasks show the papers' column (acc_norm for ARC, HellaSwag, PIQA, OBQA), the others acc
+    metric = {t: next((r["tasks"][t]["paper_metric"] for r in results if r.get("tasks", {}).get(t, {}).get("paper")
+                       is not None), "acc") for t in tasks}
     head = "| row | seed | bits | " + "".join(f"PPL {d} | closed {d} | " for d in EVAL_DATA)
-    lines = [head + "".join(f"{t} acc | " for t in tasks) + "calibration s | peak RSS MB |",
+    lines = [head + "".join(f"{t} {metric[t]} | " for t in tasks) + "calibration s | peak RSS MB |",
              "|---|---:|---|" + "---:|---:|" * len(EVAL_DATA) + "---:|" * len(tasks) + "---:|---:|"]
 
     def line(name, seed, bits, ppls, basel, accs, secs, rss):
@@ -155,7 +160,7 @@ def table(results: list[dict]) -> str:
     by_row: dict[str, list[dict]] = {}
     for r in results:
         by_row.setdefault(r["row"], []).append(r)
-        accs = "".join(f"{r['tasks'][t]['acc']:.3f} ± {r['tasks'][t]['acc_stderr']:.3f} | "
+        accs = "".join(f"{r['tasks'][t][metric[t]]:.3f} ± {r['tasks'][t][metric[t] + '_stderr']:.3f} | "
                        if t in r.get("tasks", {}) else " | " for t in tasks)
         lines.append(line(r["row"], r.get("seed", 0), r["bits"], r["ppl_by_data"],
                           base.get((r["bits"], r.get("seed", 0))), accs, f"{r['calib_seconds']:.0f}",
@@ -183,8 +188,10 @@ def main() -> int:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seqlen", type=int, default=512)
-    p.add_argument("--tasks", help="also zero-shot tasks, e.g. siqa,winogrande (offline BIG-bench)")
+    p.add_argument("--tasks", help="also zero-shot tasks, e.g. paper (the nine standard tasks, `baseq data tasks`) "
+                                   "or bb_siqa,ni_winogrande_029 (offline BIG-bench)")
     p.add_argument("--tasks-dir", help="folder of the BIG-bench files (e.g. ../shared/data/bigbench)")
+    p.add_argument("--standard-dir", help="folder of the standard task files (default: $BASEQ_CACHE/tasks)")
     p.add_argument("--limit", type=int, help="items per task")
     p.add_argument("--seeds", default="0", help="comma list of seeds; each row runs once per seed (default 0)")
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # internal: the seed of --row
@@ -226,7 +233,7 @@ def run_one(row: str, seed: int, out: Path, args) -> None:
     cmd = [sys.executable, __file__, "--row", row, "--seed", str(seed), "--out", str(out), "--model", args.model,
            "--windows", str(args.windows), "--seqlen", str(args.seqlen),
            "--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen)]
-    for flag in ("tasks", "tasks_dir", "limit"):
+    for flag in ("tasks", "tasks_dir", "standard_dir", "limit"):
         if getattr(args, flag) is not None:
             cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     print(f"{result_name(row, seed)}: running", file=sys.stderr, flush=True)

@@ -144,7 +144,7 @@ def _write(path: Path, data: bytes) -> Path:
 
 @pytest.mark.parametrize("case", ["unknown-model", "missing-model-path", "missing-data", "seqlen-1", "seqlen-0",
                                   "too-many-windows", "empty-text", "blank-text", "invalid-utf8", "data-dir",
-                                  "json-missing-folder", "json-is-dir", "bad-dtype"])
+                                  "json-under-a-file", "json-is-dir", "bad-dtype"])
 def test_eval_bad_inputs(case, tiny_model_dir, text_file, tmp_path, capsys):
     model, data, extra, frags = tiny_model_dir, text_file, [], []
     if case == "unknown-model":
@@ -168,8 +168,8 @@ def test_eval_bad_inputs(case, tiny_model_dir, text_file, tmp_path, capsys):
         data, frags = _write(tmp_path / "binary.txt", bytes(range(128, 256)) * 4), ["cannot read text file"]
     elif case == "data-dir":
         data, frags = tmp_path, ["is not a file"]
-    elif case == "json-missing-folder":
-        extra, frags = ["--json", str(tmp_path / "nope" / "r.json")], ["does not exist"]
+    elif case == "json-under-a-file":
+        extra, frags = ["--json", str(_write(tmp_path / "f.txt", b"x") / "sub" / "r.json")], ["is not a folder"]
     elif case == "json-is-dir":
         extra, frags = ["--json", str(tmp_path)], ["is a directory"]
     elif case == "bad-dtype":
@@ -224,7 +224,7 @@ def test_quantize_flags_reach_the_config():
         "--smooth", "down,qkv", "--smooth-alpha", "0.5", "--rotations", "calibrated"])
     cfg = config_from_args(args)
     assert (cfg.bits.w_bits, cfg.bits.a_bits, cfg.bits.kv_bits, cfg.bits.w_group, cfg.bits.a_clip) == (4, 8, 8, 16, 0.8)
-    assert (cfg.calib.samples, cfg.calib.seqlen, cfg.seed) == (7, 64, 9)
+    assert (cfg.calib.samples, cfg.calib.seqlen, cfg.seed, cfg.calib.seed) == (7, 64, 9, 9)
     t = cfg.train
     assert (t.epochs, t.lr_clip, t.lr_bias, t.lr_scale, t.bias_init) == (2, 0.5, 0.25, 0.125, "zero")
     assert (t.batch_size, t.samples, t.inputs, t.loss) == (2, 3, "quant", "token")

@@ -140,14 +140,68 @@ def test_unknown_tasks_fail_before_any_work(tiny_model_dir, text_file, tmp_path,
     monkeypatch.setattr(perplexity, "perplexity", lambda *a, **k: pytest.fail("perplexity ran before the check"))
     assert main(["eval", "--model", str(tiny_model_dir), "--data", str(text_file), "--tasks", "bb:nosuch",
                  "--quiet"]) == 2
-    _one_error_line(capsys.readouterr().err, "unknown offline task 'nosuch'")
+    _one_error_line(capsys.readouterr().err, "unknown BIG-bench task 'bb:nosuch'")
     empty = tmp_path / "tasks"
     empty.mkdir()
-    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(text_file), "--tasks", "siqa",
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(text_file), "--tasks", "bb_siqa",
                  "--tasks-dir", str(empty), "--quiet"]) == 2
-    _one_error_line(capsys.readouterr().err)
+    _one_error_line(capsys.readouterr().err, "social_iqa.json for task 'bb_siqa' not found")
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(text_file), "--tasks", "siqa",
+                 "--standard-dir", str(empty), "--quiet"]) == 2
+    _one_error_line(capsys.readouterr().err, "siqa.jsonl for task 'siqa' not found")
 
 
 def test_quantize_refuses_an_already_quantized_folder(packed, text_file, tmp_path, capsys):
     assert main(_quantize(packed[0], text_file, tmp_path / "again")) == 2
     _one_error_line(capsys.readouterr().err, "written by 'baseq quantize' already")
+
+
+def test_default_out_from_a_fresh_working_directory(tiny_model_dir, text_file, tmp_path, monkeypatch):
+    """The README's first command from an empty folder: the default --out (out/MODEL-METHOD-BITS) and --json in
+    folders that do not exist yet are created when written."""
+    cwd = tmp_path / "fresh"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    argv = _quantize(tiny_model_dir, text_file, "unused", "--json", "res/deep/r.json")
+    argv = argv[:argv.index("--out")] + argv[argv.index("--out") + 2:]
+    assert main(argv) == 0
+    out = cwd / "out" / f"{tiny_model_dir.name}-quarot-rtn-W4A4KV4"
+    assert json.loads((out / "baseq.json").read_text())["format"] == "baseq-packed/1"
+    assert json.loads((cwd / "res" / "deep" / "r.json").read_text())["out"] == str(Path("out") / out.name)
+    assert sorted(p.name for p in (cwd / "out").iterdir()) == [out.name]  # no work folder left beside it
+
+
+def test_out_under_a_file_is_refused_before_any_work(tiny_model_dir, text_file, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(_quantize(tiny_model_dir, text_file, blocker / "sub" / "q")) == 2
+    _one_error_line(capsys.readouterr().err, "is not a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_sixteen_bit_weights_are_written_in_the_fake_format(tiny_model_dir, text_file, tmp_path, capsys):
+    """A rotated full-precision model (the first check on a new family) is written as it computes; asking for the
+    packed format with 16-bit weights is refused before any work."""
+    bits = ["--w-bits", "16", "--a-bits", "16", "--kv-bits", "16"]
+    out = tmp_path / "fp"
+    assert main(_quantize(tiny_model_dir, text_file, out, *bits, "--json", str(tmp_path / "r.json"))) == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["format"] == "fake" and r["ppl_quant"] == pytest.approx(r["ppl_fp"], rel=1e-4)
+    assert json.loads((out / "baseq.json").read_text())["format"] != "baseq-packed/1"
+    capsys.readouterr()
+    assert main(_quantize(tiny_model_dir, text_file, tmp_path / "p", *bits, "--format", "packed")) == 2
+    _one_error_line(capsys.readouterr().err, "--format packed stores quantized weights")
+    assert not (tmp_path / "p").exists()
+
+
+def test_missing_local_path_fails_at_once_without_a_hub(tmp_path, capsys, monkeypatch):
+    import time
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    t0 = time.perf_counter()
+    assert main(["generate", "--model", "out/missing-folder", "--prompt", "hi"]) == 2
+    assert time.perf_counter() - t0 < 5
+    _one_error_line(capsys.readouterr().err, "'out/missing-folder' is no local folder or file")

@@ -16,11 +16,18 @@ from baseq.errors import BaseqError
 
 
 class ByteTok:
-    """The simplest tokenizer: one token per UTF-8 byte, so the expected ids are ``list(text.encode())``."""
+    """The simplest tokenizer: one token per UTF-8 byte, so the expected ids are ``list(text.encode())``; with
+    ``bos``, that token is put first when special tokens are asked for (like Gemma's tokenizer)."""
+
+    def __init__(self, bos: int | None = None):
+        self.bos = bos
 
     def __call__(self, text, add_special_tokens=True, return_attention_mask=True):
-        assert add_special_tokens is False  # windows must not contain BOS tokens in the middle of the text
-        return {"input_ids": list(text.encode("utf-8"))}
+        ids = list(text.encode("utf-8"))
+        if add_special_tokens:
+            assert len(text) < 4  # only bos_prefix's probe: texts are tokenized without special tokens
+            return {"input_ids": ([self.bos] if self.bos is not None else []) + ids}
+        return {"input_ids": ids}
 
 
 TOK = ByteTok()
@@ -304,3 +311,31 @@ def test_books_split_disjoint_complete_interleaved(books):
     assert data.load_text("books", "eval") == ev  # deterministic
     w = data.eval_windows(TOK, "books", 64, 3)
     assert bytes(w.flatten().tolist()) == ev.encode("utf-8")[:192]
+
+
+def test_windows_start_with_the_bos_token_of_a_tokenizer_that_adds_one(tmp_path):
+    """Gemma's tokenizer puts <bos> before any text and the model depends on it: every window starts with it, then
+    consecutive text tokens (evaluation) or a seeded span (calibration); tokenizers that add none are unchanged."""
+    text = "".join(f"sentence {i} of the text. " for i in range(400))
+    f = tmp_path / "t.txt"
+    f.write_text(text, encoding="utf-8")
+    ids = torch.tensor(list(text.encode("utf-8")))
+    plain = data.eval_windows(TOK, str(f), 16, 5)
+    assert torch.equal(plain, ids[:80].view(5, 16))
+    bos = ByteTok(bos=300)
+    w = data.eval_windows(bos, str(f), 16, 5)
+    assert w.shape == (5, 16) and (w[:, 0] == 300).all()
+    assert torch.equal(w[:, 1:].reshape(-1), ids[:75])  # consecutive, non-overlapping text after each BOS
+    c = data.calib_windows(bos, str(f), 16, 6, seed=3)
+    assert c.shape == (6, 16) and (c[:, 0] == 300).all() and (c[:, 1:] != 300).all()
+    assert torch.equal(c, data.calib_windows(bos, str(f), 16, 6, seed=3))
+    with pytest.raises(BaseqError, match="leaves no room for text"):
+        data.eval_windows(_TwoBos(), str(f), 2, 1)  # two prefix tokens fill a window of 2
+
+
+class _TwoBos(ByteTok):
+    """A tokenizer that puts two special tokens first."""
+
+    def __call__(self, text, add_special_tokens=True, return_attention_mask=True):
+        out = super().__call__(text, add_special_tokens, return_attention_mask)
+        return {"input_ids": ([1, 2] if add_special_tokens else []) + out["input_ids"]}

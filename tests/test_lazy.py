@@ -20,7 +20,7 @@ from baseq.io import write_safetensors
 from baseq.models.adapter import LlamaAdapter
 from baseq.models.lazy import open_lazy
 from baseq.models.loading import load_model
-from baseq.testing import byte_tokenizer, save_tiny_gguf, tiny_llama
+from baseq.testing import FAMILIES, byte_tokenizer, save_tiny_gguf, save_tiny_model, tiny_llama, tiny_model
 
 SHAPE = dict(hidden=48, ffn=80, heads=4, kv_heads=2, layers=3, seed=5)
 
@@ -221,3 +221,19 @@ def test_lazy_bad_inputs_are_one_clear_error(sharded_dir, tmp_path, text_file):
         open_lazy(text_file)
     with pytest.raises(BaseqError, match="pass work_dir"):
         quantize_model(lazy.model, byte_tokenizer(), config(text_file), lazy=lazy)
+
+
+@pytest.mark.filterwarnings("ignore:no Hadamard matrix")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lazy_takes_every_family(family, text_file, tmp_path):
+    """Blocks read one at a time from (sharded) safetensors give the eager result: fused projections split after
+    reading, post-norm families' online R1, per-layer-type masks and RoPE (local/global layers)."""
+    kw = dict(hidden=64, ffn=96, layers=3, seed=3)
+    src = save_tiny_model(tmp_path / "src", family, **kw)
+    cfg = QuantizeConfig.from_dict({"method": "quarot", "calib": {"data": text_file, "samples": 4, "seqlen": 24,
+                                                                  "batch_size": 2}})
+    eager = tiny_model(family, **kw)
+    quantize_model(eager, byte_tokenizer(), cfg, progress=False, log_fn=lambda m: None)
+    lazy, tok = open_lazy(str(src))
+    quantize_model(lazy.model, tok, cfg, progress=False, log_fn=lambda m: None, lazy=lazy, work_dir=tmp_path / "w")
+    assert_same_blocks(quantized_layers(lazy.model, cfg, tmp_path / "w", lazy)(), eager)

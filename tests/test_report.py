@@ -144,3 +144,15 @@ def test_report_main(results, tmp_path, capsys):
     assert report_main(args) == 0
     out = capsys.readouterr().out
     assert "| baseq | W4A4KV4 | 12.00" in out and (tmp_path / "r.png").stat().st_size > 0
+
+
+def test_paper_metric_column(tmp_path):
+    """--metric paper shows each standard task's paper column (acc_norm for PIQA, acc for WinoGrande) and averages it."""
+    tasks = {"piqa": {"acc": 0.60, "acc_norm": 0.62, "paper": 0.62, "paper_stderr": 0.01, "paper_metric": "acc_norm"},
+             "winogrande": {"acc": 0.52, "acc_norm": None, "paper": 0.52, "paper_stderr": 0.01, "paper_metric": "acc"}}
+    fp = dump(tmp_path / "fp.json", {"model": "m", "ppl": 10.0, "tasks": tasks})
+    md = make_report([fp], tmp_path / "r.md", metric="paper")
+    assert table_rows(md)["fp"][3:] == ["62.0 ± 1.0", "52.0 ± 1.0", "57.0"]
+    assert "`acc_norm` for ARC-e/c, HellaSwag, PIQA, OpenBookQA" in md
+    with pytest.raises(BaseqError, match="metric must be one of acc, acc_norm, paper"):
+        make_report([fp], tmp_path / "r.md", metric="f1")

@@ -342,11 +342,11 @@ def test_zero_shot_runs_on_the_runtime_model(text_file, tokenizer, tmp_path):
     examples = [{"input": f"Item {i}: pick one of these words, number {i}.",
                  "target_scores": {words[(2 * i) % 12]: 1, words[(2 * i + 1) % 12]: 0}} for i in range(10)]
     (tmp_path / "physical_intuition.json").write_text(json.dumps({"examples": examples}))
-    ref = zero_shot(model, tokenizer, ["physical_intuition"], tasks_dir=tmp_path, limit=10, batch_size=4)
-    got = zero_shot(rt, tokenizer, ["physical_intuition"], tasks_dir=tmp_path, limit=10, batch_size=4)
-    assert got["physical_intuition"]["n"] == 10
-    assert got["physical_intuition"]["acc"] == ref["physical_intuition"]["acc"]
-    assert got["physical_intuition"]["acc_norm"] == ref["physical_intuition"]["acc_norm"]
+    ref = zero_shot(model, tokenizer, ["bb_physical_intuition"], tasks_dir=tmp_path, limit=10, batch_size=4)
+    got = zero_shot(rt, tokenizer, ["bb_physical_intuition"], tasks_dir=tmp_path, limit=10, batch_size=4)
+    assert got["bb_physical_intuition"]["n"] == 10
+    assert got["bb_physical_intuition"]["acc"] == ref["bb_physical_intuition"]["acc"]
+    assert got["bb_physical_intuition"]["acc_norm"] == ref["bb_physical_intuition"]["acc_norm"]
 
 
 @pytest.mark.filterwarnings("ignore:no Hadamard matrix")

@@ -60,18 +60,18 @@ def write(path: Path, obj) -> Path:
 
 def test_parse_target_scores(tmp_path):
     write(tmp_path / "social_iqa.json", SCORES)
-    items = bigbench.load_items("siqa", tmp_path)
+    items = bigbench.load_items("bb_siqa", tmp_path)
     assert items == [
         {"context": "Question: Alex went home. What will Alex do next?\nAnswer:", "choices": ["Sleep", "Fly", "Swim"],
          "gold": 0},
         {"context": "Question: Does a ball fall down?\nAnswer:", "choices": ["Yes", "No"], "gold": 0},
     ]
-    assert bigbench.load_items("siqa", tmp_path, limit=1) == items[:1]
+    assert bigbench.load_items("bb_siqa", tmp_path, limit=1) == items[:1]
 
 
 def test_parse_winogrande_pairs(tmp_path):
     write(tmp_path / "winogrande_full_object.json", WINO)
-    items = bigbench.load_items("winogrande", tmp_path)
+    items = bigbench.load_items("ni_winogrande_029", tmp_path)
     assert len(items) == 8  # 5 pairs, the one with identical answers skipped
     assert items[0] == {"contexts": ["The trophy did not fit in the suitcase because the trophy",
                                      "The trophy did not fit in the suitcase because the suitcase"],
@@ -86,7 +86,7 @@ def test_parse_winogrande_pairs(tmp_path):
 
 def test_parse_lettered_options(tmp_path):
     write(tmp_path / "science_qa.json", SCIENCE)
-    items = bigbench.load_items("science_qa", tmp_path)
+    items = bigbench.load_items("ni_science_qa_047", tmp_path)
     assert items[0] == {"context": "Question: What carries sound to the ear?\nAnswer:",
                         "choices": ["light", "vibrating air", "magnets", "heat"], "gold": 1}
     # "(A)"/"(B)" inside the question or an option text do not split it
@@ -98,56 +98,57 @@ def test_parse_lettered_options(tmp_path):
 
 @needs_shared
 def test_parse_shared_files():
-    counts = {"siqa": 1954, "winogrande": 8998, "science_qa": 251, "physical_intuition": 81}
+    counts = {"bb_siqa": 1954, "ni_winogrande_029": 8998, "ni_science_qa_047": 251, "bb_physical_intuition": 81}
     for name, n in counts.items():
         items = bigbench.load_items(name, SHARED)
         assert len(items) == n, name
         for it in items:
             opts = it["contexts"] if "contexts" in it else it["choices"]
             assert 2 <= len(opts) <= 5 and all(o.strip() for o in opts) and 0 <= it["gold"] < len(opts)
-    first = bigbench.load_items("siqa", SHARED, limit=1)[0]
+    first = bigbench.load_items("bb_siqa", SHARED, limit=1)[0]
     assert first["choices"] == ["Make a new plan", "Go home and see Riley", "Find somewhere to go"]
     assert first["gold"] == 2 and first["context"].startswith("Question: Tracy didn't go home")
-    assert bigbench.load_items("science_qa", SHARED, limit=1)[0]["gold"] == 3
-    w = bigbench.load_items("winogrande", SHARED, limit=2)
+    assert bigbench.load_items("ni_science_qa_047", SHARED, limit=1)[0]["gold"] == 3
+    w = bigbench.load_items("ni_winogrande_029", SHARED, limit=2)
     assert w[0]["continuation"] == " were crowded for them." and w[0]["contexts"][1].endswith("since the spaces")
 
 
 def test_bad_files_name_the_file(tmp_path):
     bad = write(tmp_path / "social_iqa.json", '{"examples": [')
     with pytest.raises(BaseqError, match="social_iqa.json.*not valid JSON"):
-        bigbench.load_items("siqa", tmp_path)
+        bigbench.load_items("bb_siqa", tmp_path)
     write(bad, {"examples": [{"input": "q", "target_scores": {"a": 1, "b": 1}}]})
     with pytest.raises(BaseqError, match=r"social_iqa.json: example 0: no single best"):
-        bigbench.load_items("siqa", tmp_path)
+        bigbench.load_items("bb_siqa", tmp_path)
     write(bad, {"nothing": 1})
     with pytest.raises(BaseqError, match="social_iqa.json.*no 'examples'"):
-        bigbench.load_items("siqa", tmp_path)
+        bigbench.load_items("bb_siqa", tmp_path)
     write(tmp_path / "winogrande_full_object.json", {"examples": [{"target": ["Sentence 1: no answer"]}]})
     with pytest.raises(BaseqError, match="winogrande_full_object.json: example 0"):
-        bigbench.load_items("winogrande", tmp_path)
+        bigbench.load_items("ni_winogrande_029", tmp_path)
     with pytest.raises(BaseqError, match="science_qa.json.*not found"):
-        bigbench.load_items("science_qa", tmp_path)
+        bigbench.load_items("ni_science_qa_047", tmp_path)
     with pytest.raises(BaseqError, match="folder .*nowhere.* not found"):
-        bigbench.load_items("siqa", tmp_path / "nowhere")
-    with pytest.raises(BaseqError, match="unknown offline task 'nope'.*siqa, winogrande"):
+        bigbench.load_items("bb_siqa", tmp_path / "nowhere")
+    with pytest.raises(BaseqError, match="unknown BIG-bench task 'nope'.*bb_siqa, ni_winogrande_029"):
         bigbench.load_items("nope", tmp_path)
 
 
 def test_task_names():
-    assert parse_task_list(" siqa, winogrande,,siqa ") == ["siqa", "winogrande"]
-    assert resolve_task("winogrande") == ("offline", "winogrande")
-    assert resolve_task("bb:winogrande") == ("offline", "winogrande")
+    assert parse_task_list(" bb_siqa, ni_winogrande_029,,bb_siqa ") == ["bb_siqa", "ni_winogrande_029"]
+    assert resolve_task("ni_winogrande_029") == ("bigbench", "ni_winogrande_029")
+    assert resolve_task("bb:winogrande") == ("bigbench", "ni_winogrande_029")
+    assert resolve_task("winogrande") == ("standard", "winogrande")  # the bare name is the standard set now
     assert resolve_task("lmeval:winogrande") == ("lmeval", "winogrande")
-    assert resolve_task("piqa") == ("lmeval", "piqa")
-    with pytest.raises(BaseqError, match="known offline tasks: siqa, winogrande, science_qa, physical_intuition"):
+    assert resolve_task("piqa") == ("standard", "piqa")
+    with pytest.raises(BaseqError, match="known: bb_siqa, ni_winogrande_029, ni_science_qa_047, bb_physical_intuition"):
         resolve_task("bb:piqa")
 
 
 @pytest.mark.parametrize("limit", [0, -3])
 def test_limit_must_be_positive(limit):
     with pytest.raises(BaseqError, match="positive integer"):
-        zero_shot(None, None, ["siqa"], limit=limit)
+        zero_shot(None, None, ["bb_siqa"], limit=limit)
 
 
 def test_cli_adapter_args():
@@ -161,7 +162,7 @@ def test_cli_adapter_args():
     assert (args.tasks, args.tasks_dir, args.limit) == ("siqa,winogrande", "/x", 5)
     assert zero_shot_from_args(None, None, parser.parse_args([])) is None  # no --tasks: nothing to do
     with pytest.raises(BaseqError, match="positive integer"):
-        zero_shot_from_args(None, None, parser.parse_args(["--tasks", "siqa", "--limit", "0"]))
+        zero_shot_from_args(None, None, parser.parse_args(["--tasks", "bb_siqa", "--limit", "0"]))
 
 
 # ------------------------------------------------------------------------------------------ scoring
@@ -198,15 +199,15 @@ def test_scores_match_hand_computation_choice(tiny, tmp_path):
             for q, opts, g in zip(questions, options, golds)]})
 
     dump([0] * 10)
-    items = bigbench.load_items("physical_intuition", tmp_path, limit=8)
+    items = bigbench.load_items("bb_physical_intuition", tmp_path, limit=8)
     lls = [[loglik(model, tok, it["context"], " " + c) for c in it["choices"]] for it in items]
     pred = [max(range(2), key=lambda j: ll[j]) for ll in lls]
     pred_norm = [max(range(2), key=lambda j: ll[j] / len(it["choices"][j])) for ll, it in zip(lls, items)]
     # gold = the hand prediction for the first 5 items, the other option for the rest
     golds = [p if i < 5 else 1 - p for i, p in enumerate(pred)] + [0, 0]
     dump(golds)
-    res = zero_shot(model, tok, ["physical_intuition"], tasks_dir=tmp_path, limit=8, batch_size=4)
-    r = res["physical_intuition"]
+    res = zero_shot(model, tok, ["bb_physical_intuition"], tasks_dir=tmp_path, limit=8, batch_size=4)
+    r = res["bb_physical_intuition"]
     assert r["n"] == 8
     assert r["acc"] == pytest.approx(5 / 8)
     assert r["acc_norm"] == pytest.approx(sum(p == g for p, g in zip(pred_norm, golds)) / 8)
@@ -216,12 +217,12 @@ def test_scores_match_hand_computation_choice(tiny, tmp_path):
 def test_scores_match_hand_computation_partial(tiny, tmp_path):
     model, tok = tiny
     write(tmp_path / "winogrande_full_object.json", WINO)
-    items = bigbench.load_items("winogrande", tmp_path, limit=6)
+    items = bigbench.load_items("ni_winogrande_029", tmp_path, limit=6)
     hand = [max(range(2), key=lambda j: loglik(model, tok, it["contexts"][j], it["continuation"])) == it["gold"]
             for it in items]
-    res = zero_shot(model, tok, "winogrande,bb:winogrande", tasks_dir=tmp_path, limit=6)
-    assert set(res) == {"winogrande", "bb:winogrande"}
-    r = res["winogrande"]
+    res = zero_shot(model, tok, "ni_winogrande_029,bb:winogrande", tasks_dir=tmp_path, limit=6)
+    assert set(res) == {"ni_winogrande_029", "bb:winogrande"}  # keyed by the name as given; the old name still works
+    r = res["ni_winogrande_029"]
     assert r["n"] == 6 and 0.0 <= r["acc"] <= 1.0
     assert r["acc"] == pytest.approx(sum(hand) / 6)
     assert r["acc_norm"] == r["acc"]  # shared continuation: normalisation cannot change the argmax
@@ -234,7 +235,7 @@ def test_unknown_and_hub_tasks(tiny, tmp_path, monkeypatch):
     import huggingface_hub
 
     model, tok = tiny
-    with pytest.raises(BaseqError, match=r"unknown task 'no_such_task_xyz'.*siqa, winogrande, science_qa"):
+    with pytest.raises(BaseqError, match=r"unknown task 'no_such_task_xyz'.*piqa, arc_easy.*bb_siqa, ni_winogrande_029"):
         zero_shot(model, tok, ["no_such_task_xyz"], tasks_dir=tmp_path, limit=2)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
@@ -245,7 +246,7 @@ def test_unknown_and_hub_tasks(tiny, tmp_path, monkeypatch):
 def test_missing_tasks_dir_is_user_error(tiny, tmp_path):
     model, tok = tiny
     with pytest.raises(BaseqError, match="BIG-bench tasks folder .* not found"):
-        zero_shot(model, tok, ["siqa"], tasks_dir=tmp_path / "absent", limit=2)
+        zero_shot(model, tok, ["bb_siqa"], tasks_dir=tmp_path / "absent", limit=2)
 
 
 # ------------------------------------------------------------------------------------------ fetching
@@ -300,9 +301,9 @@ def test_fetch_checks_archive(tmp_path):
 @pytest.mark.integration
 @needs_shared
 def test_real_model_siqa_small():
-    """Real SmolLM2-135M on the first 40 SIQA items: a sane accuracy (chance is 1/3)."""
+    """Real SmolLM2-135M on the first 40 BIG-bench SIQA items: a sane accuracy (chance is 1/3)."""
     from baseq.models.loading import load_model
 
     model, tok = load_model("smollm2-135m")
-    r = zero_shot(model, tok, ["siqa"], tasks_dir=SHARED, limit=40)["siqa"]
+    r = zero_shot(model, tok, ["bb_siqa"], tasks_dir=SHARED, limit=40)["bb_siqa"]
     assert r["n"] == 40 and 0.15 <= r["acc_norm"] <= 0.7

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import BaseqError
-from ..models.adapter import LlamaAdapter
+from ..models.adapter import ModelAdapter
 from ..models.lazy import LazyModel
 from ..quant.qmodel import ActSpec, quantize_layer
 
@@ -38,7 +38,7 @@ class Blocks(Protocol):
 class ModelBlocks:
     """The blocks of a model held in memory."""
 
-    def __init__(self, ad: LlamaAdapter):
+    def __init__(self, ad: ModelAdapter):
         self.layers = ad.layers
 
     def __len__(self) -> int:
@@ -81,7 +81,7 @@ def finished_layers(lazy: LazyModel, spec: ActSpec, block_file: Callable[[int], 
                     ) -> Iterator[tuple[int, nn.Module]]:
     """Each quantized block of a lazy run, rebuilt from its file (CPU; one block in memory at a time: a block is
     dropped when the consumer asks for the next)."""
-    shape = LlamaAdapter(lazy.model).shape
+    shape = ModelAdapter(lazy.model).shape
     for i in range(len(lazy)):
         layer = lazy.template(i)
         quantize_layer(layer, spec, shape, fuse_online=False)  # R4 is fused in the saved weights already

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from ..errors import BaseqError
 from ..io import atomic_path, write_json
-from ..models.adapter import LlamaAdapter
+from ..models.adapter import ModelAdapter
 from ..quant.qmodel import set_quantize
 from .blocks import Blocks, ModelBlocks, release_memory
 from .comm import Communicator, Shard
@@ -117,12 +117,31 @@ class Stage(Protocol):
     def run(self, ctx: BlockContext) -> None: ...
 
 
-def _move(obj, device):
+def _move(obj, device, memo: dict | None = None):
+    """``obj`` (tensors, tuples of them) on ``device``; ``memo`` shares one copy of what several layers share."""
+    memo = {} if memo is None else memo
+    if id(obj) in memo:
+        return memo[id(obj)]
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(_move(o, device) for o in obj)
-    return obj
+        out = obj.to(device)
+    elif isinstance(obj, tuple):
+        out = tuple(_move(o, device, memo) for o in obj)
+    else:
+        return obj
+    memo[id(obj)] = out
+    return out
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer: records the keyword arguments the model calls it with, passes x through."""
+
+    def __init__(self, store: list, i: int):
+        super().__init__()
+        self.store, self.i = store, i
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.store[self.i] = kwargs
+        return hidden_states
 
 
 class on_device:
@@ -140,31 +159,53 @@ class on_device:
             m.to("cpu")
 
 
-def ends(model: nn.Module, ad: LlamaAdapter) -> list[nn.Module]:
+def ends(model: nn.Module, ad: ModelAdapter) -> list[nn.Module]:
     """Everything of the decoder but its blocks: what a forward needs before block 0 (embedding, rotary, ...)."""
     return [m for name, m in model.model.named_children() if m is not ad.layers]
 
 
 @torch.no_grad()
-def capture_inputs(model: nn.Module, ad: LlamaAdapter, windows: torch.Tensor, device, batch_size: int):
-    """Inputs of block 0 for every window (CPU, model dtype) and the block kwargs of a batch-1 call."""
+@torch.no_grad()
+def layer_kwargs(model: nn.Module, ad: ModelAdapter, window: torch.Tensor, device) -> list[dict[str, Any]]:
+    """The keyword arguments (mask, position embeddings, ...) the model passes to each block for a batch-1 call on
+    ``window`` [1, seq]: they differ between layer types (sliding-window / global layers, Gemma 3's local and global
+    RoPE). The blocks are stood in for by recorders, so none of their weights is needed (lazy models)."""
+    layers = ad.layers
+    store: list = [None] * len(layers)
+    saved = dict(layers._modules)
+    try:
+        for i in range(len(layers)):
+            layers._modules[str(i)] = _Recorder(store, i)
+        model(window.to(device), use_cache=False)
+    finally:
+        layers._modules.clear()
+        layers._modules.update(saved)
+    memo: dict = {}
+    out = []
+    for kw in store:
+        kw = {k: _move(v, device, memo) for k, v in kw.items()
+              if k not in ("past_key_values", "cache", "use_cache", "hidden_states")}
+        kw["use_cache"] = False
+        out.append(kw)
+    return out
+
+
+def capture_inputs(model: nn.Module, ad: ModelAdapter, windows: torch.Tensor, device, batch_size: int,
+                   per_layer: bool = False):
+    """Inputs of block 0 for every window (CPU, model dtype) and the block kwargs of a batch-1 call (so they
+    broadcast over any batch size): block 0's, or with ``per_layer`` a list with every block's."""
     seen: dict[str, Any] = {}
 
     def grab(name, args, kwargs):
         seen["x"] = args[0] if args else kwargs["hidden_states"]
-        seen["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
 
-    xs, kwargs = [], None
+    kwargs = layer_kwargs(model, ad, windows[:1], device)
+    xs = []
     with Tap(ad.layers[0], grab, stop=True) as tap:
-        for i, batch in enumerate(windows.split(batch_size)):
-            if i == 0:  # a batch-1 call first, so the captured kwargs broadcast over any batch size
-                tap(model, batch[:1].to(device), use_cache=False)
-                kwargs = seen["kwargs"]
+        for batch in windows.split(batch_size):
             tap(model, batch.to(device), use_cache=False)
             xs.append(seen["x"].to("cpu"))
-    kwargs = {k: _move(v, device) for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")}
-    kwargs["use_cache"] = False
-    return torch.cat(xs), kwargs
+    return torch.cat(xs), (kwargs if per_layer else kwargs[0])
 
 
 class Checkpoint:
@@ -226,7 +267,7 @@ class Checkpoint:
         return acts["fp"], acts["q"], log
 
 
-def calibrate_blocks(model: nn.Module, ad: LlamaAdapter, windows: torch.Tensor, stages: list[Stage], *,
+def calibrate_blocks(model: nn.Module, ad: ModelAdapter, windows: torch.Tensor, stages: list[Stage], *,
                      device="cpu", batch_size: int = 4, work_dir: Path | None = None, fingerprint: str = "",
                      resume: bool = False, progress: bool = True, log_fn=print, offload_dir: Path | None = None,
                      comm: Communicator | None = None, blocks: Blocks | None = None):
@@ -247,7 +288,8 @@ def calibrate_blocks(model: nn.Module, ad: LlamaAdapter, windows: torch.Tensor, 
     ckpt = Checkpoint(work_dir, fingerprint, comm) if work_dir is not None else None
     start, log = 0, []
     with on_device(ends(model, ad), device):
-        fp_in, kwargs = capture_inputs(model, ad, windows[shard.start:shard.stop], device, batch_size)
+        fp_in, kwargs = capture_inputs(model, ad, windows[shard.start:shard.stop], device, batch_size,
+                                       per_layer=True)
     if ckpt is not None and resume and (done := ckpt.agreed_done()) >= 0:
         fp_in, q_in, log = ckpt.restore(blocks, done)
         start = done + 1
@@ -265,7 +307,7 @@ def calibrate_blocks(model: nn.Module, ad: LlamaAdapter, windows: torch.Tensor, 
         release_memory()  # the temporaries of reading / rotating the block
         layer = layer.to(device)
         set_quantize(layer, False)
-        ctx = BlockContext(i, layer, fp_in, q_in, fp_out=None, kwargs=kwargs, device=device,
+        ctx = BlockContext(i, layer, fp_in, q_in, fp_out=None, kwargs=kwargs[i], device=device,
                            batch_size=batch_size, progress=progress, comm=comm, shard=shard)
         ctx.fp_out = ctx.run(fp_in, out=acts.new())
         set_quantize(layer, True)
@@ -291,18 +333,19 @@ def calibrate_blocks(model: nn.Module, ad: LlamaAdapter, windows: torch.Tensor, 
 
 
 @torch.no_grad()
-def streamed_nll_sum(model: nn.Module, ad: LlamaAdapter, layers, windows: torch.Tensor, *, batch_size: int = 4,
+def streamed_nll_sum(model: nn.Module, ad: ModelAdapter, layers, windows: torch.Tensor, *, batch_size: int = 4,
                      device="cpu", head_chunk: int = 128) -> tuple[float, int]:
     """(sum of token NLLs, predicted tokens) over ``windows`` computed block by block, as calibration runs: for a
     model whose blocks are not all in memory. ``layers``: ``(i, block)`` pairs in order (e.g. read from disk one at
     a time); each visits ``device`` while every window passes through it."""
     device = torch.device(device)
     with on_device(ends(model, ad), device):
-        x, kwargs = capture_inputs(model, ad, windows, device, batch_size)
+        x, kwargs = capture_inputs(model, ad, windows, device, batch_size, per_layer=True)
     for i, layer in layers:
         with on_device([layer], device):
-            BlockContext(i, layer, x, x, None, kwargs, device, batch_size).run(x, out=x)
+            BlockContext(i, layer, x, x, None, kwargs[i], device, batch_size).run(x, out=x)
     total, count = 0.0, 0
+    cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2: c·tanh(logits / c)
     with on_device([model.model.norm, model.lm_head], device):
         for xs, ids in zip(x.split(batch_size), windows.split(batch_size)):
             feats, ids = model.model.norm(xs.to(device)), ids.to(device)
@@ -310,6 +353,8 @@ def streamed_nll_sum(model: nn.Module, ad: LlamaAdapter, layers, windows: torch.
                 for a in range(0, len(seq) - 1, head_chunk):
                     b = min(a + head_chunk, len(seq) - 1)
                     logits = model.lm_head(row[a:b]).float()
+                    if cap is not None:
+                        logits = torch.tanh(logits / cap) * cap
                     total += torch.nn.functional.cross_entropy(logits, seq[a + 1:b + 1], reduction="sum").item()
                 count += seq.numel() - 1
     return total, count

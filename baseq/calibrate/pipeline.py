@@ -26,7 +26,7 @@ from ..config import QuantizeConfig
 from ..data import calib_windows
 from ..errors import BaseqError
 from ..io import atomic_path
-from ..models.adapter import LlamaAdapter
+from ..models.adapter import ModelAdapter
 from ..models.lazy import LazyModel
 from ..quant.qmodel import ActSpec, quantize_layer, quantize_structure, use_quantized_attention
 from ..quant.quantizer import WeightQuantConfig, quantize_embedding_
@@ -77,10 +77,13 @@ def fingerprint(cfg: QuantizeConfig, model_spec: str, world_size: int = 1) -> st
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def check_model(model, cfg: QuantizeConfig) -> LlamaAdapter:
+def check_model(model, cfg: QuantizeConfig) -> ModelAdapter:
     """Fail early, with a clear message, on a model ``cfg`` cannot quantize (unsupported architecture, a weight
     group size that does not divide some linear's in_features); cheap, so callers run it before any evaluation."""
-    ad = LlamaAdapter(model)
+    ad = ModelAdapter(model)
+    if cfg.rotate and cfg.rotation.kind == "calibrated" and not ad.spec.r1_fusable:
+        raise BaseqError(f"--rotations calibrated fits a fused R1; {ad.spec.family} (post-norms) takes R1 online: "
+                         f"use the default rotations")
     g = cfg.bits.w_group
     if g and cfg.bits.w_bits < 16:
         s = ad.shape
@@ -91,7 +94,7 @@ def check_model(model, cfg: QuantizeConfig) -> LlamaAdapter:
     return ad
 
 
-def quantize_ends(ad: LlamaAdapter, bits: int) -> None:
+def quantize_ends(ad: ModelAdapter, bits: int) -> None:
     """Round the embedding table and the LM head (once when tied) to what the packed format stores (``bits``)."""
     quantize_embedding_(ad.embed.weight.data, bits)
     if ad.lm_head.weight.data_ptr() != ad.embed.weight.data_ptr():
@@ -164,7 +167,7 @@ def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, model_spec: str = "
     return report
 
 
-def prepare_blocks(model, ad: LlamaAdapter, cfg: QuantizeConfig, lazy: LazyModel | None, learned=None):
+def prepare_blocks(model, ad: ModelAdapter, cfg: QuantizeConfig, lazy: LazyModel | None, learned=None):
     """Rotate (QuaRot methods) and give every block the quantized structure: the whole model now, or each block of
     a lazy model as it is read. ``learned``: calibrated (R1, per-layer R2) to fuse instead of the seeded ones."""
     spec = act_spec(cfg)
@@ -182,7 +185,7 @@ def prepare_blocks(model, ad: LlamaAdapter, cfg: QuantizeConfig, lazy: LazyModel
 
     def prepare(layer):
         if cfg.rotate:
-            rotate_layer(layer, r1, r2, s.heads, s.kv_heads)
+            rotate_layer(layer, r1, r2, s.heads, s.kv_heads, online=rotation)
         quantize_layer(layer, spec, s)
 
     return LazyBlocks(lazy, prepare)
@@ -196,5 +199,5 @@ def quantized_layers(model, cfg: QuantizeConfig, work_dir: Path | None = None, l
     """A callable giving, each time it is called, an iterator over ``(i, block)`` of the quantized model: the
     blocks in memory, or (lazy runs) each block rebuilt from ``work_dir``, one at a time."""
     if lazy is None:
-        return lambda: enumerate(LlamaAdapter(model).layers)
+        return lambda: enumerate(ModelAdapter(model).layers)
     return lambda: finished_layers(lazy, act_spec(cfg), lambda i: block_file(work_dir, i))

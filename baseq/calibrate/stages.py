@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import GPTQConfig, TrainConfig
-from ..models.adapter import LlamaAdapter
+from ..models.adapter import attn_norm, block_points, gate_up, linears as block_linears, mlp_norm, qkv
 from ..quant.gptaq import AsymmetricStats, asymmetric_target
 from ..quant.gptq import GPTQ, rtn_quantize_
 from ..quant.qmodel import ActPoint, set_quantize
@@ -33,7 +33,7 @@ class RTNStage:
         self.wcfg = wcfg
 
     def run(self, ctx: BlockContext) -> None:
-        for lin in LlamaAdapter.linears(ctx.layer).values():
+        for lin in block_linears(ctx.layer).values():
             rtn_quantize_(lin, self.wcfg)
 
 
@@ -54,7 +54,7 @@ class GPTQStage:
     def run(self, ctx: BlockContext) -> None:
         if not self.wcfg.enabled:  # 16-bit weights: nothing to quantize
             return
-        linears = LlamaAdapter.linears(ctx.layer)
+        linears = block_linears(ctx.layer)
         fp_layer = None
         if self.asymmetric:
             fp_layer = copy.deepcopy(ctx.layer)  # the block before any weight is quantized, quantizers off
@@ -71,7 +71,7 @@ class GPTQStage:
                 release_memory()  # GPTQ's large temporaries come next: start from a trimmed heap
                 target = None
                 if fp_layer is not None:
-                    fp = LlamaAdapter.linears(fp_layer)
+                    fp = block_linears(fp_layer)
                     target = asymmetric_target(torch.cat([fp[n].weight.float() for n in group]), stats.H, stats.C,
                                                self.asymmetric, self.gcfg.percdamp)
                 loss = self.solve(members, stats, target)
@@ -83,7 +83,7 @@ class GPTQStage:
     def statistics(ctx: BlockContext, name: str, fp_layer=None):
         """This rank's Hessian sums of linear ``name``'s quantized inputs (a :class:`GPTQ`), or with ``fp_layer``
         also the cross term with the FP block's inputs (an :class:`AsymmetricStats`)."""
-        first = LlamaAdapter.linears(ctx.layer)[name]
+        first = block_linears(ctx.layer)[name]
         if fp_layer is None:
             stats = GPTQ(first)
             for xq in group_inputs(ctx, ctx.layer, name, ctx.q_in):
@@ -122,7 +122,7 @@ class GPTQStage:
 def group_inputs(ctx: BlockContext, layer, name: str, x: torch.Tensor):
     """For each batch of ``x``: the input of linear ``name`` of ``layer`` after its activation point (what its
     weights multiply); each forward stops right there."""
-    lin = LlamaAdapter.linears(layer)[name]
+    lin = block_linears(layer)[name]
     seen: list = []
 
     def keep(_, args, kwargs):
@@ -170,11 +170,6 @@ def block_loss(out: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> to
         err = (out - target).pow(2).mean(-1)
         return (err / target.pow(2).mean(-1).clamp_min(1e-12)).mean()
     raise ValueError(f"unknown block loss {kind!r}")
-
-
-def block_points(layer) -> dict[str, ActPoint]:
-    return {"qkv": layer.input_layernorm.act, "o": layer.self_attn.o_proj.act,
-            "gate_up": layer.post_attention_layernorm.act, "down": layer.mlp.down_proj.act}
 
 
 class BaseqTrainStage:
@@ -279,18 +274,21 @@ class BaseqTrainStage:
 def fold_block(layer) -> None:
     """Fold trained corrections for inference (exact up to float rounding):
 
-    * the qkv- and gate/up-input scales into the RMSNorm weights;
+    * the qkv- and gate/up-input scales into the RMSNorm weights (where the point directly follows its pre-norm;
+      after an online R1, or without a pre-norm, the scale stays in the point);
     * every bias ``b``'s ``+ b`` into the following linears' biases (``bias += W b``); the ``− b`` stays before the
       quantizer.
     """
     pts = block_points(layer)
-    for norm, point, linears in ((layer.input_layernorm, pts["qkv"], LlamaAdapter.qkv(layer)),
-                                 (layer.post_attention_layernorm, pts["gate_up"], LlamaAdapter.gate_up(layer))):
-        norm.weight.mul_(point.scale.to(norm.weight.dtype))
-        point.scale.fill_(1.0)
-        _fold_shift(point, linears)
-    _fold_shift(pts["o"], [layer.self_attn.o_proj])
-    _fold_shift(pts["down"], [layer.mlp.down_proj])
+    lin = block_linears(layer)
+    for norm, point, consumers in ((attn_norm(layer), pts["qkv"], qkv(layer)),
+                                   (mlp_norm(layer), pts["gate_up"], gate_up(layer))):
+        if norm is not None and getattr(norm, "act", None) is point:
+            norm.weight.mul_(point.scale.to(norm.weight.dtype))
+            point.scale.fill_(1.0)
+        _fold_shift(point, consumers)
+    _fold_shift(pts["o"], [lin["o_proj"]])
+    _fold_shift(pts["down"], [lin["down_proj"]])
 
 
 def _fold_shift(point: ActPoint, linears) -> None:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ..models.adapter import layer_spec, linears
 from ..quant.quantizer import WeightQuantConfig, fake_quantize_weight
 from .engine import BlockContext
 from .stages import block_loss, training_set
@@ -40,9 +41,10 @@ class _Shape:
     head_dim: int
 
     @classmethod
-    def of(cls, attn: nn.Module) -> "_Shape":
-        hd = attn.head_dim
-        return cls(attn.o_proj.in_features // hd, attn.v_proj.out_features // hd, hd)
+    def of(cls, layer: nn.Module) -> "_Shape":
+        hd = layer.self_attn.head_dim
+        lin = linears(layer)
+        return cls(lin["o_proj"].in_features // hd, lin["v_proj"].out_features // hd, hd)
 
 
 class TransformParams(nn.Module):
@@ -50,16 +52,17 @@ class TransformParams(nn.Module):
 
     def __init__(self, layer: nn.Module, rotation: bool, scales: bool):
         super().__init__()
-        attn, mlp = layer.self_attn, layer.mlp
-        self.shape = s = _Shape.of(attn)
-        self.base = {"v_w": attn.v_proj.weight.detach().clone().float(), "v_b": attn.v_proj.bias.detach().clone().float(),
-                     "o_w": attn.o_proj.weight.detach().clone().float(), "d_w": mlp.down_proj.weight.detach().clone().float(),
-                     "o_s": attn.o_proj.act.scale.detach().clone().float(),
-                     "d_s": mlp.down_proj.act.scale.detach().clone().float()}
+        lin = linears(layer)
+        self.paths = layer_spec(layer).linear_paths()
+        v, o, down = lin["v_proj"], lin["o_proj"], lin["down_proj"]
+        self.shape = s = _Shape.of(layer)
+        self.base = {"v_w": v.weight.detach().clone().float(), "v_b": v.bias.detach().clone().float(),
+                     "o_w": o.weight.detach().clone().float(), "d_w": down.weight.detach().clone().float(),
+                     "o_s": o.act.scale.detach().clone().float(), "d_s": down.act.scale.detach().clone().float()}
         self.rot = nn.Parameter(torch.zeros(s.kv_heads, s.head_dim, s.head_dim)) if rotation else None
         self.log_v = nn.Parameter(torch.zeros(s.kv_heads * s.head_dim)) if scales else None
         self.log_o = nn.Parameter(torch.zeros(s.heads * s.head_dim)) if scales else None
-        self.log_d = nn.Parameter(torch.zeros(mlp.down_proj.in_features)) if scales else None
+        self.log_d = nn.Parameter(torch.zeros(down.in_features)) if scales else None
 
     def weights(self) -> dict[str, torch.Tensor]:
         s, b = self.shape, self.base
@@ -80,8 +83,9 @@ class TransformParams(nn.Module):
             o_s = o_s * so
             sd = self.log_d.float().exp()
             w_d, d_s = w_d / sd, d_s * sd
-        return {"self_attn.v_proj.weight": w_v, "self_attn.v_proj.bias": b_v, "self_attn.o_proj.weight": w_o,
-                "self_attn.o_proj.act.scale": o_s, "mlp.down_proj.weight": w_d, "mlp.down_proj.act.scale": d_s}
+        p = self.paths
+        return {f"{p['v_proj']}.weight": w_v, f"{p['v_proj']}.bias": b_v, f"{p['o_proj']}.weight": w_o,
+                f"{p['o_proj']}.act.scale": o_s, f"{p['down_proj']}.weight": w_d, f"{p['down_proj']}.act.scale": d_s}
 
 
 class CompensatedTransformStage:
@@ -100,16 +104,15 @@ class CompensatedTransformStage:
         params = [p for p in tp.parameters()]
         if not params or self.epochs == 0:
             return
-        fixed = {f"{part}.weight": fake_quantize_weight(lin.weight, self.wcfg)
-                 for part, lin in (("self_attn.q_proj", layer.self_attn.q_proj),
-                                   ("self_attn.k_proj", layer.self_attn.k_proj),
-                                   ("mlp.gate_proj", layer.mlp.gate_proj), ("mlp.up_proj", layer.mlp.up_proj))}
+        lin, paths = linears(layer), tp.paths
+        fixed = {f"{paths[n]}.weight": fake_quantize_weight(lin[n].weight, self.wcfg)
+                 for n in ("q_proj", "k_proj", "gate_proj", "up_proj")}
 
         def forward(x):
             w = tp.weights()
-            for name in ("self_attn.v_proj.weight", "self_attn.o_proj.weight", "mlp.down_proj.weight"):
+            for name in (f"{paths['v_proj']}.weight", f"{paths['o_proj']}.weight", f"{paths['down_proj']}.weight"):
                 w[name] = fake_quantize_weight(w[name], self.wcfg)
-            dtype = layer.self_attn.o_proj.weight.dtype
+            dtype = lin["o_proj"].weight.dtype
             state = {k: v.to(dtype) for k, v in {**w, **fixed}.items()}
             out = functional_call(layer, state, (x,), ctx.kwargs, strict=False)
             return out[0] if isinstance(out, tuple) else out

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..models.adapter import LlamaAdapter
+from ..models.adapter import linears
 from ..quant.quantizer import half_exact, record_weight_qparams
 
 
@@ -35,7 +35,7 @@ def attach(layer: nn.Module) -> list[nn.Parameter]:
     While attached, a linear's recorded scale is set aside (kept for :func:`fold`), so every forward — with or
     without gradients — computes with the float weight ``γ W`` (the exact integer path needs the final scales)."""
     gammas = []
-    for lin in LlamaAdapter.linears(layer).values():
+    for lin in linears(layer).values():
         lin._gptq_scale = getattr(lin, "weight_scale", None)
         if lin._gptq_scale is not None:
             lin.weight_scale = None
@@ -49,7 +49,7 @@ def attach(layer: nn.Module) -> list[nn.Parameter]:
 def fold(layer: nn.Module) -> None:
     """Remove the parametrizations: each linear gets scale ``half(γ s)`` and weight ``(Q − z) · half(γ s)``
     (where no scale was recorded, e.g. 16-bit weights, simply ``γ W``)."""
-    for lin in LlamaAdapter.linears(layer).values():
+    for lin in linears(layer).values():
         if not parametrize.is_parametrized(lin, "weight"):
             continue
         gamma = lin.parametrizations.weight[0].gamma.detach().float()

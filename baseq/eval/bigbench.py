@@ -5,16 +5,21 @@ The files come unchanged from the ``bigbench==1.0.0`` source archive on the pack
 ``$BASEQ_CACHE/bigbench/`` (the default tasks folder). Any folder holding the same file names works too
 (``tasks_dir=``).
 
-Tasks (:data:`TASKS`) and what one item looks like:
+Tasks (:data:`TASKS`) and what one item looks like. The names say where each comes from: ``bb_`` a BIG-bench task,
+``ni_`` a Natural-Instructions subtask shipped inside BIG-bench (with its number). Until the standard suite
+(:mod:`baseq.eval.standard`) took over ``siqa`` and ``winogrande``, these were called ``siqa``, ``winogrande``,
+``science_qa``, ``physical_intuition`` (:data:`OLD_NAMES`; still accepted as ``bb:siqa`` etc.). Note that
+``ni_winogrande_029`` is *not* the WinoGrande validation set the papers report: it is built from the twin pairs of
+subtask 029.
 
-=====================  ==============================  ============================================
-name                   file                            items
-=====================  ==============================  ============================================
-``siqa``               social_iqa.json                 1,954 questions, 3 options (a few have 2)
-``winogrande``         winogrande_full_object.json     2 fill-in-the-blank items per twin pair (8,998)
-``science_qa``         science_qa.json                 251 questions, (A)-(D) options (a few A-C)
-``physical_intuition`` physical_intuition.json         81 questions, 2-5 options
-=====================  ==============================  ============================================
+=========================  ==============================  ============================================
+name                       file                            items
+=========================  ==============================  ============================================
+``bb_siqa``                social_iqa.json                 1,954 questions, 3 options (a few have 2)
+``ni_winogrande_029``      winogrande_full_object.json     2 fill-in-the-blank items per twin pair (8,998)
+``ni_science_qa_047``      science_qa.json                 251 questions, (A)-(D) options (a few A-C)
+``bb_physical_intuition``  physical_intuition.json         81 questions, 2-5 options
+=========================  ==============================  ============================================
 
 Two item kinds, both plain dicts (JSON-serialisable, so they can be written as jsonl for lm-eval):
 
@@ -212,27 +217,33 @@ class BigBenchTask:
 TASKS: dict[str, BigBenchTask] = {
     t.name: t
     for t in (
-        BigBenchTask("siqa", "social_iqa.json", "social_iqa/task.json",
+        BigBenchTask("bb_siqa", "social_iqa.json", "social_iqa/task.json",
                      "edc9f568b70ae6d4af0783764dbe4e4f18aa1242c675a93f534338d73a565348",
                      parse_target_scores, "choice", "Social IQa (3 options)"),
-        BigBenchTask("winogrande", "winogrande_full_object.json",
+        BigBenchTask("ni_winogrande_029", "winogrande_full_object.json",
                      "natural_instructions/subtask029_winogrande_full_object/task.json",
                      "0b50034573d26f63b0b270ac6229ea3535fe4981cb98a8af4c3e184f1635fda2",
                      parse_winogrande_pairs, "partial", "WinoGrande twin pairs, fill-in-the-blank (2 options)"),
-        BigBenchTask("science_qa", "science_qa.json",
+        BigBenchTask("ni_science_qa_047", "science_qa.json",
                      "natural_instructions/subtask047_misc_answering_science_questions/task.json",
                      "c58abd303b912f0d15aa16cc76a232b05c0caefda0439b6166bfa5fd4e90695f",
                      parse_lettered_options, "choice", "grade-school science questions (4 options)"),
-        BigBenchTask("physical_intuition", "physical_intuition.json", "physical_intuition/task.json",
+        BigBenchTask("bb_physical_intuition", "physical_intuition.json", "physical_intuition/task.json",
                      "dd1e8e8fe97e08d064788eed8fb0f1bd13013d5fa028617bdf418685f4ca726f",
                      parse_target_scores, "choice", "physical reasoning questions (2-5 options)"),
     )
 }
 
 
+# the names these tasks had before the standard suite (baseq.eval.standard) took "siqa" and "winogrande"; usable
+# with the "bb:" prefix (and bare where no standard task has the name)
+OLD_NAMES = {"siqa": "bb_siqa", "winogrande": "ni_winogrande_029", "science_qa": "ni_science_qa_047",
+             "physical_intuition": "bb_physical_intuition"}
+
+
 def get_task(name: str) -> BigBenchTask:
     if name not in TASKS:
-        raise BaseqError(f"unknown offline task '{name}' (known: {', '.join(TASKS)})")
+        raise BaseqError(f"unknown BIG-bench task '{name}' (known: {', '.join(TASKS)})")
     return TASKS[name]
 
 

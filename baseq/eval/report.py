@@ -36,6 +36,7 @@ from ..errors import BaseqError
 from ..io import read_json
 
 DEFAULT_BASELINE = "quarot-gptq"
+METRICS = ("acc", "acc_norm", "paper")  # "paper": the per-task metric of the standard suite (baseq.eval.standard)
 
 
 @dataclass
@@ -86,7 +87,7 @@ def _tasks(obj: Any, what: str) -> dict[str, dict[str, float | None]]:
     for task, r in obj.items():
         if isinstance(r, dict):
             out[str(task)] = {k: _number(v, f"{what}.{task}.{k}") for k, v in r.items()
-                              if k in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")}
+                              if k in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "paper", "paper_stderr")}
             if "n" in r and isinstance(r["n"], (int, float)):
                 out[str(task)]["n"] = r["n"]
         else:
@@ -245,7 +246,9 @@ def render_markdown(rows: list[Row], baseline: str | None = None, metric: str = 
         lines.append("| " + " | ".join(cells) + " |")
     notes = []
     if tasks:
-        notes.append(f"Task columns: zero-shot `{metric}` in % (± standard error).")
+        notes.append(f"Task columns: zero-shot `{metric}` in % (± standard error)"
+                     + (": `acc_norm` for ARC-e/c, HellaSwag, PIQA, OpenBookQA, `acc` for WinoGrande, LAMBADA, BoolQ, "
+                        "SIQA (as the QuaRot / SpinQuant tables); other tasks have none." if metric == "paper" else "."))
     if partial:
         notes.append("† average over the tasks this row has, not all columns.")
     if base_method:
@@ -311,8 +314,8 @@ def render_plot(rows: list[Row], path: str | Path, metric: str = "acc", baseline
 def make_report(result_files: list[str | Path], out_md: str | Path, baseline: str | None = None,
                 plot: str | Path | None = None, metric: str = "acc") -> str:
     """Write the markdown comparison of ``result_files`` to ``out_md`` (and a PNG to ``plot``); returns the markdown."""
-    if metric not in ("acc", "acc_norm"):
-        raise BaseqError(f"metric must be acc or acc_norm, got {metric!r}")
+    if metric not in METRICS:
+        raise BaseqError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
     rows = load_rows(result_files)
     md = render_markdown(rows, baseline, metric)
     out_md = Path(out_md)
@@ -333,7 +336,9 @@ def add_report_args(parser) -> None:
     parser.add_argument("--baseline", default=None,
                         help=f"method the gap is measured from (default: {DEFAULT_BASELINE} if present)")
     parser.add_argument("--plot", default=None, help="also write a PNG chart here")
-    parser.add_argument("--metric", default="acc", choices=["acc", "acc_norm"], help="accuracy metric to show")
+    parser.add_argument("--metric", default="acc", choices=list(METRICS),
+                        help="accuracy metric to show: acc, acc_norm, or paper (each standard task's column in the "
+                             "papers: acc_norm for ARC, HellaSwag, PIQA, OpenBookQA, acc for the others)")
 
 
 def report_main(args) -> int:

@@ -1,50 +1,58 @@
-"""Zero-shot multiple-choice accuracy through the lm-eval harness, offline by default.
+"""Zero-shot accuracy through the lm-eval harness, offline by default.
 
-:func:`zero_shot` scores an in-memory transformers model (FP or quantized) with lm-eval's ``HFLM`` wrapper.
+:func:`zero_shot` scores an in-memory transformers model (FP, simulated-quantized, or a packed folder loaded as the
+integer runtime model) with lm-eval's ``HFLM`` wrapper: batched log-likelihood requests, one progress bar per task.
 
 Task names
-    * ``siqa``, ``winogrande``, ``science_qa``, ``physical_intuition``: offline tasks parsed from the
-      BIG-bench JSON files (:mod:`baseq.eval.bigbench`). For each, the parsed items are written as a jsonl
-      file plus a generated lm-eval task YAML (``dataset_path: json``, ``output_type: multiple_choice``,
-      metrics ``acc`` and ``acc_norm``) in a temporary folder, registered with
-      ``lm_eval.tasks.TaskManager(include_path=...)`` under the name ``baseq_bb_<name>``.
-    * any other name is passed to lm-eval as one of its own tasks (``piqa``, ``arc_easy``, ``hellaswag``,
-      groups like ``mmlu``...). Those fetch their dataset from the Hugging Face hub; when that fails a
+    * the standard suite (:mod:`baseq.eval.standard`): ``piqa``, ``arc_easy``, ``arc_challenge``, ``hellaswag``,
+      ``winogrande``, ``lambada_openai``, ``boolq``, ``openbookqa``, ``siqa``; ``paper`` = all nine. Each runs with
+      **lm-eval's own task definition**: a generated YAML ``include:`` s lm-eval's file for that task (prompt,
+      choices, target, preprocessing, metrics all come from it) and overrides only the data source
+      (``dataset_path: json`` on the local file) and the split names, so no hub access is needed.
+    * the BIG-bench tasks (:mod:`baseq.eval.bigbench`): ``bb_siqa``, ``ni_winogrande_029``, ``ni_science_qa_047``,
+      ``bb_physical_intuition``. Each is written as a jsonl file plus a generated task YAML (``dataset_path: json``,
+      ``output_type: multiple_choice``, metrics ``acc`` and ``acc_norm``). Their old names keep working with the
+      ``bb:`` prefix (``bb:siqa``, ``bb:winogrande``, ``bb:science_qa``, ``bb:physical_intuition``), and bare
+      ``science_qa`` / ``physical_intuition`` still name them; bare ``siqa`` / ``winogrande`` now mean the standard
+      sets.
+    * any other name is passed to lm-eval as one of its own tasks or groups (``mmlu``, ...), which fetch their data
+      from the Hugging Face hub; ``lmeval:NAME`` forces that (``lmeval:piqa``). When the hub cannot be reached a
       :class:`~baseq.errors.BaseqError` says so.
-    * name clash: a bare offline name (``winogrande``) means the offline task. Prefixes force one side:
-      ``bb:winogrande`` (offline) and ``lmeval:winogrande`` (lm-eval's hub task). Results are keyed by the
-      name as given, so ``winogrande,lmeval:winogrande`` gives two entries.
 
-Scoring (identical to lm-eval's, since lm-eval does it): ``acc`` = argmax of the summed log-likelihood of
-each option; ``acc_norm`` = argmax of log-likelihood divided by the option's length in characters. For the
-offline ``winogrande`` (partial scoring: the options are in the contexts and the continuation is shared)
-length normalisation cannot change the argmax, so ``acc_norm`` equals ``acc``. For lm-eval tasks that do
-not report ``acc_norm`` it is ``None``.
+Results are keyed by the name as given (``paper`` expands to its nine names). Each entry holds ``acc``,
+``acc_norm`` (None where lm-eval does not report it), their standard errors, ``n``, ``source``, and for the standard
+tasks ``paper`` / ``paper_stderr`` / ``paper_metric`` (the column the papers report: ``acc_norm`` for ARC, HellaSwag,
+PIQA, OpenBookQA, ``acc`` otherwise) and, for LAMBADA, ``perplexity``.
 
-``limit`` keeps the first ``limit`` items of each task (file order), deterministically.
+Scoring (lm-eval's): ``acc`` = argmax of the summed log-likelihood of each option; ``acc_norm`` = argmax of the
+log-likelihood divided by the option's length in characters. For the partial-scoring tasks (WinoGrande, and
+``ni_winogrande_029``) the options are in the contexts and the continuation is shared, so lm-eval reports ``acc``
+only (for ``ni_winogrande_029`` ``acc_norm`` is set equal to it, as normalisation cannot change the argmax).
 
-Reference (SmolLM2-135M-Instruct, dequantized fp32, this module, 2 CPU cores): ``siqa`` first 300 items
-acc 0.357, acc_norm 0.453; ``winogrande`` first 400 items acc 0.6125 (about 11 minutes together on a
-loaded 2-core machine; ~0.3-0.5 s per option).
+``limit`` keeps the first ``limit`` documents of each task (file order = the hub's order), deterministically.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import json
 import logging
 import math
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from ..errors import BaseqError
-from . import bigbench
+from . import bigbench, standard
 
 OFFLINE_PREFIX = "bb:"
 LMEVAL_PREFIX = "lmeval:"
-_LM_PREFIX = "baseq_bb_"  # name of the generated lm-eval tasks
+PAPER = "paper"
+_BB_PREFIX = "baseq_bb_"  # names of the generated lm-eval tasks
+_STD_PREFIX = "baseq_std_"
 
 
 def _require_lm_eval():
@@ -55,8 +63,12 @@ def _require_lm_eval():
         raise BaseqError("zero-shot evaluation needs lm-eval: pip install 'baseq[eval]'") from None
 
 
+def _known() -> str:
+    return (f"standard: {', '.join(standard.TASKS)} ('{PAPER}' = all nine); BIG-bench: {', '.join(bigbench.TASKS)}")
+
+
 def parse_task_list(tasks: str | list[str] | tuple[str, ...] | None) -> list[str]:
-    """``"siqa, winogrande"`` or a list -> cleaned, de-duplicated names (order kept)."""
+    """``"paper, bb_siqa"`` or a list -> cleaned, de-duplicated names (order kept; ``paper`` expanded)."""
     if tasks is None:
         return []
     if isinstance(tasks, str):
@@ -64,25 +76,33 @@ def parse_task_list(tasks: str | list[str] | tuple[str, ...] | None) -> list[str
     out: list[str] = []
     for t in tasks:
         t = str(t).strip()
-        if t and t not in out:
-            out.append(t)
+        for name in (standard.PAPER if t == PAPER else [t] if t else []):
+            if name not in out:
+                out.append(name)
     return out
 
 
 def resolve_task(name: str) -> tuple[str, str]:
-    """``(source, task)`` for a user task name: source ``"offline"`` (a :data:`bigbench.TASKS` key) or ``"lmeval"``."""
+    """``(source, task)`` for a user task name: source ``"standard"`` (a :data:`standard.TASKS` key),
+    ``"bigbench"`` (a :data:`bigbench.TASKS` key) or ``"lmeval"`` (lm-eval's own name)."""
     if name.startswith(OFFLINE_PREFIX):
         task = name[len(OFFLINE_PREFIX):]
+        task = bigbench.OLD_NAMES.get(task, task)
         if task not in bigbench.TASKS:
-            raise BaseqError(f"unknown offline task '{task}' (known offline tasks: {', '.join(bigbench.TASKS)})")
-        return "offline", task
+            raise BaseqError(f"unknown BIG-bench task '{name}' (known: {', '.join(bigbench.TASKS)}; old names "
+                             f"{', '.join(OFFLINE_PREFIX + n for n in bigbench.OLD_NAMES)})")
+        return "bigbench", task
     if name.startswith(LMEVAL_PREFIX):
         task = name[len(LMEVAL_PREFIX):]
         if not task:
             raise BaseqError(f"empty lm-eval task name in '{name}'")
         return "lmeval", task
+    if name in standard.TASKS:
+        return "standard", name
     if name in bigbench.TASKS:
-        return "offline", name
+        return "bigbench", name
+    if name in bigbench.OLD_NAMES and name not in standard.TASKS:
+        return "bigbench", bigbench.OLD_NAMES[name]
     return "lmeval", name
 
 
@@ -116,11 +136,14 @@ def _quiet_lm_eval(level: int = logging.WARNING):
             datasets.enable_progress_bars()
 
 
-def task_config(name: str, data_file: Path, cache: Path) -> dict[str, Any]:
-    """The lm-eval task config (as written to YAML) for offline task ``name`` reading ``data_file`` (jsonl)."""
+# --------------------------------------------------------------------------------------------- task configs
+
+
+def bigbench_config(name: str, data_file: Path, cache: Path) -> dict[str, Any]:
+    """The lm-eval task config (as written to YAML) for BIG-bench task ``name`` reading ``data_file`` (jsonl)."""
     task = bigbench.get_task(name)
     cfg: dict[str, Any] = {
-        "task": _LM_PREFIX + name,
+        "task": _BB_PREFIX + name,
         "dataset_path": "json",
         "dataset_kwargs": {"data_files": {"test": str(data_file)}, "cache_dir": str(cache)},
         "test_split": "test",
@@ -142,22 +165,109 @@ def _metric(name: str) -> dict[str, Any]:
     return {"metric": name, "aggregation": "mean", "higher_is_better": True}
 
 
-def write_offline_tasks(names: list[str], folder: Path, tasks_dir: str | Path | None, limit: int | None) -> None:
-    """Write ``<name>.jsonl`` + ``<name>.yaml`` for each offline task into ``folder`` (first ``limit`` items)."""
+def lm_eval_yaml(task: standard.StandardTask) -> Path:
+    """lm-eval's own YAML file for ``task`` (its usual place, else looked up in lm-eval's task index)."""
+    import lm_eval.tasks
+
+    path = Path(lm_eval.tasks.__file__).parent / task.yaml
+    if path.is_file():
+        return path
+    entry = _default_task_manager().task_index.get(task.lm_eval)
+    if entry is None or not getattr(entry, "yaml_path", None):
+        raise BaseqError(f"the installed lm-eval has no task '{task.lm_eval}' (needed for '{task.name}')")
+    return Path(entry.yaml_path)
+
+
+def standard_config(name: str, data_file: Path, cache: Path) -> dict[str, Any]:
+    """The task config (as written to YAML) for standard task ``name``: lm-eval's own definition (``include``) with
+    only the data source and split names replaced, reading ``data_file`` (jsonl, hub schema) as the evaluated split."""
+    task = standard.get_task(name)
+    return {
+        "include": str(lm_eval_yaml(task)),
+        "task": _STD_PREFIX + name,
+        "dataset_path": "json",
+        "dataset_name": None,
+        "dataset_kwargs": {"data_files": {task.split: str(data_file)}, "cache_dir": str(cache)},
+        "training_split": None,
+        "validation_split": task.split if task.split == "validation" else None,
+        "test_split": task.split if task.split == "test" else None,
+        "fewshot_split": None,
+    }
+
+
+def write_offline_tasks(bb: list[str], std: list[str], folder: Path, tasks_dir: str | Path | None,
+                        standard_dir: str | Path | None, limit: int | None) -> None:
+    """Write ``<name>.jsonl`` + a task YAML for each BIG-bench (``bb``) and standard (``std``) task into ``folder``
+    (first ``limit`` documents). Missing or unreadable files fail here, before any model work."""
     import yaml
 
-    for name in names:
-        items = bigbench.load_items(name, tasks_dir, limit)
-        data = folder / f"{name}.jsonl"
+    cache = folder / "hf-datasets-cache"
+    jobs = [(n, bigbench.load_items(n, tasks_dir, limit), _BB_PREFIX, bigbench_config) for n in bb]
+    jobs += [(n, standard.load_docs(n, standard_dir, limit), _STD_PREFIX, standard_config) for n in std]
+    for name, docs, prefix, config in jobs:
+        data = folder / f"{prefix}{name}.jsonl"
         with open(data, "w", encoding="utf-8") as f:
-            for item in items:
-                f.write(json.dumps(item, ensure_ascii=False) + "\n")
-        with open(folder / f"{_LM_PREFIX}{name}.yaml", "w", encoding="utf-8") as f:
-            yaml.safe_dump(task_config(name, data, folder / "hf-datasets-cache"), f, sort_keys=False)
+            for doc in docs:
+                f.write(json.dumps(doc, ensure_ascii=False) + "\n")
+        with open(folder / f"{prefix}{name}.yaml", "w", encoding="utf-8") as f:
+            yaml.safe_dump(config(name, data, cache), f, sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------- the model side
+
+
+def _scoring_lm(model, tokenizer, batch_size: int | str):
+    """lm-eval's ``HFLM`` around ``model`` with one progress bar per task: lm-eval's own bars are off and a bar named
+    after the task advances once per scored request (through lm-eval's per-request cache hook)."""
+    from lm_eval.api.model import CacheHook
+    from lm_eval.models.huggingface import HFLM
+    from tqdm.auto import tqdm
+
+    class Progress(CacheHook):
+        def __init__(self):
+            super().__init__(None)
+            self.bar = None
+
+        def add_partial(self, attr, req, res) -> None:
+            if self.bar is not None:
+                self.bar.update(1)
+
+    class ScoringLM(HFLM):
+        label, show = "zero-shot", True
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            hook = Progress()
+            self.set_cache_hook(hook)
+            off = {"disable": True} if disable_tqdm or not self.show else {}  # else tqdm's default ($TQDM_DISABLE)
+            hook.bar = tqdm(total=len(requests), desc=self.label, unit="req", file=sys.stderr, **off)
+            try:
+                return super().loglikelihood(requests, disable_tqdm=True)
+            finally:
+                hook.bar.close()
+
+    with _quiet_lm_eval(logging.ERROR):  # HFLM warns that a model object disables some of its options
+        return ScoringLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
+@contextlib.contextmanager
+def _no_request_building_bar():
+    """lm-eval draws an unlabelled bar while it builds a task's requests (a fraction of a second); hide it, so that
+    each task shows exactly one bar (the scoring one)."""
+    import lm_eval.api.task as task_mod
+
+    original = task_mod.tqdm
+    task_mod.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        task_mod.tqdm = original
+
+
+# --------------------------------------------------------------------------------------------- evaluation
 
 
 def _num(x) -> float | None:
-    if isinstance(x, (int, float)) and math.isfinite(x):
+    if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x):
         return float(x)
     return None
 
@@ -172,44 +282,54 @@ def check_limit(limit) -> None:
         raise BaseqError(f"--limit must be a positive integer, got {limit}")
 
 
+def _unknown_error(unknown: list[str]) -> BaseqError:
+    return BaseqError(f"unknown task{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: not an "
+                      f"offline task ({_known()}) nor an lm-eval task")
+
+
 def zero_shot(model, tokenizer, tasks: list[str] | str, tasks_dir: str | Path | None = None, limit: int | None = None,
-              batch_size: int | str = 8, device: str | None = "cpu") -> dict[str, dict[str, Any]]:
-    """Zero-shot accuracy of ``model`` on ``tasks``: ``{task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n"}}``.
+              batch_size: int | str = 8, device: str | None = "cpu", standard_dir: str | Path | None = None,
+              progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Zero-shot accuracy of ``model`` on ``tasks``: ``{task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr",
+    "n", "source", ...}}`` (see the module docstring).
 
     ``model`` is a transformers causal LM (moved to ``device`` if it is elsewhere; ``device=None`` leaves it),
-    ``tokenizer`` its tokenizer. ``tasks_dir`` is the folder of the BIG-bench files (default
-    ``$BASEQ_CACHE/bigbench``, see :func:`baseq.eval.bigbench.fetch_bigbench`). ``limit`` keeps the first
-    ``limit`` items per task. See the module docstring for task names and scoring.
+    ``tokenizer`` its tokenizer. ``standard_dir`` is the folder of the standard task files (default
+    ``$BASEQ_CACHE/tasks``, see :func:`baseq.eval.standard.fetch_tasks`), ``tasks_dir`` that of the BIG-bench files
+    (default ``$BASEQ_CACHE/bigbench``, see :func:`baseq.eval.bigbench.fetch_bigbench`). ``limit`` keeps the first
+    ``limit`` documents per task. Each task runs as its own lm-eval evaluation with its own progress bar
+    (``progress=False``: none).
     """
     check_limit(limit)
     names = parse_task_list(tasks)
     if not names:
-        raise BaseqError(f"no task given (offline tasks: {', '.join(bigbench.TASKS)})")
+        raise BaseqError(f"no task given ({_known()})")
     resolved = {n: resolve_task(n) for n in names}
-    offline = list(dict.fromkeys(t for s, t in resolved.values() if s == "offline"))
-    hub = list(dict.fromkeys(t for s, t in resolved.values() if s == "lmeval"))
+
+    def of(source: str) -> list[str]:
+        return list(dict.fromkeys(t for s, t in resolved.values() if s == source))
+
+    bb, std, hub = of("bigbench"), of("standard"), of("lmeval")
     _require_lm_eval()
 
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    runs: dict[tuple[str, str], tuple[Any, list[str]]] = {}  # (source, task) -> (lm-eval object, result keys)
     with tempfile.TemporaryDirectory(prefix="baseq-zeroshot-") as tmp, _quiet_lm_eval():
         folder = Path(tmp)
-        write_offline_tasks(offline, folder, tasks_dir, limit)  # parse errors surface before any model work
-        local_tm = TaskManager(include_path=str(folder), include_defaults=False)
-        objs: list = []
-        for t in offline:
-            objs.append(local_tm.load(_LM_PREFIX + t)["tasks"][_LM_PREFIX + t])
-
-        hub_keys: dict[str, list[str]] = {}  # hub name -> lm-eval result keys
+        write_offline_tasks(bb, std, folder, tasks_dir, standard_dir, limit)  # file errors before any model work
+        if bb or std:
+            local_tm = TaskManager(include_path=str(folder), include_defaults=False)
+            with _quiet_lm_eval(logging.ERROR):  # e.g. "boolq: metric acc ... using default aggregation=mean"
+                for source, prefix, group in (("bigbench", _BB_PREFIX, bb), ("standard", _STD_PREFIX, std)):
+                    for t in group:
+                        runs[source, t] = (local_tm.load(prefix + t)["tasks"][prefix + t], [prefix + t])
         if hub:
             default_tm = _default_task_manager()
             unknown = [t for t in hub if t not in default_tm.all_tasks]
             if unknown:
-                raise BaseqError(f"unknown task{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: "
-                                 f"not an offline task (known offline tasks: {', '.join(bigbench.TASKS)}) "
-                                 "nor an lm-eval task")
+                raise _unknown_error(unknown)
             for t in hub:
                 try:
                     loaded = default_tm.load(t)
@@ -217,81 +337,109 @@ def zero_shot(model, tokenizer, tasks: list[str] | str, tasks_dir: str | Path | 
                     said = str(e).strip().splitlines()
                     raise BaseqError(f"lm-eval task '{t}' needs its dataset from the Hugging Face hub, which could "
                                      f"not be loaded ({type(e).__name__}{': ' + said[0] if said else ''}); the offline "
-                                     f"tasks are: {', '.join(bigbench.TASKS)}") from None
+                                     f"tasks are: {_known()}") from None
                 if t in loaded["groups"]:
-                    objs.append(loaded["groups"][t])
-                    hub_keys[t] = [t]
-                else:
-                    objs.extend(loaded["tasks"].values())
-                    hub_keys[t] = [t] if t in loaded["tasks"] else list(loaded["tasks"])
+                    runs["lmeval", t] = (loaded["groups"][t], [t])
+                elif t in loaded["tasks"]:
+                    runs["lmeval", t] = (loaded["tasks"][t], [t])
+                else:  # a tag: one entry per task it expands to
+                    runs["lmeval", t] = (list(loaded["tasks"].values()), list(loaded["tasks"]))
 
         if device is not None:
             import torch
 
             if torch.device(device) != getattr(model, "device", torch.device(device)):
                 model.to(device)
-        with _quiet_lm_eval(logging.ERROR):  # HFLM warns that a model object disables some of its options
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        out = lm_eval.simple_evaluate(
-            model=lm, tasks=objs, task_manager=local_tm,
-            limit=limit if hub else None,  # offline files already hold only the first `limit` items
-            log_samples=False, bootstrap_iters=1000,
-            random_seed=None, numpy_random_seed=None, torch_random_seed=None,  # leave global RNGs alone
-        )
+        lm = _scoring_lm(model, tokenizer, batch_size)
+        lm.show = progress
+        outputs: dict[tuple[str, str], dict] = {}
+        # lm-eval prints "bootstrapping for stddev: perplexity" (LAMBADA) on stdout, which the CLI keeps for results
+        with _no_request_building_bar(), contextlib.redirect_stdout(io.StringIO()):
+            for (source, t), (obj, _) in runs.items():
+                lm.label = t
+                outputs[source, t] = lm_eval.simple_evaluate(
+                    model=lm, tasks=obj if isinstance(obj, list) else [obj], limit=limit,
+                    log_samples=False, bootstrap_iters=1000,
+                    random_seed=None, numpy_random_seed=None, torch_random_seed=None,  # leave global RNGs alone
+                )
 
+    final: dict[str, dict[str, Any]] = {}
+    for name in names:
+        source, t = resolved[name]
+        out = outputs[source, t]
+        keys = runs[source, t][1]
+        if source == "lmeval" and keys != [t]:
+            for k in keys:
+                final[k] = _entry(out, k, f"lm-eval {k} (hub)")
+            continue
+        if source == "standard":
+            e = _entry(out, keys[0], f"{standard.WHEEL} {standard._ROOT}{standard.TASKS[t].member}")
+            metric = standard.TASKS[t].paper_metric
+            e.update(paper=e[metric], paper_stderr=e[f"{metric}_stderr"], paper_metric=metric)
+        elif source == "bigbench":
+            e = _entry(out, keys[0], f"bigbench==1.0.0 {bigbench.TASKS[t].member}",
+                       same_norm=bigbench.TASKS[t].kind == "partial")
+        else:
+            e = _entry(out, t, f"lm-eval {t} (hub)")
+        final[name] = e
+    return final
+
+
+def _entry(out: dict, key: str, source: str, same_norm: bool = False) -> dict[str, Any]:
+    """One task's numbers from a ``simple_evaluate`` output."""
     results, nsamp = out["results"], out.get("n-samples", {})
     group_subtasks = out.get("group_subtasks", {})
 
-    def n_of(key: str) -> int | None:
-        if key in nsamp:
-            return int(nsamp[key].get("effective", nsamp[key].get("original")))
-        subs = group_subtasks.get(key)
+    def n_of(k: str) -> int | None:
+        if k in nsamp:
+            return int(nsamp[k].get("effective", nsamp[k].get("original")))
+        subs = group_subtasks.get(k)
         if subs:
             ns = [n_of(s) for s in subs]
             return sum(ns) if all(n is not None for n in ns) else None
         return None
 
-    def entry(key: str, same_norm: bool = False) -> dict[str, Any]:
-        r = results.get(key, {})
-        acc, acc_se = _num(r.get("acc,none")), _num(r.get("acc_stderr,none"))
-        if same_norm:
-            norm, norm_se = acc, acc_se
-        else:
-            norm, norm_se = _num(r.get("acc_norm,none")), _num(r.get("acc_norm_stderr,none"))
-        return {"acc": acc, "acc_stderr": acc_se, "acc_norm": norm, "acc_norm_stderr": norm_se, "n": n_of(key)}
+    r = results.get(key, {})
+    acc, acc_se = _num(r.get("acc,none")), _num(r.get("acc_stderr,none"))
+    if same_norm:
+        norm, norm_se = acc, acc_se
+    else:
+        norm, norm_se = _num(r.get("acc_norm,none")), _num(r.get("acc_norm_stderr,none"))
+    e = {"acc": acc, "acc_stderr": acc_se, "acc_norm": norm, "acc_norm_stderr": norm_se, "n": n_of(key),
+         "source": source}
+    if "perplexity,none" in r:
+        e |= {"perplexity": _num(r.get("perplexity,none")), "perplexity_stderr": _num(r.get("perplexity_stderr,none"))}
+    return e
 
-    final: dict[str, dict[str, Any]] = {}
-    for name in names:
-        source, t = resolved[name]
-        if source == "offline":
-            final[name] = entry(_LM_PREFIX + t, same_norm=bigbench.TASKS[t].kind == "partial")
-        else:
-            keys = hub_keys[t]
-            if keys == [t]:
-                final[name] = entry(t)
-            else:  # a tag: one entry per task it expands to
-                for k in keys:
-                    final[k] = entry(k)
-    return final
+
+def paper_average(results: dict[str, dict[str, Any]]) -> float | None:
+    """Mean paper metric over the nine standard tasks (None unless all nine were run)."""
+    return standard.paper_average(results)
 
 
 # --------------------------------------------------------------------------------------------- CLI adapters
 
 
 def add_zero_shot_args(parser) -> None:
-    """``--tasks``, ``--tasks-dir``, ``--limit`` for ``baseq eval`` (and ``baseq quantize``)."""
+    """``--tasks``, ``--standard-dir``, ``--tasks-dir``, ``--limit`` for ``baseq eval`` (and ``baseq quantize``)."""
     parser.add_argument("--tasks", default=None,
-                        help="comma-separated zero-shot tasks: offline " + ", ".join(bigbench.TASKS)
-                        + "; other names go to lm-eval (need the HF hub); prefixes bb: / lmeval: force one side")
+                        help="comma-separated zero-shot tasks, scored by lm-eval offline: the standard suite "
+                        + ", ".join(standard.TASKS) + f" ('{PAPER}' = all nine; `baseq data tasks` fetches them); "
+                        "the BIG-bench tasks " + ", ".join(bigbench.TASKS) + "; other names go to lm-eval's own "
+                        "tasks (need the HF hub; prefix lmeval: forces that)")
+    parser.add_argument("--standard-dir", default=None,
+                        help="folder of the standard task files (default: $BASEQ_CACHE/tasks, filled by "
+                        "`baseq data tasks`)")
     parser.add_argument("--tasks-dir", default=None,
                         help="folder of the BIG-bench task files (default: $BASEQ_CACHE/bigbench, "
                         "filled by `baseq data bigbench`)")
-    parser.add_argument("--limit", type=int, default=None, help="score only the first N items of each task")
+    parser.add_argument("--limit", type=int, default=None, help="score only the first N documents of each task")
 
 
-def check_tasks(tasks: str | list[str] | None, tasks_dir: str | Path | None = None, limit: int | None = None) -> None:
-    """Fail before any model work on a task list that cannot run: an unknown name, a missing or unreadable offline
-    task file, an lm-eval name lm-eval does not know (its task index takes a few seconds to build)."""
+def check_tasks(tasks: str | list[str] | None, tasks_dir: str | Path | None = None, limit: int | None = None,
+                standard_dir: str | Path | None = None) -> None:
+    """Fail before any model work on a task list that cannot run: an unknown name, a missing or unreadable task
+    file, an lm-eval name lm-eval does not know (its task index takes a few seconds to build)."""
     if limit is not None:
         check_limit(limit)
     names = parse_task_list(tasks)
@@ -299,17 +447,17 @@ def check_tasks(tasks: str | list[str] | None, tasks_dir: str | Path | None = No
         return
     resolved = [resolve_task(n) for n in names]
     for source, task in resolved:
-        if source == "offline":
+        if source == "bigbench":
             bigbench.load_items(task, tasks_dir, 1)
+        elif source == "standard":
+            standard.load_docs(task, standard_dir, 1)
     hub = [t for s, t in resolved if s == "lmeval"]
     if hub:
         _require_lm_eval()
         known = _default_task_manager().all_tasks
         unknown = [t for t in hub if t not in known]
         if unknown:
-            raise BaseqError(f"unknown task{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: "
-                             f"not an offline task (known offline tasks: {', '.join(bigbench.TASKS)}) "
-                             "nor an lm-eval task")
+            raise _unknown_error(unknown)
 
 
 def zero_shot_from_args(model, tokenizer, args, batch_size: int | str = 8, device: str | None = "cpu"):
@@ -320,7 +468,9 @@ def zero_shot_from_args(model, tokenizer, args, batch_size: int | str = 8, devic
             check_limit(args.limit)
         return None
     return zero_shot(model, tokenizer, names, tasks_dir=getattr(args, "tasks_dir", None),
-                     limit=getattr(args, "limit", None), batch_size=batch_size, device=device)
+                     limit=getattr(args, "limit", None), batch_size=batch_size, device=device,
+                     standard_dir=getattr(args, "standard_dir", None),
+                     progress=not getattr(args, "quiet", False))
 
 
 def format_zero_shot(results: dict[str, dict[str, Any]]) -> str:
@@ -336,4 +486,7 @@ def format_zero_shot(results: dict[str, dict[str, Any]]) -> str:
         n = "-" if r.get("n") is None else str(r["n"])
         lines.append(f"{task:20s} {n:>6s} {cell(r.get('acc'), r.get('acc_stderr')):>15s} "
                      f"{cell(r.get('acc_norm'), r.get('acc_norm_stderr')):>15s}")
+    avg = paper_average(results)
+    if avg is not None:
+        lines.append(f"{'paper average (9)':20s} {'':>6s} {avg:>15.4f}")
     return "\n".join(lines)

@@ -1,20 +1,25 @@
-"""Architecture adapter for Llama-family decoders (Llama, Mistral, Qwen2 and look-alikes).
+"""The model adapter: a causal LM recognised as one of the families of ``models/arch.py`` and checked against it.
 
-Recognised by structure, never by name: ``model.model.{embed_tokens, layers, norm}``, ``model.lm_head``, and per
-layer ``self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj``, ``input_layernorm``, ``post_attention_layernorm``
-(RMSNorm: a weight and no bias). Shapes come from the config and are checked against the weights.
+:class:`ModelAdapter` finds the family from ``config.model_type``, checks the module structure and the weight
+shapes against the family's :class:`~baseq.models.arch.ArchSpec` and the config, and refuses everything else with
+one line naming the class and the first thing that does not match (``unsupported model Qwen3MoeForCausalLM: layer 0
+mlp has experts (MoE is not supported yet)``) — before any work. Nothing is ever quantized "by structure" with a
+guess.
+
+Block-level helpers (:func:`linears`, :func:`qkv`, :func:`gate_up`, :func:`block_points`, :func:`split_fused`...)
+take one decoder layer and find its family from the layer's attention config, so a block read lazily from disk is
+handled like one in memory. ``LlamaAdapter`` / ``LlamaShape`` remain as aliases of the general names.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ..errors import BaseqError
-
-LAYER_PARTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")
+from .arch import ArchSpec, spec_for_config, supported_families
 
 
 def _get(module: nn.Module, dotted: str):
@@ -26,7 +31,7 @@ def _get(module: nn.Module, dotted: str):
 
 
 @dataclass
-class LlamaShape:
+class ModelShape:
     hidden: int
     ffn: int
     layers: int
@@ -39,68 +44,219 @@ class LlamaShape:
         return self.heads // self.kv_heads
 
 
-class LlamaAdapter:
-    """Where the embeddings, blocks, norms, linears and head of a Llama-like model are."""
+LlamaShape = ModelShape
+
+
+def shape_of_config(config, layers: int | None = None) -> ModelShape:
+    heads = config.num_attention_heads
+    return ModelShape(hidden=config.hidden_size, ffn=config.intermediate_size,
+                      layers=layers if layers is not None else config.num_hidden_layers, heads=heads,
+                      kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+                      head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads)
+
+
+# ------------------------------------------------------------------------------------------------ block helpers
+
+
+def layer_spec(layer: nn.Module) -> ArchSpec:
+    """The family of a decoder layer (from its attention module's config)."""
+    config = _get(layer, "self_attn.config")
+    spec = spec_for_config(config) if config is not None else None
+    if spec is None:
+        raise BaseqError(f"internal error: no architecture family for layer {type(layer).__name__}")
+    return spec
+
+
+class FusedLinear(nn.Module):
+    """A fused projection split into its parts (exact): ``forward(x) = cat(part(x) for part)`` along the last dim."""
+
+    def __init__(self, parts: dict[str, nn.Module]):
+        super().__init__()
+        for name, lin in parts.items():
+            self.add_module(name, lin)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m(x) for m in self.children()], dim=-1)
+
+
+def _part_sizes(layer: nn.Module, parts: tuple[str, ...], out_features: int) -> list[int]:
+    if parts == ("q_proj", "k_proj", "v_proj"):
+        s = shape_of_config(layer.self_attn.config)
+        return [s.heads * s.head_dim, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim]
+    if out_features % len(parts):
+        raise BaseqError(f"internal error: cannot split {out_features} outputs into {parts}")
+    return [out_features // len(parts)] * len(parts)
+
+
+def split_fused(layer: nn.Module) -> None:
+    """Replace the family's fused projections (Phi-3's ``qkv_proj``, ``gate_up_proj``) by :class:`FusedLinear`
+    containers of separate ``nn.Linear`` parts, in place (idempotent; works on meta-device templates too)."""
+    spec = layer_spec(layer)
+    for path, parts in spec.fused:
+        parent_path, _, name = path.rpartition(".")
+        parent = layer.get_submodule(parent_path)
+        lin = getattr(parent, name)
+        if isinstance(lin, FusedLinear):
+            continue
+        sizes = _part_sizes(layer, parts, lin.out_features)
+        pieces, start = {}, 0
+        for part, n in zip(parts, sizes):
+            new = nn.Linear(lin.in_features, n, bias=lin.bias is not None, device=lin.weight.device,
+                            dtype=lin.weight.dtype)
+            new.weight = nn.Parameter(lin.weight.data[start:start + n].clone(), requires_grad=False)
+            if lin.bias is not None:
+                new.bias = nn.Parameter(lin.bias.data[start:start + n].clone(), requires_grad=False)
+            pieces[part] = new
+            start += n
+        setattr(parent, name, FusedLinear(pieces))
+
+
+def linears(layer: nn.Module) -> dict[str, nn.Module]:
+    """The block's seven linears in GPTQ's sequential order (qkv → o → gate/up → down); fused ones split first."""
+    split_fused(layer)
+    return {name: layer.get_submodule(path) for name, path in layer_spec(layer).linear_paths().items()}
+
+
+def qkv(layer: nn.Module) -> list[nn.Module]:
+    lin = linears(layer)
+    return [lin["q_proj"], lin["k_proj"], lin["v_proj"]]
+
+
+def gate_up(layer: nn.Module) -> list[nn.Module]:
+    lin = linears(layer)
+    return [lin["gate_proj"], lin["up_proj"]]
+
+
+def attn_norm(layer: nn.Module) -> nn.Module | None:
+    path = layer_spec(layer).attn_norm
+    return layer.get_submodule(path) if path else None
+
+
+def mlp_norm(layer: nn.Module) -> nn.Module | None:
+    path = layer_spec(layer).mlp_norm
+    return layer.get_submodule(path) if path else None
+
+
+def block_points(layer: nn.Module) -> dict:
+    """The block's four activation quantization points (``quant/qmodel.ActPoint``): qkv, o, gate_up, down.
+
+    The qkv and gate_up points live in the pre-norm (``QuantRMSNorm.act``), or — when an online R1 sits between
+    norm and point, or the family has no pre-norm — in the sublayer's ``in_point`` (``qmodel.InputPoint``)."""
+    lin = linears(layer)
+
+    def input_point(sub: str, norm: nn.Module | None):
+        slot = getattr(layer.get_submodule(sub), "in_point", None)
+        return slot.act if slot is not None else norm.act
+
+    return {"qkv": input_point("self_attn", attn_norm(layer)), "o": lin["o_proj"].act,
+            "gate_up": input_point("mlp", mlp_norm(layer)), "down": lin["down_proj"].act}
+
+
+# ------------------------------------------------------------------------------------------------ the adapter
+
+
+def _moe(layer: nn.Module, config) -> bool:
+    mlp = getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe", None)
+    return (mlp is not None and (hasattr(mlp, "experts") or hasattr(mlp, "router"))) or \
+        bool(getattr(config, "num_local_experts", 0) or getattr(config, "num_experts", 0))
+
+
+def _is_rmsnorm(norm) -> bool:
+    return isinstance(norm, nn.Module) and isinstance(getattr(norm, "weight", None), torch.Tensor) and \
+        getattr(norm, "bias", None) is None
+
+
+class ModelAdapter:
+    """Where the embeddings, blocks, norms, linears and head of a supported model are, and its family (``spec``)."""
+
+    qkv = staticmethod(qkv)
+    gate_up = staticmethod(gate_up)
+    linears = staticmethod(linears)
 
     def __init__(self, model: nn.Module):
         self.model = model
         cls = type(model).__name__
-        base = getattr(model, "model", None)
-        missing = [n for n in ("model.embed_tokens", "model.layers", "model.norm", "lm_head")
-                   if _get(model, n) is None]
+
+        def refuse(why: str):
+            raise BaseqError(f"unsupported model {cls}: {why}")
+
+        config = getattr(model, "config", None)
+        base_layers = _get(model, "model.layers")
+        if config is None or base_layers is None or len(base_layers) == 0:
+            refuse(f"no model.layers: none of the supported families ({supported_families()})")
+        if _moe(base_layers[0], config):
+            refuse("layer 0 mlp has experts (MoE is not supported yet)")
+        spec = spec_for_config(config)
+        if spec is None:
+            refuse(f"model_type '{getattr(config, 'model_type', None)}' is none of the supported families "
+                   f"({supported_families()})")
+        self.spec = spec
+        missing = [p for p in (spec.embed, spec.layers, spec.final_norm, spec.head) if _get(model, p) is None]
         if missing:
-            raise BaseqError(f"unsupported model {cls}: not a Llama-like decoder (missing {', '.join(missing)})")
-        for i, layer in enumerate(base.layers):
-            gone = [p for p in LAYER_PARTS if _get(layer, p) is None]
-            if gone:
-                raise BaseqError(f"unsupported model {cls}: layer {i} has no {', '.join(gone)}")
-            for norm in ("input_layernorm", "post_attention_layernorm"):
-                n = getattr(layer, norm)
-                if getattr(n, "bias", None) is not None or not hasattr(n, "weight"):
-                    raise BaseqError(f"unsupported model {cls}: {norm} is not an RMSNorm (has a bias or no weight)")
-        cfg = model.config
-        heads = cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        self.shape = LlamaShape(hidden=cfg.hidden_size, ffn=cfg.intermediate_size, layers=len(base.layers),
-                                heads=heads, kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
-                                head_dim=head_dim)
-        s = self.shape
-        attn = base.layers[0].self_attn
-        if (attn.q_proj.out_features != s.heads * s.head_dim or attn.k_proj.out_features != s.kv_heads * s.head_dim
-                or s.heads % s.kv_heads):
-            raise BaseqError(f"unsupported model {cls}: attention shapes do not match the config "
-                             f"({s.heads} heads, {s.kv_heads} KV heads, head_dim {s.head_dim})")
-        if getattr(cfg, "hidden_act", "silu") not in ("silu", "swish"):
-            raise BaseqError(f"unsupported model {cls}: MLP activation {cfg.hidden_act} (expected silu)")
+            refuse(f"no {', '.join(missing)} (expected of a {spec.family} model)")
+        if getattr(config, "use_bidirectional_attention", False):
+            refuse("bidirectional attention is not a causal LM")
+        self.shape = s = shape_of_config(config, layers=len(self.layers))
+        if s.heads % s.kv_heads:
+            refuse(f"{s.heads} attention heads are not a multiple of {s.kv_heads} KV heads")
+        act = getattr(config, spec.act_key, None)
+        if act not in spec.activations:
+            refuse(f"MLP activation {spec.act_key}={act!r} (a {spec.family} model uses "
+                   f"{' or '.join(spec.activations)})")
+        fused = dict(spec.fused)
+        for i, layer in enumerate(self.layers):
+            self._check_layer(i, layer, spec, s, fused, refuse)
+
+    @staticmethod
+    def _check_layer(i, layer, spec: ArchSpec, s: ModelShape, fused: dict, refuse) -> None:
+        nq, nkv = s.heads * s.head_dim, s.kv_heads * s.head_dim
+        expect = {"self_attn.q_proj": (nq, s.hidden), "self_attn.k_proj": (nkv, s.hidden),
+                  "self_attn.v_proj": (nkv, s.hidden), "self_attn.o_proj": (s.hidden, nq),
+                  "mlp.gate_proj": (s.ffn, s.hidden), "mlp.up_proj": (s.ffn, s.hidden),
+                  "mlp.down_proj": (s.hidden, s.ffn)}
+        for path, parts in fused.items():
+            if _get(layer, path) is not None and not isinstance(_get(layer, path), FusedLinear):
+                rows = sum(expect.pop(f"{path.split('.')[0]}.{p}")[0] for p in parts)
+                expect[path] = (rows, s.hidden)
+            else:  # already split
+                for p in parts:
+                    expect[f"{path}.{p}"] = expect.pop(f"{path.split('.')[0]}.{p}")
+        for path, shape in expect.items():
+            lin = _get(layer, path)
+            if lin is None or not isinstance(getattr(lin, "weight", None), torch.Tensor):
+                refuse(f"layer {i} has no {path} (expected of a {spec.family} model)")
+            if tuple(lin.weight.shape) != shape:
+                refuse(f"layer {i} {path} has shape {tuple(lin.weight.shape)}, the config implies {shape}")
+        norms = {p: (s.hidden,) for p in spec.pre_norms + spec.post_norms}
+        if spec.qk_norm:
+            norms.update({"self_attn.q_norm": (s.head_dim,) if spec.qk_norm == "head" else (nq,),
+                          "self_attn.k_norm": (s.head_dim,) if spec.qk_norm == "head" else (nkv,)})
+        elif _get(layer, "self_attn.q_norm") is not None:
+            refuse(f"layer {i} has q/k norms, which a {spec.family} model does not")
+        for path, shape in norms.items():
+            norm = _get(layer, path)
+            if norm is None:
+                refuse(f"layer {i} has no {path} (expected of a {spec.family} model)")
+            if not _is_rmsnorm(norm):
+                refuse(f"layer {i} {path} is not an RMSNorm (a weight and no bias)")
+            if tuple(norm.weight.shape) != shape:
+                refuse(f"layer {i} {path} has shape {tuple(norm.weight.shape)}, expected {shape}")
 
     @property
-    def embed(self) -> nn.Embedding:
-        return self.model.model.embed_tokens
+    def embed(self) -> nn.Module:
+        return self.model.get_submodule(self.spec.embed)
 
     @property
     def layers(self) -> nn.ModuleList:
-        return self.model.model.layers
+        return self.model.get_submodule(self.spec.layers)
 
     @property
     def final_norm(self) -> nn.Module:
-        return self.model.model.norm
+        return self.model.get_submodule(self.spec.final_norm)
 
     @property
     def lm_head(self) -> nn.Linear:
-        return self.model.lm_head
+        return self.model.get_submodule(self.spec.head)
 
-    @staticmethod
-    def qkv(layer) -> list[nn.Linear]:
-        a = layer.self_attn
-        return [a.q_proj, a.k_proj, a.v_proj]
 
-    @staticmethod
-    def gate_up(layer) -> list[nn.Linear]:
-        return [layer.mlp.gate_proj, layer.mlp.up_proj]
-
-    @staticmethod
-    def linears(layer) -> dict[str, nn.Linear]:
-        """The block's linears in GPTQ's sequential order (qkv → o → gate/up → down)."""
-        a, m = layer.self_attn, layer.mlp
-        return {"q_proj": a.q_proj, "k_proj": a.k_proj, "v_proj": a.v_proj, "o_proj": a.o_proj,
-                "gate_proj": m.gate_proj, "up_proj": m.up_proj, "down_proj": m.down_proj}
+LlamaAdapter = ModelAdapter

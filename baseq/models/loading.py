@@ -105,11 +105,32 @@ def _asset_model(name: str, dtype: torch.dtype):
     return _from_pretrained(str(folder), dtype)
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick check before any hub download (which would otherwise retry for ~20 s): False when the hub is
+    switched off (``HF_HUB_OFFLINE``) or its endpoint does not accept a connection within ``timeout`` seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _hub(spec: str, dtype: torch.dtype):
     try:
         return _from_pretrained(spec, dtype, local_files_only=True)
     except (OSError, BaseqError):
         pass
+    if not hub_reachable():
+        raise BaseqError(f"'{spec}' is no local folder or file, and no Hugging Face hub is reachable to look it up "
+                         f"as a hub id")
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
     try:

@@ -1,17 +1,21 @@
-"""The fake-quantized model: where activations and the KV cache are quantized inside a Llama-like block.
+"""The fake-quantized model: where activations and the KV cache are quantized inside a decoder block.
 
 Four activation quantization points per block, each an :class:`ActPoint` computing ``Q(x·s − b) (+ b)``
 (optional online rotation first, ``s`` the BASE-Q asymmetric scale, ``b`` the bias, both per channel):
 
-* qkv input    — in :class:`QuantRMSNorm` replacing ``input_layernorm``
+* qkv input    — in the :class:`QuantRMSNorm` replacing the attention pre-norm (``input_layernorm``), or, when an
+  online R1 follows that norm or the family has none (post-norm families), in ``self_attn.in_point``
+  (:class:`~baseq.rotation.fuse.InputPoint`)
 * o_proj input — in the :class:`QuantLinear` replacing ``o_proj``
-* gate/up input — in :class:`QuantRMSNorm` replacing ``post_attention_layernorm``
+* gate/up input — likewise, in the MLP pre-norm's :class:`QuantRMSNorm` or in ``mlp.in_point``
 * down_proj input — in the :class:`QuantLinear` replacing ``down_proj`` (after the online R4 Hadamard)
 
-K and V are quantized per token and per KV head by :class:`KVPoint` (after the online R3 Hadamard on queries and
-keys), through an attention function registered with transformers as ``"baseq"``. Every block linear becomes a
-:class:`QuantLinear` with a bias, so that folded BASE-Q biases (``W·b``) have a place to go and saved models load
-into one fixed structure.
+Pre-norms become :class:`QuantRMSNorm` holding their *effective* scale (``w``, or ``1 + w`` for Gemma's norms);
+post-norms and q/k norms stay the model's own modules. K and V are quantized per token and per KV head by
+:class:`KVPoint` (after the online R3 Hadamard on queries and keys), through an attention function registered with
+transformers as ``"baseq"`` (SDPA, or an eager path applying attention-logit soft-capping, which SDPA lacks). Every
+block linear becomes a :class:`QuantLinear` with a bias, so that folded BASE-Q biases (``W·b``) have a place to go
+and saved models load into one fixed structure.
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.adapter import LlamaAdapter
-from ..rotation.fuse import OnlineRotation
+from ..models.adapter import ModelAdapter, layer_spec, linears, split_fused
+from ..rotation.fuse import InputPoint, OnlineRotation, ResidualRotation, install_input_point
 from .quantizer import ActQuantizer, KVQuantizer
 
 ATTN_NAME = "baseq"
@@ -83,9 +87,9 @@ class ActPoint(nn.Module):
 
 
 class QuantRMSNorm(nn.Module):
-    """RMSNorm followed by an activation quantization point."""
+    """RMSNorm ``g·x̂`` (``g`` the effective scale) followed by an activation quantization point (or none)."""
 
-    def __init__(self, weight: torch.Tensor, eps: float, act: ActPoint):
+    def __init__(self, weight: torch.Tensor, eps: float, act: ActPoint | None):
         super().__init__()
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
         self.eps = eps
@@ -95,7 +99,8 @@ class QuantRMSNorm(nn.Module):
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.act(self.weight * h.to(dtype))
+        h = self.weight * h.to(dtype)
+        return self.act(h) if self.act is not None else h
 
 
 class QuantLinear(nn.Linear):
@@ -169,12 +174,38 @@ class KVPoint(nn.Module):
         return query, key, value
 
 
+def softcapped_attention(query, key, value, mask, scaling: float, softcap: float) -> torch.Tensor:
+    """Attention with logit soft-capping (``c·tanh(s / c)`` on the scaled scores, Gemma 2), which SDPA cannot do.
+    ``query [b, h, q, d]``, ``key``/``value [b, kv, n, d]``, ``mask`` bool (True = attend), additive, or None (causal,
+    as SDPA's ``is_causal``). Returns ``[b, q, h, d]`` like transformers' attention functions."""
+    g = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(g, dim=1), value.repeat_interleave(g, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is None:
+        ql, kl = scores.shape[-2:]
+        if ql > 1:
+            causal = torch.ones(ql, kl, dtype=torch.bool, device=scores.device).tril(kl - ql)
+            scores = scores.masked_fill(~causal, float("-inf"))
+    elif mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    else:
+        scores = scores + mask
+    probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous()
+
+
 def baseq_attention(module, query, key, value, attention_mask, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     point = getattr(module, "kv_point", None)
     if point is not None:
         query, key, value = point(query, key, value)
+    softcap = kwargs.pop("softcap", None)
+    if softcap is not None:
+        scaling = kwargs.get("scaling")
+        scaling = module.head_dim ** -0.5 if scaling is None else scaling
+        return softcapped_attention(query, key, value, attention_mask, scaling, softcap), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -186,12 +217,12 @@ def register_attention() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, sdpa_mask)
 
 
-def quantize_structure(model: nn.Module, spec: ActSpec, fuse_online: bool = True) -> LlamaAdapter:
+def quantize_structure(model: nn.Module, spec: ActSpec, fuse_online: bool = True) -> ModelAdapter:
     """Swap norms, linears and attention of every block for their quantized counterparts.
 
     With ``spec.online_rotations`` and ``fuse_online``, the inverse of the online R4 is fused into ``W_down`` here
     (the model function is unchanged); a saved model is rebuilt with ``fuse_online=False``."""
-    ad = LlamaAdapter(model)
+    ad = ModelAdapter(model)
     for layer in ad.layers:
         quantize_layer(layer, spec, ad.shape, fuse_online)
     use_quantized_attention(model)
@@ -199,28 +230,51 @@ def quantize_structure(model: nn.Module, spec: ActSpec, fuse_online: bool = True
 
 
 def quantize_layer(layer: nn.Module, spec: ActSpec, s, fuse_online: bool = True) -> None:
-    """:func:`quantize_structure` for one block (``s``: the model's LlamaShape); the model must also go through
-    :func:`use_quantized_attention` once."""
-    attn, mlp = layer.self_attn, layer.mlp
+    """:func:`quantize_structure` for one block (``s``: the model's ModelShape); the model must also go through
+    :func:`use_quantized_attention` once.
+
+    Post-norm families with ``spec.online_rotations``: the qkv and gate/up points take the online R1 (the one
+    ``rotate_layer`` installed, or — rebuilding a saved model — a new one from ``spec.seed``)."""
+    arch = layer_spec(layer)
+    split_fused(layer)
 
     def point(channels: int, rotation=None) -> ActPoint:
         return ActPoint(channels, spec.a_bits, spec.a_clip, spec.learnable_clip, rotation)
 
-    layer.input_layernorm = QuantRMSNorm(layer.input_layernorm.weight, _eps(layer.input_layernorm),
-                                         point(s.hidden))
-    layer.post_attention_layernorm = QuantRMSNorm(layer.post_attention_layernorm.weight,
-                                                  _eps(layer.post_attention_layernorm), point(s.hidden))
-    for name in ("q_proj", "k_proj", "v_proj"):
-        setattr(attn, name, QuantLinear(getattr(attn, name)))
-    attn.o_proj = QuantLinear(attn.o_proj, point(s.heads * s.head_dim))
-    mlp.gate_proj = QuantLinear(mlp.gate_proj)
-    mlp.up_proj = QuantLinear(mlp.up_proj)
+    shared_r1 = None
+    for sub, norm_path in (("self_attn", arch.attn_norm), ("mlp", arch.mlp_norm)):
+        sublayer = layer.get_submodule(sub)
+        slot = getattr(sublayer, "in_point", None)
+        online = slot.rotation if slot is not None else None
+        if online is None and not arch.r1_fusable and spec.online_rotations:
+            shared_r1 = shared_r1 or ResidualRotation(s.hidden, seed=spec.seed)
+            online = shared_r1
+        norm_act = None
+        if online is not None or norm_path is None:
+            install_input_point(sublayer, InputPoint(None, point(s.hidden, online)))
+        else:
+            norm_act = point(s.hidden)
+        if norm_path is not None:
+            norm = layer.get_submodule(norm_path)
+            weight = norm.weight if isinstance(norm, QuantRMSNorm) else norm.weight.detach() + arch.norm_offset
+            _set(layer, norm_path, QuantRMSNorm(weight, _eps(norm), norm_act))
+    lin = linears(layer)
+    paths = arch.linear_paths()
+    for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+        _set(layer, paths[name], QuantLinear(lin[name]))
+    _set(layer, paths["o_proj"], QuantLinear(lin["o_proj"], point(s.heads * s.head_dim)))
     r4 = OnlineRotation(s.ffn, seed=spec.seed + 4) if spec.online_rotations else None
-    mlp.down_proj = QuantLinear(mlp.down_proj, point(s.ffn, r4))
+    down = QuantLinear(lin["down_proj"], point(s.ffn, r4))
     if r4 is not None and fuse_online:
-        w = mlp.down_proj.weight.data
-        mlp.down_proj.weight.data = r4(w.double()).to(w.dtype)
-    attn.kv_point = KVPoint(s.kv_heads, s.head_dim, spec)
+        w = down.weight.data
+        down.weight.data = r4(w.double()).to(w.dtype)
+    _set(layer, paths["down_proj"], down)
+    layer.self_attn.kv_point = KVPoint(s.kv_heads, s.head_dim, spec)
+
+
+def _set(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
 def use_quantized_attention(model: nn.Module) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..models.adapter import LlamaAdapter
+from ..models.adapter import ModelAdapter, attn_norm, linears, mlp_norm
 from .fuse import _mul_in, _mul_out
 from .hadamard import orthogonal_matrix
 
@@ -79,7 +79,7 @@ def collect_activations(model: nn.Module, windows: torch.Tensor, tokens: int = 5
     """From the FP model (before any rotation): ``tokens`` sampled tokens per layer of (a) the normalised residual
     stream at both RMSNorms [2 · layers · tokens, hidden] and (b) the o_proj input [layers, tokens, heads · head_dim].
     Hooks only; memory is O(layers · tokens · hidden)."""
-    ad = LlamaAdapter(model)
+    ad = ModelAdapter(model)
     gen = torch.Generator().manual_seed(seed)
     resid: dict[int, list] = {}
     vo: dict[int, list] = {}
@@ -90,10 +90,10 @@ def collect_activations(model: nn.Module, windows: torch.Tensor, tokens: int = 5
         store.setdefault(key, []).append(x)
 
     for i, layer in enumerate(ad.layers):
-        for j, norm in enumerate((layer.input_layernorm, layer.post_attention_layernorm)):
+        for j, norm in enumerate((attn_norm(layer), mlp_norm(layer))):
             hooks.append(norm.register_forward_pre_hook(
                 lambda m, args, k=2 * i + j: keep(resid, k, unit_rms(args[0].float()))))
-        hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(
+        hooks.append(linears(layer)["o_proj"].register_forward_pre_hook(
             lambda m, args, k=i: keep(vo, k, args[0])))
     try:
         for batch in windows.split(batch_size):
@@ -115,7 +115,7 @@ def calibrate_rotations(model: nn.Module, windows: torch.Tensor, seed: int = 0, 
                         steps: int = 100, lr: float = 1.0, tokens: int = 512, log: dict | None = None):
     """Trained (R1 [hidden, hidden] or None, R2 [layers, kv_heads, head_dim, head_dim] or None), float64, each
     starting from the randomized Hadamard :func:`rotation.fuse.rotate_model` would use with ``seed``."""
-    s = LlamaAdapter(model).shape
+    s = ModelAdapter(model).shape
     resid, vo = collect_activations(model, windows, tokens=tokens, seed=seed)
     log = log if log is not None else {}
     q1 = q2 = None
@@ -139,14 +139,15 @@ def calibrate_rotations(model: nn.Module, windows: torch.Tensor, seed: int = 0, 
 def apply_value_rotations(model: nn.Module, r2: torch.Tensor, seed: int = 0) -> None:
     """Replace the seeded R2 that :func:`rotate_model` fused (``orthogonal_matrix(head_dim, seed + 1)``) by the
     trained per-layer, per-KV-head ``r2`` [layers, kv_heads, hd, hd]: fuse ``R2_seedᵀ R2`` on top (exact)."""
-    ad = LlamaAdapter(model)
+    ad = ModelAdapter(model)
     s = ad.shape
     base = orthogonal_matrix(s.head_dim, seed=seed + 1)
     g = s.heads // s.kv_heads
     for layer, rl in zip(ad.layers, r2):
         delta = [base.T @ r for r in rl.double()]
-        _mul_out(layer.self_attn.v_proj, torch.block_diag(*delta))
-        _mul_in(layer.self_attn.o_proj, torch.block_diag(*[delta[h // g] for h in range(s.heads)]))
+        lin = linears(layer)
+        _mul_out(lin["v_proj"], torch.block_diag(*delta))
+        _mul_in(lin["o_proj"], torch.block_diag(*[delta[h // g] for h in range(s.heads)]))
 
 
 def per_token_error(x: torch.Tensor, r: torch.Tensor, bits: int = 4, clip: float = 0.9) -> float:

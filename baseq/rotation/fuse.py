@@ -1,4 +1,4 @@
-"""Exact fusion of QuaRot's offline rotations into a Llama-like model (full precision in, same function out).
+"""Exact fusion of QuaRot's offline rotations into a model of a supported family (full precision in, same function out).
 
 Row-vector convention: a linear computes ``y = x Wᵀ``. Rotating its input by an orthogonal ``Q`` (``x' = x Q``)
 is compensated by ``W' = W Q``; rotating its output (``y' = y Q``) by ``W' = Qᵀ W`` (and ``b' = b Q``).
@@ -15,14 +15,26 @@ input of the final norm (:class:`RotatedEmbedding`, :class:`RotatedNorm`): a fas
 hidden-size vector per token, against a rotated vocab × hidden copy of the table otherwise.
 R4 (an online Hadamard on the down_proj input, its inverse fused into ``W_down``) and R3 (a Hadamard on queries
 and keys after RoPE, no weight change) are applied when the quantized structure is built (``quant/qmodel.py``).
+
+Families with post-norms (a norm on a sublayer's *output*: Gemma 2/3, OLMo 2) cannot have R1 fused: the residual
+stream passes through ``diag(g)`` after the o/down projection, and ``Rᵀ diag(g) R`` is not diagonal. For them the
+**residual stream stays unrotated** and R1 is applied **online at the input of each sublayer** instead (an
+:class:`InputPoint` on ``self_attn`` and on ``mlp``: ``x ↦ x R1``, a fast randomized Hadamard per token), with
+``W R1`` fused into the q/k/v and gate/up weights; o/down outputs are not rotated, so the post-norms see the
+original basis. The quantization points of those inputs then sit after the online R1 (as R4's does), and nothing
+is rotated at the two ends. Cost: two hidden-size Hadamard transforms per token and block (measured in
+docs/RESULTS.md) instead of two per token for the whole model. R2, R3, R4 are unchanged (q/k norms act before RoPE
+and R3, on q/k outputs that R1 does not touch).
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
-from ..models.adapter import LlamaAdapter
+from ..models.adapter import ModelAdapter, gate_up, layer_spec, qkv
 from .hadamard import _random_signs, hadamard_transform, has_hadamard, orthogonal_matrix
 
 
@@ -55,35 +67,85 @@ def untie_embeddings(model: nn.Module) -> None:
         model.config.get_text_config().tie_word_embeddings = False
 
 
-def _fold(norm: nn.Module, linears: list[nn.Linear]) -> None:
-    g = norm.weight.data.double()
+def _fold(norm: nn.Module, linears: list[nn.Linear], offset: float = 0.0) -> None:
+    """Fold the norm's scale ``g = w + offset`` (``offset`` 1 for Gemma's ``(1 + w)·x̂``) into the input columns of
+    ``linears``; the norm's scale becomes 1 (its stored weight ``1 − offset``)."""
+    g = norm.weight.data.double() + offset
     for lin in linears:
         _right_mul_(lin.weight.data, g)
-    norm.weight.data.fill_(1.0)
+    norm.weight.data.fill_(1.0 - offset)
 
 
 def fold_layer_norms(layer: nn.Module) -> None:
-    """Scale the input columns of the linears after the block's two RMSNorms by their weights; set those to 1."""
-    _fold(layer.input_layernorm, LlamaAdapter.qkv(layer))
-    _fold(layer.post_attention_layernorm, LlamaAdapter.gate_up(layer))
+    """Scale the input columns of the linears after the block's pre-norms by the norms' scales; set those to 1."""
+    spec = layer_spec(layer)
+    if spec.attn_norm:
+        _fold(layer.get_submodule(spec.attn_norm), qkv(layer), spec.norm_offset)
+    if spec.mlp_norm:
+        _fold(layer.get_submodule(spec.mlp_norm), gate_up(layer), spec.norm_offset)
 
 
-def fold_norms(ad: LlamaAdapter) -> None:
+def fold_norms(ad: ModelAdapter) -> None:
     """:func:`fold_layer_norms` on every block (the final norm keeps its weight: the LM head is not rotated)."""
     for layer in ad.layers:
         fold_layer_norms(layer)
 
 
-def rotate_layer(layer: nn.Module, r1: torch.Tensor, r2: torch.Tensor | None, heads: int, kv_heads: int) -> None:
-    """Fold the block's norms, then R1 on the residual stream and (unless ``r2`` is None) R2 on V/O, in place."""
+def rotate_layer(layer: nn.Module, r1: torch.Tensor, r2: torch.Tensor | None, heads: int, kv_heads: int,
+                 online: nn.Module | None = None) -> None:
+    """Fold the block's pre-norms, then R1 and (unless ``r2`` is None) R2 on V/O, in place.
+
+    R1 (float64 matrix ``r1``) rotates the residual stream (q/k/v, gate/up inputs; o/down outputs) — or, for a family
+    with post-norms, only the sublayer inputs, through the online ``online`` (the :class:`ResidualRotation` whose
+    matrix is ``r1``) installed as each sublayer's :class:`InputPoint`."""
+    spec = layer_spec(layer)
     fold_layer_norms(layer)
-    for lin in LlamaAdapter.qkv(layer) + LlamaAdapter.gate_up(layer):
-        _mul_in(lin, r1)
-    _mul_out(layer.self_attn.o_proj, r1)
-    _mul_out(layer.mlp.down_proj, r1)
+    lin = ModelAdapter.linears(layer)
+    for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+        _mul_in(lin[name], r1)
+    if spec.r1_fusable:
+        _mul_out(lin["o_proj"], r1)
+        _mul_out(lin["down_proj"], r1)
+    else:
+        if online is None:
+            raise ValueError(f"a {spec.family} block takes R1 online: pass its ResidualRotation")
+        online = copy.deepcopy(online)  # the block's own (a lazy run sends finished blocks to the meta device)
+        install_input_point(layer.self_attn, InputPoint(online))
+        install_input_point(layer.mlp, InputPoint(online))
     if r2 is not None:
-        _mul_out(layer.self_attn.v_proj, torch.block_diag(*[r2] * kv_heads))
-        _mul_in(layer.self_attn.o_proj, torch.block_diag(*[r2] * heads))
+        _mul_out(lin["v_proj"], torch.block_diag(*[r2] * kv_heads))
+        _mul_in(lin["o_proj"], torch.block_diag(*[r2] * heads))
+
+
+class InputPoint(nn.Module):
+    """What a sublayer (attention or MLP) does to its input first: the online R1 of a post-norm family, then (once
+    the quantized structure is built) the activation quantization point, which then holds the rotation itself.
+    Applied by a forward pre-hook (:func:`install_input_point`), so transformers' block code stays untouched."""
+
+    def __init__(self, rotation: nn.Module | None = None, act: nn.Module | None = None):
+        super().__init__()
+        self.rotation, self.act = rotation, act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rotation is not None:
+            x = self.rotation(x)
+        return self.act(x) if self.act is not None else x
+
+
+def _apply_input_point(module: nn.Module, args: tuple, kwargs: dict):
+    point = module.in_point
+    if args:
+        return (point(args[0]),) + tuple(args[1:]), kwargs
+    kwargs["hidden_states"] = point(kwargs["hidden_states"])
+    return args, kwargs
+
+
+def install_input_point(sublayer: nn.Module, point: InputPoint) -> None:
+    """Set ``sublayer.in_point`` (a child module, saved with the block) and the pre-hook that applies it."""
+    sublayer.in_point = point
+    if not getattr(sublayer, "_baseq_in_point_hook", False):
+        sublayer.register_forward_pre_hook(_apply_input_point, with_kwargs=True)
+        sublayer._baseq_in_point_hook = True
 
 
 class ResidualRotation(nn.Module):
@@ -163,7 +225,10 @@ class RotatedNorm(nn.Module):
 
 
 def install_end_rotations(model: nn.Module, rotation: ResidualRotation) -> None:
-    """Wrap the embedding and the final norm so the residual stream between them is rotated by R1."""
+    """Wrap the embedding and the final norm so the residual stream between them is rotated by R1 (nothing for a
+    post-norm family: its residual stream stays unrotated)."""
+    if not ModelAdapter(model).spec.r1_fusable:
+        return
     base = model.model
     base.embed_tokens = RotatedEmbedding(base.embed_tokens, rotation)
     base.norm = RotatedNorm(base.norm, rotation)
@@ -199,20 +264,22 @@ class OnlineRotation(nn.Module):
 
 
 def block_rotations(shape, seed: int = 0, r1: torch.Tensor | None = None):
-    """(the online R1 module, R1 as a float64 matrix, R2) for a model of ``shape`` (a LlamaShape)."""
+    """(the online R1 module, R1 as a float64 matrix, R2) for a model of ``shape`` (a ModelShape)."""
     rotation = ResidualRotation(shape.hidden, seed=seed, matrix=r1)
     return rotation, rotation.dense(), orthogonal_matrix(shape.head_dim, seed=seed + 1)
 
 
-def rotate_model(model: nn.Module, seed: int = 0, r1: torch.Tensor | None = None) -> LlamaAdapter:
-    """Fold norms, R1 and R2 into every block and install the online R1 at the two ends; returns the adapter.
+def rotate_model(model: nn.Module, seed: int = 0, r1: torch.Tensor | None = None) -> ModelAdapter:
+    """Fold norms, R1 and R2 into every block and install the online R1 at the two ends (post-norm families: at
+    each sublayer input instead); returns the adapter.
 
     ``r1``: a learned residual rotation to use instead of the seeded randomized Hadamard. (A lazily loaded model
     does the same a block at a time: :func:`block_rotations`, :func:`rotate_layer`, :func:`install_end_rotations`.)"""
-    ad = LlamaAdapter(model)
+    ad = ModelAdapter(model)
     s = ad.shape
     rotation, q1, r2 = block_rotations(s, seed, r1)
+    rotation = rotation.to(ad.embed.weight.device)
     for layer in ad.layers:
-        rotate_layer(layer, q1, r2, s.heads, s.kv_heads)
-    install_end_rotations(model, rotation.to(ad.embed.weight.device))
+        rotate_layer(layer, q1, r2, s.heads, s.kv_heads, online=rotation)
+    install_end_rotations(model, rotation)
     return ad

@@ -20,20 +20,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..models.adapter import LlamaAdapter
+from ..errors import BaseqError
+from ..models.adapter import attn_norm, block_points, gate_up, linears, mlp_norm, qkv
 
 PAIRS = ("down", "qkv", "gate_up")
 
 
 def point_of(layer: nn.Module, pair: str) -> nn.Module:
     """The activation point (``qmodel.ActPoint``) quantizing the consumers' input."""
-    return {"down": lambda: layer.mlp.down_proj.act, "qkv": lambda: layer.input_layernorm.act,
-            "gate_up": lambda: layer.post_attention_layernorm.act}[pair]()
+    return block_points(layer)[pair]
 
 
 def consumers(layer: nn.Module, pair: str) -> list[nn.Linear]:
-    return {"down": lambda: [layer.mlp.down_proj], "qkv": lambda: LlamaAdapter.qkv(layer),
-            "gate_up": lambda: LlamaAdapter.gate_up(layer)}[pair]()
+    return {"down": lambda: [linears(layer)["down_proj"]], "qkv": lambda: qkv(layer),
+            "gate_up": lambda: gate_up(layer)}[pair]()
 
 
 def rotation_matrix(point: nn.Module, n: int, dtype=torch.float64) -> torch.Tensor | None:
@@ -63,12 +63,14 @@ def smooth_pair_(layer: nn.Module, pair: str, s: torch.Tensor) -> None:
     s = s.double()
     point = point_of(layer, pair)
     if pair == "down":
-        up = layer.mlp.up_proj
+        up = linears(layer)["up_proj"]
         up.weight.copy_((up.weight.double() / s[:, None]).to(up.weight.dtype))
         if up.bias is not None:
             up.bias.copy_((up.bias.double() / s).to(up.bias.dtype))
     else:
-        norm = layer.input_layernorm if pair == "qkv" else layer.post_attention_layernorm
+        norm = attn_norm(layer) if pair == "qkv" else mlp_norm(layer)
+        if norm is None:
+            raise BaseqError(f"smoothing pair {pair!r} needs a pre-norm to scale; this family has none")
         norm.weight.copy_((norm.weight.double() / s).to(norm.weight.dtype))
     lins = consumers(layer, pair)
     a = rotation_matrix(point, lins[0].in_features)

@@ -1,13 +1,18 @@
-"""The runtime's modules: what replaces a Llama-family block, the embedding and the LM head in a packed model.
+"""The runtime's modules: what replaces a decoder block's attention and MLP, the embedding and the LM head in a
+packed model.
 
 A decoder layer keeps transformers' own structure (residuals, norms, RoPE, masks, cache plumbing); inside it
 
 * :class:`RuntimeAttention`: one activation quantization and ONE integer GEMM for q, k and v together (their
-  weights concatenated), RoPE, the online R3 Hadamard on queries and keys, K/V quantized per token and KV head
+  weights concatenated), the family's q/k norms (per head or over all heads), RoPE (partial where the config says
+  so), the online R3 Hadamard on queries and keys, K/V quantized per token and KV head
   (stored as codes in a :class:`~baseq.runtime.kvcache.QuantizedKVCache`), attention, then the o_proj input point
   (asymmetric scale, bias shift, quantization) and its integer GEMM;
-* :class:`RuntimeMLP`: one quantization and ONE integer GEMM for gate and up, SiLU·up, the online R4 Hadamard, the
-  down_proj input point and its integer GEMM.
+* :class:`RuntimeMLP`: one quantization and ONE integer GEMM for gate and up, act(gate)·up (SiLU or GELU-tanh), the
+  online R4 Hadamard, the down_proj input point and its integer GEMM.
+
+Attention-logit soft-capping (Gemma 2) uses the simulated model's own eager path
+(:func:`baseq.quant.qmodel.softcapped_attention`), and decoding on the cache codes applies it too.
 
 Each point computes exactly the fake quantizer's codes (:func:`~baseq.runtime.kernels.quantize_tokens`), so the
 runtime computes the fake-quant model's function with integer arithmetic (see ``kernels.py`` for the zero-point
@@ -20,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..quant.qmodel import softcapped_attention
 from .kernels import IntLinear, int_mm, quantize_tokens, token_grid
 from .kvcache import QuantizedKVCache
 
@@ -90,12 +96,16 @@ class KVQuant(nn.Module):
 
 class RuntimeAttention(nn.Module):
     def __init__(self, point: ActPoint, qkv: IntLinear, o_point: ActPoint, o: IntLinear, kv: KVQuant, *,
-                 layer_idx: int, heads: int, kv_heads: int, head_dim: int):
+                 layer_idx: int, heads: int, kv_heads: int, head_dim: int, scaling: float | None = None,
+                 qk_norm: tuple[str | None, nn.Module | None, nn.Module | None] = (None, None, None),
+                 softcap: float | None = None):
         super().__init__()
         self.point, self.qkv, self.o_point, self.o_proj, self.kv = point, qkv, o_point, o, kv
         self.layer_idx, self.heads, self.kv_heads, self.head_dim = layer_idx, heads, kv_heads, head_dim
         self.num_key_value_groups = heads // kv_heads
-        self.scaling = head_dim ** -0.5
+        self.scaling = head_dim ** -0.5 if scaling is None else scaling
+        self.qk_norm_kind, self.q_norm, self.k_norm = qk_norm  # "head" | "full" | None
+        self.softcap = softcap
         self.is_causal = True
 
     def forward(self, hidden_states: Tensor, position_embeddings=None, attention_mask=None, cache=None,
@@ -106,8 +116,18 @@ class RuntimeAttention(nn.Module):
         b, t, d = hidden_states.shape
         h, kvh, hd = self.heads, self.kv_heads, self.head_dim
         y = self.point(hidden_states.reshape(b * t, d), self.qkv)
+        if self.qk_norm_kind is None:
+            qk = y[:, :(h + kvh) * hd].view(b, t, h + kvh, hd)
+        else:
+            q, k = y[:, :h * hd], y[:, h * hd:(h + kvh) * hd]
+            if self.qk_norm_kind == "full":  # over all heads, before the reshape (OLMo 2)
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = q.reshape(b, t, h, hd), k.reshape(b, t, kvh, hd)
+            if self.qk_norm_kind == "head":  # over each head (Qwen3, Gemma 3)
+                q, k = self.q_norm(q), self.k_norm(k)
+            qk = torch.cat([q, k], dim=2)
         # queries and keys together: RoPE and the online R3 act per head, so one call serves both
-        qk = _rope(y[:, :(h + kvh) * hd].view(b, t, h + kvh, hd).transpose(1, 2), *position_embeddings)
+        qk = _rope(qk.transpose(1, 2), *position_embeddings)
         if self.kv.rotation is not None:
             qk = self.kv.rotation(qk)
         q, k = qk[:, :h], qk[:, h:]
@@ -115,7 +135,7 @@ class RuntimeAttention(nn.Module):
         layer = cache.layers[self.layer_idx] if isinstance(cache, QuantizedKVCache) else None
         if layer is not None and t == 1 and layer.get_seq_length() > 0 and layer.bits < 16:
             layer.append(k, v)  # decoding: attention straight on the stored codes
-            out = attend_codes(q, layer, self.scaling, attention_mask)
+            out = attend_codes(q, layer, self.scaling, attention_mask, self.softcap)
             return self.o_point(out.reshape(b, h * hd), self.o_proj).view(b, t, -1), None
         if layer is not None:  # stores codes, returns every token's K/V dequantized
             k, v = cache.update(k, v, self.layer_idx)
@@ -125,25 +145,37 @@ class RuntimeAttention(nn.Module):
                 k, v = cache.update(k, v, self.layer_idx)
         kwargs.pop("position_ids", None)
         kwargs.pop("use_cache", None)
-        out, _ = sdpa_attention_forward(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
+        if self.softcap is not None:
+            out = softcapped_attention(q, k, v, attention_mask, self.scaling, self.softcap)
+        else:
+            out, _ = sdpa_attention_forward(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling,
+                                            **kwargs)
         return self.o_point(out.reshape(b * t, h * hd), self.o_proj).view(b, t, -1), None
 
 
 def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary position embedding of ``x [b, heads, t, d]`` (transformers' formula, ``cos``/``sin`` ``[b, t, d]``)."""
+    """Rotary position embedding of ``x [b, heads, t, d]`` (transformers' formula, ``cos``/``sin`` ``[b, t, r]``);
+    with ``r < d`` (partial rotary, Phi-4-mini) only the first ``r`` dims rotate."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    r = cos.shape[-1]
+    if r < x.shape[-1]:
+        return torch.cat([_rope_full(x[..., :r], cos, sin), x[..., r:]], dim=-1)
+    return _rope_full(x, cos, sin)
+
+
+def _rope_full(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def attend_codes(q: Tensor, layer, scaling: float, mask: Tensor | None) -> Tensor:
+def attend_codes(q: Tensor, layer, scaling: float, mask: Tensor | None, softcap: float | None = None) -> Tensor:
     """One query token per sequence (``q [b, heads, 1, d]``) against every token of a quantized cache layer,
     computed on the codes: with ``K̂_t = (C_t − z_t)·s_t``,
 
         q·K̂_t = s_t (q·C_t − z_t Σ_i q_i),      Σ_t p_t V̂_t = Σ_t (p_t s_t) C_t − Σ_t (p_t s_t) z_t,
 
-    so the cache is never dequantized (two matrix products over the codes, the rest is per token). Returns
-    ``[b, heads, d]``."""
+    so the cache is never dequantized (two matrix products over the codes, the rest is per token); ``softcap``:
+    scores ``c·tanh(s / c)`` (Gemma 2). Returns ``[b, heads, d]``."""
     c, s, z = layer.codes()  # K heads, then V heads
     b, h, _, d = q.shape
     kvh = c.shape[1] // 2
@@ -151,6 +183,8 @@ def attend_codes(q: Tensor, layer, scaling: float, mask: Tensor | None) -> Tenso
     qg = q.reshape(b, kvh, h // kvh, d)
     scores = qg @ ck.transpose(-1, -2)  # [b, kv, g, n]
     scores = (scores - qg.sum(-1, keepdim=True) * zk.transpose(-1, -2)) * (sk.transpose(-1, -2) * scaling)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if mask is not None:  # [b, 1, 1, n]: bool (True = attend) or additive
         m = mask[:, :, -1:, :].reshape(b, 1, 1, -1)
         scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m
@@ -160,15 +194,17 @@ def attend_codes(q: Tensor, layer, scaling: float, mask: Tensor | None) -> Tenso
 
 
 class RuntimeMLP(nn.Module):
-    def __init__(self, point: ActPoint, gate_up: IntLinear, down_point: ActPoint, down: IntLinear):
+    def __init__(self, point: ActPoint, gate_up: IntLinear, down_point: ActPoint, down: IntLinear,
+                 act_fn: nn.Module | None = None):
         super().__init__()
         self.point, self.gate_up, self.down_point, self.down = point, gate_up, down_point, down
         self.ffn = gate_up.splits[0]
+        self.act_fn = act_fn if act_fn is not None else nn.SiLU()  # the model's own (transformers' ACT2FN entry)
 
     def forward(self, x: Tensor) -> Tensor:
         b, t, d = x.shape
         gu = self.point(x.reshape(b * t, d), self.gate_up)
-        h = F.silu(gu[:, :self.ffn]) * gu[:, self.ffn:]
+        h = self.act_fn(gu[:, :self.ffn]) * gu[:, self.ffn:]
         return self.down_point(h, self.down).view(b, t, -1)
 
 
@@ -210,11 +246,14 @@ class Table(nn.Module):
 
 
 class RuntimeEmbedding(nn.Module):
-    """Token ids → rows of the table, then the online R1 (the residual stream is rotated)."""
+    """Token ids → rows of the table (times the family's embedding scale, Gemma's √hidden), then the online R1 (the
+    residual stream is rotated)."""
 
-    def __init__(self, table: Table, rotation: nn.Module | None):
+    def __init__(self, table: Table, rotation: nn.Module | None, scale: float | None = None):
         super().__init__()
         self.table, self.rotation = table, rotation
+        # a float32 scalar, as transformers computes it (torch.tensor(√hidden))
+        self.register_buffer("scale", None if scale is None else torch.tensor(scale), persistent=False)
 
     @property
     def weight(self) -> Tensor:
@@ -222,6 +261,8 @@ class RuntimeEmbedding(nn.Module):
 
     def forward(self, ids: Tensor) -> Tensor:
         x = self.table.lookup(ids)
+        if self.scale is not None:
+            x = x * self.scale
         return self.rotation(x) if self.rotation is not None else x
 
 

@@ -14,13 +14,19 @@ as matrices — and the config that produced the model) and ``model.safetensors`
 ``layers.{i}.{point}.clip/scale/shift``  the activation points qkv, o, gate_up, down: clipping factor, asymmetric
                                    scale, shift (float32 vectors)
 ``layers.{i}.kv.k_clip/v_clip``    KV clipping factors (per KV head when learned)
-``layers.{i}.attn_norm/mlp_norm``  RMSNorm weights (BASE-Q's scales folded in)
+``layers.{i}.attn_norm/mlp_norm``  pre-norm scales (effective ``g`` of ``g·x̂``: ``1 + w`` for Gemma; BASE-Q's scales
+                                   folded in); absent for a family without pre-norms (OLMo 2)
+``layers.{i}.post_attn_norm/...``  ``post_mlp_norm``, ``q_norm``, ``k_norm``: post-norm and q/k-norm scales, for the
+                                   families that have them (effective scales too)
 ``embed.weight``                   float16 ``[vocab, hidden]``, unrotated; or ``embed.codes`` int8 + ``embed.scale``
                                    (``--embed-bits 8``); ``lm_head.*`` likewise when not tied to the embedding
-``norm.weight``                    the final RMSNorm weight; ``r1.matrix`` only for a learned residual rotation
+``norm.weight``                    the final RMSNorm's effective scale; ``r1.matrix`` only for a learned residual
+                                   rotation
 =================================  ===============================================================================
 
-Loading builds the model skeleton on the meta device (no float weights are ever materialised), unpacks each
+The family (``models/arch.py``) comes from ``config.json``; a post-norm family's online R1 at the qkv and gate/up
+points is described in ``baseq.json`` (``online_rotations.r1``) like R3/R4. Loading builds the model skeleton on the
+meta device (no float weights are ever materialised), unpacks each
 linear once into int8 (``c − z``), concatenates q/k/v and gate/up, and swaps in the modules of
 :mod:`baseq.runtime.modules`.
 """
@@ -38,7 +44,7 @@ from torch import Tensor, nn
 
 from ..errors import BaseqError
 from ..io import atomic_dir, write_json
-from ..models.adapter import LlamaAdapter
+from ..models.adapter import ModelAdapter, block_points, layer_spec
 from ..quant.qmodel import ActSpec
 from ..quant.quantizer import embedding_scale, half_exact
 from ..rotation.fuse import (
@@ -64,10 +70,8 @@ from .modules import (
     Table,
 )
 
-PROJ = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-        "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
-POINTS = {"qkv": "input_layernorm.act", "o": "self_attn.o_proj.act", "gate_up": "post_attention_layernorm.act",
-          "down": "mlp.down_proj.act"}
+PROJ = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
+        "down": "down_proj"}
 SHARD_BYTES = 2 << 30  # start a new safetensors shard after ~2 GB
 INDEX = "model.safetensors.index.json"
 
@@ -111,21 +115,41 @@ def _clip_tensor(quantizer) -> Tensor:
 def pack_layer(layer: nn.Module, w_bits: int) -> dict[str, Tensor]:
     """Every tensor the runtime needs for one decoder layer of a quantized (fake-quant structure) model."""
     out: dict[str, Tensor] = {}
-    for short, path in PROJ.items():
-        for k, v in pack_linear(layer.get_submodule(path), w_bits, path).items():
+    spec = layer_spec(layer)
+    paths = spec.linear_paths()
+    for short, name in PROJ.items():
+        for k, v in pack_linear(layer.get_submodule(paths[name]), w_bits, paths[name]).items():
             out[f"{short}.{k}"] = v
-    for short, path in POINTS.items():
-        point = layer.get_submodule(path)
+    for short, point in block_points(layer).items():
         if not bool(point.shift_folded) and point.shift.abs().max() > 0:
-            raise BaseqError(f"{path}: its bias shift was never folded into the next linear")
+            raise BaseqError(f"the {short} point: its bias shift was never folded into the next linear")
         out[f"{short}_point.clip"] = _clip_tensor(point.quantizer)
         out[f"{short}_point.scale"] = point.scale.detach().float().cpu().contiguous()
         out[f"{short}_point.shift"] = point.shift.detach().float().cpu().contiguous()
     kv = layer.self_attn.kv_point
     out["kv.k_clip"], out["kv.v_clip"] = _clip_tensor(kv.k), _clip_tensor(kv.v)
-    out["attn_norm"] = layer.input_layernorm.weight.detach().float().cpu().contiguous()
-    out["mlp_norm"] = layer.post_attention_layernorm.weight.detach().float().cpu().contiguous()
+    for key, path in norm_slots(spec).items():
+        out[key] = effective_scale(layer.get_submodule(path), spec.norm_offset)
     return out
+
+
+def norm_slots(spec) -> dict[str, str]:
+    """``{packed name: module path}`` of the norms a block of ``spec``'s family stores."""
+    slots = {"attn_norm": spec.attn_norm, "mlp_norm": spec.mlp_norm}
+    if spec.post_norms:
+        slots.update(post_attn_norm=spec.post_norms[0], post_mlp_norm=spec.post_norms[1])
+    if spec.qk_norm:
+        slots.update(q_norm="self_attn.q_norm", k_norm="self_attn.k_norm")
+    return {k: v for k, v in slots.items() if v is not None}
+
+
+def effective_scale(norm: nn.Module, offset: float) -> Tensor:
+    """The ``g`` of a norm computing ``g·x̂``: a QuantRMSNorm's weight, otherwise ``w + offset`` (Gemma: ``1 + w``),
+    computed as the model computes it (float32)."""
+    from ..quant.qmodel import QuantRMSNorm
+
+    w = norm.weight.detach().float().cpu()
+    return (w if isinstance(norm, QuantRMSNorm) or not offset else w + offset).contiguous()
 
 
 def pack_table(weight: Tensor, bits: int) -> dict[str, Tensor]:
@@ -200,7 +224,7 @@ def save_packed(model, tokenizer, out: Path, spec: ActSpec, meta: dict, *, w_bit
     check_out_dir(out, overwrite)
     if w_bits > 8:
         raise BaseqError("the packed format stores quantized weights (w-bits 2..8); use --format fake")
-    ad = LlamaAdapter(model)
+    ad = ModelAdapter(model)
     s = ad.shape
     embed, norm, r1 = _ends(model)
     tied = model.lm_head.weight.data_ptr() == embed.weight.data_ptr()
@@ -211,7 +235,7 @@ def save_packed(model, tokenizer, out: Path, spec: ActSpec, meta: dict, *, w_bit
         writer.add({f"embed.{k}": v for k, v in pack_table(embed.weight, embed_bits).items()})
         if not tied:
             writer.add({f"lm_head.{k}": v for k, v in pack_table(model.lm_head.weight, embed_bits).items()})
-        writer.add({"norm.weight": norm.weight.detach().float().cpu().contiguous()})
+        writer.add({"norm.weight": effective_scale(norm, ad.spec.norm_offset)})
         if r1 is not None and r1.learned:
             writer.add({"r1.matrix": r1.matrix.detach().float().cpu().contiguous()})
         writer.finish()
@@ -226,8 +250,10 @@ def save_packed(model, tokenizer, out: Path, spec: ActSpec, meta: dict, *, w_bit
                 return {"n": n, "seed": seed, "kind": kind}
 
             online = {"r3": describe(s.head_dim, spec.seed + 3), "r4": describe(s.ffn, spec.seed + 4)}
+            if not ad.spec.r1_fusable:  # post-norm family: R1 online at the qkv and gate/up points
+                online["r1"] = describe(s.hidden, spec.seed)
         write_json(tmp / "baseq.json", {
-            "format": PACKED_FORMAT, "act_spec": asdict(spec),
+            "format": PACKED_FORMAT, "family": ad.spec.family, "act_spec": asdict(spec),
             "weights": {"bits": w_bits, "group_size": w_group}, "embed_bits": embed_bits, "tied": tied,
             "residual_rotation": r1.describe() if r1 is not None else None, "online_rotations": online,
             "shape": {"layers": s.layers, "hidden": s.hidden, "ffn": s.ffn, "heads": s.heads,
@@ -318,6 +344,7 @@ def load_packed(path: Path, meta: dict | None = None, device="cpu"):
         AutoTokenizer,
         GenerationConfig,
     )
+    from transformers.activations import ACT2FN
 
     from ..models.loading import _quiet_transformers
 
@@ -345,14 +372,24 @@ def load_packed(path: Path, meta: dict | None = None, device="cpu"):
     t = _Tensors(path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    ad = LlamaAdapter(model)
-    s = ad.shape
+    ad = ModelAdapter(model)
+    s, arch = ad.shape, ad.spec
     online = meta["online_rotations"]
     r3 = OnlineRotation(s.head_dim, seed=online["r3"]["seed"]) if online else None
     r4 = OnlineRotation(s.ffn, seed=online["r4"]["seed"]) if online else None
+    r1_in = ResidualRotation(s.hidden, seed=online["r1"]["seed"]) if online and "r1" in online else None
+    if online and r1_in is None and not arch.r1_fusable:  # (online R1 is exact for any family; required here)
+        raise BaseqError(f"'{path / 'baseq.json'}': a rotated {arch.family} model needs online_rotations.r1")
+    act_fn = ACT2FN[getattr(config, arch.act_key)]
+    eps = float(config.rms_norm_eps)
     kv_specs = []
     for i, layer in enumerate(ad.layers):
         p = f"layers.{i}"
+        norms = {key: RMSNorm(t.take(f"{p}.{key}", (s.head_dim,) if arch.qk_norm == "head" and key[0] in "qk"
+                                     else (s.heads * s.head_dim,) if key == "q_norm"
+                                     else (s.kv_heads * s.head_dim,) if key == "k_norm" else (s.hidden,)), eps)
+                 for key in norm_slots(arch)}
+        orig = layer.self_attn
 
         def point(name: str, rotation=None, channels: int = s.hidden) -> ActPoint:
             return ActPoint(spec.a_bits, t.take(f"{p}.{name}_point.clip"), t.take(f"{p}.{name}_point.scale",
@@ -365,15 +402,19 @@ def load_packed(path: Path, meta: dict | None = None, device="cpu"):
                      t.take(f"{p}.kv.v_clip").reshape(1, -1, 1, 1), r3)
         nq, nkv, attn_in = s.heads * s.head_dim, s.kv_heads * s.head_dim, s.heads * s.head_dim
         layer.self_attn = RuntimeAttention(
-            point("qkv"), _fused(t, p, ["q", "k", "v"], [nq, nkv, nkv], s.hidden, w_bits, groups_of(s.hidden)),
+            point("qkv", r1_in), _fused(t, p, ["q", "k", "v"], [nq, nkv, nkv], s.hidden, w_bits, groups_of(s.hidden)),
             point("o", channels=attn_in), _fused(t, p, ["o"], [s.hidden], attn_in, w_bits, groups_of(attn_in)), kv,
-            layer_idx=i, heads=s.heads, kv_heads=s.kv_heads, head_dim=s.head_dim)
+            layer_idx=i, heads=s.heads, kv_heads=s.kv_heads, head_dim=s.head_dim, scaling=float(orig.scaling),
+            qk_norm=(arch.qk_norm, norms.pop("q_norm", None), norms.pop("k_norm", None)),
+            softcap=getattr(orig, "attn_logit_softcapping", None))
         layer.mlp = RuntimeMLP(
-            point("gate_up"), _fused(t, p, ["gate", "up"], [s.ffn, s.ffn], s.hidden, w_bits, groups_of(s.hidden)),
-            point("down", r4, channels=s.ffn), _fused(t, p, ["down"], [s.hidden], s.ffn, w_bits, groups_of(s.ffn)))
-        eps = float(config.rms_norm_eps)
-        layer.input_layernorm = RMSNorm(t.take(f"{p}.attn_norm", (s.hidden,)), eps)
-        layer.post_attention_layernorm = RMSNorm(t.take(f"{p}.mlp_norm", (s.hidden,)), eps)
+            point("gate_up", r1_in), _fused(t, p, ["gate", "up"], [s.ffn, s.ffn], s.hidden, w_bits,
+                                            groups_of(s.hidden)),
+            point("down", r4, channels=s.ffn), _fused(t, p, ["down"], [s.hidden], s.ffn, w_bits, groups_of(s.ffn)),
+            act_fn)
+        slots = norm_slots(arch)
+        for key, norm in norms.items():
+            _set(layer, slots[key], norm)
         kv_specs.append((spec.kv_bits, kv.k_clip, kv.v_clip))
         if spec.a_bits >= 16:  # weight-only quantization: float GEMMs (see IntLinear.use_float_weights)
             for lin in (layer.self_attn.qkv, layer.self_attn.o_proj, layer.mlp.gate_up, layer.mlp.down):
@@ -385,9 +426,9 @@ def load_packed(path: Path, meta: dict | None = None, device="cpu"):
         matrix = t.take("r1.matrix", (s.hidden, s.hidden)) if r1_meta.get("kind") == "learned" else None
         r1 = ResidualRotation(s.hidden, seed=int(r1_meta["seed"]), matrix=matrix)
     table = _table(t, "embed", embed_bits, vocab, s.hidden)
-    model.model.embed_tokens = RuntimeEmbedding(table, r1)
+    model.model.embed_tokens = RuntimeEmbedding(table, r1, arch.embed_scale(config))
     model.lm_head = RuntimeHead(table if meta["tied"] else _table(t, "lm_head", embed_bits, vocab, s.hidden))
-    model.model.norm = FinalNorm(RMSNorm(t.take("norm.weight", (s.hidden,)), float(config.rms_norm_eps)), r1)
+    model.model.norm = FinalNorm(RMSNorm(t.take("norm.weight", (s.hidden,)), eps), r1)
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
     t.finish()
     left = [n for n, x in list(model.named_parameters()) + list(model.named_buffers()) if x.is_meta]
@@ -403,6 +444,11 @@ def load_packed(path: Path, meta: dict | None = None, device="cpu"):
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.to(device), tokenizer
+
+
+def _set(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
 def _default_quantized_cache(model) -> None:
