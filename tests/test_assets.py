@@ -378,3 +378,30 @@ def test_fetch_waits_for_the_lock(cache, local_download, capfd):
     asset = _multi()
     assert assets.fetch(asset.name, asset=asset).read_bytes() == JOINED
     assert f"waiting for another process fetching into {folder}" in capfd.readouterr().err
+
+
+def test_killed_conversion_leftovers_are_removed(cache, monkeypatch, capfd):
+    """A GGUF asset's fp32 folder is written through atomic_dir; a conversion killed outright leaves its temporary
+    folder (7 GB at 1.5B), which the next conversion removes before writing."""
+    from baseq.io import atomic_dir
+    from baseq.models import loading
+
+    monkeypatch.setattr(assets, "fetch", lambda name, **kw: cache / "x.gguf")
+    folder = loading.asset_folder("smollm2-135m")
+    stale = folder.parent / f".{folder.name}.tmp-killed"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"half")
+    other = folder.parent / "qwen2.5-1.5b-cc324af070c2"  # another asset's converted folder: left alone
+    other.mkdir()
+
+    def convert(gguf, dest):
+        with atomic_dir(dest) as tmp:
+            (tmp / "config.json").write_text("{}")
+
+    monkeypatch.setattr(loading, "_convert", convert)
+    monkeypatch.setattr(loading, "_from_pretrained", lambda src, dtype: ("model", src))
+    assert loading._asset_model("smollm2-135m", None) == ("model", str(folder))
+    assert sorted(p.name for p in folder.parent.iterdir()) == sorted([folder.name, other.name])
+    assert "converting asset 'smollm2-135m'" in capfd.readouterr().err
+    loading._asset_model("smollm2-135m", None)  # converted: no second conversion
+    assert "converting" not in capfd.readouterr().err
