@@ -145,7 +145,9 @@ def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, model_spec: str = "
     blocks = prepare_blocks(model, ad, cfg, lazy, rotate)
     stages = build_stages(cfg)
     if not needs_calibration(cfg):
-        for i in range(len(blocks)):  # RTN needs no data
+        from tqdm.auto import tqdm
+
+        for i in tqdm(range(len(blocks)), desc="blocks (RTN)", disable=not progress, leave=False):  # no data needed
             layer = blocks.load(i)
             with on_device([layer], device):
                 stages[0].run(BlockContext(i, layer, None, None, None, {}, torch.device(device), 1))
