@@ -184,7 +184,7 @@ def test_a_family_whose_weights_do_not_match_is_refused():
         ModelAdapter(model)
 
 
-@pytest.mark.parametrize("family", [s.model_types[0] for s in SPECS if not s.learned_rotations][:3] + ["qwen3"])
+@pytest.mark.parametrize("family", ["phi3", "gemma", "gemma3", "olmo2", "qwen3"])
 @pytest.mark.parametrize("method,rotations", [("spinquant", None), ("ostquant", None), ("quarot", "calibrated")])
 def test_learned_rotations_are_refused_where_they_cannot_be_fused(family, method, rotations):
     """Learned R1/R2/scales are fitted on the plain Llama block; other families get one clear line, before any
@@ -198,3 +198,21 @@ def test_learned_rotations_are_refused_where_they_cannot_be_fused(family, method
         check_model(tiny_model(family, layers=1), cfg.validate())
     check_model(tiny_model(family, layers=1), QuantizeConfig(method="quarot").validate())
     assert {s.family for s in SPECS if s.learned_rotations} == {"Llama", "Mistral", "Qwen2 / 2.5"}
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if not ModelAdapter(tiny_model(f, layers=1)).spec.r1_fusable])
+def test_online_r1_keeps_the_pre_norm_weights(family):
+    """With R1 online, the quantized sublayer input is the norm's real output rotated, (x̂ ⊙ g) R1: the pre-norm
+    scales stay in the norms (regression: folding them into q/k/v and gate/up made 4-bit activation error come back
+    multiplied by Gemma 3's uneven scales, perplexity 9e7 on gemma3-270m)."""
+    model = tiny_model(family, layers=2)
+    spec = ModelAdapter(model).spec
+    before = [[layer.get_submodule(n).weight.detach().clone() for n in spec.pre_norms] for layer in model.model.layers]
+    q_before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    rotate_model(model, seed=0)
+    for layer, ws in zip(model.model.layers, before):
+        for n, w in zip(spec.pre_norms, ws):
+            assert torch.equal(layer.get_submodule(n).weight, w), n
+    # q_proj only took R1 (orthogonal): its row norms are unchanged, which a folded norm scale would not leave
+    q = model.model.layers[0].self_attn.q_proj.weight
+    assert torch.allclose(q.norm(dim=1), q_before.norm(dim=1), rtol=1e-5)
