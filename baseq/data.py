@@ -152,6 +152,13 @@ def bos_prefix(tokenizer) -> torch.Tensor:
     return torch.tensor(with_special[:n], dtype=torch.long)
 
 
+def _text_span(seqlen: int, prefix: torch.Tensor) -> int:
+    """Text tokens per window after the BOS prefix."""
+    if seqlen - len(prefix) < 1:
+        raise BaseqError(f"seqlen {seqlen} leaves no room for text after the model's {len(prefix)} BOS token(s)")
+    return seqlen - len(prefix)
+
+
 def _windows(ids: torch.Tensor, prefix: torch.Tensor, starts: list[int], span: int) -> torch.Tensor:
     return torch.stack([torch.cat([prefix, ids[s: s + span]]) for s in starts])
 
@@ -162,9 +169,7 @@ def eval_windows(tokenizer, source: str, seqlen: int, n: int) -> torch.Tensor:
     ids = tokenize(tokenizer, load_text(source, "eval"))
     prefix = bos_prefix(tokenizer)
     _check(seqlen, n, len(ids), source, "eval")
-    span = seqlen - len(prefix)
-    if span < 1:
-        raise BaseqError(f"seqlen {seqlen} leaves no room for text after the model's {len(prefix)} BOS token(s)")
+    span = _text_span(seqlen, prefix)
     available = len(ids) // span
     if n > available:
         raise BaseqError(f"'{source}' holds {available} eval windows of {seqlen} tokens; {n} requested")
@@ -177,9 +182,7 @@ def calib_windows(tokenizer, source: str, seqlen: int, n: int, seed: int = 0) ->
     ids = tokenize(tokenizer, load_text(source, "calib"))
     prefix = bos_prefix(tokenizer)
     _check(seqlen, n, len(ids), source, "calibration")
-    span = seqlen - len(prefix)
-    if span < 1:
-        raise BaseqError(f"seqlen {seqlen} leaves no room for text after the model's {len(prefix)} BOS token(s)")
+    span = _text_span(seqlen, prefix)
     if n * span > len(ids):
         raise BaseqError(f"'{source}' calibration text holds {len(ids)} tokens, at most {len(ids) // span} "
                          f"windows of {seqlen}; {n} requested")
