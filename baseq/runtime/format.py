@@ -8,7 +8,6 @@ file and what is wrong.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
