@@ -225,7 +225,8 @@ def add_config_flags(g) -> None:
             continue
         shown = "" if "default" in f.metadata["help"] else f" (default {default:g})" if kind is float \
             else f" (default {default})"
-        g.add_argument(f.metadata["flag"], dest=flag_dest(f), type=kind, help=f.metadata["help"] + shown)
+        g.add_argument(f.metadata["flag"], dest=flag_dest(f), type=kind, help=f.metadata["help"] + shown,
+                       choices=f.metadata.get("choices"))
 
 
 def default_out(args, cfg) -> Path:
@@ -255,7 +256,7 @@ def cmd_quantize(args) -> int:
 
 def quantize_command(args, cfg, device, comm) -> int:
     from .calibrate.engine import on_device
-    from .calibrate.pipeline import check_model, needs_calibration, quantize_model, quantized_layers
+    from .calibrate.pipeline import check_model, kv_shift_on, needs_calibration, quantize_model, quantized_layers
     from .data import calib_windows, eval_windows
     from .load import load as load_model
     from .runtime.format import check_out_dir, is_saved_folder
@@ -273,9 +274,6 @@ def quantize_command(args, cfg, device, comm) -> int:
                          f"use --format fake")
     if is_saved_folder(Path(args.model).expanduser()):
         raise BaseqError(f"'{args.model}' was written by 'baseq quantize' already: quantize its source model")
-    if needs_calibration(cfg) and comm.world_size > cfg.calib.samples:
-        raise BaseqError(f"{comm.world_size} ranks for {cfg.calib.samples} calibration windows: every rank needs at "
-                         f"least one (raise --calib-samples or start fewer ranks)")
     work_dir = out.parent / f".{out.name}.partial"
     from tqdm.auto import tqdm
 
@@ -290,12 +288,16 @@ def quantize_command(args, cfg, device, comm) -> int:
         model = lazy.model
     else:
         model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu")  # blocks visit the device in turn
-    check_model(model, cfg)  # before the full-precision evaluation
+    ad = check_model(model, cfg)  # before the full-precision evaluation
+    calibrated = needs_calibration(cfg, kv_shift_on(cfg, ad))
+    if calibrated and comm.world_size > cfg.calib.samples:
+        raise BaseqError(f"{comm.world_size} ranks for {cfg.calib.samples} calibration windows: every rank needs at "
+                         f"least one (raise --calib-samples or start fewer ranks)")
     check_context(model, cfg.calib.seqlen, "--calib-seqlen")
     if args.eval:
         check_context(model, args.seqlen, "--seqlen")
     calib = None
-    if needs_calibration(cfg):  # draw the calibration windows now: a too-short text fails before any real work
+    if calibrated:  # draw the calibration windows now: a too-short text fails before any real work
         c = cfg.calib
         calib = calib_windows(tokenizer, c.data, c.seqlen, c.samples, c.seed)
     result = {"model": args.model, "method": cfg.label, "bits": cfg.bits.label, "config": cfg.to_dict()}

@@ -27,6 +27,16 @@ BUDGETS: dict[str, dict[str, dict]] = {
 }
 
 
+KV_SHIFTS = ("auto", "mean", "off")
+
+
+def flag(name: str, help: str, choices: tuple | None = None) -> dict:
+    """Field metadata making a config field a ``baseq quantize`` flag: the CLI adds ``name`` with this help (and
+    ``choices``) and the field's default, and writes the value back into the field (one source for both; see
+    :func:`flag_fields`)."""
+    return {"flag": name, "help": help, "choices": choices}
+
+
 def _bits(name: str, v: int) -> None:
     if not (v == 16 or 2 <= v <= 8):
         raise BaseqError(f"{name} must be between 2 and 8, or 16 for off (got {v})")
@@ -43,10 +53,17 @@ class BitsConfig:
     a_clip: float = 0.9  # fixed activation clip ratio (QuaRot); BASE-Q starts its learnable clip here
     kv_clip: float = 0.95
     embed_bits: int = 16  # embedding table and LM head: 16 = fp16, 8 = int8 per row (symmetric)
+    kv_shift: str = field(default="auto", metadata=flag(
+        "--kv-shift", "quantize K and V around their per-channel calibration means (Q(k − μ) + μ; exact and free at "
+                      "inference): mean, off, or auto = mean where k_proj / v_proj have biases (Qwen2) and the method calibrates "
+                      "anyway (not the data-free RTN ones), else off",
+        choices=KV_SHIFTS))
 
     def validate(self) -> None:
         for name in ("w_bits", "a_bits", "kv_bits"):
             _bits(name.replace("_", "-"), getattr(self, name))
+        if self.kv_shift not in KV_SHIFTS:
+            raise BaseqError(f"kv-shift must be one of {', '.join(KV_SHIFTS)} (got {self.kv_shift})")
         if self.embed_bits not in (8, 16):
             raise BaseqError(f"embed-bits must be 16 (fp16) or 8 (int8 per row) (got {self.embed_bits})")
         if self.w_group < 0:
@@ -82,12 +99,6 @@ class GPTQConfig:
     act_order: bool = True
     static_groups: bool = True  # keeps groups aligned with the original columns under act_order
     asym_alpha: float = 0.25  # weights gptaq: scale of the shift towards the FP-output target (quant/gptaq.py)
-
-
-def flag(name: str, help: str) -> dict:
-    """Field metadata making a config field a ``baseq quantize`` flag: the CLI adds ``name`` with this help and the
-    field's default, and writes the value back into the field (one source for both; see :func:`flag_fields`)."""
-    return {"flag": name, "help": help}
 
 
 @dataclass

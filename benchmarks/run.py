@@ -60,6 +60,11 @@ ROWS: dict[str, dict] = {
     "spinquant-w4a4kv4": {"method": "spinquant", "bits": "W4A4KV4"},
     "ostquant-w4a4kv4": {"method": "ostquant", "bits": "W4A4KV4"},
     "baseq-spinquant-w4a4kv4": {**BASEQ, "bits": "W4A4KV4", "rotation": {"kind": "spinquant"}},
+    # K/V centred on their calibration means (--kv-shift; default auto: on where k/v_proj have biases, e.g. Qwen2.5)
+    "quarot-gptq-noshift-w4a4kv4": {"method": "quarot", "weights": "gptq", "bits": "W4A4KV4", "kv_shift": "off"},
+    "quarot-gptq-shift-w4a4kv4": {"method": "quarot", "weights": "gptq", "bits": "W4A4KV4", "kv_shift": "mean"},
+    "baseq-noshift-w4a4kv4": {**BASEQ, "bits": "W4A4KV4", "kv_shift": "off"},
+    "baseq-shift-w4a4kv4": {**BASEQ, "bits": "W4A4KV4", "kv_shift": "mean"},
 }
 DEFAULT = ["fp", "rtn-w4a4kv4", "gptq-w4a4kv4", "quarot-rtn-w4a4kv4", "quarot-gptq-w4a4kv4", "baseq-w4a4kv4",
            "quarot-gptq-w4a8kv8", "baseq-w4a8kv8", "quarot-gptq-w4a16"]
@@ -82,19 +87,26 @@ def run_row(name: str, args) -> dict:
     spec = dict(ROWS[name])
     model, tokenizer = load_model(args.model)
     windows = {d: eval_windows(tokenizer, d, args.seqlen, args.windows) for d in EVAL_DATA}
+    import torch
+
     result = {"row": name, "seed": args.seed, "model": args.model, "data": "wiki", "seqlen": args.seqlen,
-              "windows": args.windows}
+              "windows": args.windows, "machine": machine(), "threads": torch.get_num_threads(),
+              "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if spec["method"] == "fp":
         result.update(method="fp", bits="fp", calib_seconds=0.0)
     else:
-        bits = spec.pop("bits", "W4A4KV4")
+        bits = {**PRESETS[spec.pop("bits", "W4A4KV4")], "kv_shift": spec.pop("kv_shift", "auto")}
         calib = {"samples": args.calib_samples, "seqlen": args.calib_seqlen, "seed": args.seed,
                  **spec.pop("calib", {})}
-        cfg = QuantizeConfig.from_dict({**spec, "seed": args.seed, "bits": PRESETS[bits], "calib": calib})
-        report = quantize_model(model, tokenizer, cfg, model_spec=args.model, progress=False,
+        cfg = QuantizeConfig.from_dict({**spec, "seed": args.seed, "bits": bits, "calib": calib})
+        work = Path(args.work) / result_name(name, args.seed) if args.work else None
+        if work is not None and (work / "progress.json").is_file():
+            result["resumed"] = json.loads((work / "progress.json").read_text()).get("done")
+        report = quantize_model(model, tokenizer, cfg, model_spec=args.model, progress=False, work_dir=work,
+                                resume=work is not None,
                                 log_fn=lambda m: print(f"[{name}] {m}", file=sys.stderr, flush=True))
         result.update(method=name.split("-w4")[0] if not name.startswith("abl") else name, bits=cfg.bits.label,
-                      calib_seconds=report["calib_seconds"], config=cfg.to_dict(),
+                      calib_seconds=report["calib_seconds"], config=cfg.to_dict(), kv_shift=report["kv_shift"],
                       calib_peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
         model = packed_runtime(model, tokenizer, cfg, result)
     t0 = time.perf_counter()
@@ -111,6 +123,16 @@ def run_row(name: str, args) -> dict:
         result["zero_shot_seconds"] = round(time.perf_counter() - t0, 1)
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return result
+
+
+def machine() -> str:
+    """The CPU model (``lscpu``'s "Model name") and core count: which machine a row's times belong to."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        name = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "?")
+    except (OSError, subprocess.CalledProcessError):
+        name = "?"
+    return f"{name}, {os.cpu_count()} cores"
 
 
 def packed_runtime(model, tokenizer, cfg, result: dict):
@@ -198,6 +220,8 @@ def main() -> int:
     p.add_argument("--standard-dir", help="folder of the standard task files (default: $BASEQ_CACHE/tasks)")
     p.add_argument("--limit", type=int, help="items per task")
     p.add_argument("--seeds", default="0", help="comma list of seeds; each row runs once per seed (default 0)")
+    p.add_argument("--work", help="folder for per-block checkpoints: an interrupted row resumes at its last finished "
+                                  "block (its calib_seconds then count this process only; 'resumed' says from where)")
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # internal: the seed of --row
     p.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
     args = p.parse_args()
@@ -237,7 +261,7 @@ def run_one(row: str, seed: int, out: Path, args) -> None:
     cmd = [sys.executable, __file__, "--row", row, "--seed", str(seed), "--out", str(out), "--model", args.model,
            "--windows", str(args.windows), "--seqlen", str(args.seqlen),
            "--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen)]
-    for flag in ("tasks", "tasks_dir", "standard_dir", "limit"):
+    for flag in ("tasks", "tasks_dir", "standard_dir", "limit", "work"):
         if getattr(args, flag) is not None:
             cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     print(f"{result_name(row, seed)}: running", file=sys.stderr, flush=True)

@@ -237,13 +237,15 @@ def test_transform_stage_lowers_quantized_loss_and_switches(text_file):
 
 
 def test_method_composition_follows_switches(text_file):
-    from baseq.calibrate.pipeline import build_stages
+    from baseq.calibrate.pipeline import build_stages, needs_calibration
 
-    names = lambda c: [s.name for s in build_stages(c)]  # noqa: E731
+    names = lambda c, shift=False: [s.name for s in build_stages(c, shift)]  # noqa: E731
     assert names(_cfg(text_file, transforms=True)) == ["transforms", "gptq", "baseq"]
     assert names(_cfg(text_file, transforms=False)) == ["gptq", "baseq"]
+    assert names(_cfg(text_file, transforms=True), True) == ["transforms", "kv_shift", "gptq", "baseq"]
     q = QuantizeConfig.from_dict({"method": "quarot", "weights": "rtn"})
-    assert names(q) == ["rtn"] and q.rotate
+    assert names(q) == ["rtn"] and q.rotate and not needs_calibration(q)
+    assert names(q, True) == ["kv_shift", "rtn"] and needs_calibration(q, True)  # the means need calibration data
     assert names(QuantizeConfig.from_dict({"method": "gptq"})) == ["gptq"]
 
 

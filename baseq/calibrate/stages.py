@@ -119,6 +119,35 @@ class GPTQStage:
         return loss
 
 
+class KVShiftStage:
+    """The per-channel means of the block's (rotated) keys and values over every calibration token, as the centres
+    the KV cache is quantized around (:class:`~baseq.quant.qmodel.KVPoint`). Runs before the weights are quantized,
+    so GPTQ of o_proj already sees the shifted cache; BASE-Q's training then refines the shifts with its biases."""
+
+    name = "kv_shift"
+
+    @torch.no_grad()
+    def run(self, ctx: BlockContext) -> None:
+        kv = ctx.layer.self_attn.kv_point
+        sums = [torch.zeros_like(kv.k_shift, dtype=torch.float64), torch.zeros_like(kv.v_shift, dtype=torch.float64)]
+        count = [0]
+
+        def add(_, args, kwargs):
+            _, key = kv.rotate(args[0], args[1])
+            for acc, x in zip(sums, (key, args[2])):  # [b, kv_heads, t, head_dim]
+                acc += x.double().sum(dim=(0, 2))
+            count[0] += key.shape[0] * key.shape[2]
+
+        with Tap(kv, add, stop=True) as tap:  # each forward stops at the KV point
+            for batch in ctx.q_in.split(ctx.batch_size):
+                tap(ctx.forward, batch.to(ctx.device))
+        sums = ctx.comm.all_reduce_(sums)
+        n = max(int(ctx.comm.sum([count[0]])[0]), 1)
+        kv.k_shift.copy_(sums[0] / n)
+        kv.v_shift.copy_(sums[1] / n)
+        ctx.log["kv_shift_k"] = round(kv.k_shift.norm().item(), 4)
+
+
 def group_inputs(ctx: BlockContext, layer, name: str, x: torch.Tensor):
     """For each batch of ``x``: the input of linear ``name`` of ``layer`` after its activation point (what its
     weights multiply); each forward stops right there."""
@@ -181,8 +210,8 @@ class BaseqTrainStage:
 
     name = "baseq"
 
-    def __init__(self, cfg: TrainConfig, seed: int = 0):
-        self.cfg, self.seed = cfg, seed
+    def __init__(self, cfg: TrainConfig, seed: int = 0, kv_shift: bool = False):
+        self.cfg, self.seed, self.kv_shift = cfg, seed, kv_shift
 
     def parameter_groups(self, layer) -> list[dict]:
         pts = block_points(layer).values()
@@ -191,7 +220,8 @@ class BaseqTrainStage:
         if self.cfg.scale:
             groups.append({"name": "scale", "params": [p.scale for p in pts], "lr": self.cfg.lr_scale})
         if self.cfg.bias:
-            groups.append({"name": "bias", "params": [p.shift for p in pts], "lr": self.cfg.lr_bias})
+            shifts = [kv.k_shift, kv.v_shift] if self.kv_shift else []  # the KV cache's centres train with the biases
+            groups.append({"name": "bias", "params": [p.shift for p in pts] + shifts, "lr": self.cfg.lr_bias})
         if self.cfg.clip:
             betas = [q.beta for q in [p.quantizer for p in pts] + [kv.k, kv.v] if q.beta is not None]
             if betas:

@@ -258,5 +258,12 @@ class ModelAdapter:
     def lm_head(self) -> nn.Linear:
         return self.model.get_submodule(self.spec.head)
 
+    @property
+    def kv_bias(self) -> bool:
+        """Whether the keys or values of the model *as loaded* carry a bias (k_proj / v_proj / a fused qkv_proj);
+        after :func:`~baseq.quant.qmodel.quantize_structure` every linear has one."""
+        return any(getattr(m, "bias", None) is not None for layer in self.layers
+                   for name, m in layer.self_attn.named_children() if name in ("k_proj", "v_proj", "qkv_proj"))
+
 
 LlamaAdapter = ModelAdapter

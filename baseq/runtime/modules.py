@@ -78,20 +78,35 @@ class ActPoint(nn.Module):
 
 
 class KVQuant(nn.Module):
-    """R3 on queries/keys, and the per-token, per-KV-head quantization grid of K and V."""
+    """R3 on queries/keys, and the per-token, per-KV-head quantization grid of K and V, around the per-channel
+    centres ``k_shift`` / ``v_shift`` (``[1, kv_heads, 1, head_dim]``, or None for zero)."""
 
-    def __init__(self, bits: int, k_clip: Tensor, v_clip: Tensor, rotation: nn.Module | None):
+    def __init__(self, bits: int, k_clip: Tensor, v_clip: Tensor, rotation: nn.Module | None,
+                 k_shift: Tensor | None = None, v_shift: Tensor | None = None):
         super().__init__()
         self.bits = bits
         self.rotation = rotation
         self.register_buffer("k_clip", k_clip.float())
         self.register_buffer("v_clip", v_clip.float())
+        for name, shift in (("k_shift", k_shift), ("v_shift", v_shift)):
+            self.register_buffer(name, None if shift is None or bits >= 16 else shift.float().unsqueeze(1))
 
     def fake(self, x: Tensor, clip: Tensor) -> Tensor:
         if self.bits >= 16:
             return x
         s, z = token_grid(x.float(), clip, self.bits)
         return (torch.div(x.float(), s).round_().add_(z).clamp_(0, 2**self.bits - 1) - z) * s
+
+    def centre(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """``(k − μ_K, v − μ_V)``: what is quantized and stored."""
+        if self.k_shift is None:
+            return k, v
+        return k - self.k_shift, v - self.v_shift
+
+    def uncentre(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self.k_shift is None:
+            return k, v
+        return k + self.k_shift, v + self.v_shift
 
 
 class RuntimeAttention(nn.Module):
@@ -134,13 +149,14 @@ class RuntimeAttention(nn.Module):
         v = y[:, (h + kvh) * hd:].view(b, t, kvh, hd).transpose(1, 2)
         layer = cache.layers[self.layer_idx] if isinstance(cache, QuantizedKVCache) else None
         if layer is not None and t == 1 and layer.get_seq_length() > 0 and layer.bits < 16:
-            layer.append(k, v)  # decoding: attention straight on the stored codes
-            out = attend_codes(q, layer, self.scaling, attention_mask, self.softcap)
+            layer.append(*self.kv.centre(k, v))  # decoding: attention straight on the stored codes
+            out = attend_codes(q, layer, self.scaling, attention_mask, self.softcap, self.kv.k_shift, self.kv.v_shift)
             return self.o_point(out.reshape(b, h * hd), self.o_proj).view(b, t, -1), None
+        k, v = self.kv.centre(k, v)
         if layer is not None:  # stores codes, returns every token's K/V dequantized
-            k, v = cache.update(k, v, self.layer_idx)
+            k, v = self.kv.uncentre(*cache.update(k, v, self.layer_idx))
         else:  # same grid, float values (e.g. a cache transformers made, or none)
-            k, v = self.kv.fake(k, self.kv.k_clip), self.kv.fake(v, self.kv.v_clip)
+            k, v = self.kv.uncentre(self.kv.fake(k, self.kv.k_clip), self.kv.fake(v, self.kv.v_clip))
             if cache is not None:
                 k, v = cache.update(k, v, self.layer_idx)
         kwargs.pop("position_ids", None)
@@ -168,21 +184,27 @@ def _rope_full(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def attend_codes(q: Tensor, layer, scaling: float, mask: Tensor | None, softcap: float | None = None) -> Tensor:
+def attend_codes(q: Tensor, layer, scaling: float, mask: Tensor | None, softcap: float | None = None,
+                 k_shift: Tensor | None = None, v_shift: Tensor | None = None) -> Tensor:
     """One query token per sequence (``q [b, heads, 1, d]``) against every token of a quantized cache layer,
-    computed on the codes: with ``K̂_t = (C_t − z_t)·s_t``,
+    computed on the codes: with ``K̂_t = (C_t − z_t)·s_t + μ_K``,
 
-        q·K̂_t = s_t (q·C_t − z_t Σ_i q_i),      Σ_t p_t V̂_t = Σ_t (p_t s_t) C_t − Σ_t (p_t s_t) z_t,
+        q·K̂_t = s_t (q·C_t − z_t Σ_i q_i) + q·μ_K,      Σ_t p_t V̂_t = Σ_t (p_t s_t) C_t − Σ_t (p_t s_t) z_t + μ_V,
 
     so the cache is never dequantized (two matrix products over the codes, the rest is per token); ``softcap``:
-    scores ``c·tanh(s / c)`` (Gemma 2). Returns ``[b, heads, d]``."""
+    scores ``c·tanh(s / c)`` (Gemma 2); ``k_shift`` / ``v_shift`` (``[1, kv_heads, 1, d]``): the centres ``μ``
+    the cache was quantized around (``q·μ_K`` is the same for every key, so it changes no softmax but a soft-capped
+    one; it is added anyway). Returns ``[b, heads, d]``."""
     c, s, z = layer.codes()  # K heads, then V heads
     b, h, _, d = q.shape
     kvh = c.shape[1] // 2
     ck, sk, zk, cv, sv, zv = c[:, :kvh], s[:, :kvh], z[:, :kvh], c[:, kvh:], s[:, kvh:], z[:, kvh:]
     qg = q.reshape(b, kvh, h // kvh, d)
     scores = qg @ ck.transpose(-1, -2)  # [b, kv, g, n]
-    scores = (scores - qg.sum(-1, keepdim=True) * zk.transpose(-1, -2)) * (sk.transpose(-1, -2) * scaling)
+    scores = (scores - qg.sum(-1, keepdim=True) * zk.transpose(-1, -2)) * sk.transpose(-1, -2)
+    if k_shift is not None:
+        scores = scores + qg @ k_shift.transpose(-1, -2)  # [b, kv, g, 1]
+    scores = scores * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if mask is not None:  # [b, 1, 1, n]: bool (True = attend) or additive
@@ -190,6 +212,8 @@ def attend_codes(q: Tensor, layer, scaling: float, mask: Tensor | None, softcap:
         scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m
     pv = torch.softmax(scores, dim=-1) * sv.transpose(-1, -2)
     out = pv @ cv - pv @ zv  # [b, kv, g, d]
+    if v_shift is not None:
+        out = out + v_shift
     return out.reshape(b, h, d)
 
 

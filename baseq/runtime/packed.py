@@ -14,6 +14,8 @@ as matrices — and the config that produced the model) and ``model.safetensors`
 ``layers.{i}.{point}.clip/scale/shift``  the activation points qkv, o, gate_up, down: clipping factor, asymmetric
                                    scale, shift (float32 vectors)
 ``layers.{i}.kv.k_clip/v_clip``    KV clipping factors (per KV head when learned)
+``layers.{i}.kv.k_shift/v_shift``  the centres K and V are quantized around, ``[kv_heads, head_dim]`` (only when
+                                   calibrated; absent = zero)
 ``layers.{i}.attn_norm/mlp_norm``  pre-norm scales (effective ``g`` of ``g·x̂``: ``1 + w`` for Gemma; BASE-Q's scales
                                    folded in); absent for a family without pre-norms (OLMo 2)
 ``layers.{i}.post_attn_norm/...``  ``post_mlp_norm``, ``q_norm``, ``k_norm``: post-norm and q/k-norm scales, for the
@@ -128,6 +130,9 @@ def pack_layer(layer: nn.Module, w_bits: int) -> dict[str, Tensor]:
         out[f"{short}_point.shift"] = point.shift.detach().float().cpu().contiguous()
     kv = layer.self_attn.kv_point
     out["kv.k_clip"], out["kv.v_clip"] = _clip_tensor(kv.k), _clip_tensor(kv.v)
+    if bool(kv.k_shift.any()) or bool(kv.v_shift.any()):
+        out["kv.k_shift"] = kv.k_shift.detach().float().cpu().contiguous()
+        out["kv.v_shift"] = kv.v_shift.detach().float().cpu().contiguous()
     for key, path in norm_slots(spec).items():
         out[key] = effective_scale(layer.get_submodule(path), spec.norm_offset)
     return out
@@ -399,7 +404,9 @@ def load_packed(path: Path, meta: dict | None = None, device="cpu"):
             return 1 if group == 0 else in_f // group
 
         kv = KVQuant(spec.kv_bits, t.take(f"{p}.kv.k_clip").reshape(1, -1, 1, 1),
-                     t.take(f"{p}.kv.v_clip").reshape(1, -1, 1, 1), r3)
+                     t.take(f"{p}.kv.v_clip").reshape(1, -1, 1, 1), r3,
+                     t.take(f"{p}.kv.k_shift", (s.kv_heads, s.head_dim), optional=True),
+                     t.take(f"{p}.kv.v_shift", (s.kv_heads, s.head_dim), optional=True))
         nq, nkv, attn_in = s.heads * s.head_dim, s.kv_heads * s.head_dim, s.heads * s.head_dim
         layer.self_attn = RuntimeAttention(
             point("qkv", r1_in), _fused(t, p, ["q", "k", "v"], [nq, nkv, nkv], s.hidden, w_bits, groups_of(s.hidden)),
