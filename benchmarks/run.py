@@ -108,7 +108,8 @@ def run_row(name: str, args) -> dict:
         result.update(method=name.split("-w4")[0] if not name.startswith("abl") else name, bits=cfg.bits.label,
                       calib_seconds=report["calib_seconds"], config=cfg.to_dict(), kv_shift=report["kv_shift"],
                       calib_peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
-        model = packed_runtime(model, tokenizer, cfg, result)
+        keep = Path(args.keep) / result_name(name, args.seed) if args.keep else None
+        model = packed_runtime(model, tokenizer, cfg, result, keep)
     t0 = time.perf_counter()
     result["ppl_by_data"] = {d: perplexity(model, w, batch_size=4, progress=False) for d, w in windows.items()}
     result["ppl"] = result["ppl_by_data"]["wiki"]
@@ -135,10 +136,11 @@ def machine() -> str:
     return f"{name}, {os.cpu_count()} cores"
 
 
-def packed_runtime(model, tokenizer, cfg, result: dict):
+def packed_runtime(model, tokenizer, cfg, result: dict, keep: Path | None = None):
     """The quantized model written in the packed format and loaded back as the integer runtime, which computes the
     same numbers as the simulated model (bit for bit: tests/test_runtime.py) ~2.5× faster; the simulated model for
-    what the packed format cannot hold (16-bit weights)."""
+    what the packed format cannot hold (16-bit weights). ``keep``: write the packed folder there and keep it (for
+    ``baseq generate`` / ``baseq bench`` afterwards), else in a temporary folder."""
     import tempfile
 
     from baseq.calibrate.pipeline import act_spec
@@ -151,9 +153,12 @@ def packed_runtime(model, tokenizer, cfg, result: dict):
         from baseq.runtime.packed import save_packed
 
         b = cfg.bits
-        out = save_packed(model, tokenizer, Path(tmp) / "packed", act_spec(cfg), {"method": cfg.label},
-                          w_bits=b.w_bits, w_group=b.w_group, embed_bits=b.embed_bits)
+        out = save_packed(model, tokenizer, keep or Path(tmp) / "packed", act_spec(cfg),
+                          {"method": cfg.label, "bits": b.label, "model": result["model"], "config": cfg.to_dict()},
+                          w_bits=b.w_bits, w_group=b.w_group, embed_bits=b.embed_bits, overwrite=True)
         result["disk_mb"] = round(sum(f.stat().st_size for f in out.iterdir()) / 2**20, 1)
+        if keep is not None:
+            result["packed_folder"] = str(out)
         runtime, _ = load(str(out))
     result["eval_model"] = "packed runtime"
     return runtime
@@ -222,6 +227,7 @@ def main() -> int:
     p.add_argument("--seeds", default="0", help="comma list of seeds; each row runs once per seed (default 0)")
     p.add_argument("--work", help="folder for per-block checkpoints: an interrupted row resumes at its last finished "
                                   "block (its calib_seconds then count this process only; 'resumed' says from where)")
+    p.add_argument("--keep", help="folder to keep each row's packed model in (<keep>/<row>), for generate / bench")
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # internal: the seed of --row
     p.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
     args = p.parse_args()
@@ -261,7 +267,7 @@ def run_one(row: str, seed: int, out: Path, args) -> None:
     cmd = [sys.executable, __file__, "--row", row, "--seed", str(seed), "--out", str(out), "--model", args.model,
            "--windows", str(args.windows), "--seqlen", str(args.seqlen),
            "--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen)]
-    for flag in ("tasks", "tasks_dir", "standard_dir", "limit", "work"):
+    for flag in ("tasks", "tasks_dir", "standard_dir", "limit", "work", "keep"):
         if getattr(args, flag) is not None:
             cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     print(f"{result_name(row, seed)}: running", file=sys.stderr, flush=True)
