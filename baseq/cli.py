@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .config import positive_int
 from .errors import BaseqError
 from .eval.zeroshot import check_tasks
 from .io import check_parent, write_json
@@ -47,16 +48,6 @@ def print_table(title: str, rows: list[tuple[str, str]]) -> None:
     for k, v in rows:
         table.add_row(k, v)
     Console().print(table)
-
-
-def positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 (got {v})")
-    return v
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -174,28 +165,7 @@ def config_from_args(args):
     if args.bits is not None:
         for k, v in PRESETS[args.bits].items():
             setattr(cfg.bits, k, v)
-    flags = {"w_bits": cfg.bits, "a_bits": cfg.bits, "kv_bits": cfg.bits, "w_group": cfg.bits,
-             "a_clip": cfg.bits, "kv_clip": cfg.bits, "w_sym": cfg.bits,
-             "calib_data": (cfg.calib, "data"), "calib_samples": (cfg.calib, "samples"),
-             "calib_seqlen": (cfg.calib, "seqlen"), "calib_batch_size": (cfg.calib, "batch_size"),
-             "offload_activations": (cfg.calib, "offload"),
-             "epochs": cfg.train, "lr_clip": cfg.train, "lr_bias": cfg.train, "lr_scale": cfg.train,
-             "bias_init": cfg.train, "train_batch_size": (cfg.train, "batch_size"),
-             "train_samples": (cfg.train, "samples"), "train_inputs": (cfg.train, "inputs"),
-             "bias": cfg.train, "scale": cfg.train, "clip": cfg.train, "seed": cfg,
-             "transforms": cfg.train, "vo_rotation": cfg.train, "transform_epochs": cfg.train,
-             "lr_transform": cfg.train, "train_loss": (cfg.train, "loss"),
-             "act_order": cfg.gptq, "percdamp": cfg.gptq, "embed_bits": cfg.bits,
-             "gptaq_alpha": (cfg.gptq, "asym_alpha"), "weight_scale": cfg.train, "lr_weight_scale": cfg.train,
-             "smooth": (cfg.smooth, "points"), "smooth_alpha": (cfg.smooth, "alpha"),
-             "rotations": (cfg.rotation, "kind")}
-    for flag, target in flags.items():
-        value = getattr(args, flag, None)
-        if value is None:
-            continue
-        obj, attr = target if isinstance(target, tuple) else (target, flag)
-        setattr(obj, attr, value)
-    for section, f in flag_fields():  # flags declared on the config fields themselves (config.flag)
+    for section, f in flag_fields():  # the flags declared on the config fields themselves (config.flag)
         value = getattr(args, flag_dest(f), None)
         if value is not None:
             setattr(getattr(cfg, section) if section else cfg, f.name, value)
@@ -214,19 +184,22 @@ def flag_dest(f) -> str:
     return f.metadata["flag"].lstrip("-").replace("-", "_")
 
 
-def add_config_flags(g) -> None:
-    """The flags declared on config fields (``config.flag`` metadata): type and default from the field."""
-    for _, f in flag_fields():
-        default = f.default
+def add_config_flags(g, sections: tuple[str, ...]) -> None:
+    """The flags declared on the fields of these config sections (``config.flag`` metadata; "" = QuantizeConfig's
+    own fields), section by section in field order: type, default and help's default from the field. Unset flags
+    stay None, so only the flags given override a --config file."""
+    for section, f in sorted((x for x in flag_fields() if x[0] in sections), key=lambda x: sections.index(x[0])):
+        meta, default = f.metadata, f.default
         kind = type(default)
         if kind is bool:
-            g.add_argument(f.metadata["flag"], dest=flag_dest(f), action=argparse.BooleanOptionalAction, default=None,
-                           help=f"{f.metadata['help']} (default: {'on' if default else 'off'})")
+            g.add_argument(meta["flag"], dest=flag_dest(f), default=None,
+                           action=argparse.BooleanOptionalAction if meta.get("negatable", True) else "store_true",
+                           help=f"{meta['help']} (default: {'on' if default else 'off'})")
             continue
-        shown = "" if "default" in f.metadata["help"] else f" (default {default:g})" if kind is float \
+        shown = "" if "default" in meta["help"] else f" (default {default:g})" if kind is float \
             else f" (default {default})"
-        g.add_argument(f.metadata["flag"], dest=flag_dest(f), type=kind, help=f.metadata["help"] + shown,
-                       choices=f.metadata.get("choices"))
+        g.add_argument(meta["flag"], dest=flag_dest(f), type=meta.get("type") or kind, help=meta["help"] + shown,
+                       choices=meta.get("choices"), metavar=meta.get("metavar"))
 
 
 def default_out(args, cfg) -> Path:
@@ -426,8 +399,8 @@ def peak_rss_mb() -> float:
 
 
 def add_quantize_args(p: argparse.ArgumentParser) -> None:
-    from .config import BUDGETS, LOSSES, PRESETS, WEIGHTS, GPTQConfig, TrainConfig
-    from .methods import METHOD_REGISTRY, ROTATION_SOURCES
+    from .config import BUDGETS, PRESETS, WEIGHTS
+    from .methods import METHOD_REGISTRY
 
     add_model_args(p)
     g = p.add_argument_group("method")
@@ -441,78 +414,22 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", choices=list(BUDGETS),
                    help="calibration budget: default (32 × 512-token windows, 3 epochs, ~10 min for 135M on 2 cores) "
                         "or large (64 × 1024, 5 epochs: the ceiling, several times slower); flags override it")
-    g.add_argument("--w-bits", type=int, help="weight bits 2–8 (16 = off)")
-    g.add_argument("--a-bits", type=int, help="activation bits 2–8 (16 = off)")
-    g.add_argument("--kv-bits", type=int, help="KV-cache bits 2–8 (16 = off)")
-    g.add_argument("--w-group", type=int, help="weight group size (0 = per output channel, default)")
-    g.add_argument("--w-sym", action=argparse.BooleanOptionalAction, default=None, help="symmetric weights")
-    g.add_argument("--a-clip", type=float, help="activation clip ratio (default 0.9)")
-    g.add_argument("--kv-clip", type=float, help="KV clip ratio (default 0.95)")
-    g.add_argument("--seed", type=int, help="seed of the rotations, the training and the calibration windows (default 0)")
+    add_config_flags(g, ("bits", ""))  # BitsConfig's flags (--w-bits ... --embed-bits, --kv-shift), then --seed
     g = p.add_argument_group("calibration")
-    g.add_argument("--calib-data", help="calibration text: wiki (default), books, wikitext2, c4 or a .txt/.jsonl path")
-    g.add_argument("--calib-samples", type=positive_int, help="calibration windows (default 32)")
-    g.add_argument("--calib-seqlen", type=int, help="tokens per calibration window (default 512)")
-    g.add_argument("--calib-batch-size", type=positive_int, help="windows per block forward (default 4)")
-    g.add_argument("--offload-activations", action="store_true", default=None,
-                   help="keep block activations in memory-mapped files beside --out instead of RAM")
-    g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None, help="GPTQ act-order")
-    g.add_argument("--percdamp", type=float, help="GPTQ damping (fraction of mean diag H, default 0.01)")
-    g.add_argument("--gptaq-alpha", type=float,
-                   help=f"--weights gptaq: how far towards the FP-output target (default {GPTQConfig().asym_alpha:g})")
-    g.add_argument("--rotations", choices=list(ROTATION_SOURCES), metavar="SOURCE",
-                   help="where R1/R2 come from (quarot, baseq): " + "; ".join(
-                       f"{r.name}: {r.summary}" for r in ROTATION_SOURCES.values()) + " (default: hadamard)")
-    add_config_flags(g)
-    g.add_argument("--smooth", metavar="POINTS",
-                   help="channel smoothing before the rotations (SmoothRot) at these quantization points: a comma "
-                        "list of down, qkv, gate_up (quarot and baseq; default: off)")
-    g.add_argument("--smooth-alpha", type=float,
-                   help="smoothing strength α in [0, 1] (default: chosen per block and point from 0.3–0.7 or none)")
+    add_config_flags(g, ("calib", "gptq", "rotation", "smooth"))
     g.add_argument("--lazy", action="store_true",
                    help="for models larger than RAM: read the blocks one at a time from the model's safetensors or "
                         "GGUF file(s); finished blocks wait on disk beside --out until written")
     g.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
                    help="under torchrun: how long a rank waits for the others before failing (default 1800)")
     g = p.add_argument_group("BASE-Q training (method baseq)")
-    T = TrainConfig()  # help texts show the real defaults
-
-    def toggle(flag: str, what: str, on: bool) -> None:
-        g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                       help=f"{what} (default: {'on' if on else 'off'})")
-
-    toggle("--bias", "bias correction", T.bias)
-    toggle("--scale", "asymmetric scaling", T.scale)
-    toggle("--clip", "learnable clipping", T.clip)
-    g.add_argument("--bias-init", choices=("zero", "mean"), help=f"bias init (default {T.bias_init})")
-    g.add_argument("--epochs", type=int, help=f"epochs per block (default {T.epochs})")
-    g.add_argument("--lr-clip", type=float, help=f"learning rate of the clipping parameters (default {T.lr_clip:g})")
-    g.add_argument("--lr-bias", type=float, help=f"learning rate of the biases (default {T.lr_bias:g})")
-    g.add_argument("--lr-scale", type=float, help=f"learning rate of the asymmetric scales (default {T.lr_scale:g})")
-    g.add_argument("--train-batch-size", type=positive_int,
-                   help=f"windows per training step (default {T.batch_size})")
-    g.add_argument("--train-samples", type=int, help="calibration windows used for training (0 = all)")
-    g.add_argument("--train-inputs", choices=("fp", "quant"),
-                   help=f"train on FP or quantized inputs (default {T.inputs})")
-    g.add_argument("--train-loss", choices=LOSSES,
-                   help=f"block loss: mse, or token (MSE per token relative to the target token's energy); "
-                        f"default {T.loss}")
-    toggle("--weight-scale", "learn a scale factor per output row of every quantized weight, after GPTQ",
-           T.weight_scale)
-    g.add_argument("--lr-weight-scale", type=float,
-                   help=f"learning rate of the weight scale factors (default {T.lr_weight_scale:g})")
-    toggle("--transforms", "stage 1: compensated V/o/down scales and V/O rotation, fused before GPTQ", T.transforms)
-    toggle("--vo-rotation", "learnable per-KV-head V/O rotation in stage 1", T.vo_rotation)
-    g.add_argument("--transform-epochs", type=int, help=f"stage 1 epochs per block (default {T.transform_epochs})")
-    g.add_argument("--lr-transform", type=float, help=f"stage 1 learning rate (default {T.lr_transform:g})")
+    add_config_flags(g, ("train",))
     g = p.add_argument_group("output and evaluation")
     g.add_argument("--out", help="output folder (default: out/MODEL-METHOD-BITS)")
     g.add_argument("--format", choices=("packed", "fake"),
                    help="packed (default): 4-bit codes, run by the integer runtime; fake: dequantized float "
                         "weights and quantization parameters, run in simulation (research; the default when "
                         "weights stay 16-bit)")
-    g.add_argument("--embed-bits", type=int, choices=(16, 8),
-                   help="embedding table and LM head: 16 = float16 (default), 8 = int8 per row")
     g.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     g.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished block")
     g.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -13,6 +14,9 @@ from .methods import METHOD_REGISTRY, METHODS, ROTATION_SOURCES, ROTATIONS, Meth
 
 WEIGHTS = ("rtn", "gptq", "gptaq")  # gptaq: GPTQ fitted to the FP model's output (asymmetric calibration)
 LOSSES = ("mse", "token")  # BASE-Q block loss: plain MSE, or MSE per token relative to the target token's energy
+BIAS_INITS = ("zero", "mean")  # BASE-Q bias start: zero, or the channel mean over calibration tokens
+TRAIN_INPUTS = ("fp", "quant")  # BASE-Q trains on the full-precision block inputs or the quantized model's
+EMBED_BITS = (16, 8)  # embedding table and LM head: fp16, or int8 per row
 PRESETS: dict[str, dict[str, int]] = {
     "W4A4KV4": dict(w_bits=4, a_bits=4, kv_bits=4),
     "W4A8KV8": dict(w_bits=4, a_bits=8, kv_bits=8),
@@ -30,11 +34,24 @@ BUDGETS: dict[str, dict[str, dict]] = {
 KV_SHIFTS = ("auto", "mean", "off")
 
 
-def flag(name: str, help: str, choices: tuple | None = None) -> dict:
+def positive_int(text: str) -> int:
+    """argparse type of whole-number flags that must be at least 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {v})")
+    return v
+
+
+def flag(name: str, help: str, choices: tuple | None = None, *, type=None, metavar: str | None = None,
+         negatable: bool = True) -> dict:
     """Field metadata making a config field a ``baseq quantize`` flag: the CLI adds ``name`` with this help (and
     ``choices``) and the field's default, and writes the value back into the field (one source for both; see
-    :func:`flag_fields`)."""
-    return {"flag": name, "help": help, "choices": choices}
+    :func:`flag_fields`). ``type`` parses the value (default: the type of the field's default); ``metavar`` names
+    it in the help; a bool field gets ``--name`` / ``--no-name``, or ``--name`` alone when not ``negatable``."""
+    return {"flag": name, "help": help, "choices": choices, "type": type, "metavar": metavar, "negatable": negatable}
 
 
 def _bits(name: str, v: int) -> None:
@@ -44,15 +61,18 @@ def _bits(name: str, v: int) -> None:
 
 @dataclass
 class BitsConfig:
-    w_bits: int = 4
-    a_bits: int = 4
-    kv_bits: int = 4
-    w_group: int = 0  # 0 = per output channel
-    w_sym: bool = False
+    w_bits: int = field(default=4, metadata=flag("--w-bits", "weight bits: 2–8, or 16 = off"))
+    a_bits: int = field(default=4, metadata=flag("--a-bits", "activation bits: 2–8, or 16 = off"))
+    kv_bits: int = field(default=4, metadata=flag("--kv-bits", "KV-cache bits: 2–8, or 16 = off"))
+    w_group: int = field(default=0, metadata=flag(  # 0 = per output channel
+        "--w-group", "weight group size (0 = per output channel, default)"))
+    w_sym: bool = field(default=False, metadata=flag("--w-sym", "symmetric weights"))
     w_clip_search: bool = True
-    a_clip: float = 0.9  # fixed activation clip ratio (QuaRot); BASE-Q starts its learnable clip here
-    kv_clip: float = 0.95
-    embed_bits: int = 16  # embedding table and LM head: 16 = fp16, 8 = int8 per row (symmetric)
+    # fixed activation clip ratio (QuaRot); BASE-Q starts its learnable clip here
+    a_clip: float = field(default=0.9, metadata=flag("--a-clip", "activation clip ratio"))
+    kv_clip: float = field(default=0.95, metadata=flag("--kv-clip", "KV clip ratio"))
+    embed_bits: int = field(default=16, metadata=flag(  # int8: per row, symmetric
+        "--embed-bits", "embedding table and LM head: 16 = float16 (default), 8 = int8 per row", choices=EMBED_BITS))
     kv_shift: str = field(default="auto", metadata=flag(
         "--kv-shift", "quantize K and V around their per-channel calibration means (Q(k − μ) + μ; exact and free at "
                       "inference): mean, off, or auto = mean where k_proj / v_proj have biases (Qwen2) and the method calibrates "
@@ -64,7 +84,7 @@ class BitsConfig:
             _bits(name.replace("_", "-"), getattr(self, name))
         if self.kv_shift not in KV_SHIFTS:
             raise BaseqError(f"kv-shift must be one of {', '.join(KV_SHIFTS)} (got {self.kv_shift})")
-        if self.embed_bits not in (8, 16):
+        if self.embed_bits not in EMBED_BITS:
             raise BaseqError(f"embed-bits must be 16 (fp16) or 8 (int8 per row) (got {self.embed_bits})")
         if self.w_group < 0:
             raise BaseqError(f"w-group must be ≥ 0 (got {self.w_group})")
@@ -80,12 +100,17 @@ class BitsConfig:
 
 @dataclass
 class CalibConfig:
-    data: str = "wiki"
-    samples: int = 32
-    seqlen: int = 512
-    seed: int = 0
-    batch_size: int = 4  # windows per block forward
-    offload: bool = False  # keep propagated activations in memory-mapped files instead of RAM (large runs)
+    data: str = field(default="wiki", metadata=flag(
+        "--calib-data", "calibration text: wiki (default), books, wikitext2, c4 or a .txt/.jsonl path"))
+    samples: int = field(default=32, metadata=flag("--calib-samples", "calibration windows", type=positive_int))
+    seqlen: int = field(default=512, metadata=flag("--calib-seqlen", "tokens per calibration window"))
+    seed: int = 0  # set by --seed (QuantizeConfig.seed): one seed for the whole run
+    batch_size: int = field(default=4, metadata=flag(
+        "--calib-batch-size", "windows per block forward", type=positive_int))
+    # keep propagated activations in memory-mapped files instead of RAM (large runs)
+    offload: bool = field(default=False, metadata=flag(
+        "--offload-activations", "keep block activations in memory-mapped files beside --out instead of RAM",
+        negatable=False))
 
     def validate(self) -> None:
         if self.samples < 1 or self.seqlen < 2 or self.batch_size < 1:
@@ -94,11 +119,13 @@ class CalibConfig:
 
 @dataclass
 class GPTQConfig:
-    percdamp: float = 0.01
+    percdamp: float = field(default=0.01, metadata=flag("--percdamp", "GPTQ damping, a fraction of the mean diagonal of H"))
     blocksize: int = 128
-    act_order: bool = True
+    act_order: bool = field(default=True, metadata=flag("--act-order", "GPTQ act-order"))
     static_groups: bool = True  # keeps groups aligned with the original columns under act_order
-    asym_alpha: float = 0.25  # weights gptaq: scale of the shift towards the FP-output target (quant/gptaq.py)
+    # weights gptaq: scale of the shift towards the FP-output target (quant/gptaq.py)
+    asym_alpha: float = field(default=0.25, metadata=flag(
+        "--gptaq-alpha", "--weights gptaq: how far towards the FP-output target"))
 
 
 @dataclass
@@ -106,7 +133,11 @@ class RotationConfig:
     """The offline rotations R1 / R2: seeded randomized Hadamards, calibrated on FP activations (DartQuant), or
     trained end to end through the quantized model (SpinQuant, OSTQuant); see :mod:`baseq.methods`."""
 
-    kind: str = "hadamard"  # a baseq.methods.ROTATION_SOURCES name (the method's default when it allows one only)
+    # a baseq.methods.ROTATION_SOURCES name (the method's default when it allows one only)
+    kind: str = field(default="hadamard", metadata=flag(
+        "--rotations", "where R1/R2 come from (quarot, baseq): " + "; ".join(
+            f"{r.name}: {r.summary}" for r in ROTATION_SOURCES.values()) + " (default: hadamard)",
+        choices=ROTATIONS, metavar="SOURCE"))
     steps: int = field(default=100, metadata=flag(
         "--rotation-steps", "training steps of learned rotations (calibrated, spinquant, ostquant)"))
     # < 0: the rotation source's default (calibrated 10: screened on held-out tokens, 0.1 / 1 / 10 → 4-bit error of
@@ -140,8 +171,12 @@ class RotationConfig:
 class SmoothConfig:
     """Channel smoothing before the rotations at a block's quantization points (SmoothRot; rotation/smooth.py)."""
 
-    points: str = ""  # comma list of down, qkv, gate_up ("" = off)
-    alpha: float = -1.0  # < 0: chosen per block and point from a small grid by the quantized output error
+    points: str = field(default="", metadata=flag(  # comma list of down, qkv, gate_up ("" = off)
+        "--smooth", "channel smoothing before the rotations (SmoothRot) at these quantization points: a comma "
+                    "list of down, qkv, gate_up (quarot and baseq; default: off)", metavar="POINTS"))
+    # < 0: chosen per block and point from a small grid by the quantized output error
+    alpha: float = field(default=-1.0, metadata=flag(
+        "--smooth-alpha", "smoothing strength α in [0, 1] (default: chosen per block and point from 0.3–0.7 or none)"))
 
     @property
     def pairs(self) -> tuple[str, ...]:
@@ -161,36 +196,49 @@ class SmoothConfig:
 class TrainConfig:
     """BASE-Q's per-block training of biases, asymmetric scales and clipping (stage 3)."""
 
-    bias: bool = True
-    scale: bool = True
-    clip: bool = True
-    bias_init: str = "mean"  # or "zero"; "mean": the channel mean over calibration tokens
-    epochs: int = 3
-    samples: int = 0  # calibration windows used for training (0 = all); GPTQ always uses all
-    batch_size: int = 4
+    bias: bool = field(default=True, metadata=flag("--bias", "bias correction"))
+    scale: bool = field(default=True, metadata=flag("--scale", "asymmetric scaling"))
+    clip: bool = field(default=True, metadata=flag("--clip", "learnable clipping"))
+    # see BIAS_INITS; "mean": the channel mean over calibration tokens
+    bias_init: str = field(default="mean", metadata=flag("--bias-init", "bias init", choices=BIAS_INITS))
+    epochs: int = field(default=3, metadata=flag("--epochs", "epochs per block"))
+    # calibration windows used for training (0 = all); GPTQ always uses all
+    samples: int = field(default=0, metadata=flag("--train-samples", "calibration windows used for training, 0 = all"))
+    batch_size: int = field(default=4, metadata=flag(
+        "--train-batch-size", "windows per training step", type=positive_int))
     # tuned for our budget (3 epochs × 8 steps per block): higher than the reference recipe's
     # clip 3e-2 / scale 3e-3, which trains far longer; see README "Training budget"
-    lr_clip: float = 1e-1
-    lr_bias: float = 1e-1
-    lr_scale: float = 1e-2
-    loss: str = "mse"  # see LOSSES and calibrate/stages.block_loss
-    inputs: str = "fp"  # train on the full-precision block inputs ("fp") or the quantized model's ("quant")
-    weight_scale: bool = False  # learn a factor per output row of every quantized weight (calibrate/weight_scale.py)
-    lr_weight_scale: float = 2e-3
+    lr_clip: float = field(default=1e-1, metadata=flag("--lr-clip", "learning rate of the clipping parameters"))
+    lr_bias: float = field(default=1e-1, metadata=flag("--lr-bias", "learning rate of the biases"))
+    lr_scale: float = field(default=1e-2, metadata=flag("--lr-scale", "learning rate of the asymmetric scales"))
+    loss: str = field(default="mse", metadata=flag(  # see calibrate/stages.block_loss
+        "--train-loss", "block loss: mse, or token (MSE per token relative to the target token's energy)",
+        choices=LOSSES))
+    # train on the full-precision block inputs ("fp") or the quantized model's ("quant")
+    inputs: str = field(default="fp", metadata=flag(
+        "--train-inputs", "train on FP or quantized inputs", choices=TRAIN_INPUTS))
+    # learn a factor per output row of every quantized weight (calibrate/weight_scale.py)
+    weight_scale: bool = field(default=False, metadata=flag(
+        "--weight-scale", "learn a scale factor per output row of every quantized weight, after GPTQ"))
+    lr_weight_scale: float = field(default=2e-3, metadata=flag(
+        "--lr-weight-scale", "learning rate of the weight scale factors"))
     revert_if_worse: bool = False  # keep a block's starting corrections when training raised its loss (measured:
     # lower block loss but worse end-to-end perplexity, so off by default; docs/RESULTS.md)
     # stage 1: compensated transforms (V scale, o/down input scales, per-KV-head V/O rotation), fused before GPTQ
-    transforms: bool = False  # off by default: ~1 % lower block loss for ~50 % more calibration time (README)
-    vo_rotation: bool = True
-    transform_epochs: int = 3
-    lr_transform: float = 5e-3
+    # off by default: ~1 % lower block loss for ~50 % more calibration time (README)
+    transforms: bool = field(default=False, metadata=flag(
+        "--transforms", "stage 1: compensated V/o/down scales and V/O rotation, fused before GPTQ"))
+    vo_rotation: bool = field(default=True, metadata=flag(
+        "--vo-rotation", "learnable per-KV-head V/O rotation in stage 1"))
+    transform_epochs: int = field(default=3, metadata=flag("--transform-epochs", "stage 1 epochs per block"))
+    lr_transform: float = field(default=5e-3, metadata=flag("--lr-transform", "stage 1 learning rate"))
 
     def validate(self) -> None:
-        if self.bias_init not in ("zero", "mean"):
+        if self.bias_init not in BIAS_INITS:
             raise BaseqError(f"bias-init must be 'zero' or 'mean' (got {self.bias_init})")
         if self.loss not in LOSSES:
             raise BaseqError(f"train loss must be one of {', '.join(LOSSES)} (got {self.loss})")
-        if self.inputs not in ("fp", "quant"):
+        if self.inputs not in TRAIN_INPUTS:
             raise BaseqError(f"train inputs must be 'fp' or 'quant' (got {self.inputs})")
         if self.epochs < 0 or self.transform_epochs < 0 or self.batch_size < 1 or self.samples < 0:
             raise BaseqError("epochs and train samples must be ≥ 0 and batch size ≥ 1")
@@ -202,7 +250,8 @@ class TrainConfig:
 class QuantizeConfig:
     method: str = "baseq"
     weights: str = "gptq"  # rtn | gptq | gptaq (quarot; baseq takes gptq or gptaq; the rtn/gptq methods imply it)
-    seed: int = 0
+    seed: int = field(default=0, metadata=flag(  # the CLI sets calib.seed to it too
+        "--seed", "seed of the rotations, the training and the calibration windows"))
     bits: BitsConfig = field(default_factory=BitsConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
     gptq: GPTQConfig = field(default_factory=GPTQConfig)

@@ -36,7 +36,7 @@ def main() -> None:
     from baseq.data import eval_windows
     from baseq.load import load
     from baseq.models.adapter import LlamaAdapter
-    from baseq.rotation.learned import OnlineTransforms, TrainSettings, train_transforms
+    from baseq.calibrate.learned_rotations import OnlineTransforms, TrainSettings, train_transforms
 
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="smollm2-135m")

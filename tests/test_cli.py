@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -195,8 +196,6 @@ def test_help_mentions_options(capsys):
 
 
 def test_quantize_help_shows_the_real_training_defaults(capsys):
-    import re
-
     from baseq.config import TrainConfig
 
     with pytest.raises(SystemExit) as e:
@@ -233,6 +232,59 @@ def test_quantize_flags_reach_the_config():
     assert (cfg.gptq.act_order, cfg.gptq.percdamp, cfg.weights, cfg.gptq.asym_alpha) == (False, 0.05, "gptaq", 0.5)
     assert (t.weight_scale, t.lr_weight_scale) == (True, 0.004)
     assert (cfg.smooth.pairs, cfg.smooth.alpha, cfg.rotation.kind) == (("down", "qkv"), 0.5, "calibrated")
+
+
+def _non_default(f):
+    """A valid value other than the field's default, and the command-line words setting it."""
+    meta, default = f.metadata, f.default
+    if isinstance(default, bool):
+        return not default, [meta["flag"] if not default else "--no-" + meta["flag"].removeprefix("--")]
+    if meta.get("choices"):
+        value = next(c for c in meta["choices"] if c != default)
+    elif isinstance(default, str):
+        value = {"": "down", "wiki": "books"}[default]  # --smooth points, --calib-data
+    elif isinstance(default, float):
+        value = default / 2 if default else 0.5  # stays inside (0, 1] for the clip ratios, < 0 for "auto" values
+    else:
+        value = default + 1
+    return value, [meta["flag"], str(value)]
+
+
+def _flat(cfg) -> dict:
+    return {f"{k}.{j}" if isinstance(v, dict) else k: w
+            for k, v in cfg.to_dict().items() for j, w in (v.items() if isinstance(v, dict) else [(None, v)])}
+
+
+def test_every_config_flag_is_in_the_help_and_sets_exactly_its_field(capsys, tmp_path):
+    """The flags declared on the config fields (config.flag): each is in 'baseq quantize --help' and sets its
+    field and nothing else; --seed also seeds the calibration windows; over a --config file, flags win."""
+    from baseq.cli import build_parser, config_from_args, flag_dest
+    from baseq.config import QuantizeConfig, flag_fields
+
+    fields = list(flag_fields())
+    assert len(fields) >= 43 and len({f.metadata["flag"] for _, f in fields}) == len(fields)
+    with pytest.raises(SystemExit):
+        main(["quantize", "--help"])
+    out = capsys.readouterr().out
+    for _, f in fields:
+        assert re.search(re.escape(f.metadata["flag"]) + r"(?![\w-])", out), f.metadata["flag"]
+    parser = build_parser()
+    base = _flat(config_from_args(parser.parse_args(["quantize"])))
+    assert base == _flat(QuantizeConfig())
+    for section, f in fields:
+        value, words = _non_default(f)
+        args = parser.parse_args(["quantize", *words])
+        assert getattr(args, flag_dest(f)) == value
+        got = _flat(config_from_args(args))
+        key = f"{section}.{f.name}" if section else f.name
+        changed = {k for k in base if got[k] != base[k]}
+        assert changed == ({key, "calib.seed"} if key == "seed" else {key}), words
+        assert got[key] == value, words
+    file = tmp_path / "c.json"
+    file.write_text(json.dumps({"seed": 5, "bits": {"w_bits": 8, "a_bits": 8}, "train": {"epochs": 1, "bias": False}}))
+    cfg = config_from_args(parser.parse_args(["quantize", "--config", str(file), "--a-bits", "6", "--bias"]))
+    assert (cfg.seed, cfg.calib.seed, cfg.bits.w_bits, cfg.bits.a_bits) == (5, 0, 8, 6)
+    assert (cfg.train.epochs, cfg.train.bias) == (1, True)
 
 
 def test_no_command_prints_help(capsys):

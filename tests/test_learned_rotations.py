@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+from baseq.calibrate.learned_rotations import OnlineTransforms, TrainSettings, kl_top, kl_top_targets, train_transforms
 from baseq.calibrate.pipeline import act_spec, quantize_model
 from baseq.cli import main
 from baseq.config import BitsConfig, CalibConfig, QuantizeConfig
@@ -16,8 +17,7 @@ from baseq.errors import BaseqError
 from baseq.load import load
 from baseq.models.adapter import LlamaAdapter
 from baseq.quant.qmodel import ActSpec, quantize_structure
-from baseq.rotation.learned import (LearnedTransforms, OnlineTransforms, TrainSettings, fuse_transforms, kl_top,
-                                    kl_top_targets, train_transforms)
+from baseq.rotation.learned import LearnedTransforms, fuse_transforms
 from baseq.rotation.stiefel import CayleyAdam, CayleySGD, orthogonality_error
 from baseq.runtime.packed import save_packed
 from baseq.testing import byte_tokenizer, tiny_llama

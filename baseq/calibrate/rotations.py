@@ -3,8 +3,8 @@ and return how to fuse them into the model.
 
 * ``hadamard``   — nothing to learn: :func:`~baseq.rotation.fuse.rotate_model` with the seeded randomized Hadamards;
 * ``calibrated`` — DartQuant-style R1 / R2 on cached FP activations (:mod:`baseq.rotation.calibrated`);
-* ``spinquant`` / ``ostquant`` — trained end to end through the quantized model (:mod:`baseq.rotation.learned`)
-  on ``rotation.steps × rotation.batch`` windows of ``rotation.seqlen`` tokens of the calibration text.
+* ``spinquant`` / ``ostquant`` — trained end to end through the quantized model (:mod:`baseq.calibrate.learned_rotations`,
+  fused by :mod:`baseq.rotation.learned`) on ``rotation.steps × rotation.batch`` windows of ``rotation.seqlen`` tokens of the calibration text.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from ..methods import ROTATION_SOURCES
 from ..quant.qmodel import ActSpec
 from ..rotation.calibrated import apply_value_rotations, calibrate_rotations
 from ..rotation.fuse import rotate_model
-from ..rotation.learned import LearnedTransforms, TrainSettings, fuse_transforms, train_transforms
+from ..rotation.learned import LearnedTransforms, fuse_transforms
 from .comm import Communicator
+from .learned_rotations import TrainSettings, train_transforms
 
 Rotate = Callable[[nn.Module], None]
 

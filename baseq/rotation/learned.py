@@ -1,34 +1,8 @@
-"""End-to-end learned rotations: SpinQuant (Liu et al. 2024) and OSTQuant (Hu et al. 2025).
+"""Learned transforms of SpinQuant (Liu et al. 2024) and OSTQuant (Hu et al. 2025), and their fusing.
 
-Both learn the *fusable* transforms of a QuaRot-structured model by backpropagating a whole-network loss through
-the quantized model, then fuse them into the weights exactly (the FP function does not change) before GPTQ.
-
-=========  ==========================================================  ======================  =================
-method     learned (initialised at the seeded randomized Hadamards)    loss                    optimiser
-=========  ==========================================================  ======================  =================
-spinquant  R1 (hidden × hidden, global); R2 (head_dim², one per layer)  causal-LM cross-entropy  Cayley SGD
-ostquant   R_res (global); R_ov (head_dim², per layer and KV head);     KL-Top vs the FP model  Cayley Adam (R),
-           scales norm→qkv, norm→gate/up, q/k, v/o, up/down                                     Adam (log-scales)
-=========  ==========================================================  ======================  =================
-
-R3 (queries/keys after RoPE) and R4 (down_proj input) stay the fixed online Hadamards of ``quant/qmodel.py``.
-
-**Training without fusing.** The model is trained as it is (full precision, its RMSNorm weights folded into the
-linears first, so that rotations commute with the norms); the transforms are applied *online* at each quantization
-point of the fused model and undone right after it, which is the same function as fusing them, with 16-bit weights:
-
-* qkv / gate-up inputs: ``y ↦ (Q((y R1) ⊘ s) ⊙ s) R1ᵀ`` — the fused model quantizes ``norm(x R1) ⊘ s`` (norm weight
-  ``1/s``) and its linear holds ``W R1 diag(s)``;
-* V: ``v_g ↦ (v_g R2_g) ⊙ s_g`` per KV head g, then (attention) the o_proj input is quantized and mapped back,
-  ``z_h ↦ (Q(z)_h ⊘ s_g) R2_gᵀ`` for the query heads h of group g;
-* Q / K (OSTQuant): ``q_h ⊘ t_g``, ``k_g ⊙ t_g`` with ``t`` equal on the two halves of each RoPE pair (so it commutes
-  with RoPE); then R3 and K/V quantization (:class:`~baseq.quant.qmodel.KVPoint`, the fused model's own);
-* down_proj input: ``u ↦ R4ᵀ Q((u ⊙ s) R4) ⊘ s`` (``s`` also scales up_proj's rows in the fused model).
-
-Activation and KV quantizers are the fused model's (per-token asymmetric, fixed clip ratios, straight-through
-rounding), so the loss trained is the loss of the W16 quantized model. The residual stream itself is not quantized,
-so the online R1 at the model's two ends needs no simulation; the fused model keeps the embedding tied to the LM head
-and applies R1 / R1ᵀ online at the two ends (``rotation/fuse.py``): no untying is needed.
+The training that produces them runs through the quantized model and lives with calibration
+(:mod:`baseq.calibrate.learned_rotations`); what it returns is a :class:`LearnedTransforms`, which this module fuses
+into the weights exactly (the FP function does not change) before GPTQ.
 
 **Fusing** (:func:`fuse_transforms`): :func:`~baseq.rotation.fuse.rotate_model` with the learned R1,
 :func:`~baseq.rotation.calibrated.apply_value_rotations` with the learned R2 (Qwen's v_proj bias rotates with it),
@@ -37,22 +11,14 @@ then the scales (:func:`fuse_scales`). Exact in exact arithmetic; float64 produc
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..models.adapter import ModelAdapter
-from ..quant.qmodel import ActSpec, KVPoint, use_quantized_attention
-from ..quant.quantizer import ActQuantizer
 from .calibrated import apply_value_rotations
-from .fuse import OnlineRotation, _right_mul_, fold_layer_norms, rotate_model
-from .hadamard import hadamard_transform, orthogonal_matrix
-from .stiefel import CayleyAdam, CayleySGD
+from .fuse import _right_mul_, rotate_model
 
 SCALES = ("attn", "mlp", "qk", "vo", "ud")  # norm→qkv, norm→gate/up, q/k, v/o, up/down
 
@@ -69,225 +35,6 @@ class LearnedTransforms:
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor, in a fixed order (for a distributed broadcast)."""
         return [self.r1, self.r2] + ([self.scales[k] for k in SCALES] if self.scales else [])
-
-
-def _scale_shapes(s) -> dict[str, tuple[int, ...]]:
-    return {"attn": (s.layers, s.hidden), "mlp": (s.layers, s.hidden), "qk": (s.layers, s.kv_heads, s.head_dim // 2),
-            "vo": (s.layers, s.kv_heads, s.head_dim), "ud": (s.layers, s.ffn)}
-
-
-class OnlineTransforms(nn.Module):
-    """The learnable transforms, applied online (by hooks) to a norm-folded FP model, with the fused model's
-    quantizers. ``r2_per_head``: one R2 per KV head (OSTQuant) or one per layer (SpinQuant)."""
-
-    def __init__(self, shape, spec: ActSpec, seed: int = 0, r2_per_head: bool = False, scales: bool = False):
-        super().__init__()
-        s = self.shape = shape
-        if scales and s.head_dim % 2:
-            raise ValueError("q/k scales need an even head_dim (RoPE pairs)")
-        self.spec = dataclasses.replace(spec, learnable_clip=False)
-        self.r1 = nn.Parameter(orthogonal_matrix(s.hidden, seed=seed).float())
-        r2 = orthogonal_matrix(s.head_dim, seed=seed + 1).float()
-        self.r2 = nn.Parameter(r2.expand(s.layers, s.kv_heads if r2_per_head else 1, -1, -1).clone())
-        self.log_s = nn.ParameterDict({k: nn.Parameter(torch.zeros(v)) for k, v in _scale_shapes(s).items()}) \
-            if scales else None
-        self.act = ActQuantizer(self.spec.a_bits, clip_ratio=min(self.spec.a_clip, 1.0))
-        self.r4 = OnlineRotation(s.ffn, seed=self.spec.seed + 4)  # as quant.qmodel.quantize_layer builds it
-        self.quantize = True
-        self._handles: list = []
-        self._attn: list = []
-
-    # ------------------------------------------------------------------ the online transforms
-    def scale(self, name: str, i: int) -> torch.Tensor | None:
-        return None if self.log_s is None else self.log_s[name][i].exp()
-
-    def q(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(x) if self.quantize else x
-
-    def residual_input(self, y: torch.Tensor, i: int, which: str) -> torch.Tensor:
-        r, s = self.r1.to(y.dtype), self.scale(which, i)
-        z = y @ r
-        if s is not None:
-            z = self.q(z / s) * s
-        else:
-            z = self.q(z)
-        return z @ r.T
-
-    def _r2(self, i: int) -> torch.Tensor:
-        return self.r2[i].expand(self.shape.kv_heads, -1, -1)
-
-    def values(self, v: torch.Tensor, i: int) -> torch.Tensor:
-        s = self.shape
-        vh = torch.einsum("btgd,gde->btge", v.unflatten(-1, (s.kv_heads, s.head_dim)), self._r2(i).to(v.dtype))
-        sc = self.scale("vo", i)
-        return (vh * sc if sc is not None else vh).flatten(-2)
-
-    def o_input(self, z: torch.Tensor, i: int) -> torch.Tensor:
-        s = self.shape
-        zh = self.q(z).unflatten(-1, (s.kv_heads, s.groups, s.head_dim))
-        sc = self.scale("vo", i)
-        if sc is not None:
-            zh = zh / sc[:, None, :]
-        return torch.einsum("btgqe,gde->btgqd", zh, self._r2(i).to(z.dtype)).flatten(-3)
-
-    def qk_scale(self, i: int) -> torch.Tensor:
-        t = self.scale("qk", i)
-        return torch.cat([t, t], dim=-1)  # RoPE pairs (j, j + hd/2) share a factor
-
-    def queries(self, q: torch.Tensor, i: int) -> torch.Tensor:
-        s = self.shape
-        return (q.unflatten(-1, (s.kv_heads, s.groups, s.head_dim)) / self.qk_scale(i)[:, None, :]).flatten(-3)
-
-    def keys(self, k: torch.Tensor, i: int) -> torch.Tensor:
-        s = self.shape
-        return (k.unflatten(-1, (s.kv_heads, s.head_dim)) * self.qk_scale(i)).flatten(-2)
-
-    def down_input(self, u: torch.Tensor, i: int) -> torch.Tensor:
-        sc = self.scale("ud", i)
-        if sc is not None:
-            u = u * sc
-        z = self.q(self.r4(u))
-        z = hadamard_transform(z, transpose=True) if self.r4.fast else z @ self.r4.matrix.to(z.dtype).T
-        return z / sc if sc is not None else z
-
-    # ------------------------------------------------------------------ hooks
-    def install(self, model: nn.Module) -> None:
-        """Fold the RMSNorm weights of every block (exact) and hook the transforms and quantizers in."""
-        ad = ModelAdapter(model)
-        hook = self._handles.append
-        for i, layer in enumerate(ad.layers):
-            fold_layer_norms(layer)
-            a, m = layer.self_attn, layer.mlp
-            hook(layer.input_layernorm.register_forward_hook(
-                lambda mod, args, out, i=i: self.residual_input(out, i, "attn")))
-            hook(layer.post_attention_layernorm.register_forward_hook(
-                lambda mod, args, out, i=i: self.residual_input(out, i, "mlp")))
-            hook(a.v_proj.register_forward_hook(lambda mod, args, out, i=i: self.values(out, i)))
-            hook(a.o_proj.register_forward_pre_hook(lambda mod, args, i=i: (self.o_input(args[0], i),)))
-            hook(m.down_proj.register_forward_pre_hook(lambda mod, args, i=i: (self.down_input(args[0], i),)))
-            if self.log_s is not None:
-                hook(a.q_proj.register_forward_hook(lambda mod, args, out, i=i: self.queries(out, i)))
-                hook(a.k_proj.register_forward_hook(lambda mod, args, out, i=i: self.keys(out, i)))
-            a.kv_point = KVPoint(self.shape.kv_heads, self.shape.head_dim, self.spec)
-            self._attn.append(a)
-        use_quantized_attention(model)
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        for a in self._attn:
-            del a.kv_point
-        self._handles, self._attn = [], []
-
-    def set_quantize(self, on: bool) -> None:
-        self.quantize = on
-        for a in self._attn:
-            a.kv_point.quantize = on
-
-    def result(self, opt: torch.optim.Optimizer) -> LearnedTransforms:
-        """The trained transforms in float64 (the optimiser's exactly orthogonal master copies)."""
-        def master(p):
-            return opt.state.get(p, {}).get("master", p.detach().double())
-
-        s = self.shape
-        r2 = master(self.r2).expand(s.layers, s.kv_heads, s.head_dim, s.head_dim).clone()
-        scales = {k: v.detach().double().exp() for k, v in self.log_s.items()} if self.log_s is not None else None
-        return LearnedTransforms(master(self.r1).clone(), r2, scales)
-
-
-# ---------------------------------------------------------------------------------------------- losses
-
-def kl_top_targets(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The FP model's top-``k`` log-probabilities (of the full-vocabulary softmax) and their token ids."""
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    vals, idx = lp.topk(min(k, lp.shape[-1]), dim=-1)
-    return vals, idx.int()
-
-
-def kl_top(logits: torch.Tensor, fp_logp: torch.Tensor, fp_idx: torch.Tensor) -> torch.Tensor:
-    """KL-Top: ``Σ_{i ∈ top-k(FP)} p_i (log p_i − log q_i)`` per token (q the quantized model's full-vocabulary
-    softmax), averaged over tokens."""
-    lq = torch.log_softmax(logits.float(), dim=-1).gather(-1, fp_idx.long())
-    return (fp_logp.exp() * (fp_logp - lq)).sum(-1).mean()
-
-
-def _cosine(steps: int):
-    return lambda t: 0.5 * (1 + math.cos(math.pi * t / max(steps, 1)))
-
-
-# ---------------------------------------------------------------------------------------------- training
-
-@dataclass
-class TrainSettings:
-    steps: int = 100
-    lr: float = 1.5  # rotations: Cayley SGD step cap (SpinQuant) / Cayley Adam step (OSTQuant)
-    lr_scale: float = 1e-2  # OSTQuant's log-scales (Adam)
-    batch: int = 8  # sequences per step
-    topk: int = 1000  # KL-Top
-    autocast: bool = False  # forward passes under bfloat16 autocast (CPU)
-
-
-def train_transforms(model: nn.Module, windows: torch.Tensor, spec: ActSpec, kind: str, settings: TrainSettings,
-                     seed: int = 0, log: dict | None = None, progress: bool = False) -> LearnedTransforms:
-    """Learn SpinQuant (``kind="spinquant"``) or OSTQuant (``"ostquant"``) transforms on ``windows``
-    [n, seqlen] (step t uses windows ``t·batch … t·batch + batch − 1``, cycling). Folds the model's block norms
-    (exact) and leaves it otherwise unchanged; returns the transforms for :func:`fuse_transforms`."""
-    if kind not in ("spinquant", "ostquant"):
-        raise ValueError(f"unknown learned rotation kind {kind!r}")
-    ost = kind == "ostquant"
-    ad = ModelAdapter(model)
-    device = ad.embed.weight.device
-    sim = OnlineTransforms(ad.shape, spec, seed=seed, r2_per_head=ost, scales=ost).to(device)
-    log = log if log is not None else {}
-    rot_params = [sim.r1, sim.r2]
-    opt = CayleyAdam(rot_params, lr=settings.lr) if ost else CayleySGD(rot_params, lr=settings.lr)
-    opts = [opt] + ([torch.optim.Adam(sim.log_s.parameters(), lr=settings.lr_scale)] if ost else [])
-    scheds = [torch.optim.lr_scheduler.LambdaLR(o, _cosine(settings.steps)) for o in opts]
-    n = windows.shape[0]
-    batches = [torch.arange(t * settings.batch, (t + 1) * settings.batch) % n for t in range(settings.steps)]
-    sim.install(model)
-    try:
-        targets = None
-        if ost:  # the FP model's top-k, once per window (quantizers off: the transforms cancel)
-            sim.set_quantize(False)
-            with torch.no_grad():
-                targets = [kl_top_targets(model(w[None].to(device), use_cache=False).logits[0], settings.topk)
-                           for w in windows]
-            sim.set_quantize(True)
-        losses = []
-        t0 = time.perf_counter()
-        bar = range(settings.steps)
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(bar, desc=f"{kind} rotations", leave=False)
-        with torch.enable_grad():
-            for t in bar:
-                ids = windows[batches[t]].to(device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.autocast):
-                    logits = model(ids, use_cache=False).logits
-                if ost:
-                    lp = torch.stack([targets[j][0] for j in batches[t].tolist()]).to(device)
-                    ix = torch.stack([targets[j][1] for j in batches[t].tolist()]).to(device)
-                    loss = kl_top(logits, lp, ix)
-                else:
-                    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-                del logits
-                for o in opts:
-                    o.zero_grad(set_to_none=True)
-                loss.backward()
-                for o in opts:
-                    o.step()
-                for sc in scheds:
-                    sc.step()
-                losses.append(loss.item())
-                if progress:
-                    bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        log.update(kind=kind, steps=settings.steps, seconds=round(time.perf_counter() - t0, 2), loss_first=losses[0] if losses else None,
-                   loss_last=losses[-1] if losses else None, losses=[round(v, 5) for v in losses])
-        return sim.result(opt)
-    finally:
-        sim.remove()
 
 
 # ---------------------------------------------------------------------------------------------- fusion
