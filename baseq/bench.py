@@ -57,10 +57,10 @@ def measure(spec: str, prefill: int, decode: int, repeats: int, threads: int, de
     from .runtime.kernels import keep_freed_memory
 
     torch.set_num_threads(threads)
-    keep_freed_memory()  # the same allocator setting for the model and its baseline (the runtime sets it anyway)
     t0 = time.perf_counter()
     model, _ = load(spec, device=device)
     load_s = time.perf_counter() - t0
+    keep_freed_memory()  # the same allocator setting for the model and its baseline (the runtime sets it anyway)
     check_context(model, prefill + decode, "--prefill plus --decode")
     vocab = int(model.config.vocab_size)
     ids = torch.randint(0, vocab, (1, prefill), generator=torch.Generator().manual_seed(0))

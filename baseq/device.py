@@ -1,7 +1,9 @@
-"""``--device``: parsed and checked once, so a missing GPU is one clear line instead of a traceback mid-run."""
+"""``--device``: parsed and checked once, so a missing GPU is one clear line instead of a traceback mid-run; and
+handing freed host memory back to the OS (:func:`release_memory`)."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 
 import torch
@@ -33,3 +35,12 @@ def check_device(spec: str | torch.device) -> torch.device:
     if available is None or not available():
         raise BaseqError(f"--device {spec}: no {device.type} device is available here (use --device cpu)")
     return device
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the OS. glibc keeps it otherwise, and block after block of large temporary
+    arrays (rotations, GPTQ) would let the resident size creep up with the model's depth."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass

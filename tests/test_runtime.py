@@ -410,3 +410,26 @@ def test_head_decode_gemv_is_close_to_the_exact_logits(bits):
     few = table.logits(h[:3])
     assert ((few - exact[:3]).abs().max() / exact.abs().max()) < 1e-2
     assert torch.equal(table.lookup(torch.tensor([[3, 999]]))[0], w[[3, 999]])
+
+
+def test_packed_tensors_are_read_at_their_offsets_exactly(tmp_path):
+    """The loader reads each tensor with plain file reads at its header offsets (no memory map, whose pages would
+    count in the resident size while loading): every dtype the format may hold comes back bit for bit."""
+    from safetensors.torch import save_file
+
+    from baseq.runtime.packed import _Tensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"f32": torch.randn(3, 5, generator=g), "f16": torch.randn(7, generator=g).half(),
+               "bf16": torch.randn(2, 3, generator=g).bfloat16(), "i8": torch.randint(-128, 127, (4, 4), generator=g,
+                                                                                         dtype=torch.int8),
+               "u8": torch.randint(0, 255, (9,), generator=g, dtype=torch.uint8), "i32": torch.arange(6).int(),
+               "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    t = _Tensors(tmp_path)
+    for name, ref in tensors.items():
+        got = t.take(name, tuple(ref.shape))
+        assert got.dtype == ref.dtype and torch.equal(got, ref), name
+    t.finish()
+    with pytest.raises(BaseqError, match="has no tensor 'f32'"):
+        t.take("f32")

@@ -11,13 +11,13 @@ structures it then, and drops it when done: a finished block lives only in its c
 
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
 from safetensors.torch import load_file
 from torch import nn
 
+from ..device import release_memory
 from ..errors import BaseqError
 from ..models.adapter import ModelAdapter
 from ..models.lazy import LazyModel
@@ -91,12 +91,3 @@ def finished_layers(lazy: LazyModel, spec: ActSpec, block_file: Callable[[int], 
         yield i, layer.eval()
         layer.to("meta")
         release_memory()
-
-
-def release_memory() -> None:
-    """Hand freed heap memory back to the OS. glibc keeps it otherwise, and block after block of large temporary
-    arrays (rotations, GPTQ) would let the resident size creep up with the model's depth."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass

@@ -31,11 +31,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..device import release_memory
 from ..errors import BaseqError
 from ..io import atomic_path, write_json
 from ..models.adapter import ModelAdapter
 from ..quant.qmodel import set_quantize
-from .blocks import Blocks, ModelBlocks, release_memory
+from .blocks import Blocks, ModelBlocks
 from .comm import Communicator, Shard
 from .train import Tap
 

@@ -18,7 +18,7 @@ from ..quant.gptq import GPTQ, rtn_quantize_
 from ..quant.qmodel import ActPoint, set_quantize
 from ..quant.quantizer import WeightQuantConfig, _group_count, record_weight_qparams
 from . import weight_scale
-from .blocks import release_memory
+from ..device import release_memory
 from .engine import BlockContext
 from .train import Tap, fit
 
