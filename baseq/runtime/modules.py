@@ -79,7 +79,8 @@ class ActPoint(nn.Module):
 
 class KVQuant(nn.Module):
     """R3 on queries/keys, and the per-token, per-KV-head quantization grid of K and V, around the per-channel
-    centres ``k_shift`` / ``v_shift`` (``[1, kv_heads, 1, head_dim]``, or None for zero)."""
+    centres ``k_shift`` / ``v_shift`` (``[kv_heads, 1, head_dim]``, broadcasting over ``[batch, kv_heads, tokens,
+    head_dim]``; None for zero)."""
 
     def __init__(self, bits: int, k_clip: Tensor, v_clip: Tensor, rotation: nn.Module | None,
                  k_shift: Tensor | None = None, v_shift: Tensor | None = None):
@@ -192,7 +193,7 @@ def attend_codes(q: Tensor, layer, scaling: float, mask: Tensor | None, softcap:
         q·K̂_t = s_t (q·C_t − z_t Σ_i q_i) + q·μ_K,      Σ_t p_t V̂_t = Σ_t (p_t s_t) C_t − Σ_t (p_t s_t) z_t + μ_V,
 
     so the cache is never dequantized (two matrix products over the codes, the rest is per token); ``softcap``:
-    scores ``c·tanh(s / c)`` (Gemma 2); ``k_shift`` / ``v_shift`` (``[1, kv_heads, 1, d]``): the centres ``μ``
+    scores ``c·tanh(s / c)`` (Gemma 2); ``k_shift`` / ``v_shift`` (``[kv_heads, 1, d]``): the centres ``μ``
     the cache was quantized around (``q·μ_K`` is the same for every key, so it changes no softmax but a soft-capped
     one; it is added anyway). Returns ``[b, heads, d]``."""
     c, s, z = layer.codes()  # K heads, then V heads
