@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from ..config import GPTQConfig, TrainConfig
+from ..device import release_memory
 from ..models.adapter import attn_norm, block_points, gate_up, linears as block_linears, mlp_norm, qkv
 from ..quant.gptaq import AsymmetricStats, asymmetric_target
 from ..quant.gptq import GPTQ, rtn_quantize_
 from ..quant.qmodel import ActPoint, set_quantize
 from ..quant.quantizer import WeightQuantConfig, _group_count, record_weight_qparams
 from . import weight_scale
-from ..device import release_memory
 from .engine import BlockContext
 from .train import Tap, fit
 

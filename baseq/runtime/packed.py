@@ -58,7 +58,7 @@ from ..rotation.fuse import (
     residual_rotation,
 )
 from ..rotation.hadamard import has_hadamard
-from .format import PACKED_FORMAT, check_out_dir, load_tensors, read_meta
+from .format import PACKED_FORMAT, check_out_dir, read_meta, safetensors_header
 from .kernels import IntLinear, keep_freed_memory, pack_nibbles, unpack_nibbles
 from .kvcache import QuantizedKVCache
 from .modules import (
@@ -297,12 +297,8 @@ class _Tensors:
         self.file = files[0] if len(files) == 1 else INDEX
         self.where: dict[str, tuple[Path, int, dict]] = {}  # name → (file, start of its data, header entry)
         for f in files:
-            load_tensors(self.path / f, check_only=True)  # a truncated or corrupt file fails here, with its name
-            with open(self.path / f, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                header = json.loads(fh.read(n))
-            header.pop("__metadata__", None)
-            self.where.update({k: (self.path / f, 8 + n, v) for k, v in header.items()})
+            header, base = safetensors_header(self.path / f)  # a truncated or corrupt file fails here, with its name
+            self.where.update({k: (self.path / f, base, v) for k, v in header.items()})
 
     def take(self, name: str, shape: tuple | None = None, optional: bool = False) -> Tensor | None:
         if name not in self.where:
