@@ -29,6 +29,11 @@ log-likelihood divided by the option's length in characters. For the partial-sco
 ``ni_winogrande_029``) the options are in the contexts and the continuation is shared, so lm-eval reports ``acc``
 only (for ``ni_winogrande_029`` ``acc_norm`` is set equal to it, as normalisation cannot change the argmax).
 
+The log-likelihoods are lm-eval's (those of a forward over ``(context + continuation)[:-1]`` per request, to float
+rounding), computed once for what a multiple-choice item's options share: the options with one context run as one
+packed sequence (the context, then each option, attending to the context and to itself only), and only the options'
+logits are computed; see ``ScoringLM._loglikelihood_tokens``.
+
 ``limit`` keeps the first ``limit`` documents of each task (file order = the hub's order), deterministically.
 """
 
