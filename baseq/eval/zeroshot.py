@@ -29,13 +29,20 @@ log-likelihood divided by the option's length in characters. For the partial-sco
 ``ni_winogrande_029``) the options are in the contexts and the continuation is shared, so lm-eval reports ``acc``
 only (for ``ni_winogrande_029`` ``acc_norm`` is set equal to it, as normalisation cannot change the argmax).
 
+The log-likelihoods are lm-eval's (those of a forward over ``(context + continuation)[:-1]`` per request, to float
+rounding), computed once for what a multiple-choice item's options share: the options with one context run as one
+packed sequence (the context, then each option, attending to the context and to itself only), and only the options'
+logits are computed; see ``ScoringLM._loglikelihood_tokens``.
+
 ``limit`` keeps the first ``limit`` documents of each task (file order = the hub's order), deterministically.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
+import inspect
 import io
 import json
 import logging
@@ -216,9 +223,16 @@ def write_offline_tasks(bb: list[str], std: list[str], folder: Path, tasks_dir: 
 # --------------------------------------------------------------------------------------------- the model side
 
 
+ROW_TOKENS = 1024  # a packed row grows to at most this many tokens (or one request)
+MASKABLE = ("sdpa", "eager", "baseq")  # attention implementations that apply a custom 4D attention mask as given
+
+
 def _scoring_lm(model, tokenizer, batch_size: int | str):
-    """lm-eval's ``HFLM`` around ``model`` with one progress bar per task: lm-eval's own bars are off and a bar named
-    after the task advances once per scored request (through lm-eval's per-request cache hook)."""
+    """lm-eval's ``HFLM`` around ``model`` with one progress bar per task (lm-eval's own bars are off and a bar named
+    after the task advances once per scored request, through lm-eval's per-request cache hook), scoring the requests
+    that share a context in one packed sequence (:meth:`ScoringLM._loglikelihood_tokens`)."""
+    import torch
+    import torch.nn.functional as F
     from lm_eval.api.model import CacheHook
     from lm_eval.models.huggingface import HFLM
     from tqdm.auto import tqdm
@@ -234,6 +248,7 @@ def _scoring_lm(model, tokenizer, batch_size: int | str):
 
     class ScoringLM(HFLM):
         label, show = "zero-shot", True
+        pack = True  # False: lm-eval's own path for every request (the reference the tests compare with)
 
         def loglikelihood(self, requests, disable_tqdm: bool = False):
             hook = Progress()
@@ -245,8 +260,120 @@ def _scoring_lm(model, tokenizer, batch_size: int | str):
             finally:
                 hook.bar.close()
 
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            """lm-eval's ``(log-likelihood, is_greedy)`` of each request ``((context, continuation), context
+            tokens, continuation tokens)``, computing once what requests share. The requests with the same context
+            tokens (a multiple-choice item's options) are packed into one row: the context, then each continuation
+            but its last token, each attending to the context and to itself only, at the positions it would have
+            alone (a custom 4D attention mask and position ids), so each sees exactly what lm-eval's forward over
+            ``(context + continuation)[:-1]`` sees; only the continuations' logits are computed. Rows run
+            ``batch_size`` at a time, longest first. Requests that lm-eval would truncate or that exceed a sliding
+            window, and models whose attention ignores custom masks, take lm-eval's own path."""
+            longest = self._packable_length()
+            by_context: dict[tuple[int, ...], list[int]] = {}
+            plain = []
+            for i, (_, ctx, cont) in enumerate(requests):
+                if cont and len(ctx) + len(cont) <= longest:
+                    by_context.setdefault(tuple(ctx), []).append(i)
+                else:
+                    plain.append(i)
+            rows: list[tuple[list[int], list[int]]] = []  # (context, the requests packed after it)
+            for ctx, idx in by_context.items():
+                row: list[int] = []
+                for i in idx:
+                    if row and _row_length(ctx, [requests[j][2] for j in row + [i]]) > ROW_TOKENS:
+                        rows.append((list(ctx), row))
+                        row = []
+                    row.append(i)
+                rows.append((list(ctx), row))
+            rows.sort(key=lambda r: -_row_length(r[0], [requests[i][2] for i in r[1]]))
+            out: list[tuple[float, bool] | None] = [None] * len(requests)
+            with _exact_logits(self.model):
+                if plain:
+                    for i, r in zip(plain, super()._loglikelihood_tokens([requests[i] for i in plain], True,
+                                                                          override_bs)):
+                        out[i] = r
+                step = self.batch_size if isinstance(self.batch_size, int) else 8
+                for start in range(0, len(rows), step):
+                    batch = rows[start:start + step]
+                    scores = self.score_rows([(ctx, [requests[i][2] for i in idx]) for ctx, idx in batch])
+                    for i, r in zip([i for _, idx in batch for i in idx], scores):
+                        out[i] = r
+                        if requests[i][0] is not None:  # (None: loglikelihood_rolling's windows)
+                            self.cache_hook.add_partial("loglikelihood", requests[i][0], r)
+            return out
+
+        def _packable_length(self) -> int:
+            """Longest context + continuation (tokens) that :meth:`score_rows` scores: what lm-eval scores without
+            truncating, and within a sliding window (the custom mask stands for the window); 0 (lm-eval's path for
+            everything) where the attention would not apply a custom mask (e.g. flash attention)."""
+            config = self.model.config
+            params = inspect.signature(self.model.forward).parameters
+            if not (self.pack and self.backend == "causal" and "logits_to_keep" in params
+                    and getattr(config, "_attn_implementation", None) in MASKABLE):
+                return 0
+            window = getattr(config.get_text_config(), "sliding_window", None)
+            return min(self.max_length + 1, window or self.max_length + 1)
+
+        @torch.no_grad()
+        def score_rows(self, rows: list[tuple[list[int], list[list[int]]]]) -> list[tuple[float, bool]]:
+            """``(log-likelihood, is_greedy)`` of each continuation of each ``(context, continuations)`` row, in
+            order, from one forward over the packed rows (right-padded)."""
+            ids, segment, position = [], [], []
+            for ctx, conts in rows:
+                ids.append(list(ctx))
+                segment.append([0] * len(ctx))
+                position.append(list(range(len(ctx))))
+                for j, c in enumerate(conts, 1):
+                    ids[-1] += c[:-1]
+                    segment[-1] += [j] * (len(c) - 1)
+                    position[-1] += range(len(ctx), len(ctx) + len(c) - 1)
+            width = max(map(len, ids))
+
+            def pad(lists, value):
+                return torch.tensor([x + [value] * (width - len(x)) for x in lists], device=self.device)
+
+            ids, segment, position = pad(ids, 0), pad(segment, -1), pad(position, 0)
+            q, k = segment[:, :, None], segment[:, None, :]
+            causal = torch.ones(width, width, dtype=torch.bool, device=self.device).tril()
+            sees = ((k == 0) | (k == q)) & causal  # the context, and its own continuation (padding: the context)
+            dtype = self.model.dtype
+            mask = torch.zeros(sees.shape, dtype=dtype, device=self.device).masked_fill_(~sees, torch.finfo(dtype).min)
+            first = min(len(ctx) for ctx, _ in rows) - 1  # the first position whose logits are needed
+            logits = self.model(ids, attention_mask=mask[:, None], position_ids=position, use_cache=False,
+                                logits_to_keep=width - first).logits
+            out = []
+            for logp, (ctx, conts) in zip(F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype), rows):
+                end = len(ctx)
+                for c in conts:  # c[0] is predicted at the context's last token, c[1:] at the continuation's own
+                    at = [len(ctx) - 1 - first] + list(range(end - first, end - first + len(c) - 1))
+                    end += len(c) - 1
+                    lp, toks = logp[at], torch.tensor(c, device=logp.device)
+                    out.append((float(lp.gather(-1, toks[:, None]).sum()), bool((lp.argmax(-1) == toks).all())))
+            return out
+
     with _quiet_lm_eval(logging.ERROR):  # HFLM warns that a model object disables some of its options
         return ScoringLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
+def _row_length(ctx: list[int], conts: list[list[int]]) -> int:
+    """Tokens of a packed row: the context, then each continuation but its last token."""
+    return len(ctx) + sum(len(c) - 1 for c in conts)
+
+
+@contextlib.contextmanager
+def _exact_logits(model):
+    """The packed runtime's LM head takes a float16 / int8 GEMV for a few rows (decoding; ~1e-3 off): while scoring,
+    exact float32 logits for any number of rows, so that a score does not depend on how a forward is batched."""
+    tables = [m for m in model.modules() if hasattr(m, "gemv_rows")]
+    old = [t.gemv_rows for t in tables]
+    for t in tables:
+        t.gemv_rows = 0
+    try:
+        yield
+    finally:
+        for t, rows in zip(tables, old):
+            t.gemv_rows = rows
 
 
 @contextlib.contextmanager

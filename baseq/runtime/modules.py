@@ -243,6 +243,7 @@ class Table(nn.Module):
         self.register_buffer("row_scale", None if scale is None else scale.float().reshape(-1))  # [V]
         src = weight if weight is not None else codes
         self.rows, self.dim = src.shape
+        self.gemv_rows = 8  # up to this many rows, the decoding GEMV (0: exact float32 logits always, for scoring)
 
     def lookup(self, ids: Tensor) -> Tensor:
         if self.weight is not None:
@@ -251,15 +252,15 @@ class Table(nn.Module):
 
     def logits(self, h: Tensor, chunk: int = 8192) -> Tensor:
         """``h [..., d] @ tableᵀ`` in float32. Many rows (prefill, evaluation): exact float32 GEMMs over slabs of the
-        vocabulary, so no float32 copy of the table is kept. A few rows (decoding): one float16 GEMV (``h`` rounded to
-        float16), or for an int8 table an int8 GEMV (``h`` quantized to int8 per row): logits within ~1e-3 relative
-        of the exact ones, which can only flip near-ties of greedy decoding."""
+        vocabulary, so no float32 copy of the table is kept. A few rows (decoding: at most ``gemv_rows``): one float16
+        GEMV (``h`` rounded to float16), or for an int8 table an int8 GEMV (``h`` quantized to int8 per row): logits
+        within ~1e-3 relative of the exact ones, which can only flip near-ties of greedy decoding."""
         x = h.reshape(-1, self.dim).float().contiguous()
-        if x.shape[0] <= 8 and self.codes is not None:  # int8 table: x quantized to int8 per row, integer GEMV
+        if x.shape[0] <= self.gemv_rows and self.codes is not None:  # int8 table: x quantized to int8 per row, int GEMV
             sx = (x.abs().amax(-1, keepdim=True) / 127).clamp_min(1e-12)
             xq = torch.round(x / sx).to(torch.int8)
             out = int_mm(xq, self.codes).float() * sx * self.row_scale
-        elif x.shape[0] <= 8:  # float16 table: a float16 GEMV
+        elif x.shape[0] <= self.gemv_rows:  # float16 table: a float16 GEMV
             out = F.linear(x.to(self.weight.dtype), self.weight).float()
         else:  # exact float32 logits, a slab of the vocabulary at a time
             out = torch.empty(x.shape[0], self.rows, dtype=torch.float32, device=x.device)
