@@ -22,13 +22,14 @@ import copy
 import dataclasses
 import re
 import time
+from types import SimpleNamespace
 
 import torch
 import yaml
 
 from baseq.calibrate.engine import BlockContext, capture_inputs
-from baseq.calibrate.pipeline import act_spec, build_stages, weight_config
-from baseq.calibrate.stages import BaseqTrainStage, RTNStage
+from baseq.calibrate.pipeline import act_spec, build_stages, check_model, kv_shift_on
+from baseq.calibrate.stages import BaseqTrainStage
 from baseq.config import QuantizeConfig
 from baseq.data import calib_windows
 from baseq.models.loading import load_model
@@ -66,8 +67,11 @@ def main() -> None:
     model, tok = load_model(args.model)
     for prm in model.parameters():
         prm.requires_grad_(False)
-    rotate_model(model)
     base = QuantizeConfig()
+    raw = SimpleNamespace(kv_bias=check_model(model, base).kv_bias)  # (as loaded: the structure adds biases)
+    rtn_cfg = QuantizeConfig.from_dict({"method": "quarot", "weights": "rtn", "bits": {"kv_shift": "mean"}})
+    earlier = build_stages(rtn_cfg, kv_shift_on(base, raw))  # (K/V means with RTN where the default method has them)
+    rotate_model(model)
     ad = quantize_structure(model, act_spec(base))
     x, kwargs = capture_inputs(model, ad, calib_windows(tok, "wiki", args.seqlen, args.samples), "cpu", 4)
     q = x
@@ -78,7 +82,8 @@ def main() -> None:
         x_next = ctx.run(x)
         if args.q_inputs == "rtn":
             set_quantize(ad.layers[i], True)
-            RTNStage(weight_config(base)).run(ctx)
+            for stage in earlier:
+                stage.run(ctx)
             q = ctx.run(q)
         x = x_next
     q = x if args.q_inputs == "fp" else q
@@ -92,7 +97,7 @@ def main() -> None:
         ctx.fp_out = ctx.run(x)
         set_quantize(layer, True)
         times = []
-        for stage in build_stages(cfg):
+        for stage in build_stages(cfg, kv_shift_on(cfg, raw)):
             t0 = time.perf_counter()
             stage.run(ctx)
             times.append(f"{stage.name} {time.perf_counter() - t0:.1f}s")

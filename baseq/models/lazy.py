@@ -17,12 +17,14 @@ The caller frees a block by dropping it (the model keeps the meta template).
 from __future__ import annotations
 
 import copy
+import mmap
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .. import assets
+from ..device import release_memory
 from ..errors import BaseqError
 from ..io import read_json
 from .loading import resolve_dtype
@@ -115,7 +117,18 @@ class GGUFFiles:
             except Exception as e:  # noqa: BLE001 - a truncated file shows up here, as an IndexError or ValueError
                 raise BaseqError(f"'{self.path}': cannot read tensor {t.name} ({_first_line(e)})") from None
             out[n] = torch.from_numpy(np.array(w, copy=True)).to(dtype)
+        self.drop_pages()
         return out
+
+    def drop_pages(self) -> None:
+        """Let go of the mapped file pages read so far: they would otherwise stay resident (and count in the
+        process's RSS) until the end, adding up to the whole file over a run; the next read maps them again."""
+        mapped = getattr(self.reader.data, "_mmap", None)  # numpy.memmap's mmap object
+        if mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
+            try:
+                mapped.madvise(mmap.MADV_DONTNEED)
+            except (OSError, ValueError):  # an advice only: without it the pages just stay
+                pass
 
 
 class LazyModel:
@@ -149,6 +162,7 @@ class LazyModel:
             model.lm_head.weight = model.model.embed_tokens.weight
         for p in model.parameters():
             p.requires_grad_(False)
+        release_memory()  # the readers' temporary copies (dequantized tables) leave a fragmented heap behind
 
     def template(self, i: int) -> nn.Module:
         """Block ``i`` without weights (on the meta device), to build into."""

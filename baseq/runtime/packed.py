@@ -75,7 +75,8 @@ from .modules import (
 
 PROJ = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
         "down": "down_proj"}
-SHARD_BYTES = 2 << 30  # start a new safetensors shard after ~2 GB
+SHARD_BYTES = 1 << 29  # start a new safetensors shard after ~512 MB: writing a shard holds it twice in memory
+# (its tensors and safetensors' serialized copy), so this bounds what saving adds to a lazy run's peak
 INDEX = "model.safetensors.index.json"
 
 
