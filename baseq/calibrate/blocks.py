@@ -85,7 +85,10 @@ def finished_layers(lazy: LazyModel, spec: ActSpec, block_file: Callable[[int], 
     for i in range(len(lazy)):
         layer = lazy.template(i)
         quantize_layer(layer, spec, shape, fuse_online=False)  # R4 is fused in the saved weights already
-        layer.load_state_dict(load_file(block_file(i)), strict=True, assign=True)
+        # owned copies: load_file's tensors map the file, and any small one the consumer keeps (a bias in a packed
+        # shard waiting to be written) would keep the whole block's pages resident
+        state = {k: v.clone() for k, v in load_file(block_file(i)).items()}
+        layer.load_state_dict(state, strict=True, assign=True)
         for p in layer.parameters():
             p.requires_grad_(False)
         yield i, layer.eval()
