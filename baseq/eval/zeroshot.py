@@ -40,7 +40,6 @@ logits are computed; see ``ScoringLM._loglikelihood_tokens``.
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import inspect
 import io
