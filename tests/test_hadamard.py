@@ -308,3 +308,18 @@ def test_orthogonal_matrix_bad_arguments():
         orthogonal_matrix(16, kind="givens")
     with pytest.raises(ValueError):
         orthogonal_matrix(0)
+
+
+def test_factors_cached_in_inference_mode_still_train():
+    """The Kronecker factors are cached for every later caller: made under ``torch.inference_mode`` (a perplexity
+    evaluation first), they broke any later training step through a Hadamard (BASE-Q after an FP evaluation in the
+    same process)."""
+    from baseq.rotation.hadamard import _core, _sylvester
+
+    _core.cache_clear(), _sylvester.cache_clear()
+    with torch.inference_mode():
+        hadamard_transform(torch.randn(2, 12 * 16))
+    x = torch.randn(2, 12 * 16, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(2, 12 * 16, requires_grad=True)
+    (hadamard_transform(x).sum() + hadamard_transform(y).sum()).backward()
+    assert x.grad is not None and y.grad is not None and torch.isfinite(y.grad).all()

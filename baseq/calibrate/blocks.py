@@ -11,6 +11,7 @@ structures it then, and drops it when done: a finished block lives only in its c
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
@@ -34,6 +35,9 @@ class Blocks(Protocol):
     def restore(self, i: int, path: Path) -> None:
         """Block ``i`` was finished by an interrupted run; its state is in ``path``."""
 
+    def ends_away(self) -> AbstractContextManager:
+        """Around the block loop, which needs only the blocks: a source may keep the model's ends out of memory."""
+
 
 class ModelBlocks:
     """The blocks of a model held in memory."""
@@ -53,13 +57,17 @@ class ModelBlocks:
     def restore(self, i: int, path: Path) -> None:
         self.layers[i].load_state_dict(load_file(path), strict=True)
 
+    def ends_away(self) -> AbstractContextManager:
+        return nullcontext()  # the whole model is in memory anyway
+
 
 class LazyBlocks:
     """Blocks read from a :class:`LazyModel`'s files one at a time, made ready by ``prepare`` (rotate, quantized
-    structure), dropped when finished (their state is in the engine's checkpoint files by then)."""
+    structure), dropped when finished (their state is in the engine's checkpoint files by then). While they are
+    calibrated, the model's ends wait in a file under ``park_dir`` (:meth:`LazyModel.ends_parked`)."""
 
-    def __init__(self, lazy: LazyModel, prepare: Callable[[nn.Module], None]):
-        self.lazy, self.prepare = lazy, prepare
+    def __init__(self, lazy: LazyModel, prepare: Callable[[nn.Module], None], park_dir: Path | None = None):
+        self.lazy, self.prepare, self.park_dir = lazy, prepare, park_dir
 
     def __len__(self) -> int:
         return len(self.lazy)
@@ -75,6 +83,9 @@ class LazyBlocks:
     def restore(self, i: int, path: Path) -> None:
         if not Path(path).is_file():
             raise BaseqError(f"cannot resume: '{path}' is missing")
+
+    def ends_away(self) -> AbstractContextManager:
+        return self.lazy.ends_parked(self.park_dir)
 
 
 def finished_layers(lazy: LazyModel, spec: ActSpec, block_file: Callable[[int], Path]

@@ -166,7 +166,6 @@ def ends(model: nn.Module, ad: ModelAdapter) -> list[nn.Module]:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def layer_kwargs(model: nn.Module, ad: ModelAdapter, window: torch.Tensor, device) -> list[dict[str, Any]]:
     """The keyword arguments (mask, position embeddings, ...) the model passes to each block for a batch-1 call on
     ``window`` [1, seq]: they differ between layer types (sliding-window / global layers, Gemma 3's local and global
@@ -302,33 +301,34 @@ def calibrate_blocks(model: nn.Module, ad: ModelAdapter, windows: torch.Tensor, 
     fp_in = acts.keep(fp_in)
     q_in = fp_in if same else acts.keep(q_in)
     bar = tqdm(range(start, len(blocks)), desc="blocks", disable=not progress, initial=start, total=len(blocks))
-    for i in bar:
-        t0 = time.perf_counter()
-        layer = blocks.load(i)
-        release_memory()  # the temporaries of reading / rotating the block
-        layer = layer.to(device)
-        set_quantize(layer, False)
-        ctx = BlockContext(i, layer, fp_in, q_in, fp_out=None, kwargs=kwargs[i], device=device,
-                           batch_size=batch_size, progress=progress, comm=comm, shard=shard)
-        ctx.fp_out = ctx.run(fp_in, out=acts.new())
-        set_quantize(layer, True)
-        for stage in stages:
-            stage.run(ctx)
-        with torch.no_grad():
-            q_out = ctx.run(q_in, out=acts.new())
-            err = comm.mean((q_out.float() - ctx.fp_out.float()).pow(2).mean().item(), shard.size)
-        acts.release(fp_in, q_in)
-        fp_in, q_in = ctx.fp_out, q_out
-        layer.to("cpu")
-        entry = {"block": i, "out_mse": err, "seconds": round(time.perf_counter() - t0, 2), **ctx.log}
-        log.append(entry)
-        bar.set_postfix(out_mse=f"{err:.4g}")
-        say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                     for k, v in entry.items() if not k.startswith("gptq_")))  # all of it is in the report
-        if ckpt is not None:
-            ckpt.save(i, layer, fp_in, q_in, log)
-        blocks.finish(i, layer)
-        release_memory()
+    with blocks.ends_away():  # the loop needs only the blocks (lazy runs keep the ends on disk meanwhile)
+        for i in bar:
+            t0 = time.perf_counter()
+            layer = blocks.load(i)
+            release_memory()  # the temporaries of reading / rotating the block
+            layer = layer.to(device)
+            set_quantize(layer, False)
+            ctx = BlockContext(i, layer, fp_in, q_in, fp_out=None, kwargs=kwargs[i], device=device,
+                               batch_size=batch_size, progress=progress, comm=comm, shard=shard)
+            ctx.fp_out = ctx.run(fp_in, out=acts.new())
+            set_quantize(layer, True)
+            for stage in stages:
+                stage.run(ctx)
+            with torch.no_grad():
+                q_out = ctx.run(q_in, out=acts.new())
+                err = comm.mean((q_out.float() - ctx.fp_out.float()).pow(2).mean().item(), shard.size)
+            acts.release(fp_in, q_in)
+            fp_in, q_in = ctx.fp_out, q_out
+            layer.to("cpu")
+            entry = {"block": i, "out_mse": err, "seconds": round(time.perf_counter() - t0, 2), **ctx.log}
+            log.append(entry)
+            bar.set_postfix(out_mse=f"{err:.4g}")
+            say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in entry.items() if not k.startswith("gptq_")))  # all of it is in the report
+            if ckpt is not None:
+                ckpt.save(i, layer, fp_in, q_in, log)
+            blocks.finish(i, layer)
+            release_memory()
     return log
 
 

@@ -155,20 +155,21 @@ def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, model_spec: str = "
         with on_device([model], device):
             rotate = learn_rotations(model, tokenizer, cfg, act_spec(cfg), windows=windows,
                                      log=report.setdefault("rotation", {}), comm=comm, progress=progress)
-    blocks = prepare_blocks(model, ad, cfg, lazy, rotate)
+    blocks = prepare_blocks(model, ad, cfg, lazy, rotate, park_dir=work_dir)
     stages = build_stages(cfg, kv_shift)
     if not needs_calibration(cfg, kv_shift):
         from tqdm.auto import tqdm
 
-        for i in tqdm(range(len(blocks)), desc="blocks (RTN)", disable=not progress, leave=False):  # no data needed
-            layer = blocks.load(i)
-            with on_device([layer], device):
-                stages[0].run(BlockContext(i, layer, None, None, None, {}, torch.device(device), 1))
-            if lazy is not None and comm.is_main:
-                work_dir.mkdir(parents=True, exist_ok=True)
-                with atomic_path(block_file(work_dir, i)) as tmp:
-                    save_file({k: v.contiguous() for k, v in layer.state_dict().items()}, tmp)
-            blocks.finish(i, layer)
+        with blocks.ends_away():
+            for i in tqdm(range(len(blocks)), desc="blocks (RTN)", disable=not progress, leave=False):  # no data needed
+                layer = blocks.load(i)
+                with on_device([layer], device):
+                    stages[0].run(BlockContext(i, layer, None, None, None, {}, torch.device(device), 1))
+                if lazy is not None and comm.is_main:
+                    work_dir.mkdir(parents=True, exist_ok=True)
+                    with atomic_path(block_file(work_dir, i)) as tmp:
+                        save_file({k: v.contiguous() for k, v in layer.state_dict().items()}, tmp)
+                blocks.finish(i, layer)
         report["blocks"] = []
     else:
         if windows is None:
@@ -186,7 +187,7 @@ def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, model_spec: str = "
 
 
 def prepare_blocks(model, ad: ModelAdapter, cfg: QuantizeConfig, lazy: LazyModel | None,
-                   rotate: Rotate | None = None):
+                   rotate: Rotate | None = None, park_dir: Path | None = None):
     """Rotate (QuaRot methods) and give every block the quantized structure: the whole model now, or each block of
     a lazy model as it is read. ``rotate``: fuses learned rotations (:func:`.rotations.learn_rotations`) instead of
     the seeded ones."""
@@ -206,7 +207,7 @@ def prepare_blocks(model, ad: ModelAdapter, cfg: QuantizeConfig, lazy: LazyModel
             rotate_layer(layer, r1, r2, s.heads, s.kv_heads, online=rotation)
         quantize_layer(layer, spec, s)
 
-    return LazyBlocks(lazy, prepare)
+    return LazyBlocks(lazy, prepare, park_dir)
 
 
 def block_file(work_dir: Path, i: int) -> Path:

@@ -146,7 +146,8 @@ def _core_int(m: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=64)
-def _core(m: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+@torch.inference_mode(False)  # cached for every later caller: a tensor made in inference mode could not be saved for
+def _core(m: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:  # backward by a training step
     """Cached un-normalised m x m core as a tensor (treat as read-only)."""
     return torch.tensor(_core_int(m), dtype=dtype, device=device)
 
@@ -168,6 +169,7 @@ def hadamard_matrix(n: int, dtype=torch.float64, device=None) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
+@torch.inference_mode(False)  # (as _core)
 def _sylvester(p: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Cached un-normalised Sylvester matrix of order p (a power of two; treat as read-only)."""
     h = torch.ones(1, 1, dtype=dtype, device=device)
