@@ -118,3 +118,63 @@ def write_safetensors(path: str | Path, tensors: Callable[[], Iterable[tuple[str
             if (name, _SAFETENSORS_DTYPES[str(t.dtype).removeprefix("torch.")], tuple(t.shape)) != spec:
                 raise ValueError(f"write_safetensors: the second pass gave {name} where {spec[0]} was announced")
             f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
+def safetensors_header(file: str | Path) -> tuple[dict, int]:
+    """``({tensor name: header entry}, offset of the data)`` of a safetensors file, after checking that the header is
+    valid and that the file holds every byte it announces (a missing, truncated or corrupt file is one clear error
+    naming it)."""
+    from safetensors import safe_open
+
+    file = Path(file)
+    if not file.is_file():
+        raise BaseqError(f"'{file}' is missing")
+    try:
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        end = max((v["data_offsets"][1] for v in header.values()), default=0)
+        if file.stat().st_size < 8 + n + end:
+            raise ValueError(f"{file.stat().st_size} bytes, the header announces {8 + n + end}")
+        with safe_open(str(file), framework="pt"):  # the library's own validation of the header
+            pass
+    except Exception as e:  # noqa: BLE001 - safetensors raises SafetensorError / OSError / ValueError for bad files
+        raise corrupt_file(file, e) from None
+    return header, 8 + n
+
+
+def corrupt_file(file: Path, e: Exception) -> BaseqError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return BaseqError(f"'{file}' is truncated or corrupt ({first})")
+
+
+def read_tensor(file: str | Path, base: int, entry: dict):
+    """One tensor of a safetensors file (``entry``: its header entry, ``base``: where the data starts), read into
+    memory of its own with a plain file read. Not through a memory map: a mapped file's pages count in the
+    process's resident size for as long as any tensor made from the map lives (one small tensor kept, e.g. a bias,
+    keeps the whole file's pages)."""
+    import torch
+
+    start, end = entry["data_offsets"]
+    dtype = getattr(torch, _TORCH_DTYPES[entry["dtype"]])
+    buf = bytearray(end - start)
+    with open(file, "rb") as fh:
+        fh.seek(base + start)
+        if fh.readinto(buf) != len(buf):
+            raise ValueError("the file ends before the tensor does")
+    return (torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)).reshape(entry["shape"])
+
+
+_TORCH_DTYPES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
+
+
+def read_safetensors(file: str | Path) -> dict[str, Any]:
+    """Every tensor of a safetensors file, each in memory of its own (:func:`read_tensor`), or one clear error."""
+    file = Path(file)
+    header, base = safetensors_header(file)
+    try:
+        return {name: read_tensor(file, base, entry) for name, entry in header.items()}
+    except (KeyError, TypeError, ValueError, RuntimeError, OSError) as e:
+        raise corrupt_file(file, e) from None
+

@@ -15,11 +15,11 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
-from safetensors.torch import load_file
 from torch import nn
 
 from ..device import release_memory
 from ..errors import BaseqError
+from ..io import read_safetensors
 from ..models.adapter import ModelAdapter
 from ..models.lazy import LazyModel
 from ..quant.qmodel import ActSpec, quantize_layer
@@ -55,7 +55,7 @@ class ModelBlocks:
         pass
 
     def restore(self, i: int, path: Path) -> None:
-        self.layers[i].load_state_dict(load_file(path), strict=True)
+        self.layers[i].load_state_dict(read_safetensors(path), strict=True)
 
     def ends_away(self) -> AbstractContextManager:
         return nullcontext()  # the whole model is in memory anyway
@@ -96,9 +96,9 @@ def finished_layers(lazy: LazyModel, spec: ActSpec, block_file: Callable[[int], 
     for i in range(len(lazy)):
         layer = lazy.template(i)
         quantize_layer(layer, spec, shape, fuse_online=False)  # R4 is fused in the saved weights already
-        # owned copies: load_file's tensors map the file, and any small one the consumer keeps (a bias in a packed
-        # shard waiting to be written) would keep the whole block's pages resident
-        state = {k: v.clone() for k, v in load_file(block_file(i)).items()}
+        # owned memory, not a map of the file: any small tensor the consumer keeps (a bias in a packed shard waiting
+        # to be written) would keep the whole block's pages resident
+        state = read_safetensors(block_file(i))
         layer.load_state_dict(state, strict=True, assign=True)
         for p in layer.parameters():
             p.requires_grad_(False)

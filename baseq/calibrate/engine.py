@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..device import release_memory
 from ..errors import BaseqError
-from ..io import atomic_path, write_json
+from ..io import atomic_path, read_safetensors, write_json
 from ..models.adapter import ModelAdapter
 from ..quant.qmodel import set_quantize
 from .blocks import Blocks, ModelBlocks
@@ -262,7 +262,7 @@ class Checkpoint:
     def restore(self, blocks: Blocks, upto: int):
         for i in range(upto + 1):
             blocks.restore(i, self.block_file(i))
-        acts = load_file(self.acts_file(upto))
+        acts = read_safetensors(self.acts_file(upto))
         log = json.loads((self.dir / "progress.json").read_text())["log"]
         return acts["fp"], acts["q"], log
 

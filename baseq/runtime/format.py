@@ -1,4 +1,5 @@
-"""What a folder written by ``baseq quantize`` is: format names, its ``baseq.json``, and checked tensor reading.
+"""What a folder written by ``baseq quantize`` is: format names and its ``baseq.json`` (tensors are read with
+:func:`baseq.io.read_safetensors`).
 
 Every problem with a saved folder (a missing or malformed ``baseq.json``, a missing field, an unknown format
 version, a truncated or corrupt weights file, shapes that do not match) becomes one :class:`BaseqError` naming the
@@ -9,8 +10,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import torch
 
 from ..errors import BaseqError
 from ..io import check_parent
@@ -56,47 +55,3 @@ def read_meta(path: Path, required: tuple[str, ...] = ("format",)) -> dict:
     if missing:
         raise BaseqError(f"'{f}' is missing the field(s) {', '.join(missing)}")
     return meta
-
-
-def load_tensors(file: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file, or one clear error naming the file."""
-    from safetensors.torch import load_file
-
-    file = _existing(file)
-    try:
-        return load_file(file, device=device)
-    except Exception as e:  # noqa: BLE001 - safetensors raises SafetensorError / OSError / ValueError for bad files
-        raise _corrupt(file, e) from None
-
-
-def safetensors_header(file: Path) -> tuple[dict, int]:
-    """``({tensor name: header entry}, offset of the data)`` of a safetensors file, after checking that the header is
-    valid and that the file holds every byte it announces (a truncated or corrupt file is one clear error)."""
-    from safetensors import safe_open
-
-    file = _existing(file)
-    try:
-        with open(file, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
-        end = max((v["data_offsets"][1] for v in header.values()), default=0)
-        if file.stat().st_size < 8 + n + end:
-            raise ValueError(f"{file.stat().st_size} bytes, the header announces {8 + n + end}")
-        with safe_open(str(file), framework="pt"):  # the library's own validation of the header
-            pass
-    except Exception as e:  # noqa: BLE001 - safetensors raises SafetensorError / OSError / ValueError for bad files
-        raise _corrupt(file, e) from None
-    return header, 8 + n
-
-
-def _existing(file: Path) -> Path:
-    file = Path(file)
-    if not file.is_file():
-        raise BaseqError(f"'{file}' is missing")
-    return file
-
-
-def _corrupt(file: Path, e: Exception) -> BaseqError:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return BaseqError(f"'{file}' is truncated or corrupt ({first})")

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from ..device import release_memory
 from ..errors import BaseqError
-from ..io import atomic_dir, write_json
+from ..io import atomic_dir, read_tensor, safetensors_header, write_json
 from ..models.adapter import ModelAdapter, block_points, layer_spec
 from ..quant.qmodel import ActSpec
 from ..quant.quantizer import embedding_scale, half_exact
@@ -58,7 +58,7 @@ from ..rotation.fuse import (
     residual_rotation,
 )
 from ..rotation.hadamard import has_hadamard
-from .format import PACKED_FORMAT, check_out_dir, read_meta, safetensors_header
+from .format import PACKED_FORMAT, check_out_dir, read_meta
 from .kernels import IntLinear, keep_freed_memory, pack_nibbles, unpack_nibbles
 from .kvcache import QuantizedKVCache
 from .modules import (
@@ -272,11 +272,6 @@ def save_packed(model, tokenizer, out: Path, spec: ActSpec, meta: dict, *, w_bit
 # ============================================================================================ loading
 
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
-
-
 class _Tensors:
     """The packed tensors of a folder, read one at a time from the safetensors shards, each checked for presence
     and shape.
@@ -309,14 +304,7 @@ class _Tensors:
                              f"damaged)")
         file, base, entry = self.where.pop(name)
         try:
-            start, end = entry["data_offsets"]
-            dtype = _DTYPES[entry["dtype"]]
-            buf = bytearray(end - start)
-            with open(file, "rb") as fh:
-                fh.seek(base + start)
-                if fh.readinto(buf) != len(buf):
-                    raise ValueError("the file ends before the tensor does")
-            t = (torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)).reshape(entry["shape"])
+            t = read_tensor(file, base, entry)
         except (KeyError, TypeError, ValueError, RuntimeError, OSError) as e:
             raise BaseqError(f"'{self.path / self.file}': tensor '{name}' cannot be read ({e})") from None
         if shape is not None and tuple(t.shape) != tuple(shape):

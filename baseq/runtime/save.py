@@ -18,10 +18,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..io import atomic_dir, write_json, write_safetensors
+from ..io import atomic_dir, read_safetensors, write_json, write_safetensors
 from ..quant.qmodel import ActSpec, quantize_structure
 from ..rotation.fuse import ResidualRotation, install_end_rotations, residual_rotation
-from .format import FAKE_FORMAT, FAKE_FORMAT_V1, check_out_dir, load_tensors, read_meta
+from .format import FAKE_FORMAT, FAKE_FORMAT_V1, check_out_dir, read_meta
 
 TIED_KEY = "lm_head.weight"
 
@@ -68,7 +68,7 @@ def load_fake(path: Path, meta: dict, dtype=torch.float32, device="cpu"):
     spec = meta_act_spec(path, meta)
     config = AutoConfig.from_pretrained(path)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    state = load_tensors(path / "model.safetensors")
+    state = read_safetensors(path / "model.safetensors")
     if meta["format"] == FAKE_FORMAT:
         r1 = meta.get("residual_rotation")
         if r1 is not None:
