@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-
 import torch
 from torch import nn
 
