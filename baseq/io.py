@@ -177,4 +177,3 @@ def read_safetensors(file: str | Path) -> dict[str, Any]:
         return {name: read_tensor(file, base, entry) for name, entry in header.items()}
     except (KeyError, TypeError, ValueError, RuntimeError, OSError) as e:
         raise corrupt_file(file, e) from None
-

@@ -23,14 +23,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import torch
 from torch import nn
 
 from .. import assets
 from ..device import release_memory
 from ..errors import BaseqError
-from ..io import read_json
+from ..io import read_json, read_safetensors, write_safetensors
 from .loading import resolve_dtype
 
 INDEX = "model.safetensors.index.json"
@@ -183,18 +182,17 @@ class LazyModel:
         if folder is not None:
             Path(folder).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="baseq-ends-", dir=folder) as tmp:
-            kept = []
-            for k, p in enumerate(params):  # raw bytes: an internal file, read back by this process only
-                path = Path(tmp) / f"{k}.bin"
-                p.data.contiguous().view(-1).view(torch.uint8).numpy().tofile(path)
-                kept.append((p, path, p.dtype, p.shape))
+            path = Path(tmp) / "ends.safetensors"
+            write_safetensors(path, lambda: ((str(k), p.data) for k, p in enumerate(params)))
+            for p in params:
                 p.data = torch.empty(0, dtype=p.dtype)
             release_memory()
             try:
                 yield
             finally:
-                for p, path, dtype, shape in kept:
-                    p.data = torch.from_numpy(np.fromfile(path, dtype=np.uint8)).view(dtype).view(shape)
+                state = read_safetensors(path)  # owned memory, not a map of the file
+                for k, p in enumerate(params):
+                    p.data = state[str(k)]
 
     def template(self, i: int) -> nn.Module:
         """Block ``i`` without weights (on the meta device), to build into."""
