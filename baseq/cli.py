@@ -308,10 +308,11 @@ def quantize_command(args, cfg, device, comm) -> int:
             with on_device([model], device):
                 result["tasks"] = run_zero_shot(model, tokenizer, args)
                 result.update(task_summary(result["tasks"]))
-        result["peak_rss_mb"] = peak_rss_mb()
         save_output(model, tokenizer, cfg, out, args.format, {"method": cfg.label, "bits": cfg.bits.label,
-                                                              "config": cfg.to_dict(), "model": args.model}, layers)
-        result.update(out=str(out), format=args.format, disk_mb=round(folder_bytes(out) / 2**20, 1))
+                                                              "config": cfg.to_dict(), "model": args.model}, layers,
+                    (lambda: lazy.ends_parked(work_dir)) if lazy else None)
+        result.update(out=str(out), format=args.format, disk_mb=round(folder_bytes(out) / 2**20, 1),
+                      peak_rss_mb=peak_rss_mb())  # the write included
         import shutil
 
         shutil.rmtree(work_dir, ignore_errors=True)
@@ -339,8 +340,9 @@ def quantize_command(args, cfg, device, comm) -> int:
     return 0
 
 
-def save_output(model, tokenizer, cfg, out: Path, fmt: str, meta: dict, layers=None) -> None:
-    """Write the quantized model; ``layers`` gives its blocks one at a time (lazy runs), else the model's own."""
+def save_output(model, tokenizer, cfg, out: Path, fmt: str, meta: dict, layers=None, ends_away=None) -> None:
+    """Write the quantized model; ``layers`` gives its blocks one at a time (lazy runs), else the model's own;
+    ``ends_away``: where the ends wait while the blocks are written (packed format)."""
     from .calibrate.pipeline import act_spec
 
     if fmt == "packed":
@@ -348,7 +350,7 @@ def save_output(model, tokenizer, cfg, out: Path, fmt: str, meta: dict, layers=N
 
         b = cfg.bits
         save_packed(model, tokenizer, out, act_spec(cfg), meta, w_bits=b.w_bits, w_group=b.w_group,
-                    embed_bits=b.embed_bits, overwrite=True, layers=layers)
+                    embed_bits=b.embed_bits, overwrite=True, layers=layers, ends_away=ends_away)
     else:
         from .runtime.save import save_fake
 

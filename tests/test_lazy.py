@@ -46,6 +46,14 @@ def config(text_file: str, method: str = "baseq") -> QuantizeConfig:
                                      "train": {"epochs": 1, "batch_size": 2}})
 
 
+def folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a saved folder, whichever shards hold it."""
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
 def assert_same_blocks(layers, eager) -> None:
     n = 0
     for i, layer in layers:
@@ -96,7 +104,7 @@ def test_cli_lazy_writes_the_eager_result_block_by_block(fmt, sharded_dir, text_
               "--quiet", "--format", fmt]
     assert main(common + ["--out", str(tmp_path / "eager"), "--json", str(tmp_path / "e.json")]) == 0
     assert main(common + ["--lazy", "--out", str(tmp_path / "lazy"), "--json", str(tmp_path / "l.json")]) == 0
-    a, b = load_file(tmp_path / "eager" / "model.safetensors"), load_file(tmp_path / "lazy" / "model.safetensors")
+    a, b = folder_tensors(tmp_path / "eager"), folder_tensors(tmp_path / "lazy")  # (lazy: blocks, ends in 2 shards)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     e, lz = (json.loads((tmp_path / n).read_text()) for n in ("e.json", "l.json"))
     assert (lz["ppl_fp"], lz["ppl_quant"]) == (e["ppl_fp"], e["ppl_quant"])  # the streamed eval too
@@ -295,3 +303,53 @@ def test_the_ends_wait_on_disk_while_the_blocks_calibrate(method, sharded_dir, t
         quantize_model(lazy.model, tok, cfg, progress=False, log_fn=lambda m: None, lazy=lazy,
                        work_dir=tmp_path / "work2")
     assert end_numels(lazy.model) == total
+
+
+def test_the_ends_wait_on_disk_while_the_blocks_are_written(sharded_dir, text_file, tmp_path, monkeypatch):
+    """Writing the packed folder was the peak of a lazy 1.5B run (4.38 GB: the fp32 ends back in memory beside the
+    blocks' shards). The blocks are now written with the ends parked, and the tables each start their own shard; the
+    tensors written are the same as with the ends in memory."""
+    from baseq.cli import save_output
+    from baseq.runtime import packed
+
+    lazy, tok = open_lazy(str(sharded_dir))
+    work = tmp_path / "work"
+    cfg = config(text_file, "quarot")
+    quantize_model(lazy.model, tok, cfg, progress=False, log_fn=lambda m: None, lazy=lazy, work_dir=work)
+    total, seen, pack = end_numels(lazy.model), [], packed.pack_layer
+
+    def spy(layer, bits):
+        seen.append(end_numels(lazy.model))
+        return pack(layer, bits)
+
+    monkeypatch.setattr(packed, "pack_layer", spy)
+    layers = quantized_layers(lazy.model, cfg, work, lazy)
+    save_output(lazy.model, tok, cfg, tmp_path / "parked", "packed", {}, layers, lambda: lazy.ends_parked(work))
+    assert seen == [0] * len(lazy) and end_numels(lazy.model) == total
+    save_output(lazy.model, tok, cfg, tmp_path / "in-memory", "packed", {}, layers)
+
+    a, b = folder_tensors(tmp_path / "parked"), folder_tensors(tmp_path / "in-memory")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len(list((tmp_path / "parked").glob("*.safetensors"))) == 2  # the blocks' shard, then the ends'
+    assert not list(work.glob("baseq-ends-*"))
+
+
+def test_tables_are_packed_in_row_chunks_as_a_whole(monkeypatch):
+    """pack_table converts a few thousand rows at a time (a 151,936-row fp32 head would otherwise make two more
+    full-size temporaries); chunked, the result and the grid checks are those of the whole table."""
+    from baseq.quant.quantizer import embedding_scale
+    from baseq.runtime import packed
+
+    monkeypatch.setattr(packed, "TABLE_ROWS", 7)
+    w = torch.randn(30, 5).half().float()
+    assert torch.equal(packed.pack_table(w, 16)["weight"], w.half())
+    s = embedding_scale(w)
+    q = torch.round(w / s) * s
+    got = packed.pack_table(q, 8)
+    assert torch.equal(got["codes"].float() * got["scale"].float()[:, None], q)
+    with pytest.raises(BaseqError, match="float16 grid"):
+        packed.pack_table(w + 1e-4 * (torch.arange(30) == 20)[:, None], 16)
+    off = q.clone()
+    off[20, 1] += 1e-3 * s[20, 0]  # one value off the grid, in the third chunk
+    with pytest.raises(BaseqError, match="int8 grid"):
+        packed.pack_table(off, 8)

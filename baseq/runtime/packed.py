@@ -36,17 +36,17 @@ linear once into int8 (``c − z``), concatenates q/k/v and gate/up, and swaps i
 from __future__ import annotations
 
 import json
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..device import release_memory
 from ..errors import BaseqError
-from ..io import atomic_dir, read_tensor, safetensors_header, write_json
+from ..io import atomic_dir, read_tensor, safetensors_header, write_json, write_safetensors
 from ..models.adapter import ModelAdapter, block_points, layer_spec
 from ..quant.qmodel import ActSpec
 from ..quant.quantizer import embedding_scale, half_exact
@@ -75,7 +75,7 @@ from .modules import (
 
 PROJ = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
         "down": "down_proj"}
-SHARD_BYTES = 1 << 29  # start a new safetensors shard after ~512 MB: writing a shard holds it twice in memory
+SHARD_BYTES = 1 << 29  # start a new safetensors shard after ~512 MB (the tensors of a shard wait in memory)
 # (its tensors and safetensors' serialized copy), so this bounds what saving adds to a lazy run's peak
 INDEX = "model.safetensors.index.json"
 
@@ -159,18 +159,30 @@ def effective_scale(norm: nn.Module, offset: float) -> Tensor:
     return (w if isinstance(norm, QuantRMSNorm) or not offset else w + offset).contiguous()
 
 
+TABLE_ROWS = 8192  # rows of an embedding table converted at a time (bounds the temporaries of a 151k-row table)
+
+
 def pack_table(weight: Tensor, bits: int) -> dict[str, Tensor]:
-    w = weight.detach().float().cpu()
+    """An embedding / LM-head table already on its float16 (``bits`` 16) or per-row int8 grid, in its stored form;
+    converted and checked ``TABLE_ROWS`` rows at a time, so the only full-size tensor made is the result."""
+    w = weight.detach().cpu()
     if bits == 16:
-        w16 = w.half()
-        if not torch.equal(w16.float(), w):
-            raise BaseqError("the embedding table is not on its float16 grid (quantized with --embed-bits 8?)")
-        return {"weight": w16}
-    scale = embedding_scale(w)
-    q = torch.round(w / scale)
-    if q.abs().max() > 127 or not torch.equal(q * scale, w):
-        raise BaseqError("the embedding table is not on its int8 grid (quantized with --embed-bits 16?)")
-    return {"codes": q.to(torch.int8), "scale": _scale16(scale.reshape(-1))}
+        out = torch.empty(w.shape, dtype=torch.float16)
+    else:
+        out, scale = torch.empty(w.shape, dtype=torch.int8), torch.empty(w.shape[0], 1, dtype=torch.float32)
+    for start in range(0, w.shape[0], TABLE_ROWS):
+        part = w[start:start + TABLE_ROWS].float()
+        if bits == 16:
+            if not torch.equal(part.half().float(), part):
+                raise BaseqError("the embedding table is not on its float16 grid (quantized with --embed-bits 8?)")
+            out[start:start + TABLE_ROWS] = part
+            continue
+        s = embedding_scale(part)
+        q = torch.round(part / s)
+        if q.abs().max() > 127 or not torch.equal(q * s, part):
+            raise BaseqError("the embedding table is not on its int8 grid (quantized with --embed-bits 16?)")
+        out[start:start + TABLE_ROWS], scale[start:start + TABLE_ROWS] = q, s
+    return {"weight": out} if bits == 16 else {"codes": out, "scale": _scale16(scale.reshape(-1))}
 
 
 class ShardWriter:
@@ -184,6 +196,9 @@ class ShardWriter:
         self.total = 0
 
     def add(self, tensors: dict[str, Tensor]) -> None:
+        incoming = sum(t.numel() * t.element_size() for t in tensors.values())
+        if self.size + incoming > self.limit:  # a large group (an embedding table) starts its own shard
+            self.flush()
         for name, t in tensors.items():
             self.pending[name] = t.contiguous()
             self.size += t.numel() * t.element_size()
@@ -194,7 +209,8 @@ class ShardWriter:
         if not self.pending:
             return
         name = f"shard-{len(self.files) + 1:05d}.safetensors"
-        save_file(self.pending, self.folder / name, metadata={"format": PACKED_FORMAT})
+        pending = self.pending  # streamed from the tensors: no serialized copy of the shard in memory
+        write_safetensors(self.folder / name, lambda: pending.items(), metadata={"format": PACKED_FORMAT})
         self.files.append((name, list(self.pending)))
         self.total += self.size
         self.pending, self.size = {}, 0
@@ -223,10 +239,13 @@ def _ends(model) -> tuple[nn.Module, nn.Module, ResidualRotation | None]:
 
 def save_packed(model, tokenizer, out: Path, spec: ActSpec, meta: dict, *, w_bits: int, w_group: int,
                 embed_bits: int = 16, overwrite: bool = False, shard_bytes: int = SHARD_BYTES,
-                layers: Callable[[], Iterable[tuple[int, nn.Module]]] | None = None) -> Path:
+                layers: Callable[[], Iterable[tuple[int, nn.Module]]] | None = None,
+                ends_away: Callable[[], AbstractContextManager] | None = None) -> Path:
     """Write the fake-quant model ``model`` (as built by ``quantize_model``) in the packed format. ``layers``: a
     callable giving ``(i, block)`` pairs to write instead of the model's own blocks (a lazy run's blocks, read back
-    one at a time); the shards are written as the blocks come, so one block is in memory at a time."""
+    one at a time); the shards are written as the blocks come, so one block is in memory at a time. ``ends_away``:
+    a context inside which the blocks are written while the model's ends (embedding, head) wait elsewhere (a lazy
+    run's :meth:`LazyModel.ends_parked`), so the ends and the blocks' shards are never in memory together."""
     out = Path(out)
     check_out_dir(out, overwrite)
     if w_bits > 8:
@@ -237,8 +256,11 @@ def save_packed(model, tokenizer, out: Path, spec: ActSpec, meta: dict, *, w_bit
     tied = model.lm_head.weight.data_ptr() == embed.weight.data_ptr()
     with atomic_dir(out) as tmp:
         writer = ShardWriter(tmp, shard_bytes)
-        for i, layer in (layers() if layers is not None else enumerate(ad.layers)):
-            writer.add({f"layers.{i}.{k}": v for k, v in pack_layer(layer, w_bits).items()})
+        with ends_away() if ends_away is not None else nullcontext():
+            for i, layer in (layers() if layers is not None else enumerate(ad.layers)):
+                writer.add({f"layers.{i}.{k}": v for k, v in pack_layer(layer, w_bits).items()})
+            if ends_away is not None:
+                writer.flush()
         writer.add({f"embed.{k}": v for k, v in pack_table(embed.weight, embed_bits).items()})
         if not tied:
             writer.add({f"lm_head.{k}": v for k, v in pack_table(model.lm_head.weight, embed_bits).items()})
