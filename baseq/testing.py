@@ -235,3 +235,13 @@ def tiny_block_context(seed: int = 0, noise: float = 0.0, method: str = "quarot"
     ctx.fp_out = ctx.run(x)
     set_quantize(layer, True)
     return ctx
+
+
+def folder_tensors(folder: str | Path) -> dict:
+    """Every tensor of a saved folder, whichever of its safetensors shards holds it."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out

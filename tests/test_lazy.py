@@ -20,7 +20,7 @@ from baseq.io import write_safetensors
 from baseq.models.adapter import LlamaAdapter
 from baseq.models.lazy import open_lazy
 from baseq.models.loading import load_model
-from baseq.testing import FAMILIES, byte_tokenizer, save_tiny_gguf, save_tiny_model, tiny_llama, tiny_model
+from baseq.testing import FAMILIES, byte_tokenizer, folder_tensors, save_tiny_gguf, save_tiny_model, tiny_llama, tiny_model
 
 SHAPE = dict(hidden=48, ffn=80, heads=4, kv_heads=2, layers=3, seed=5)
 
@@ -44,14 +44,6 @@ def config(text_file: str, method: str = "baseq") -> QuantizeConfig:
     return QuantizeConfig.from_dict({"method": method, "calib": {"data": text_file, "samples": 4, "seqlen": 32,
                                                                  "batch_size": 2},
                                      "train": {"epochs": 1, "batch_size": 2}})
-
-
-def folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a saved folder, whichever shards hold it."""
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 def assert_same_blocks(layers, eager) -> None:

@@ -31,15 +31,19 @@ def text_file(tmp_path_factory):
 # GPTQ Hessians kept as unnormalised sums divided once (GPTQ losses moved by ~1e-6 relative, and a few weights of
 # block 1 landed on the neighbouring level), then with the simulated linears computed exactly on integer codes in
 # inference (quant/qmodel.exact_linear: the block outputs that decide the next block's inputs moved by ~1e-7 relative).
-# The GPTQ groups then became one stacked solve each (logged per group, e.g. gptq_down): numbers unchanged.
+# The GPTQ groups then became one stacked solve each (logged per group, e.g. gptq_down): numbers unchanged. Then the
+# online Hadamard applied its Kronecker factors along their own axes (no transposed copies; the 1/√n on the first
+# factor): outputs moved by float rounding (~1e-6), enough for some weights / activations of the 2-block toy to land
+# on neighbouring levels (block 0's out_mse −0.02 %, block 1's −6 %). out_err_token (each token's error relative to
+# its FP output) was added to the log then.
 # Any change of these numbers is a change of what a single process computes and must be deliberate.
 PINNED = [
-    {"out_mse": 3.117236929028877e-06, "t_loss_last": 3.796889359364286e-06, "gptq_down": 1.8842730753476644e-07,
-     "loss_before": 1.439269226466422e-06, "loss_after": 3.117236929028877e-06},
-    {"out_mse": 8.598353815614246e-06, "t_loss_last": 3.6096323583478807e-06, "gptq_down": 3.4902706147477147e-07,
-     "loss_before": 1.5002271993580507e-06, "loss_after": 4.57387659480446e-06},
+    {"out_mse": 3.11649978357309e-06, "t_loss_last": 3.7968904962326633e-06, "gptq_down": 1.88427279113057e-07,
+     "loss_before": 1.4392699085874483e-06, "loss_after": 3.11649978357309e-06, "out_err_token": 0.00591522129252553},
+    {"out_mse": 8.112182513286825e-06, "t_loss_last": 3.6096316762268543e-06, "gptq_down": 3.621851476509619e-07,
+     "loss_before": 1.510321453679353e-06, "loss_after": 3.963583367294632e-06, "out_err_token": 0.01282827090471983},
 ]
-PINNED_WEIGHT_SUM = 6699.39160297241
+PINNED_WEIGHT_SUM = 6698.419239855229
 
 
 def pinned_config(text_file) -> QuantizeConfig:

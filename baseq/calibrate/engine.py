@@ -316,11 +316,18 @@ def calibrate_blocks(model: nn.Module, ad: ModelAdapter, windows: torch.Tensor, 
                 stage.run(ctx)
             with torch.no_grad():
                 q_out = ctx.run(q_in, out=acts.new())
-                err = comm.mean((q_out.float() - ctx.fp_out.float()).pow(2).mean().item(), shard.size)
+                sq = (q_out.float() - ctx.fp_out.float()).pow(2)
+                err = comm.mean(sq.mean().item(), shard.size)
+                sq = sq.mean(-1)  # per token
+                # the same error with each token relative to its FP output's mean square: what survives the next
+                # RMSNorm (plain MSE is ruled by the few tokens whose residual stream is huge, e.g. attention sinks)
+                err_token = comm.mean((sq / ctx.fp_out.float().pow(2).mean(-1).clamp_min(1e-12)).mean().item(),
+                                      shard.size)
+                del sq
             acts.release(fp_in, q_in)
             fp_in, q_in = ctx.fp_out, q_out
             layer.to("cpu")
-            entry = {"block": i, "out_mse": err, "seconds": round(time.perf_counter() - t0, 2), **ctx.log}
+            entry = {"block": i, "out_mse": err, "out_err_token": err_token, "seconds": round(time.perf_counter() - t0, 2), **ctx.log}
             log.append(entry)
             bar.set_postfix(out_mse=f"{err:.4g}")
             say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
