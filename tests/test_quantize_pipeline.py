@@ -403,7 +403,7 @@ def test_cli_failure_while_saving_leaves_no_output(fmt, tiny_model_dir, text_fil
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(save, "save_file", broken_save_file)
-    monkeypatch.setattr(packed, "save_file", broken_save_file)
+    monkeypatch.setattr(packed, "write_safetensors", broken_save_file)
     out, js = tmp_path / "out", tmp_path / "r.json"
     rc = main(_quantize_args(tiny_model_dir, text_file, out, js, "--quiet", "--method", "rtn", "--no-eval",
                              "--format", fmt))
