@@ -327,7 +327,8 @@ def calibrate_blocks(model: nn.Module, ad: ModelAdapter, windows: torch.Tensor, 
             acts.release(fp_in, q_in)
             fp_in, q_in = ctx.fp_out, q_out
             layer.to("cpu")
-            entry = {"block": i, "out_mse": err, "out_err_token": err_token, "seconds": round(time.perf_counter() - t0, 2), **ctx.log}
+            entry = {"block": i, "out_mse": err, "out_err_token": err_token,
+                     "seconds": round(time.perf_counter() - t0, 2), **ctx.log}
             log.append(entry)
             bar.set_postfix(out_mse=f"{err:.4g}")
             say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"

@@ -75,8 +75,8 @@ from .modules import (
 
 PROJ = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
         "down": "down_proj"}
-SHARD_BYTES = 1 << 29  # start a new safetensors shard after ~512 MB (the tensors of a shard wait in memory)
-# (its tensors and safetensors' serialized copy), so this bounds what saving adds to a lazy run's peak
+SHARD_BYTES = 1 << 29  # start a new safetensors shard after ~512 MB: a shard's tensors wait in memory until it is
+# written (streamed, no serialized copy), so this bounds what saving adds to a lazy run's peak
 INDEX = "model.safetensors.index.json"
 
 
