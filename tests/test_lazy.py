@@ -20,7 +20,8 @@ from baseq.io import write_safetensors
 from baseq.models.adapter import LlamaAdapter
 from baseq.models.lazy import open_lazy
 from baseq.models.loading import load_model
-from baseq.testing import FAMILIES, byte_tokenizer, folder_tensors, save_tiny_gguf, save_tiny_model, tiny_llama, tiny_model
+from baseq.testing import (FAMILIES, byte_tokenizer, folder_tensors, save_tiny_gguf, save_tiny_model, tiny_llama,
+                           tiny_model)
 
 SHAPE = dict(hidden=48, ffn=80, heads=4, kv_heads=2, layers=3, seed=5)
 
