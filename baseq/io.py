@@ -166,6 +166,26 @@ def read_tensor(file: str | Path, base: int, entry: dict):
     return (torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)).reshape(entry["shape"])
 
 
+def map_tensor(file: str | Path, base: int, entry: dict):
+    """One tensor of a safetensors file as a private (copy-on-write) memory map of it, for a large table read a few
+    rows at a time (an untied embedding): only the pages actually read become resident, the rest stays on disk.
+    (Everything else is read with :func:`read_tensor`: a map's touched pages stay resident while it lives.)"""
+    import mmap
+
+    import torch
+
+    start, end = entry["data_offsets"]
+    dtype = getattr(torch, _TORCH_DTYPES[entry["dtype"]])
+    if end == start:
+        return torch.empty(entry["shape"], dtype=dtype)
+    with open(file, "rb") as fh:
+        view = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)  # the map outlives the file handle
+    if len(view) < base + end:
+        raise ValueError("the file ends before the tensor does")
+    count = (end - start) // torch.empty(0, dtype=dtype).element_size()
+    return torch.frombuffer(view, dtype=dtype, count=count, offset=base + start).reshape(entry["shape"])
+
+
 _TORCH_DTYPES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
 
 

@@ -346,3 +346,26 @@ def test_tables_are_packed_in_row_chunks_as_a_whole(monkeypatch):
     off[20, 1] += 1e-3 * s[20, 0]  # one value off the grid, in the third chunk
     with pytest.raises(BaseqError, match="int8 grid"):
         packed.pack_table(off, 8)
+
+
+def test_gguf_tables_are_read_by_rows_as_a_whole(tmp_path, monkeypatch):
+    """The ends of a GGUF file (embedding, LM head) are dequantized a few rows at a time into their place; the
+    result is transformers' own eager reading, bit for bit, and a fix-up that reshapes a table is one clear error."""
+    from baseq.models import lazy as lazy_mod
+
+    monkeypatch.setattr(lazy_mod, "TABLE_ROWS", 7)
+    gguf_file = save_tiny_gguf(tmp_path / "tiny.gguf", hidden=64, ffn=96, heads=4, kv_heads=2, layers=1, seed=3,
+                               tied=False)
+    eager, _ = load_model(str(gguf_file))
+    lazy, _ = open_lazy(str(gguf_file))
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
+        got, ref = lazy.model.state_dict()[name], eager.state_dict()[name]
+        assert ref.dim() == 1 or ref.shape[0] > 3 * 7  # several chunks, the last one short
+        assert torch.equal(got, ref), name
+    files = lazy.files
+    real = files.processor.process
+    monkeypatch.setattr(files.processor, "process",
+                        lambda weights, name, **kw: real(weights=weights.T if name == "output.weight" else weights,
+                                                         name=name, **kw))
+    with pytest.raises(BaseqError, match="cannot be read by rows"):
+        files.read(["lm_head.weight"], torch.float32)

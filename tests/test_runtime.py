@@ -167,6 +167,17 @@ CASES = [  # (method, tiny_llama kwargs, bits): awkward shapes, tied and untied,
 ]
 
 
+def _mapped_file(t: torch.Tensor) -> str | None:
+    """The file whose memory map holds ``t``'s data (from /proc/self/maps), or None for anonymous memory."""
+    addr = t.data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        if lo <= addr < hi:
+            return fields[5] if len(fields) == 6 and fields[5].startswith("/") else None
+    return None
+
+
 @pytest.mark.filterwarnings("ignore:no Hadamard matrix")
 @pytest.mark.parametrize("method,kw,bits", CASES, ids=[f"{m}-{i}" for i, (m, _, _) in enumerate(CASES)])
 def test_packed_runtime_computes_the_fake_quant_model(method, kw, bits, text_file, tokenizer, tmp_path):
@@ -187,6 +198,18 @@ def test_packed_runtime_computes_the_fake_quant_model(method, kw, bits, text_fil
     assert rel.max() < 1e-6, rel.max()
     p_ref, p_rt = perplexity(model, windows, progress=False), perplexity(rt, windows, progress=False)
     assert p_rt == pytest.approx(p_ref, rel=1e-6)
+    # an untied embedding stays a (copy-on-write) map of its file: only the rows looked up become resident
+    table = rt.model.embed_tokens.table
+    emb = table.weight if table.weight is not None else table.codes
+    if Path("/proc/self/maps").is_file():  # Linux: where each tensor's memory comes from
+        where = _mapped_file(emb)
+        if kw.get("tied", True):
+            assert where is None  # read whole by the head anyway: memory of its own
+        else:
+            assert where is not None and Path(where).parent == out.resolve() and where.endswith(".safetensors")
+            before = Path(where).read_bytes()
+            emb.view(torch.uint8)[:4] += 1  # a write to the map never reaches the file
+            assert Path(where).read_bytes() == before
     if cfg.bits.a_bits >= 16:  # weight-only models run float GEMMs (IntLinear.use_float_weights)
         return
     # nothing float32 of the size of a weight matrix in the runtime model

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from ..device import release_memory
 from ..errors import BaseqError
-from ..io import atomic_dir, read_tensor, safetensors_header, write_json, write_safetensors
+from ..io import atomic_dir, map_tensor, read_tensor, safetensors_header, write_json, write_safetensors
 from ..models.adapter import ModelAdapter, block_points, layer_spec
 from ..quant.qmodel import ActSpec
 from ..quant.quantizer import embedding_scale, half_exact
@@ -318,7 +318,9 @@ class _Tensors:
             header, base = safetensors_header(self.path / f)  # a truncated or corrupt file fails here, with its name
             self.where.update({k: (self.path / f, base, v) for k, v in header.items()})
 
-    def take(self, name: str, shape: tuple | None = None, optional: bool = False) -> Tensor | None:
+    def take(self, name: str, shape: tuple | None = None, optional: bool = False,
+             mapped: bool = False) -> Tensor | None:
+        """The tensor ``name``, read into memory of its own, or with ``mapped`` a copy-on-write map of the file."""
         if name not in self.where:
             if optional:
                 return None
@@ -326,7 +328,7 @@ class _Tensors:
                              f"damaged)")
         file, base, entry = self.where.pop(name)
         try:
-            t = read_tensor(file, base, entry)
+            t = (map_tensor if mapped else read_tensor)(file, base, entry)
         except (KeyError, TypeError, ValueError, RuntimeError, OSError) as e:
             raise BaseqError(f"'{self.path / self.file}': tensor '{name}' cannot be read ({e})") from None
         if shape is not None and tuple(t.shape) != tuple(shape):
@@ -353,10 +355,11 @@ def _fused(t: _Tensors, prefix: str, names: list[str], outs: list[int], in_f: in
     return IntLinear(*[list(x) for x in zip(*parts)], bits=bits)
 
 
-def _table(t: _Tensors, prefix: str, bits: int, vocab: int, hidden: int) -> Table:
+def _table(t: _Tensors, prefix: str, bits: int, vocab: int, hidden: int, mapped: bool = False) -> Table:
     if bits == 16:
-        return Table(weight=t.take(f"{prefix}.weight", (vocab, hidden)))
-    return Table(codes=t.take(f"{prefix}.codes", (vocab, hidden)), scale=t.take(f"{prefix}.scale", (vocab,)))
+        return Table(weight=t.take(f"{prefix}.weight", (vocab, hidden), mapped=mapped))
+    return Table(codes=t.take(f"{prefix}.codes", (vocab, hidden), mapped=mapped),
+                 scale=t.take(f"{prefix}.scale", (vocab,)))
 
 
 def _shape_of(config) -> dict:
@@ -457,7 +460,10 @@ def load_packed(path: Path, meta: dict | None = None, device="cpu"):
     if r1_meta is not None:
         matrix = t.take("r1.matrix", (s.hidden, s.hidden)) if r1_meta.get("kind") == "learned" else None
         r1 = ResidualRotation(s.hidden, seed=int(r1_meta["seed"]), matrix=matrix)
-    table = _table(t, "embed", embed_bits, vocab, s.hidden)
+    # An untied embedding is only looked up (a few rows per token): it stays a map of its file, so only the rows of
+    # tokens seen become resident (Qwen2.5-1.5B: 0.47 GB of float16 not held). A tied table is read whole by the head.
+    on_cpu = torch.device(device).type == "cpu"
+    table = _table(t, "embed", embed_bits, vocab, s.hidden, mapped=not meta["tied"] and on_cpu)
     model.model.embed_tokens = RuntimeEmbedding(table, r1, arch.embed_scale(config))
     model.lm_head = RuntimeHead(table if meta["tied"] else _table(t, "lm_head", embed_bits, vocab, s.hidden))
     model.model.norm = FinalNorm(RMSNorm(t.take("norm.weight", (s.hidden,)), eps), r1)
