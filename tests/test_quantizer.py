@@ -304,3 +304,24 @@ def test_fake_quantize_weight_ste_and_dtype():
     cfg16 = WeightQuantConfig(bits=16)
     assert not cfg16.enabled
     assert fake_quantize_weight(wb, cfg16) is wb
+
+
+@pytest.mark.parametrize("bits", [16, 8])
+def test_embedding_rounding_by_row_slabs_is_the_whole_table_rounding(bits):
+    """quantize_embedding_ works a slab of rows at a time (bounded temporaries on a 151,936-row table); every row is
+    rounded alone, so the result is the one-shot formula's, bit for bit, the last slab short included."""
+    from baseq.quant.quantizer import embedding_scale, quantize_embedding_
+
+    w = torch.randn(23, 9, generator=torch.Generator().manual_seed(1)) * 0.3
+    w[5] *= 40  # one loud row: its scale must not leak into its slab's neighbours
+    if bits == 16:
+        want = w.half().float()
+    else:
+        s = embedding_scale(w)
+        want = torch.clamp(torch.round(w / s), -127, 127) * s
+    got = w.clone()
+    quantize_embedding_(got, bits, rows=4)
+    assert torch.equal(got, want)
+    assert not torch.equal(got, w)
+    with pytest.raises(BaseqError, match="16 or 8"):
+        quantize_embedding_(w.clone(), 4)
