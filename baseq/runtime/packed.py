@@ -300,7 +300,8 @@ class _Tensors:
 
     Read with plain file reads at the offsets the shard's header gives, not through a memory map: the pages of a
     mapped file count in the process's resident size for as long as it is mapped (Qwen2.5-1.5B, one 1.6 GB shard:
-    +1.6 GB of peak RSS while loading, on top of the tensors' own copies)."""
+    +1.6 GB of peak RSS while loading, on top of the tensors' own copies). The one exception is an untied embedding
+    table (``mapped``): it is only ever looked up a few rows at a time, so a map of it stays mostly on disk."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
