@@ -456,3 +456,20 @@ def test_packed_tensors_are_read_at_their_offsets_exactly(tmp_path):
     t.finish()
     with pytest.raises(BaseqError, match="has no tensor 'f32'"):
         t.take("f32")
+
+
+@pytest.mark.filterwarnings("ignore:no Hadamard matrix")
+def test_the_mlp_over_token_slabs_computes_the_same_values(text_file, tokenizer, tmp_path, monkeypatch):
+    """A long prompt goes through each MLP a slab of tokens at a time (bounded temporaries); every operation in it
+    is per token, so the logits are those of one pass over all tokens, bit for bit — last slab short included."""
+    from baseq.runtime.modules import RuntimeMLP
+
+    model, cfg = _quantized("baseq", dict(hidden=48, ffn=80, heads=4, kv_heads=2, qkv_bias=True), text_file,
+                            tokenizer)
+    rt, _ = load(str(_save_packed(model, tokenizer, cfg, tmp_path / "p")))
+    windows = eval_windows(tokenizer, str(text_file), SEQLEN, 3)
+    with torch.no_grad():
+        whole = rt(windows, use_cache=False).logits
+        monkeypatch.setattr(RuntimeMLP, "rows", 7)  # 96 tokens: 13 slabs of 7 and one of 5
+        slabs = rt(windows, use_cache=False).logits
+    assert torch.equal(slabs, whole)
