@@ -1,5 +1,5 @@
 """``--device``: parsed and checked once, so a missing GPU is one clear line instead of a traceback mid-run; and
-handing freed host memory back to the OS (:func:`release_memory`)."""
+host memory: freed memory handed back to the OS (:func:`release_memory`), and the slab size for vocabulary tables."""
 
 from __future__ import annotations
 
@@ -9,6 +9,11 @@ import os
 import torch
 
 from .errors import BaseqError
+
+# Rows of a vocabulary-sized table (embedding, LM head: 151,936 x 1,536 at 1.5B, 0.9 GB in fp32) worked on at a time
+# wherever a whole-table operation would make full-size temporaries: dequantizing it from GGUF, rounding it to the
+# packed grid, packing it.
+TABLE_ROWS = 8192
 
 
 def check_device(spec: str | torch.device) -> torch.device:

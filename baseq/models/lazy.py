@@ -28,13 +28,12 @@ import torch
 from torch import nn
 
 from .. import assets
-from ..device import release_memory
+from ..device import TABLE_ROWS, release_memory
 from ..errors import BaseqError
 from ..io import read_json, read_safetensors, write_safetensors
 from .loading import resolve_dtype
 
 INDEX = "model.safetensors.index.json"
-TABLE_ROWS = 8192  # rows of a GGUF table (embedding, LM head) dequantized at a time
 
 
 def _first_line(e: Exception) -> str:

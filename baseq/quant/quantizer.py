@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from baseq.device import TABLE_ROWS
 from baseq.errors import BaseqError
 
 __all__ = [
@@ -188,7 +189,7 @@ def weight_qparams(w: Tensor, cfg: WeightQuantConfig) -> tuple[Tensor, Tensor]:
     return scale.view(out, n_groups), zero.view(out, n_groups)
 
 
-def quantize_embedding_(weight: Tensor, bits: int, rows: int = 8192) -> None:
+def quantize_embedding_(weight: Tensor, bits: int, rows: int = TABLE_ROWS) -> None:
     """Round an embedding table / LM head ``[rows, dim]`` in place to what the packed format stores: ``bits=16``
     float16 values; ``bits=8`` symmetric int8 per row, ``(q) * scale`` with ``q`` in [-127, 127] and a float16
     ``scale = absmax / 127`` (so the row's largest entry is exact up to the scale's rounding). Every row is rounded

@@ -44,7 +44,7 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from ..device import release_memory
+from ..device import TABLE_ROWS, release_memory
 from ..errors import BaseqError
 from ..io import atomic_dir, map_tensor, read_tensor, safetensors_header, write_json, write_safetensors
 from ..models.adapter import ModelAdapter, block_points, layer_spec
@@ -159,7 +159,6 @@ def effective_scale(norm: nn.Module, offset: float) -> Tensor:
     return (w if isinstance(norm, QuantRMSNorm) or not offset else w + offset).contiguous()
 
 
-TABLE_ROWS = 8192  # rows of an embedding table converted at a time (bounds the temporaries of a 151k-row table)
 
 
 def pack_table(weight: Tensor, bits: int) -> dict[str, Tensor]:
