@@ -110,20 +110,14 @@ class GGUFFiles:
         return set(self.tensors)
 
     def read(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        from gguf import dequantize
-
         out = {}
         for n in names:
             t = self.tensors[n]
-
-            def convert(data, t=t):
-                return self.processor.process(weights=dequantize(data, t.tensor_type), name=t.name).weights
-
             try:
                 if t.name.startswith("blk.") or len(t.data.shape) != 2 or t.data.shape[0] <= TABLE_ROWS:
-                    out[n] = torch.from_numpy(np.array(convert(t.data), copy=True)).to(dtype)
+                    out[n] = torch.from_numpy(np.array(self._convert(t, t.data), copy=True)).to(dtype)
                 else:  # a table (embedding, LM head): whole rows at a time into the result, no full-size temporaries
-                    out[n] = self._read_rows(t, convert, dtype)
+                    out[n] = self._read_rows(t, dtype)
             except BaseqError:
                 raise
             except Exception as e:  # noqa: BLE001 - a truncated file shows up here, as an IndexError or ValueError
@@ -131,7 +125,13 @@ class GGUFFiles:
             self.drop_pages()
         return out
 
-    def _read_rows(self, t, convert, dtype: torch.dtype) -> torch.Tensor:
+    def _convert(self, t, data):
+        """Rows ``data`` of GGUF tensor ``t`` dequantized, with transformers' fix-up for its name."""
+        from gguf import dequantize
+
+        return self.processor.process(weights=dequantize(data, t.tensor_type), name=t.name).weights
+
+    def _read_rows(self, t, dtype: torch.dtype) -> torch.Tensor:
         """A 2-D end tensor read ``TABLE_ROWS`` rows at a time (a row of a quantized tensor is whole blocks), each
         part dequantized and fixed up alone and copied into its place: the 151,936 x 1,536 tables of a 1.5B model
         otherwise cost their fp32 size several times over in ``dequantize``'s temporaries. Transformers' fix-ups of
@@ -140,7 +140,7 @@ class GGUFFiles:
         out = None
         rows = t.data.shape[0]
         for start in range(0, rows, TABLE_ROWS):
-            part = torch.from_numpy(np.ascontiguousarray(convert(t.data[start:start + TABLE_ROWS])))
+            part = torch.from_numpy(np.ascontiguousarray(self._convert(t, t.data[start:start + TABLE_ROWS])))
             if out is None:
                 out = torch.empty((rows, *part.shape[1:]), dtype=dtype)
             if part.shape[0] != min(TABLE_ROWS, rows - start) or part.shape[1:] != out.shape[1:]:
