@@ -112,6 +112,53 @@ def test_long_items_split_into_rows_and_eager_attention(fp, instances, monkeypat
         model.set_attn_implementation("sdpa")
 
 
+def test_logits_only_from_the_contexts_end_and_within_budget(fp, instances, monkeypatch):
+    """Contexts are padded on the left to end in one column, so a forward keeps the logits of its longest continuation
+    tail only (not of the longer contexts' last tokens), and a batch takes fewer rows where its logits would pass
+    LOGITS_BYTES; the numbers stay lm-eval's."""
+    import functools
+
+    model, tok = fp
+    vocab = model.config.vocab_size
+    monkeypatch.setattr(zs, "LOGITS_BYTES", 60 * 4 * vocab)  # 60 positions of float logits
+    requests = instances + synthetic(model, tok)
+    kept, batches = [], []
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def spy(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        if kwargs.get("logits_to_keep"):
+            kept.append((out.logits.shape[0], out.logits.shape[1], kwargs["logits_to_keep"]))
+        return out
+
+    monkeypatch.setattr(model, "forward", spy)
+    lm = zs._scoring_lm(model, tok, 8)
+    lm.show = False
+    score_rows = lm.score_rows
+    lm.score_rows = lambda batch: batches.append(batch) or score_rows(batch)
+    got = lm.loglikelihood(requests)
+    assert len(kept) == len(batches) > 0
+    for (rows, width, keep), batch in zip(kept, batches):
+        tails = [1 + sum(len(c) - 1 for c in conts) for _, conts in batch]
+        assert width == keep == max(tails)
+        assert rows == len(batch) <= 8
+        assert rows == 1 or rows * width <= 60
+    assert any(len({len(ctx) for ctx, _ in b}) > 1 for b in batches)  # contexts of several lengths shared a forward
+    assert any(len(b) < 8 for b in batches[:-1])  # the budget, not batch_size, cut a batch
+    lm.pack = False
+    ref = lm.loglikelihood(requests)
+    for (ll, greedy), (ll_ref, greedy_ref) in zip(got, ref):
+        assert ll == pytest.approx(ll_ref, rel=1e-4, abs=1e-6) and greedy == greedy_ref
+
+
+def test_batches_keep_order_and_bounds():
+    rows = [5, 1, 1, 9, 2, 2, 2, 2, 30, 1]
+    out = list(zs._batches(rows, 3, lambda r: r, 10))
+    assert [r for b in out for r in b] == rows
+    assert out == [[5, 1], [1], [9], [2, 2, 2], [2], [30], [1]]
+
+
 @pytest.mark.parametrize("family,packed", [("mistral", 4), ("gemma2", 4), ("gemma3", 4), ("qwen2", 6)])
 def test_families_and_sliding_windows(family, packed, tmp_path):
     """Sliding-window families (Mistral; Gemma 2/3 local layers, Gemma 2's soft-capping): requests longer than the

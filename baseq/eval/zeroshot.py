@@ -49,7 +49,7 @@ import math
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from ..errors import BaseqError
 from . import bigbench, standard
@@ -223,6 +223,7 @@ def write_offline_tasks(bb: list[str], std: list[str], folder: Path, tasks_dir: 
 
 
 ROW_TOKENS = 1024  # a packed row grows to at most this many tokens (or one request)
+LOGITS_BYTES = 256 * 2**20  # float logits one scoring forward may keep (a 151,936-word vocabulary: ~440 positions)
 MASKABLE = ("sdpa", "eager", "baseq")  # attention implementations that apply a custom 4D attention mask as given
 
 
@@ -265,9 +266,10 @@ def _scoring_lm(model, tokenizer, batch_size: int | str):
             tokens (a multiple-choice item's options) are packed into one row: the context, then each continuation
             but its last token, each attending to the context and to itself only, at the positions it would have
             alone (a custom 4D attention mask and position ids), so each sees exactly what lm-eval's forward over
-            ``(context + continuation)[:-1]`` sees; only the continuations' logits are computed. Rows run
-            ``batch_size`` at a time, longest first. Requests that lm-eval would truncate or that exceed a sliding
-            window, and models whose attention ignores custom masks, take lm-eval's own path."""
+            ``(context + continuation)[:-1]`` sees; only the continuations' logits are computed. Rows run longest
+            context first, ``batch_size`` at a time and fewer where their logits would pass ``LOGITS_BYTES`` (a
+            large vocabulary). Requests that lm-eval would truncate or that exceed a sliding window, and models whose
+            attention ignores custom masks, take lm-eval's own path."""
             longest = self._packable_length()
             by_context: dict[tuple[int, ...], list[int]] = {}
             plain = []
@@ -285,7 +287,7 @@ def _scoring_lm(model, tokenizer, batch_size: int | str):
                         row = []
                     row.append(i)
                 rows.append((list(ctx), row))
-            rows.sort(key=lambda r: -_row_length(r[0], [requests[i][2] for i in r[1]]))
+            rows.sort(key=lambda r: (-len(r[0]), -_row_length(r[0], [requests[i][2] for i in r[1]])))
             out: list[tuple[float, bool] | None] = [None] * len(requests)
             with _exact_logits(self.model):
                 if plain:
@@ -293,8 +295,9 @@ def _scoring_lm(model, tokenizer, batch_size: int | str):
                                                                           override_bs)):
                         out[i] = r
                 step = self.batch_size if isinstance(self.batch_size, int) else 8
-                for start in range(0, len(rows), step):
-                    batch = rows[start:start + step]
+                position_bytes = 4 * self.model.config.get_text_config().vocab_size  # one position's float logits
+                for batch in _batches(rows, step, lambda r: _row_length([0], [requests[i][2] for i in r[1]]),
+                                      LOGITS_BYTES // position_bytes):
                     scores = self.score_rows([(ctx, [requests[i][2] for i in idx]) for ctx, idx in batch])
                     for i, r in zip([i for _, idx in batch for i in idx], scores):
                         out[i] = r
@@ -317,12 +320,15 @@ def _scoring_lm(model, tokenizer, batch_size: int | str):
         @torch.no_grad()
         def score_rows(self, rows: list[tuple[list[int], list[list[int]]]]) -> list[tuple[float, bool]]:
             """``(log-likelihood, is_greedy)`` of each continuation of each ``(context, continuations)`` row, in
-            order, from one forward over the packed rows (right-padded)."""
+            order, from one forward over the packed rows, each padded on the left so that every context ends in the
+            same column (the logits are needed from there on only), and on the right."""
+            lead = max(len(ctx) for ctx, _ in rows)
             ids, segment, position = [], [], []
             for ctx, conts in rows:
-                ids.append(list(ctx))
-                segment.append([0] * len(ctx))
-                position.append(list(range(len(ctx))))
+                pad = lead - len(ctx)
+                ids.append([0] * pad + list(ctx))
+                segment.append([-1] * pad + [0] * len(ctx))
+                position.append([0] * pad + list(range(len(ctx))))
                 for j, c in enumerate(conts, 1):
                     ids[-1] += c[:-1]
                     segment[-1] += [j] * (len(c) - 1)
@@ -335,19 +341,21 @@ def _scoring_lm(model, tokenizer, batch_size: int | str):
             ids, segment, position = pad(ids, 0), pad(segment, -1), pad(position, 0)
             q, k = segment[:, :, None], segment[:, None, :]
             causal = torch.ones(width, width, dtype=torch.bool, device=self.device).tril()
-            sees = ((k == 0) | (k == q)) & causal  # the context, and its own continuation (padding: the context)
+            # each token sees the context and its own continuation; padding (-1) is seen by padding only
+            sees = ((k == 0) | (k == q)) & causal
             dtype = self.model.dtype
             mask = torch.zeros(sees.shape, dtype=dtype, device=self.device).masked_fill_(~sees, torch.finfo(dtype).min)
-            first = min(len(ctx) for ctx, _ in rows) - 1  # the first position whose logits are needed
+            first = lead - 1  # the contexts' last column: the first whose logits are needed
             logits = self.model(ids, attention_mask=mask[:, None], position_ids=position, use_cache=False,
                                 logits_to_keep=width - first).logits
             out = []
-            for logp, (ctx, conts) in zip(F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype), rows):
-                end = len(ctx)
+            for row, (_, conts) in zip(logits, rows):
+                end = 1
                 for c in conts:  # c[0] is predicted at the context's last token, c[1:] at the continuation's own
-                    at = [len(ctx) - 1 - first] + list(range(end - first, end - first + len(c) - 1))
+                    at = [0] + list(range(end, end + len(c) - 1))
                     end += len(c) - 1
-                    lp, toks = logp[at], torch.tensor(c, device=logp.device)
+                    lp = F.log_softmax(row[at], dim=-1, dtype=self.softmax_dtype)
+                    toks = torch.tensor(c, device=lp.device)
                     out.append((float(lp.gather(-1, toks[:, None]).sum()), bool((lp.argmax(-1) == toks).all())))
             return out
 
@@ -358,6 +366,22 @@ def _scoring_lm(model, tokenizer, batch_size: int | str):
 def _row_length(ctx: list[int], conts: list[list[int]]) -> int:
     """Tokens of a packed row: the context, then each continuation but its last token."""
     return len(ctx) + sum(len(c) - 1 for c in conts)
+
+
+def _batches(rows: list, most: int, kept: Callable[[Any], int], positions: int) -> Iterator[list]:
+    """``rows`` in order, at most ``most`` at a time, and fewer where ``len(batch) * max(kept(row))`` (the logits a
+    forward keeps) would pass ``positions``; at least one row each."""
+    batch: list = []
+    width = 0
+    for r in rows:
+        w = max(width, kept(r))
+        if batch and (len(batch) == most or (len(batch) + 1) * w > positions):
+            yield batch
+            batch, w = [], kept(r)
+        batch.append(r)
+        width = w
+    if batch:
+        yield batch
 
 
 @contextlib.contextmanager
