@@ -287,7 +287,9 @@ def _scoring_lm(model, tokenizer, batch_size: int | str):
                         row = []
                     row.append(i)
                 rows.append((list(ctx), row))
-            rows.sort(key=lambda r: (-len(r[0]), -_row_length(r[0], [requests[i][2] for i in r[1]])))
+            # (context, its continuations, their requests), longest context first
+            packed = sorted(((ctx, [requests[i][2] for i in idx], idx) for ctx, idx in rows),
+                            key=lambda r: (-len(r[0]), -_row_length(r[0], r[1])))
             out: list[tuple[float, bool] | None] = [None] * len(requests)
             with _exact_logits(self.model):
                 if plain:
@@ -296,10 +298,9 @@ def _scoring_lm(model, tokenizer, batch_size: int | str):
                         out[i] = r
                 step = self.batch_size if isinstance(self.batch_size, int) else 8
                 position_bytes = 4 * self.model.config.get_text_config().vocab_size  # one position's float logits
-                for batch in _batches(rows, step, lambda r: _row_length([0], [requests[i][2] for i in r[1]]),
-                                      LOGITS_BYTES // position_bytes):
-                    scores = self.score_rows([(ctx, [requests[i][2] for i in idx]) for ctx, idx in batch])
-                    for i, r in zip([i for _, idx in batch for i in idx], scores):
+                for batch in _batches(packed, step, lambda r: _kept(r[1]), LOGITS_BYTES // position_bytes):
+                    scores = self.score_rows([(ctx, conts) for ctx, conts, _ in batch])
+                    for i, r in zip([i for _, _, idx in batch for i in idx], scores):
                         out[i] = r
                         if requests[i][0] is not None:  # (None: loglikelihood_rolling's windows)
                             self.cache_hook.add_partial("loglikelihood", requests[i][0], r)
@@ -368,18 +369,23 @@ def _row_length(ctx: list[int], conts: list[list[int]]) -> int:
     return len(ctx) + sum(len(c) - 1 for c in conts)
 
 
+def _kept(conts: list[list[int]]) -> int:
+    """Positions of a packed row whose logits are needed: its context's last token, then each continuation but its
+    last token."""
+    return 1 + sum(len(c) - 1 for c in conts)
+
+
 def _batches(rows: list, most: int, kept: Callable[[Any], int], positions: int) -> Iterator[list]:
     """``rows`` in order, at most ``most`` at a time, and fewer where ``len(batch) * max(kept(row))`` (the logits a
     forward keeps) would pass ``positions``; at least one row each."""
     batch: list = []
     width = 0
     for r in rows:
-        w = max(width, kept(r))
-        if batch and (len(batch) == most or (len(batch) + 1) * w > positions):
+        if batch and (len(batch) == most or (len(batch) + 1) * max(width, kept(r)) > positions):
             yield batch
-            batch, w = [], kept(r)
+            batch, width = [], 0
         batch.append(r)
-        width = w
+        width = max(width, kept(r))
     if batch:
         yield batch
 

@@ -159,8 +159,6 @@ def effective_scale(norm: nn.Module, offset: float) -> Tensor:
     return (w if isinstance(norm, QuantRMSNorm) or not offset else w + offset).contiguous()
 
 
-
-
 def pack_table(weight: Tensor, bits: int) -> dict[str, Tensor]:
     """An embedding / LM-head table already on its float16 (``bits`` 16) or per-row int8 grid, in its stored form;
     converted and checked ``TABLE_ROWS`` rows at a time, so the only full-size tensor made is the result."""
