@@ -142,11 +142,32 @@ def test_token_loss_weighs_every_token_alike():
         block_loss(out, target, "l1")
 
 
-def test_token_loss_trains_and_is_validated(text_file):
-    cfg = _cfg(text_file, epochs=4, loss="token")
+def test_both_loss_is_total_relative_error_plus_token():
+    """``both`` = MSE over the target's mean square + ``token``: the loud token moves it (unlike ``token``), but by
+    a bounded amount (unlike ``mse``, whose scale follows the loud token's), and it is invariant to a global scale."""
+    g = torch.Generator().manual_seed(1)
+    target = torch.randn(2, 5, 16, generator=g)
+    out = target + 0.1 * torch.randn(2, 5, 16, generator=g)
+    loud = torch.ones(2, 5, 1)
+    loud[:, 0] = 100.0
+    total = (out - target).pow(2).mean() / target.pow(2).mean()
+    both = block_loss(out, target, "both")
+    assert both == pytest.approx((total + block_loss(out, target, "token")).item())
+    assert block_loss(7 * out, 7 * target, "both") == pytest.approx(both.item())
+    loud_out = out.clone()
+    loud_out[:, 0] = target[:, 0] + 3 * (out[:, 0] - target[:, 0])  # the first token's error alone 3× larger
+    token_only = block_loss(loud_out * loud, target * loud, "token") - block_loss(out * loud, target * loud, "token")
+    both_gain = block_loss(loud_out * loud, target * loud, "both") - block_loss(out * loud, target * loud, "both")
+    assert both_gain > 5 * token_only > 0  # the loud token's error counts in full through the total term
+    assert block_loss(loud_out * loud, target * loud, "both") < 1.0  # still a relative error
+
+
+@pytest.mark.parametrize("loss", ["token", "both"])
+def test_relative_losses_train_and_are_validated(text_file, loss):
+    cfg = _cfg(text_file, epochs=4, loss=loss)
     ctx = _block_ctx(cfg, offsets=True)
     BaseqTrainStage(cfg.train).run(ctx)
-    assert ctx.log["loss_after"] < ctx.log["loss_before"] < 1.0  # relative error, so below 1 for a sane block
+    assert ctx.log["loss_after"] < ctx.log["loss_before"] < 1.0  # relative errors, so below 1 for a sane block
     with pytest.raises(BaseqError, match="train loss must be one of"):
         _cfg(text_file, loss="l1")
 

@@ -190,15 +190,18 @@ def block_loss(out: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> to
 
     ``mse``: plain mean squared error, dominated by the few tokens whose residual stream is huge (e.g. the first
     token of a window, an attention sink). ``token``: each token's squared error relative to its target's mean
-    square, averaged over tokens, so every token counts as much as it does after the next RMSNorm.
+    square, averaged over tokens, so every token counts as much as it does after the next RMSNorm. ``both``: the
+    sum of the two as relative errors — the total squared error over the total energy (``mse`` up to a constant,
+    the huge tokens' share) plus ``token`` (everyone else's), so neither kind of token is ignored.
     """
     out, target = out.float(), target.float()
     if kind == "mse":
         return F.mse_loss(out, target)
-    if kind == "token":
-        err = (out - target).pow(2).mean(-1)
-        return (err / target.pow(2).mean(-1).clamp_min(1e-12)).mean()
-    raise ValueError(f"unknown block loss {kind!r}")
+    if kind not in ("token", "both"):
+        raise ValueError(f"unknown block loss {kind!r}")
+    err, energy = (out - target).pow(2).mean(-1), target.pow(2).mean(-1)
+    loss = (err / energy.clamp_min(1e-12)).mean()
+    return loss if kind == "token" else loss + err.mean() / energy.mean().clamp_min(1e-12)
 
 
 class BaseqTrainStage:
