@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from baseq.calibrate.engine import calibrate_blocks
+from baseq.calibrate.engine import LOG_WINDOWS, BlockContext, calibrate_blocks
 from baseq.calibrate.pipeline import act_spec, quantize_model, weight_config
-from baseq.calibrate.stages import GPTQStage, RTNStage
+from baseq.calibrate.stages import GPTQStage, KVShiftStage, RTNStage
 from baseq.cli import main
 from baseq.config import PRESETS, BitsConfig, CalibConfig, GPTQConfig, QuantizeConfig, TrainConfig
 from baseq.data import calib_windows, eval_windows
@@ -146,7 +146,7 @@ def test_gptq_beats_rtn_on_block_output(seed, text_file, tokenizer):
     GPTQ minimises each layer's output error on exactly these calibration inputs, so measured on them it beats RTN
     reliably once the Hessian is well estimated: 32 windows × 32 tokens = 1,024 tokens against at most 80 input
     columns. (With only a handful of tokens, GPTQ can overfit and lose on held-out data; here we compare on the
-    calibration data, which is what ``out_mse`` reports.) Activations/KV stay at 16 bits so that only the weight
+    calibration data: ``out_mse`` is measured on the first ``LOG_WINDOWS`` of them.) Activations/KV stay at 16 bits so that only the weight
     quantizer differs."""
     windows = calib_windows(tokenizer, str(text_file), SEQLEN, 32, seed=seed)
     cfg = QuantizeConfig(method="gptq", bits=BitsConfig(**PRESETS["W4A16"]))
@@ -158,6 +158,47 @@ def test_gptq_beats_rtn_on_block_output(seed, text_file, tokenizer):
         mses[name] = [b["out_mse"] for b in log]
     for block, (rtn, gptq) in enumerate(zip(mses["rtn"], mses["gptq"])):
         assert gptq < 0.6 * rtn, (block, mses)  # measured ratios 0.16-0.32 over seeds 0-3
+
+
+class _WantsFP:
+    """A stage that does nothing but asks for the FP path over every window (as BASE-Q's training does)."""
+    name, needs_fp = "wants_fp", True
+
+    def run(self, ctx):
+        assert ctx.fp_out.shape[0] == ctx.q_in.shape[0]
+
+
+def test_fp_path_only_where_a_stage_needs_it(text_file, tokenizer, monkeypatch):
+    """QuaRot-GPTQ's stages read the quantized inputs only: the FP path then covers just the logged windows (one
+    block forward over the others saved per block), and the quantized model and the log are exactly the same as
+    with the FP path over every window."""
+    windows = calib_windows(tokenizer, str(text_file), SEQLEN, LOG_WINDOWS + 5, seed=0)
+    cfg = QuantizeConfig(method="quarot")
+    seen: list[int] = []
+    run = BlockContext.run
+
+    def counting(self, x, out=None):
+        seen.append(x.shape[0])
+        return run(self, x, out)
+
+    monkeypatch.setattr(BlockContext, "run", counting)
+    results = {}
+    for extra in ([], [_WantsFP()]):
+        seen.clear()
+        model = tiny_llama(hidden=48, ffn=80, heads=4, kv_heads=2, layers=2, seed=3)
+        ad = quantize_structure(model, act_spec(cfg))
+        stages = [KVShiftStage(), GPTQStage(weight_config(cfg), GPTQConfig()), *extra]
+        log = calibrate_blocks(model, ad, windows, stages, batch_size=4, progress=False, log_fn=lambda m: None)
+        results[bool(extra)] = (model.state_dict(), log, list(seen))
+    (lean_sd, lean_log, lean_runs), (full_sd, full_log, full_runs) = results[False], results[True]
+    n = len(windows)
+    assert full_runs == [n, n] * 2 and lean_runs == [LOG_WINDOWS, n] * 2  # per block: FP path, quantized path
+    assert lean_sd.keys() == full_sd.keys() and all(torch.equal(lean_sd[k], full_sd[k]) for k in lean_sd)
+    for a, b in zip(lean_log, full_log, strict=True):
+        for key in ("out_mse", "out_err_token", "gptq_q_k_v", "gptq_down"):
+            assert a[key] == b[key], key
+    assert not GPTQStage(weight_config(cfg), GPTQConfig()).needs_fp
+    assert GPTQStage(weight_config(cfg), GPTQConfig(), asymmetric=0.25).needs_fp  # GPTAQ fits the FP inputs too
 
 
 @pytest.mark.parametrize("group,ok", [(7, False), (16, True), (12, False)])

@@ -8,6 +8,12 @@ Captures the inputs of block 0 for the calibration windows, then for each block 
 4. advances: the quantized block's outputs on the quantized inputs become the next quantized inputs, the FP
    outputs the next FP inputs; the block goes back to the CPU (or to disk) before the next one comes.
 
+The FP path is only propagated for every window when a stage needs it (``needs_fp``: BASE-Q's training, GPTAQ,
+smoothing; a stage that does not say is assumed to): QuaRot-GPTQ's stages read the quantized inputs only, so there
+the FP path covers just the windows the log's per-block error is measured on — the first :data:`LOG_WINDOWS`
+calibration windows, for every method and any number of ranks, so logs compare across methods. The quantized
+model is the same either way; one block forward over the rest of the windows is saved.
+
 Only one block and one block's activations are live at a time: the model stays on the CPU, only the block being
 calibrated and the current batch are on ``device`` (the embedding only while block 0's inputs are captured).
 Activations stay on the CPU in the model dtype (or in memory-mapped files) and move to ``device`` batch by batch.
@@ -112,8 +118,13 @@ class Activations:
                     self.free.append(x)
 
 
+# the per-block error in the log (out_mse, out_err_token) is measured on the first calibration windows
+LOG_WINDOWS = 8
+
+
 class Stage(Protocol):
     name: str
+    needs_fp: bool  # reads ctx.fp_in / ctx.fp_out for every window (engine assumes True when absent)
 
     def run(self, ctx: BlockContext) -> None: ...
 
@@ -283,6 +294,8 @@ def calibrate_blocks(model: nn.Module, ad: ModelAdapter, windows: torch.Tensor, 
         raise BaseqError(f"{comm.world_size} ranks for {len(windows)} calibration windows: every rank needs at "
                          f"least one (raise --calib-samples or start fewer ranks)")
     shard = comm.shard(len(windows))
+    full_fp = any(getattr(s, "needs_fp", True) for s in stages)
+    logged = max(0, min(shard.stop, LOG_WINDOWS) - shard.start)  # this rank's part of the logged windows
     progress = progress and comm.is_main
     say = log_fn if comm.is_main else (lambda msg: None)
     ckpt = Checkpoint(work_dir, fingerprint, comm) if work_dir is not None else None
@@ -296,10 +309,12 @@ def calibrate_blocks(model: nn.Module, ad: ModelAdapter, windows: torch.Tensor, 
         say(f"resuming after block {done}")
     else:
         q_in = fp_in
-    acts = Activations(fp_in, offload_dir)
+        if not full_fp:
+            fp_in = fp_in[:logged].clone()
+    acts = Activations(q_in, offload_dir)
     same = q_in is fp_in
-    fp_in = acts.keep(fp_in)
-    q_in = fp_in if same else acts.keep(q_in)
+    q_in = acts.keep(q_in)
+    fp_in = q_in if same else acts.keep(fp_in) if full_fp else fp_in  # (the logged windows alone stay in RAM)
     bar = tqdm(range(start, len(blocks)), desc="blocks", disable=not progress, initial=start, total=len(blocks))
     with blocks.ends_away():  # the loop needs only the blocks (lazy runs keep the ends on disk meanwhile)
         for i in bar:
@@ -310,21 +325,13 @@ def calibrate_blocks(model: nn.Module, ad: ModelAdapter, windows: torch.Tensor, 
             set_quantize(layer, False)
             ctx = BlockContext(i, layer, fp_in, q_in, fp_out=None, kwargs=kwargs[i], device=device,
                                batch_size=batch_size, progress=progress, comm=comm, shard=shard)
-            ctx.fp_out = ctx.run(fp_in, out=acts.new())
+            ctx.fp_out = ctx.run(fp_in, out=acts.new() if full_fp else None)
             set_quantize(layer, True)
             for stage in stages:
                 stage.run(ctx)
-            with torch.no_grad():
-                q_out = ctx.run(q_in, out=acts.new())
-                sq = (q_out.float() - ctx.fp_out.float()).pow(2)
-                err = comm.mean(sq.mean().item(), shard.size)
-                sq = sq.mean(-1)  # per token
-                # the same error with each token relative to its FP output's mean square: what survives the next
-                # RMSNorm (plain MSE is ruled by the few tokens whose residual stream is huge, e.g. attention sinks)
-                err_token = comm.mean((sq / ctx.fp_out.float().pow(2).mean(-1).clamp_min(1e-12)).mean().item(),
-                                      shard.size)
-                del sq
-            acts.release(fp_in, q_in)
+            q_out = ctx.run(q_in, out=acts.new())
+            err, err_token = block_error(q_out[:logged], ctx.fp_out[:logged], comm)
+            acts.release(*((fp_in, q_in) if full_fp else (q_in,)))
             fp_in, q_in = ctx.fp_out, q_out
             layer.to("cpu")
             entry = {"block": i, "out_mse": err, "out_err_token": err_token,
@@ -339,6 +346,19 @@ def calibrate_blocks(model: nn.Module, ad: ModelAdapter, windows: torch.Tensor, 
             release_memory()
     return log
 
+
+@torch.no_grad()
+def block_error(q_out: torch.Tensor, fp_out: torch.Tensor, comm: Communicator) -> tuple[float, float]:
+    """(MSE, mean per-token relative squared error) of quantized block outputs against FP ones, over every rank's
+    windows: the second is each token's error relative to its FP output's mean square, what survives the next
+    RMSNorm (plain MSE is ruled by the few tokens whose residual stream is huge, e.g. attention sinks)."""
+    n = q_out.shape[0]
+    if n == 0:  # a rank holding none of the logged windows
+        return comm.mean(0.0, 0), comm.mean(0.0, 0)
+    sq = (q_out.float() - fp_out.float()).pow(2)
+    err = sq.mean().item()
+    err_token = (sq.mean(-1) / fp_out.float().pow(2).mean(-1).clamp_min(1e-12)).mean().item()
+    return comm.mean(err, n), comm.mean(err_token, n)
 
 
 @torch.no_grad()

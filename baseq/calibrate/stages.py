@@ -28,6 +28,7 @@ SEQUENTIAL = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_pro
 
 class RTNStage:
     name = "rtn"
+    needs_fp = False
 
     def __init__(self, wcfg: WeightQuantConfig):
         self.wcfg = wcfg
@@ -50,6 +51,10 @@ class GPTQStage:
 
     def __init__(self, wcfg: WeightQuantConfig, gcfg: GPTQConfig, asymmetric: float = 0.0):
         self.wcfg, self.gcfg, self.asymmetric = wcfg, gcfg, asymmetric
+
+    @property
+    def needs_fp(self) -> bool:  # GPTQ fits the quantized inputs; GPTAQ also the FP block's
+        return self.asymmetric > 0
 
     def run(self, ctx: BlockContext) -> None:
         if not self.wcfg.enabled:  # 16-bit weights: nothing to quantize
@@ -125,6 +130,7 @@ class KVShiftStage:
     so GPTQ of o_proj already sees the shifted cache; BASE-Q's training then refines the shifts with its biases."""
 
     name = "kv_shift"
+    needs_fp = False  # the quantized inputs' K/V
 
     @torch.no_grad()
     def run(self, ctx: BlockContext) -> None:
@@ -212,6 +218,7 @@ class BaseqTrainStage:
     """
 
     name = "baseq"
+    needs_fp = True  # trains against the FP block output
 
     def __init__(self, cfg: TrainConfig, seed: int = 0, kv_shift: bool = False):
         self.cfg, self.seed, self.kv_shift = cfg, seed, kv_shift

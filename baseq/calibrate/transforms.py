@@ -90,6 +90,7 @@ class TransformParams(nn.Module):
 
 class CompensatedTransformStage:
     name = "transforms"
+    needs_fp = True  # trained against the FP block output
 
     def __init__(self, wcfg: WeightQuantConfig, epochs: int = 3, lr: float = 5e-3, batch_size: int = 4,
                  rotation: bool = True, scales: bool = True, seed: int = 0, samples: int = 0, loss: str = "mse"):
