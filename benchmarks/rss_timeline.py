@@ -1,6 +1,6 @@
 """Where a command's memory goes: its resident set size sampled over time, beside its own stderr lines.
 
-Runs the command (one child process), samples the child's VmRSS every ``--every`` seconds and timestamps each stderr
+Runs the command, samples the VmRSS of its process and their descendants every ``--every`` seconds and timestamps each stderr
 line it prints (tqdm redraws count as lines), then prints the peak, the last stderr line before the peak (the phase
 it happened in), the getrusage peak (which also catches a spike between samples) and a coarse timeline.
 
@@ -28,6 +28,26 @@ def rss_mb(pid: int) -> float | None:
         return None
     m = re.search(r"VmRSS:\s+(\d+) kB", text)
     return int(m.group(1)) / 1024 if m else None
+
+
+def tree_rss_mb(pid: int) -> float | None:
+    """RSS of ``pid`` and all its descendants (a wrapper such as ``/usr/bin/time`` or a shell holds ~nothing; the
+    work happens in its child)."""
+    total, todo, seen = None, [pid], set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        r = rss_mb(p)
+        if r is not None:
+            total = (total or 0.0) + r
+        for children in Path(f"/proc/{p}/task").glob("*/children"):
+            try:
+                todo += [int(c) for c in children.read_text().split()]
+            except OSError:
+                pass
+    return total
 
 
 def main() -> None:
@@ -61,7 +81,7 @@ def main() -> None:
     reader.start()
     samples: list[tuple[float, float]] = []
     while proc.poll() is None:
-        r = rss_mb(proc.pid)
+        r = tree_rss_mb(proc.pid)
         if r is not None:
             samples.append((time.perf_counter() - t0, r))
         time.sleep(args.every)
