@@ -1,8 +1,9 @@
 """Where a command's memory goes: its resident set size sampled over time, beside its own stderr lines.
 
-Runs the command, samples the VmRSS of its process and their descendants every ``--every`` seconds and timestamps each stderr
-line it prints (tqdm redraws count as lines), then prints the peak, the last stderr line before the peak (the phase
-it happened in), the getrusage peak (which also catches a spike between samples) and a coarse timeline.
+Runs the command, samples the VmRSS of its process and their descendants every ``--every`` seconds and
+timestamps each stderr line it prints (tqdm redraws count as lines), then prints the peak, the last stderr line
+before the peak (the phase it happened in), the getrusage peak (which also catches a spike between samples) and a
+coarse timeline.
 
     python benchmarks/rss_timeline.py --json results/rss.json -- \\
         python -m baseq quantize --model qwen2.5-1.5b --lazy --method quarot --weights rtn --kv-shift off \\
