@@ -114,7 +114,7 @@ def run_quantization(comm, text_file: str, out: Path, tag: str) -> None:
     save_file(state, out / f"{tag}.state.safetensors")
     if hessians:
         save_file(hessians, out / f"{tag}.hessians.safetensors")
-    (out / f"{tag}.log.json").write_text(json.dumps([{k: v for k, v in b.items() if k != "seconds"}
+    (out / f"{tag}.log.json").write_text(json.dumps([{k: v for k, v in b.items() if k not in ("seconds", "times")}
                                                      for b in report["blocks"]]))
 
 

@@ -171,7 +171,7 @@ class _WantsFP:
 def test_fp_path_only_where_a_stage_needs_it(text_file, tokenizer, monkeypatch):
     """QuaRot-GPTQ's stages read the quantized inputs only: the FP path then covers just the logged windows (one
     block forward over the others saved per block), and the quantized model and the log are exactly the same as
-    with the FP path over every window."""
+    with the FP path over every window. The log says where each block's time went."""
     windows = calib_windows(tokenizer, str(text_file), SEQLEN, LOG_WINDOWS + 5, seed=0)
     cfg = QuantizeConfig(method="quarot")
     seen: list[int] = []
@@ -197,6 +197,9 @@ def test_fp_path_only_where_a_stage_needs_it(text_file, tokenizer, monkeypatch):
     for a, b in zip(lean_log, full_log, strict=True):
         for key in ("out_mse", "out_err_token", "gptq_q_k_v", "gptq_down"):
             assert a[key] == b[key], key
+    times = full_log[0]["times"]  # where a block's time went, each stage by name
+    assert list(times) == ["load", "fp", "kv_shift", "gptq", "wants_fp", "quant"] and min(times.values()) >= 0
+    assert sum(times.values()) <= full_log[0]["seconds"] + 0.05
     assert not GPTQStage(weight_config(cfg), GPTQConfig()).needs_fp
     assert GPTQStage(weight_config(cfg), GPTQConfig(), asymmetric=0.25).needs_fp  # GPTAQ fits the FP inputs too
 

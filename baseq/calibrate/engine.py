@@ -319,32 +319,51 @@ def calibrate_blocks(model: nn.Module, ad: ModelAdapter, windows: torch.Tensor, 
     with blocks.ends_away():  # the loop needs only the blocks (lazy runs keep the ends on disk meanwhile)
         for i in bar:
             t0 = time.perf_counter()
+            times = Stopwatch()  # where the block's time goes: reading it, the FP path, each stage, the quantized path
             layer = blocks.load(i)
             release_memory()  # the temporaries of reading / rotating the block
             layer = layer.to(device)
             set_quantize(layer, False)
+            times.lap("load")
             ctx = BlockContext(i, layer, fp_in, q_in, fp_out=None, kwargs=kwargs[i], device=device,
                                batch_size=batch_size, progress=progress, comm=comm, shard=shard)
             ctx.fp_out = ctx.run(fp_in, out=acts.new() if full_fp else None)
+            times.lap("fp")
             set_quantize(layer, True)
             for stage in stages:
                 stage.run(ctx)
+                times.lap(stage.name)
             q_out = ctx.run(q_in, out=acts.new())
             err, err_token = block_error(q_out[:logged], ctx.fp_out[:logged], comm)
+            times.lap("quant")
             acts.release(*((fp_in, q_in) if full_fp else (q_in,)))
             fp_in, q_in = ctx.fp_out, q_out
             layer.to("cpu")
             entry = {"block": i, "out_mse": err, "out_err_token": err_token,
-                     "seconds": round(time.perf_counter() - t0, 2), **ctx.log}
+                     "seconds": round(time.perf_counter() - t0, 2), **ctx.log, "times": times.laps}
             log.append(entry)
             bar.set_postfix(out_mse=f"{err:.4g}")
-            say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                         for k, v in entry.items() if not k.startswith("gptq_")))  # all of it is in the report
+            say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else
+                         f"{k}={','.join(f'{n}:{t:.1f}' for n, t in v.items())}" if isinstance(v, dict) else
+                         f"{k}={v}" for k, v in entry.items() if not k.startswith("gptq_")))  # all is in the report
             if ckpt is not None:
                 ckpt.save(i, layer, fp_in, q_in, log)
             blocks.finish(i, layer)
             release_memory()
     return log
+
+
+class Stopwatch:
+    """Seconds between successive ``lap(name)`` calls, by name (a name seen twice adds up)."""
+
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self.t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(self.laps.get(name, 0.0) + now - self.t, 2)
+        self.t = now
 
 
 @torch.no_grad()
