@@ -204,6 +204,40 @@ def test_fp_path_only_where_a_stage_needs_it(text_file, tokenizer, monkeypatch):
     assert GPTQStage(weight_config(cfg), GPTQConfig(), asymmetric=0.25).needs_fp  # GPTAQ fits the FP inputs too
 
 
+def test_fp_path_of_logged_windows_resumes_and_offloads(text_file, tokenizer, monkeypatch):
+    """QuaRot-GPTQ (FP path over the logged windows only) interrupted at block 2 and resumed, with the propagated
+    activations memory-mapped: the same model and the same per-block log as one uninterrupted run in RAM."""
+    def cfg(offload: bool) -> QuantizeConfig:
+        c = QuantizeConfig(method="quarot", calib=CalibConfig(data=str(text_file), samples=LOG_WINDOWS + 3,
+                                                               seqlen=SEQLEN, batch_size=4))
+        c.calib.offload = offload
+        return c
+
+    def fresh():
+        return tiny_llama(hidden=48, ffn=80, heads=4, kv_heads=2, layers=3, seed=4)
+
+    quiet = dict(progress=False, log_fn=lambda m: None)
+    ref = fresh()
+    ref_log = quantize_model(ref, tokenizer, cfg(False), **quiet)["blocks"]
+    original = GPTQStage.run
+
+    def crash_on_block_2(self, ctx):
+        if ctx.index == 2:
+            raise RuntimeError("simulated crash")
+        return original(self, ctx)
+
+    work = text_file.parent / "work-fp-logged"
+    monkeypatch.setattr(GPTQStage, "run", crash_on_block_2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        quantize_model(fresh(), tokenizer, cfg(True), work_dir=work, **quiet)
+    monkeypatch.setattr(GPTQStage, "run", original)
+    resumed = fresh()
+    log = quantize_model(resumed, tokenizer, cfg(True), work_dir=work, resume=True, **quiet)["blocks"]
+    a, b = ref.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [e["out_mse"] for e in log] == [e["out_mse"] for e in ref_log] and len(log) == 3
+
+
 @pytest.mark.parametrize("group,ok", [(7, False), (16, True), (12, False)])
 def test_group_size_must_divide_every_in_features_before_any_work(group, ok, text_file, tokenizer):
     """hidden 48, o_proj input 4·12 = 48, ffn 80: 16 divides all three; 12 does not divide 80; 7 divides none."""
