@@ -288,6 +288,24 @@ def test_clip_search_not_worse(sym, bits, group_size):
     assert e1 < e0
 
 
+@pytest.mark.parametrize("sym", [False, True])
+def test_clip_search_in_slabs_of_rows_gives_the_same_choice(sym, monkeypatch):
+    """The clip search walks the rows in cache-sized slabs: every row's scale and zero equal those of one pass over
+    the whole matrix (slab bigger than it), for slabs that do and do not divide the row count, dead rows included."""
+    from baseq.quant import quantizer
+
+    w = torch.randn(37, 301, generator=_gen(19)) ** 3
+    w[5] = 0.0
+    cfg = WeightQuantConfig(bits=4, sym=sym, clip_search=True)
+    monkeypatch.setattr(quantizer, "CLIP_SEARCH_SLAB", w.numel() * 2)
+    whole = weight_qparams(w, cfg)
+    for rows in (1, 4, 10):
+        monkeypatch.setattr(quantizer, "CLIP_SEARCH_SLAB", rows * w.shape[1])
+        s, z = weight_qparams(w, cfg)
+        assert torch.equal(s, whole[0]) and torch.equal(z, whole[1]), rows
+    assert len(torch.unique(whole[0])) > 30  # the rows chose differently: the comparison has something to compare
+
+
 def test_fake_quantize_weight_ste_and_dtype():
     w = torch.randn(20, 48, generator=_gen(18)).requires_grad_(True)
     cfg = WeightQuantConfig(bits=4, clip_search=False)
