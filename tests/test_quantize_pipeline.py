@@ -146,8 +146,8 @@ def test_gptq_beats_rtn_on_block_output(seed, text_file, tokenizer):
     GPTQ minimises each layer's output error on exactly these calibration inputs, so measured on them it beats RTN
     reliably once the Hessian is well estimated: 32 windows × 32 tokens = 1,024 tokens against at most 80 input
     columns. (With only a handful of tokens, GPTQ can overfit and lose on held-out data; here we compare on the
-    calibration data: ``out_mse`` is measured on the first ``LOG_WINDOWS`` of them.) Activations/KV stay at 16 bits so that only the weight
-    quantizer differs."""
+    calibration data: ``out_mse`` is measured on the first ``LOG_WINDOWS`` of them.) Activations/KV stay at 16 bits
+    so that only the weight quantizer differs."""
     windows = calib_windows(tokenizer, str(text_file), SEQLEN, 32, seed=seed)
     cfg = QuantizeConfig(method="gptq", bits=BitsConfig(**PRESETS["W4A16"]))
     mses = {}
