@@ -314,7 +314,10 @@ def calibrate_blocks(model: nn.Module, ad: ModelAdapter, windows: torch.Tensor, 
     acts = Activations(q_in, offload_dir)
     same = q_in is fp_in
     q_in = acts.keep(q_in)
-    fp_in = q_in if same else acts.keep(fp_in) if full_fp else fp_in  # (the logged windows alone stay in RAM)
+    if same:
+        fp_in = q_in
+    elif full_fp:  # (the logged windows alone stay in RAM)
+        fp_in = acts.keep(fp_in)
     bar = tqdm(range(start, len(blocks)), desc="blocks", disable=not progress, initial=start, total=len(blocks))
     with blocks.ends_away():  # the loop needs only the blocks (lazy runs keep the ends on disk meanwhile)
         for i in bar:
