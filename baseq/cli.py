@@ -255,7 +255,7 @@ def quantize_command(args, cfg, device, comm) -> int:
 
     lazy = None
     if args.lazy:  # the blocks stay in their files until calibrated, then in the work folder until written
-        from .models.lazy import open_lazy
+        from .models.lazy import open_lazy, park_folder
 
         lazy, tokenizer = open_lazy(args.model, dtype=args.dtype)
         model = lazy.model
@@ -310,7 +310,7 @@ def quantize_command(args, cfg, device, comm) -> int:
                 result.update(task_summary(result["tasks"]))
         save_output(model, tokenizer, cfg, out, args.format, {"method": cfg.label, "bits": cfg.bits.label,
                                                               "config": cfg.to_dict(), "model": args.model}, layers,
-                    (lambda: lazy.ends_parked(work_dir)) if lazy else None)
+                    (lambda: lazy.ends_parked(park_folder(work_dir, comm.rank))) if lazy else None)
         result.update(out=str(out), format=args.format, disk_mb=round(folder_bytes(out) / 2**20, 1),
                       peak_rss_mb=peak_rss_mb())  # the write included
         import shutil

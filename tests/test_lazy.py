@@ -4,6 +4,7 @@ run), the result written block by block, one block on the device at a time, and 
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from baseq.errors import BaseqError
 from baseq.eval.perplexity import nll_sum
 from baseq.io import write_safetensors
 from baseq.models.adapter import LlamaAdapter
-from baseq.models.lazy import open_lazy
+from baseq.models.lazy import open_lazy, park_folder
 from baseq.models.loading import load_model
 from baseq.testing import (FAMILIES, byte_tokenizer, folder_tensors, save_tiny_gguf, save_tiny_model, tiny_llama,
                            tiny_model)
@@ -279,13 +280,13 @@ def test_the_ends_wait_on_disk_while_the_blocks_calibrate(method, sharded_dir, t
     seen, load = [], LazyBlocks.load
 
     def spy(self, i):
-        seen.append((end_numels(lazy.model), [p.name for p in (tmp_path / "work").glob("baseq-ends-*/*")]))
+        seen.append((end_numels(lazy.model), [p.name for p in (tmp_path / "work").glob("ends.rank0/*")]))
         return load(self, i)
 
     monkeypatch.setattr(LazyBlocks, "load", spy)
     quantize_model(lazy.model, tok, cfg, progress=False, log_fn=lambda m: None, lazy=lazy, work_dir=tmp_path / "work")
     assert len(seen) == len(lazy) and all(n == 0 and files for n, files in seen)
-    assert end_numels(lazy.model) == total and not list((tmp_path / "work").glob("baseq-ends-*"))
+    assert end_numels(lazy.model) == total and not list((tmp_path / "work").glob("ends.rank*"))
 
     def boom(self, i):
         raise RuntimeError("interrupted")
@@ -296,6 +297,33 @@ def test_the_ends_wait_on_disk_while_the_blocks_calibrate(method, sharded_dir, t
         quantize_model(lazy.model, tok, cfg, progress=False, log_fn=lambda m: None, lazy=lazy,
                        work_dir=tmp_path / "work2")
     assert end_numels(lazy.model) == total
+
+
+def test_an_interrupted_runs_parked_ends_are_replaced_not_added_to(sharded_dir, tmp_path):
+    """A killed lazy run leaves its parked ends (1.8 GB at 1.5B) in the work folder; with a random folder name each
+    resume added another. The folder is now fixed per rank: a resumed run writes over what it finds there, reads
+    back its own weights (not the stale file's), and removes the folder at the end; without a work folder the ends
+    wait in a temporary folder that goes too."""
+    lazy, _ = open_lazy(str(sharded_dir))
+    before = [p.detach().clone() for p in end_params(lazy.model)]
+    work = tmp_path / "work"
+    stale = park_folder(work, 0)
+    stale.mkdir(parents=True)
+    (stale / "ends.safetensors").write_bytes(b"left by a killed run")
+    with lazy.ends_parked(stale):
+        assert end_numels(lazy.model) == 0
+        assert sorted(p.name for p in work.iterdir()) == ["ends.rank0"]
+        assert (stale / "ends.safetensors").stat().st_size > 100
+    assert not list(work.iterdir())
+    assert all(torch.equal(a, b) for a, b in zip(before, end_params(lazy.model)))
+    assert park_folder(work, 3).name == "ends.rank3"  # one per rank: ranks may share a work folder
+
+    tmp = Path(tempfile.gettempdir())
+    with lazy.ends_parked():
+        seen = [p for p in tmp.glob("baseq-ends-*") if (p / "ends.safetensors").is_file()]
+        assert end_numels(lazy.model) == 0 and seen
+    assert not any(p.exists() for p in seen)
+    assert all(torch.equal(a, b) for a, b in zip(before, end_params(lazy.model)))
 
 
 def test_the_ends_wait_on_disk_while_the_blocks_are_written(sharded_dir, text_file, tmp_path, monkeypatch):
@@ -317,14 +345,14 @@ def test_the_ends_wait_on_disk_while_the_blocks_are_written(sharded_dir, text_fi
 
     monkeypatch.setattr(packed, "pack_layer", spy)
     layers = quantized_layers(lazy.model, cfg, work, lazy)
-    save_output(lazy.model, tok, cfg, tmp_path / "parked", "packed", {}, layers, lambda: lazy.ends_parked(work))
+    save_output(lazy.model, tok, cfg, tmp_path / "parked", "packed", {}, layers, lambda: lazy.ends_parked(park_folder(work)))
     assert seen == [0] * len(lazy) and end_numels(lazy.model) == total
     save_output(lazy.model, tok, cfg, tmp_path / "in-memory", "packed", {}, layers)
 
     a, b = folder_tensors(tmp_path / "parked"), folder_tensors(tmp_path / "in-memory")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert len(list((tmp_path / "parked").glob("*.safetensors"))) == 2  # the blocks' shard, then the ends'
-    assert not list(work.glob("baseq-ends-*"))
+    assert not list(work.glob("ends.rank*"))
 
 
 def test_tables_are_packed_in_row_chunks_as_a_whole(monkeypatch):

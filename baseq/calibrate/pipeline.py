@@ -31,7 +31,7 @@ from ..errors import BaseqError
 from ..io import atomic_path
 from ..models.adapter import ModelAdapter
 from ..models.arch import FAMILIES
-from ..models.lazy import LazyModel
+from ..models.lazy import LazyModel, park_folder
 from ..quant.qmodel import ActSpec, quantize_layer, quantize_structure, use_quantized_attention
 from ..methods import ROTATION_SOURCES
 from ..quant.quantizer import WeightQuantConfig, quantize_embedding_
@@ -155,7 +155,8 @@ def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, model_spec: str = "
         with on_device([model], device):
             rotate = learn_rotations(model, tokenizer, cfg, act_spec(cfg), windows=windows,
                                      log=report.setdefault("rotation", {}), comm=comm, progress=progress)
-    blocks = prepare_blocks(model, ad, cfg, lazy, rotate, park_dir=work_dir)
+    park = park_folder(work_dir, comm.rank) if work_dir else None  # where a lazy run's ends wait meanwhile
+    blocks = prepare_blocks(model, ad, cfg, lazy, rotate, park_dir=park)
     stages = build_stages(cfg, kv_shift)
     if not needs_calibration(cfg, kv_shift):
         from tqdm.auto import tqdm

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import mmap
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterator
 
@@ -195,19 +195,25 @@ class LazyModel:
     @contextmanager
     def ends_parked(self, folder: Path | None = None) -> Iterator[None]:
         """Inside the block, the ends' weights (embedding, final norm, LM head: 1.8 GB in fp32 at 1.5B, a third of a
-        lazy run's memory) wait in a temporary file under ``folder`` instead of RAM; they come back, bit for bit
-        and owned (not mapped), when it ends, also on an error. For the block-by-block loop, which needs none of
-        them (the blocks' inputs are captured before it). Parameters only: buffers (rotary tables, an online
-        rotation's matrix) may be shared with the blocks."""
+        lazy run's memory) wait in a file instead of RAM; they come back, bit for bit and owned (not mapped), when it
+        ends, also on an error. For the block-by-block loop, which needs none of them (the blocks' inputs are
+        captured before it). Parameters only: buffers (rotary tables, an online rotation's matrix) may be shared
+        with the blocks. The file is ``folder/ends.safetensors``, written by this process alone (one folder per rank:
+        :func:`park_folder`): one an interrupted run left there is replaced, and it goes at the end (the folder
+        too, if then empty); without ``folder``, a temporary one."""
         params = [p for name, p in self.model.named_parameters()
                   if not name.startswith("model.layers.") and p.device.type == "cpu" and p.numel()]
         if not params:
             yield
             return
-        if folder is not None:
-            Path(folder).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="baseq-ends-", dir=folder) as tmp:
-            path = Path(tmp) / "ends.safetensors"
+        if folder is None:
+            with tempfile.TemporaryDirectory(prefix="baseq-ends-") as tmp, self.ends_parked(Path(tmp)):
+                yield
+            return
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "ends.safetensors"
+        try:
             write_safetensors(path, lambda: ((str(k), p.data) for k, p in enumerate(params)))
             for p in params:
                 p.data = torch.empty(0, dtype=p.dtype)
@@ -218,6 +224,10 @@ class LazyModel:
                 state = read_safetensors(path)  # owned memory, not a map of the file
                 for k, p in enumerate(params):
                     p.data = state[str(k)]
+        finally:
+            path.unlink(missing_ok=True)
+            with suppress(OSError):  # only if empty: nothing else of the caller's goes
+                folder.rmdir()
 
     def template(self, i: int) -> nn.Module:
         """Block ``i`` without weights (on the meta device), to build into."""
@@ -231,6 +241,12 @@ class LazyModel:
         for p in layer.parameters():
             p.requires_grad_(False)
         return layer.eval()
+
+
+def park_folder(work_dir: Path, rank: int = 0) -> Path:
+    """Where rank ``rank`` parks the ends of a lazy run in ``work_dir`` (:meth:`LazyModel.ends_parked`): a fixed
+    name, so a resumed run reuses what an interrupted one left (1.8 GB at 1.5B) instead of adding to it."""
+    return Path(work_dir) / f"ends.rank{rank}"
 
 
 def open_lazy(spec: str, dtype="float32") -> tuple[LazyModel, object]:
