@@ -1,7 +1,8 @@
 """Where a command's memory goes: its resident set size sampled over time, beside its own stderr lines.
 
 Runs the command, samples the VmRSS of its process and their descendants every ``--every`` seconds and
-timestamps each stderr line it prints (tqdm redraws count as lines), then prints the peak, the last stderr line
+timestamps each stderr line it prints (tqdm redraws count as lines; the stream also passes through to this
+script's stderr, so the command's own log is kept where it is redirected), then prints the peak, the last stderr line
 before the peak (the phase it happened in), the getrusage peak (which also catches a spike between samples) and a
 coarse timeline.
 
@@ -17,6 +18,7 @@ import json
 import re
 import resource
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -71,7 +73,9 @@ def main() -> None:
             ch = proc.stderr.read(1)
             if not ch:
                 break
+            sys.stderr.write(ch)
             if ch in "\r\n":
+                sys.stderr.flush()
                 if buf.strip():
                     lines.append((time.perf_counter() - t0, buf.strip()))
                 buf = ""
