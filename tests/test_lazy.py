@@ -345,7 +345,8 @@ def test_the_ends_wait_on_disk_while_the_blocks_are_written(sharded_dir, text_fi
 
     monkeypatch.setattr(packed, "pack_layer", spy)
     layers = quantized_layers(lazy.model, cfg, work, lazy)
-    save_output(lazy.model, tok, cfg, tmp_path / "parked", "packed", {}, layers, lambda: lazy.ends_parked(park_folder(work)))
+    save_output(lazy.model, tok, cfg, tmp_path / "parked", "packed", {}, layers,
+                lambda: lazy.ends_parked(park_folder(work)))
     assert seen == [0] * len(lazy) and end_numels(lazy.model) == total
     save_output(lazy.model, tok, cfg, tmp_path / "in-memory", "packed", {}, layers)
 
