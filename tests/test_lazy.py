@@ -299,6 +299,34 @@ def test_the_ends_wait_on_disk_while_the_blocks_calibrate(method, sharded_dir, t
     assert end_numels(lazy.model) == total
 
 
+def test_the_last_activations_are_freed_before_the_ends_come_back(sharded_dir, text_file, tmp_path, monkeypatch):
+    """A lazy 1.5B BASE-Q run peaked (4.04 GB) where the parked ends are read back at the end of the block loop,
+    with the last block's activations still alive beside them. When the ends are read back now, no tensor of
+    the activations' shape [windows, seqlen, hidden] is alive any more."""
+    import gc
+    import warnings
+
+    from baseq.models import lazy as lazy_module
+
+    lazy, tok = open_lazy(str(sharded_dir))
+    cfg = config(text_file)
+    hidden = lazy.model.config.hidden_size
+    read, alive = lazy_module.read_safetensors, []
+
+    def spy(path):
+        if Path(path).name == "ends.safetensors":
+            gc.collect()
+            with warnings.catch_warnings():  # (some objects gc finds warn when inspected)
+                warnings.simplefilter("ignore")
+                alive.append(sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.dim() == 3
+                                 and tuple(o.shape[1:]) == (cfg.calib.seqlen, hidden)))
+        return read(path)
+
+    monkeypatch.setattr(lazy_module, "read_safetensors", spy)
+    quantize_model(lazy.model, tok, cfg, progress=False, log_fn=lambda m: None, lazy=lazy, work_dir=tmp_path / "w")
+    assert alive == [0]
+
+
 def test_an_interrupted_runs_parked_ends_are_replaced_not_added_to(sharded_dir, tmp_path):
     """A killed lazy run leaves its parked ends (1.8 GB at 1.5B) in the work folder; with a random folder name each
     resume added another. The folder is now fixed per rank: a resumed run writes over what it finds there, reads
