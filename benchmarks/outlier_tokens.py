@@ -79,10 +79,9 @@ def install_rule(model, keep: Keep, mode: str, ratio: float, first: int, stats: 
             rms = h.float().pow(2).mean(-1).sqrt()  # [batch, tokens]
             rel = rms / rms.median(dim=-1, keepdim=True).values
             big = rel >= ratio
-            s = stats.setdefault(i, {"massive": 0, "tokens": 0, "ratios": [], "in_first": 0})
+            s = stats.setdefault(i, {"massive": 0, "ratios": [], "in_first": 0})
             s["massive"] += int(big.sum())
             s["in_first"] += int(big[:, :first].sum())
-            s["tokens"] += big.numel()
             s["ratios"] += rel[big].tolist()
             if mode == "massive":
                 keep.mask = big
