@@ -79,10 +79,19 @@ class BitsConfig:
                       "inference): mean, off, or auto = mean where k_proj / v_proj have biases (Qwen2) and the method calibrates "
                       "anyway (not the data-free RTN ones), else off",
         choices=KV_SHIFTS))
+    keep_massive: float = field(default=0.0, metadata=flag(
+        "--keep-massive", "tokens whose residual stream entering a block has an RMS of at least RATIO times the "
+                          "calibration median there (Qwen2.5's attention-sink token: 100–180×) keep float activations "
+                          "in that block, multiplied against the weights' integer codes; their K/V stay quantized. "
+                          "0 = off (default)", metavar="RATIO"))
 
     def validate(self) -> None:
         for name in ("w_bits", "a_bits", "kv_bits"):
             _bits(name.replace("_", "-"), getattr(self, name))
+        if self.keep_massive and not self.keep_massive > 1:
+            raise BaseqError(f"keep-massive must be 0 (off) or a ratio above 1 (got {self.keep_massive})")
+        if self.keep_massive and self.a_bits >= 16:
+            raise BaseqError("keep-massive keeps some tokens' activations in float: it needs --a-bits below 16")
         if self.kv_shift not in KV_SHIFTS:
             raise BaseqError(f"kv-shift must be one of {', '.join(KV_SHIFTS)} (got {self.kv_shift})")
         if self.embed_bits not in EMBED_BITS:

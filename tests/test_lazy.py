@@ -43,9 +43,11 @@ def sharded_dir(tmp_path_factory) -> Path:
 
 
 def config(text_file: str, method: str = "baseq") -> QuantizeConfig:
+    method, _, keep = method.partition("+keep")  # "baseq+keep1.2": with --keep-massive 1.2
     return QuantizeConfig.from_dict({"method": method, "calib": {"data": text_file, "samples": 4, "seqlen": 32,
                                                                  "batch_size": 2},
-                                     "train": {"epochs": 1, "batch_size": 2}})
+                                     "train": {"epochs": 1, "batch_size": 2},
+                                     "bits": {"keep_massive": float(keep or 0)}})
 
 
 def assert_same_blocks(layers, eager) -> None:
@@ -60,7 +62,7 @@ def assert_same_blocks(layers, eager) -> None:
     assert n == len(eager.model.layers)
 
 
-@pytest.mark.parametrize("method", ["baseq", "quarot"])
+@pytest.mark.parametrize("method", ["baseq", "quarot", "baseq+keep1.2"])
 def test_lazy_quantization_of_shards_equals_eager(method, sharded_dir, text_file, tmp_path):
     eager = tiny_llama(**SHAPE)
     quantize_model(eager, byte_tokenizer(), config(text_file, method), progress=False, log_fn=lambda m: None)

@@ -412,6 +412,8 @@ def _bad_cases():
         "w-bits-9": (["--w-bits", "9"], "w-bits"),
         "a-bits-1": (["--a-bits", "1"], "a-bits"),
         "w-group-7": (["--w-group", "7"], "group"),
+        "keep-massive-below-1": (["--keep-massive", "0.5"], "keep-massive must be 0 (off) or a ratio above 1"),
+        "keep-massive-float-acts": (["--keep-massive", "20", "--a-bits", "16"], "needs --a-bits below 16"),
         "out-not-empty": ([], "not empty"),
         "too-many-calib-samples": (["--calib-samples", "500"], "500 requested"),
         "unknown-model": ([], "unknown model"),

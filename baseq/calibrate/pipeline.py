@@ -41,7 +41,7 @@ from .comm import Communicator
 from .engine import BlockContext, Checkpoint, calibrate_blocks, on_device
 from .rotations import Rotate, check_lazy, learn_rotations
 from .smooth import SmoothStage
-from .stages import BaseqTrainStage, GPTQStage, KVShiftStage, RTNStage
+from .stages import BaseqTrainStage, GPTQStage, KeepGateStage, KVShiftStage, RTNStage
 from .transforms import CompensatedTransformStage
 
 
@@ -49,7 +49,7 @@ def act_spec(cfg: QuantizeConfig) -> ActSpec:
     b = cfg.bits
     return ActSpec(a_bits=b.a_bits, kv_bits=b.kv_bits, a_clip=b.a_clip, kv_clip=b.kv_clip,
                    learnable_clip=cfg.spec.learnable_clip and cfg.train.clip, online_rotations=cfg.rotate,
-                   seed=cfg.seed)
+                   seed=cfg.seed, keep_massive=b.keep_massive)
 
 
 def weight_config(cfg: QuantizeConfig) -> WeightQuantConfig:
@@ -84,6 +84,8 @@ def build_stages(cfg: QuantizeConfig, kv_shift: bool = False) -> list:
     if kv_shift:  # centres of the KV cache first, so that the weight stage already sees them
         weights_at = len(stages) - (2 if cfg.spec.baseq_stages else 1)
         stages.insert(weights_at, KVShiftStage())
+    if cfg.bits.keep_massive:  # which tokens stay float is settled before anything is fitted to the rest
+        stages.insert(0, KeepGateStage(cfg.bits.keep_massive))
     return stages
 
 
@@ -121,7 +123,8 @@ def quantize_ends(ad: ModelAdapter, bits: int) -> None:
 
 
 def needs_calibration(cfg: QuantizeConfig, kv_shift: bool = False) -> bool:
-    return not (cfg.weight_method == "rtn" and not cfg.spec.baseq_stages and not kv_shift)
+    return not (cfg.weight_method == "rtn" and not cfg.spec.baseq_stages and not kv_shift
+                and not cfg.bits.keep_massive)
 
 
 def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, model_spec: str = "", device="cpu",

@@ -16,7 +16,7 @@ from ..device import release_memory
 from ..models.adapter import attn_norm, block_points, gate_up, linears as block_linears, mlp_norm, qkv
 from ..quant.gptaq import AsymmetricStats, asymmetric_target
 from ..quant.gptq import GPTQ, rtn_quantize_
-from ..quant.qmodel import ActPoint, set_quantize
+from ..quant.qmodel import ActPoint, set_quantize, token_rms
 from ..quant.quantizer import WeightQuantConfig, _group_count, record_weight_qparams
 from . import weight_scale
 from .engine import BlockContext
@@ -122,6 +122,29 @@ class GPTQStage:
                 m.weight.copy_(w.to(m.weight.dtype))
                 record_weight_qparams(m, sc, z)
         return loss
+
+
+class KeepGateStage:
+    """``--keep-massive RATIO``: the threshold of the block's :class:`~baseq.quant.qmodel.TokenGate`, ``RATIO`` times
+    the median RMS of the tokens entering the block on the quantized path (the mean of the ranks' medians on several
+    ranks). Runs first, so the weights and BASE-Q's corrections are fitted to the model that keeps those tokens."""
+
+    name = "keep"
+    needs_fp = False
+
+    def __init__(self, ratio: float):
+        self.ratio = ratio
+
+    @torch.no_grad()
+    def run(self, ctx: BlockContext) -> None:
+        gate = ctx.layer.keep_gate
+        rms = torch.cat([token_rms(batch).flatten() for batch in ctx.q_in.split(ctx.batch_size)])
+        median = ctx.comm.mean(float(rms.median()) if len(rms) else 0.0, len(rms))
+        gate.threshold.fill_(self.ratio * median)
+        kept = ctx.comm.sum([int((rms >= gate.threshold.cpu()).sum()), len(rms)])
+        ctx.log["keep_threshold"] = round(float(gate.threshold), 4)
+        ctx.log["kept_tokens"] = int(kept[0])
+        ctx.log["kept_share"] = round(kept[0] / max(kept[1], 1), 6)
 
 
 class KVShiftStage:

@@ -10,6 +10,11 @@ Four activation quantization points per block, each an :class:`ActPoint` computi
 * gate/up input — likewise, in the MLP pre-norm's :class:`QuantRMSNorm` or in ``mlp.in_point``
 * down_proj input — in the :class:`QuantLinear` replacing ``down_proj`` (after the online R4 Hadamard)
 
+With ``ActSpec.keep_massive`` (``--keep-massive``), a block's :class:`TokenGate` picks, from the residual stream
+entering the block, the tokens whose RMS is at least a calibrated threshold (Qwen2.5's attention-sink token: 100–180×
+the median): at the block's four points their activations are not quantized, and the linears after those points
+multiply them in float against the weights' integer codes (:func:`float_rows_on_codes`, as the runtime does).
+
 Pre-norms become :class:`QuantRMSNorm` holding their *effective* scale (``w``, or ``1 + w`` for Gemma's norms);
 post-norms and q/k norms stay the model's own modules. K and V are quantized per token and per KV head by
 :class:`KVPoint` (after the online R3 Hadamard on queries and keys), through an attention function registered with
@@ -45,6 +50,7 @@ class ActSpec:
     learnable_clip: bool = False
     online_rotations: bool = True  # R3 on queries/keys, R4 on the down_proj input
     seed: int = 0
+    keep_massive: float = 0.0  # > 0: a TokenGate per block (tokens with a massive residual stream stay float)
 
 
 def _beta(clip: float) -> float:
@@ -52,11 +58,60 @@ def _beta(clip: float) -> float:
     return math.log(clip / (1 - clip))
 
 
-class ActPoint(nn.Module):
-    """``x ↦ Q(R(x)·scale − shift) + shift`` per token; after folding the ``+ shift`` lives in the next bias."""
+class TokenGate(nn.Module):
+    """Which tokens of a block keep float activations (``--keep-massive``): those whose residual stream entering the
+    block has an RMS over channels of at least ``threshold`` (calibrated per block: a ratio times the calibration
+    tokens' median; infinite = none). A rule on the token's own values, not its position, so prefill, decoding and
+    any batch layout keep the same tokens. :func:`install_gate` has the block set :attr:`mask` (``[..., tokens]``
+    bool, or None when no token is kept) on each forward; the block's points read it."""
 
-    def __init__(self, channels: int, bits: int, clip: float, learnable_clip: bool, rotation: nn.Module | None):
+    def __init__(self, threshold: float | torch.Tensor = float("inf")):
         super().__init__()
+        self.register_buffer("threshold", torch.as_tensor(threshold, dtype=torch.float32).clone())
+        self.mask: torch.Tensor | None = None
+
+    def observe(self, h: torch.Tensor) -> None:
+        keep = token_rms(h.detach()) >= self.threshold
+        self.mask = keep if bool(keep.any()) else None
+
+    def extra_repr(self) -> str:
+        return f"threshold={float(self.threshold):.4g}"
+
+
+def token_rms(h: torch.Tensor) -> torch.Tensor:
+    """Each token's root mean square over channels (float32), ``h [..., C] → [...]``."""
+    return h.float().pow(2).mean(-1).sqrt()
+
+
+def _observe_block_input(layer: nn.Module, args, kwargs) -> None:
+    layer.keep_gate.observe(args[0] if args else kwargs["hidden_states"])
+
+
+def install_gate(layer: nn.Module, gate: TokenGate) -> None:
+    """Give a decoder block ``gate`` (as ``layer.keep_gate``) and have every forward of the block set its mask from
+    the block's input first. (A module-level hook: a deep copy of the block observes with its own gate.)"""
+    layer.keep_gate = gate
+    layer.register_forward_pre_hook(_observe_block_input, with_kwargs=True)
+
+
+def kept_tokens(gate: TokenGate | None, x: torch.Tensor) -> torch.Tensor | None:
+    """The gate's current mask for an input ``x [..., tokens, C]`` of one of its block's points (None: none kept)."""
+    if gate is None or gate.mask is None:
+        return None
+    if gate.mask.shape != x.shape[:-1]:
+        raise RuntimeError(f"a token gate's mask {tuple(gate.mask.shape)} does not fit the point's input "
+                           f"{tuple(x.shape)}: the point ran outside its block's forward")
+    return gate.mask
+
+
+class ActPoint(nn.Module):
+    """``x ↦ Q(R(x)·scale − shift) + shift`` per token; after folding the ``+ shift`` lives in the next bias. Tokens
+    its block's ``gate`` keeps pass unquantized (``R(x)·scale − shift``, the ``+ shift`` likewise)."""
+
+    def __init__(self, channels: int, bits: int, clip: float, learnable_clip: bool, rotation: nn.Module | None,
+                 gate: TokenGate | None = None):
+        super().__init__()
+        object.__setattr__(self, "gate", gate)  # the block's (registered there, not here)
         self.rotation = rotation
         self.scale = nn.Parameter(torch.ones(channels), requires_grad=False)
         self.shift = nn.Parameter(torch.zeros(channels), requires_grad=False)
@@ -72,15 +127,20 @@ class ActPoint(nn.Module):
             x = self.rotation(x)
         x = x * self.scale.to(x.dtype) - self.shift.to(x.dtype)
         unshift = not bool(self.shift_folded) and bool(self.shift.detach().any())
+        keep = kept_tokens(self.gate, x) if self.quantize and self.quantizer.enabled else None
         if self.quantize and self.quantizer.enabled and not torch.is_grad_enabled() and not unshift \
                 and x.dtype == torch.float32 and self.quantizer.groups == 1:
             # inference: keep the integers with the values, so the next linear can compute exactly (QuantLinear)
             codes, scale = self.quantizer.codes(x)
             out = codes * scale  # the fake-quantized x, bit for bit
+            if keep is not None:
+                out = torch.where(keep.unsqueeze(-1), x, out)
+                out.baseq_keep = keep
             out.baseq_codes, out.baseq_scale = codes, scale
             return out
         if self.quantize:
-            x = self.quantizer(x)
+            q = self.quantizer(x)
+            x = q if keep is None else torch.where(keep.unsqueeze(-1), x, q)
         if unshift:
             x = x + self.shift.to(x.dtype)
         return x
@@ -131,7 +191,33 @@ class QuantLinear(nn.Linear):
         codes = getattr(x, "baseq_codes", None)
         if codes is None or self.weight_scale is None or self.weight.dtype != torch.float32:
             return F.linear(x, self.weight, self.bias)
-        return exact_linear(codes, x.baseq_scale, self.weight, self.weight_scale, self.bias)
+        y = exact_linear(codes, x.baseq_scale, self.weight, self.weight_scale, self.bias)
+        keep = getattr(x, "baseq_keep", None)
+        if keep is not None:  # the gate's float tokens, against the integer codes as the runtime computes them
+            y[keep] = float_rows_on_codes(x[keep], weight_ints(self.weight, self.weight_scale), self.weight_scale,
+                                          self.bias)
+        return y
+
+
+def weight_ints(weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """The integers ``c − z`` behind a quantized weight ``[N, K]`` (float, integer-valued; exact, see pack_linear)."""
+    gs = weight.shape[1] // weight_scale.shape[1]
+    return torch.round(weight / weight_scale.repeat_interleave(gs, dim=1))
+
+
+def float_rows_on_codes(x: torch.Tensor, w_int: torch.Tensor, weight_scale: torch.Tensor,
+                        bias: torch.Tensor) -> torch.Tensor:
+    """Float rows ``x [M, K]`` times a quantized weight given by its integers ``w_int = c − z`` ``[N, K]`` (int8, or
+    integer-valued floats) and scales ``[N, G]``, plus ``bias``: the simulated model and the runtime both compute the
+    ``--keep-massive`` tokens here, so they agree bit for bit. Per output channel with integers that fit int8: torch's
+    int8-weight kernel (``_weight_int8pack_mm``, no float copy of the weight); otherwise a float GEMM with the
+    dequantized weight (exactly the stored float weight)."""
+    x = x.float().contiguous()
+    if weight_scale.shape[1] == 1 and (w_int.dtype == torch.int8 or bool(w_int.abs().max() <= 127)):
+        w8 = w_int if w_int.dtype == torch.int8 else w_int.to(torch.int8)
+        return torch._weight_int8pack_mm(x, w8.contiguous(), weight_scale[:, 0].contiguous()) + bias
+    gs = w_int.shape[1] // weight_scale.shape[1]
+    return F.linear(x, w_int.float() * weight_scale.repeat_interleave(gs, dim=1), bias)
 
 
 def exact_linear(codes: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -142,7 +228,7 @@ def exact_linear(codes: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor,
     the same numbers, and neither depends on the summation order of a float GEMM."""
     groups = weight_scale.shape[1]
     gs = weight.shape[1] // groups
-    w_int = torch.round(weight / weight_scale.repeat_interleave(gs, dim=1))  # c − z, exactly (see pack_linear)
+    w_int = weight_ints(weight, weight_scale)
     if groups == 1:
         return torch.addcmul(bias, F.linear(codes, w_int) * scale, weight_scale[:, 0])
     out = None
@@ -264,9 +350,15 @@ def quantize_layer(layer: nn.Module, spec: ActSpec, s, fuse_online: bool = True)
     ``rotate_layer`` installed, or — rebuilding a saved model — a new one from ``spec.seed``)."""
     arch = layer_spec(layer)
     split_fused(layer)
+    gate = None
+    if spec.keep_massive > 0:
+        gate = getattr(layer, "keep_gate", None)
+        if gate is None:
+            gate = TokenGate()
+            install_gate(layer, gate)
 
     def point(channels: int, rotation=None) -> ActPoint:
-        return ActPoint(channels, spec.a_bits, spec.a_clip, spec.learnable_clip, rotation)
+        return ActPoint(channels, spec.a_bits, spec.a_clip, spec.learnable_clip, rotation, gate)
 
     shared_r1 = None
     for sub, norm_path in (("self_attn", arch.attn_norm), ("mlp", arch.mlp_norm)):

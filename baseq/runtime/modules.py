@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..quant.qmodel import softcapped_attention
+from ..quant.qmodel import TokenGate, softcapped_attention
 from .kernels import IntLinear, int_mm, quantize_tokens, token_grid
 from .kvcache import QuantizedKVCache
 
@@ -68,13 +68,25 @@ class ActPoint(nn.Module):
             x = x - self.shift
         return x
 
-    def forward(self, x: Tensor, linear: IntLinear) -> Tensor:
-        """``linear`` applied to this point's quantized ``x [M, C]``."""
+    def forward(self, x: Tensor, linear: IntLinear, keep: Tensor | None = None) -> Tensor:
+        """``linear`` applied to this point's quantized ``x [M, C]``; the rows ``keep`` (bool ``[M]``, the block's
+        :class:`~baseq.quant.qmodel.TokenGate`) unquantized, against the weight codes."""
         x = self.prepare(x)
         if self.bits >= 16:
             return linear.forward_float(x)
         a, s, z = quantize_tokens(x, self.clip, self.bits)
-        return linear(a, s, z)
+        y = linear(a, s, z)
+        if keep is not None:
+            y[keep] = linear.float_rows(x[keep])
+        return y
+
+
+def _rows(gate: TokenGate | None, start: int = 0, stop: int | None = None) -> Tensor | None:
+    """The gate's mask as rows ``[b·t]`` (``start:stop`` of them), or None when it keeps no token there."""
+    if gate is None or gate.mask is None:
+        return None
+    rows = gate.mask.reshape(-1)[start:stop]
+    return rows if bool(rows.any()) else None
 
 
 class KVQuant(nn.Module):
@@ -114,9 +126,10 @@ class RuntimeAttention(nn.Module):
     def __init__(self, point: ActPoint, qkv: IntLinear, o_point: ActPoint, o: IntLinear, kv: KVQuant, *,
                  layer_idx: int, heads: int, kv_heads: int, head_dim: int, scaling: float | None = None,
                  qk_norm: tuple[str | None, nn.Module | None, nn.Module | None] = (None, None, None),
-                 softcap: float | None = None):
+                 softcap: float | None = None, gate: TokenGate | None = None):
         super().__init__()
         self.point, self.qkv, self.o_point, self.o_proj, self.kv = point, qkv, o_point, o, kv
+        object.__setattr__(self, "gate", gate)  # the decoder layer's (registered there)
         self.layer_idx, self.heads, self.kv_heads, self.head_dim = layer_idx, heads, kv_heads, head_dim
         self.num_key_value_groups = heads // kv_heads
         self.scaling = head_dim ** -0.5 if scaling is None else scaling
@@ -131,7 +144,8 @@ class RuntimeAttention(nn.Module):
         cache = cache if cache is not None else past_key_values
         b, t, d = hidden_states.shape
         h, kvh, hd = self.heads, self.kv_heads, self.head_dim
-        y = self.point(hidden_states.reshape(b * t, d), self.qkv)
+        keep = _rows(self.gate)
+        y = self.point(hidden_states.reshape(b * t, d), self.qkv, keep)
         if self.qk_norm_kind is None:
             qk = y[:, :(h + kvh) * hd].view(b, t, h + kvh, hd)
         else:
@@ -152,7 +166,7 @@ class RuntimeAttention(nn.Module):
         if layer is not None and t == 1 and layer.get_seq_length() > 0 and layer.bits < 16:
             layer.append(*self.kv.centre(k, v))  # decoding: attention straight on the stored codes
             out = attend_codes(q, layer, self.scaling, attention_mask, self.softcap, self.kv.k_shift, self.kv.v_shift)
-            return self.o_point(out.reshape(b, h * hd), self.o_proj).view(b, t, -1), None
+            return self.o_point(out.reshape(b, h * hd), self.o_proj, keep).view(b, t, -1), None
         k, v = self.kv.centre(k, v)
         if layer is not None:  # stores codes, returns every token's K/V dequantized
             k, v = self.kv.uncentre(*cache.update(k, v, self.layer_idx))
@@ -167,7 +181,7 @@ class RuntimeAttention(nn.Module):
         else:
             out, _ = sdpa_attention_forward(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling,
                                             **kwargs)
-        return self.o_point(out.reshape(b * t, h * hd), self.o_proj).view(b, t, -1), None
+        return self.o_point(out.reshape(b * t, h * hd), self.o_proj, keep).view(b, t, -1), None
 
 
 def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -227,16 +241,18 @@ class RuntimeMLP(nn.Module):
     rows = 128
 
     def __init__(self, point: ActPoint, gate_up: IntLinear, down_point: ActPoint, down: IntLinear,
-                 act_fn: nn.Module | None = None):
+                 act_fn: nn.Module | None = None, gate: TokenGate | None = None):
         super().__init__()
         self.point, self.gate_up, self.down_point, self.down = point, gate_up, down_point, down
+        object.__setattr__(self, "gate", gate)  # the decoder layer's (registered there)
         self.ffn = gate_up.splits[0]
         self.act_fn = act_fn if act_fn is not None else nn.SiLU()  # the model's own (transformers' ACT2FN entry)
 
-    def _tokens(self, x: Tensor) -> Tensor:
-        gu = self.point(x, self.gate_up)
+    def _tokens(self, x: Tensor, start: int = 0) -> Tensor:
+        keep = _rows(self.gate, start, start + x.shape[0])
+        gu = self.point(x, self.gate_up, keep)
         h = self.act_fn(gu[:, :self.ffn]) * gu[:, self.ffn:]
-        return self.down_point(h, self.down)
+        return self.down_point(h, self.down, keep)
 
     def forward(self, x: Tensor) -> Tensor:
         b, t, d = x.shape
@@ -247,7 +263,7 @@ class RuntimeMLP(nn.Module):
         out = first.new_empty(x.shape[0], first.shape[1])
         out[:self.rows] = first
         for start in range(self.rows, x.shape[0], self.rows):
-            out[start:start + self.rows] = self._tokens(x[start:start + self.rows])
+            out[start:start + self.rows] = self._tokens(x[start:start + self.rows], start)
         return out.view(b, t, -1)
 
 

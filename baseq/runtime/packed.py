@@ -16,6 +16,8 @@ as matrices — and the config that produced the model) and ``model.safetensors`
 ``layers.{i}.kv.k_clip/v_clip``    KV clipping factors (per KV head when learned)
 ``layers.{i}.kv.k_shift/v_shift``  the centres K and V are quantized around, ``[kv_heads, head_dim]`` (only when
                                    calibrated; absent = zero)
+``layers.{i}.keep.threshold``      ``--keep-massive``: the residual-stream RMS from which a token keeps float
+                                   activations in the block (a float32 scalar; only with ``act_spec.keep_massive``)
 ``layers.{i}.attn_norm/mlp_norm``  pre-norm scales (effective ``g`` of ``g·x̂``: ``1 + w`` for Gemma; BASE-Q's scales
                                    folded in); absent for a family without pre-norms (OLMo 2)
 ``layers.{i}.post_attn_norm/...``  ``post_mlp_norm``, ``q_norm``, ``k_norm``: post-norm and q/k-norm scales, for the
@@ -48,7 +50,7 @@ from ..device import TABLE_ROWS, release_memory
 from ..errors import BaseqError
 from ..io import atomic_dir, map_tensor, read_tensor, safetensors_header, write_json, write_safetensors
 from ..models.adapter import ModelAdapter, block_points, layer_spec
-from ..quant.qmodel import ActSpec
+from ..quant.qmodel import ActSpec, TokenGate, install_gate
 from ..quant.quantizer import embedding_scale, half_exact
 from ..rotation.fuse import (
     OnlineRotation,
@@ -137,6 +139,9 @@ def pack_layer(layer: nn.Module, w_bits: int) -> dict[str, Tensor]:
         out["kv.v_shift"] = kv.v_shift.detach().float().cpu().contiguous()
     for key, path in norm_slots(spec).items():
         out[key] = effective_scale(layer.get_submodule(path), spec.norm_offset)
+    gate = getattr(layer, "keep_gate", None)
+    if gate is not None:
+        out["keep.threshold"] = gate.threshold.detach().float().cpu().reshape(())
     return out
 
 
@@ -432,18 +437,22 @@ def load_packed(path: Path, meta: dict | None = None, device="cpu"):
                      t.take(f"{p}.kv.v_clip").reshape(1, -1, 1, 1), r3,
                      t.take(f"{p}.kv.k_shift", (s.kv_heads, s.head_dim), optional=True),
                      t.take(f"{p}.kv.v_shift", (s.kv_heads, s.head_dim), optional=True))
+        gate = None
+        if spec.keep_massive > 0:
+            gate = TokenGate(t.take(f"{p}.keep.threshold", ()))
+            install_gate(layer, gate)
         nq, nkv, attn_in = s.heads * s.head_dim, s.kv_heads * s.head_dim, s.heads * s.head_dim
         layer.self_attn = RuntimeAttention(
             point("qkv", r1_in), _fused(t, p, ["q", "k", "v"], [nq, nkv, nkv], s.hidden, w_bits, groups_of(s.hidden)),
             point("o", channels=attn_in), _fused(t, p, ["o"], [s.hidden], attn_in, w_bits, groups_of(attn_in)), kv,
             layer_idx=i, heads=s.heads, kv_heads=s.kv_heads, head_dim=s.head_dim, scaling=float(orig.scaling),
             qk_norm=(arch.qk_norm, norms.pop("q_norm", None), norms.pop("k_norm", None)),
-            softcap=getattr(orig, "attn_logit_softcapping", None))
+            softcap=getattr(orig, "attn_logit_softcapping", None), gate=gate)
         layer.mlp = RuntimeMLP(
             point("gate_up", r1_in), _fused(t, p, ["gate", "up"], [s.ffn, s.ffn], s.hidden, w_bits,
                                             groups_of(s.hidden)),
             point("down", r4, channels=s.ffn), _fused(t, p, ["down"], [s.hidden], s.ffn, w_bits, groups_of(s.ffn)),
-            act_fn)
+            act_fn, gate)
         slots = norm_slots(arch)
         for key, norm in norms.items():
             _set(layer, slots[key], norm)

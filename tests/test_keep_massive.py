@@ -1,0 +1,163 @@
+"""``--keep-massive``: tokens whose residual stream is massive keep float activations, in the simulated model and the
+packed runtime alike (the same bits), at calibration as at inference, in prefill as in decoding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from baseq.calibrate.pipeline import act_spec, quantize_model
+from baseq.config import BitsConfig, CalibConfig, QuantizeConfig, TrainConfig
+from baseq.data import calib_windows, eval_windows
+from baseq.load import load
+from baseq.quant.qmodel import TokenGate, float_rows_on_codes, token_rms, weight_ints
+from baseq.runtime.kernels import IntLinear
+from baseq.runtime.kvcache import QuantizedKVCache
+from baseq.runtime.packed import new_cache, save_packed
+from baseq.runtime.save import save_fake
+from baseq.testing import byte_tokenizer, tiny_llama, tiny_model
+
+RATIO = 1.1  # tiny random models have no attention sink: a low ratio keeps a share of ordinary tokens
+
+
+@pytest.fixture(scope="module")
+def text_file(words_file) -> str:
+    return words_file
+
+
+def _quantized(text_file, method="baseq", family=None, keep=RATIO, **bits):
+    model = tiny_model(family) if family else tiny_llama(hidden=48, ffn=80, heads=4, kv_heads=2, qkv_bias=True)
+    cfg = QuantizeConfig(method=method, bits=BitsConfig(keep_massive=keep, **bits),
+                         calib=CalibConfig(data=text_file, samples=4, seqlen=32, batch_size=2),
+                         train=TrainConfig(epochs=1))
+    report = quantize_model(model, byte_tokenizer(), cfg, progress=False, log_fn=lambda m: None)
+    return model, cfg, report
+
+
+def _packed(model, cfg, out):
+    b = cfg.bits
+    rt, _ = load(str(save_packed(model, byte_tokenizer(), out, act_spec(cfg), {"method": cfg.label, "bits": b.label},
+                                 w_bits=b.w_bits, w_group=b.w_group, embed_bits=b.embed_bits)))
+    return rt
+
+
+def _gates(model) -> list[TokenGate]:
+    return [layer.keep_gate for layer in model.model.layers]
+
+
+@pytest.mark.filterwarnings("ignore:no Hadamard matrix")
+@pytest.mark.parametrize("method,family,bits", [
+    ("baseq", None, {}),  # Llama with q/k/v biases: the int8-weight kernel for the kept rows
+    ("quarot", None, {"w_group": 8}),  # weight groups: a float GEMM with the dequantized weight
+    ("quarot", None, {"w_bits": 8, "a_bits": 8, "kv_bits": 8}),  # 8-bit weights (c − z beyond int8 somewhere)
+    ("baseq", "gemma3", {}),  # sandwich norms, q/k norms, local/global layers
+    ("baseq", "olmo2", {}),  # no pre-norms: the points sit behind an online R1
+], ids=["baseq-llama", "quarot-groups", "quarot-w8", "baseq-gemma3", "baseq-olmo2"])
+def test_kept_tokens_are_float_and_the_runtime_computes_the_simulated_model(method, family, bits, text_file,
+                                                                            tmp_path):
+    model, cfg, report = _quantized(text_file, method, family, **bits)
+    shares = [b["kept_share"] for b in report["blocks"]]
+    assert all(0 < s < 0.5 for s in shares), shares  # some tokens, not most
+    rt = _packed(model, cfg, tmp_path / "p")
+    ids = eval_windows(byte_tokenizer(), text_file, 32, 3)
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+        sim_kept = [g.mask.sum().item() if g.mask is not None else 0 for g in _gates(model)]
+        got = rt(ids, use_cache=False).logits
+        rt_kept = [g.mask.sum().item() if g.mask is not None else 0 for g in _gates(rt)]
+        # the same model with no token kept computes something else: the kept rows are not a no-op
+        for g in _gates(model):
+            g.threshold.fill_(float("inf"))
+        none_kept = model(ids, use_cache=False).logits
+    assert sim_kept == rt_kept and sum(rt_kept) > 0
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-6
+    assert ((none_kept - ref).abs().max() / ref.abs().max()).item() > 1e-4
+
+
+def test_a_kept_token_reaches_the_linear_unquantized(text_file):
+    model, _, _ = _quantized(text_file)
+    layer = model.model.layers[1]
+    down = layer.mlp.down_proj
+    point = down.act
+    seen = {}
+    hooks = [point.register_forward_hook(lambda m, args, out: seen.update(raw=args[0], x=out)),
+             down.register_forward_hook(lambda m, args, out: seen.update(y=out))]
+    with torch.no_grad():
+        model(eval_windows(byte_tokenizer(), text_file, 32, 2), use_cache=False)
+    for h in hooks:
+        h.remove()
+    keep = layer.keep_gate.mask
+    assert keep is not None and keep.any() and not keep.all()
+    prepared = point.rotation(seen["raw"]) * point.scale - point.shift  # what the point quantizes
+    x = seen["x"]
+    assert torch.equal(x[keep], prepared[keep])  # kept: the float value
+    assert (x[~keep] - prepared[~keep]).abs().max() > 1e-3  # the others: on the 4-bit grid
+    levels = max(len(torch.unique(row)) for row in x[~keep].reshape(-1, x.shape[-1]))
+    assert levels <= 16
+    assert torch.allclose(seen["y"][keep], F.linear(x[keep], down.weight, down.bias), rtol=1e-4, atol=1e-5)
+
+
+def test_the_threshold_is_the_ratio_times_the_median_rms_entering_each_block(text_file):
+    model, cfg, report = _quantized(text_file, keep=1.3)
+    windows = calib_windows(byte_tokenizer(), text_file, 32, 4, 0)
+    inputs = {}
+    hooks = [layer.register_forward_pre_hook(lambda m, a, k, i=i: inputs.update({i: a[0] if a else
+                                             k["hidden_states"]}), with_kwargs=True)
+             for i, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        model(windows, use_cache=False)  # the calibrated blocks give the quantized path's inputs again
+    for h in hooks:
+        h.remove()
+    for i, gate in enumerate(_gates(model)):
+        rms = token_rms(inputs[i]).flatten()
+        assert float(gate.threshold) == pytest.approx(1.3 * float(rms.median()), rel=1e-5)
+        assert report["blocks"][i]["kept_tokens"] == int((rms >= gate.threshold).sum())
+
+
+def test_decoding_keeps_the_tokens_a_full_forward_keeps(text_file, tmp_path):
+    model, cfg, _ = _quantized(text_file, keep=1.05)
+    rt = _packed(model, cfg, tmp_path / "p")
+    ids = eval_windows(byte_tokenizer(), text_file, 20, 1)
+    kept_in_decoding = []
+    gate = _gates(rt)[1]
+    hook = rt.model.layers[1].register_forward_hook(
+        lambda m, a, out: kept_in_decoding.append(gate.mask is not None) if a[0].shape[1] == 1 else None)
+    with torch.no_grad():
+        ref = rt(ids, use_cache=False).logits
+        cache = new_cache(rt)
+        assert isinstance(cache, QuantizedKVCache)
+        steps = [rt(ids[:, :8], cache=cache, use_cache=True).logits]
+        for i in range(8, ids.shape[1]):  # one token at a time: the rule needs no other token to decide
+            steps.append(rt(ids[:, i:i + 1], cache=cache, use_cache=True).logits)
+    hook.remove()
+    assert any(kept_in_decoding) and not all(kept_in_decoding)
+    got = torch.cat(steps, dim=1)
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < 2e-2
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+def test_the_fake_format_keeps_the_gates(text_file, tmp_path):
+    model, cfg, _ = _quantized(text_file)
+    out = save_fake(model, byte_tokenizer(), tmp_path / "fake", act_spec(cfg), {"method": "baseq", "bits": "W4A4KV4"})
+    again, _ = load(str(out))
+    assert [float(g.threshold) for g in _gates(again)] == [float(g.threshold) for g in _gates(model)]
+    ids = eval_windows(byte_tokenizer(), text_file, 32, 2)
+    with torch.no_grad():
+        assert torch.equal(again(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
+
+
+@pytest.mark.parametrize("bits,groups", [(4, 1), (4, 3), (8, 1)])
+def test_float_rows_on_codes_are_the_dequantized_product_in_sim_and_runtime(bits, groups):
+    g = torch.Generator().manual_seed(bits + groups)
+    n, k = 37, 72
+    codes = torch.randint(0, 2**bits, (n, k), generator=g)
+    zero = torch.randint(0, 2**bits, (n, groups), generator=g)
+    scale = (torch.rand(n, groups, generator=g) + 0.5).to(torch.float16).float()
+    bias = torch.randn(n, generator=g)
+    w = (codes - zero.repeat_interleave(k // groups, 1)).float() * scale.repeat_interleave(k // groups, 1)
+    x = torch.randn(3, k, generator=g) * 50  # a massive token
+    sim = float_rows_on_codes(x, weight_ints(w, scale), scale, bias)
+    lin = IntLinear([codes.to(torch.uint8)], [zero.to(torch.uint8)], [scale], [bias], bits)
+    assert torch.equal(lin.float_rows(x), sim)  # the runtime's rows are the simulated model's, bit for bit
+    assert torch.allclose(sim, F.linear(x, w, bias), rtol=1e-5, atol=1e-3)
