@@ -65,6 +65,9 @@ ROWS: dict[str, dict] = {
     "quarot-gptq-shift-w4a4kv4": {"method": "quarot", "weights": "gptq", "bits": "W4A4KV4", "kv_shift": "mean"},
     "baseq-noshift-w4a4kv4": {**BASEQ, "bits": "W4A4KV4", "kv_shift": "off"},
     "baseq-shift-w4a4kv4": {**BASEQ, "bits": "W4A4KV4", "kv_shift": "mean"},
+    # tokens with a massive residual stream keep float activations (--keep-massive 20)
+    "quarot-gptq-keep20-w4a4kv4": {"method": "quarot", "weights": "gptq", "bits": "W4A4KV4", "keep_massive": 20.0},
+    "baseq-keep20-w4a4kv4": {**BASEQ, "bits": "W4A4KV4", "keep_massive": 20.0},
 }
 DEFAULT = ["fp", "rtn-w4a4kv4", "gptq-w4a4kv4", "quarot-rtn-w4a4kv4", "quarot-gptq-w4a4kv4", "baseq-w4a4kv4",
            "quarot-gptq-w4a8kv8", "baseq-w4a8kv8", "quarot-gptq-w4a16"]
@@ -95,7 +98,8 @@ def run_row(name: str, args) -> dict:
     if spec["method"] == "fp":
         result.update(method="fp", bits="fp", calib_seconds=0.0)
     else:
-        bits = {**PRESETS[spec.pop("bits", "W4A4KV4")], "kv_shift": spec.pop("kv_shift", "auto")}
+        bits = {**PRESETS[spec.pop("bits", "W4A4KV4")], "kv_shift": spec.pop("kv_shift", "auto"),
+                "keep_massive": spec.pop("keep_massive", 0.0)}
         calib = {"samples": args.calib_samples, "seqlen": args.calib_seqlen, "seed": args.seed,
                  **spec.pop("calib", {})}
         cfg = QuantizeConfig.from_dict({**spec, "seed": args.seed, "bits": bits, "calib": calib})
