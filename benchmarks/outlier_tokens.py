@@ -44,7 +44,7 @@ def patch_runtime(keep: Keep) -> None:
 
     modules.RuntimeMLP.rows = 1 << 30  # one slab: rows map to (window, position) as in the attention
 
-    def point_forward(self, x, linear, keep=None):  # (keep: the runtime's own --keep-massive rows, unused here)
+    def point_forward(self, x, linear, _rows=None):  # (_rows: the runtime's own --keep-massive rows, unused here)
         x = self.prepare(x)
         if self.bits >= 16:
             return linear.forward_float(x)

@@ -243,6 +243,8 @@ def _non_default(f):
         value = next(c for c in meta["choices"] if c != default)
     elif isinstance(default, str):
         value = {"": "down", "wiki": "books"}[default]  # --smooth points, --calib-data
+    elif meta["flag"] == "--keep-massive":
+        value = 20.0  # a ratio above 1 (0 = off)
     elif isinstance(default, float):
         value = default / 2 if default else 0.5  # stays inside (0, 1] for the clip ratios, < 0 for "auto" values
     else:
