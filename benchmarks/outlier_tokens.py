@@ -71,12 +71,14 @@ def patch_runtime(keep: Keep) -> None:
 
 
 def install_rule(model, keep: Keep, mode: str, ratio: float, first: int, stats: dict) -> list:
+    from baseq.quant.qmodel import token_rms
+
     layers = model.model.layers
 
     def pre(i):
         def hook(_module, args, kwargs):
             h = args[0] if args else kwargs["hidden_states"]
-            rms = h.float().pow(2).mean(-1).sqrt()  # [batch, tokens]
+            rms = token_rms(h)  # [batch, tokens]
             rel = rms / rms.median(dim=-1, keepdim=True).values
             big = rel >= ratio
             s = stats.setdefault(i, {"massive": 0, "ratios": [], "in_first": 0})

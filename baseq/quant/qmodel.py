@@ -191,11 +191,11 @@ class QuantLinear(nn.Linear):
         codes = getattr(x, "baseq_codes", None)
         if codes is None or self.weight_scale is None or self.weight.dtype != torch.float32:
             return F.linear(x, self.weight, self.bias)
-        y = exact_linear(codes, x.baseq_scale, self.weight, self.weight_scale, self.bias)
+        w_int = weight_ints(self.weight, self.weight_scale)
+        y = exact_linear(codes, x.baseq_scale, w_int, self.weight_scale, self.bias)
         keep = getattr(x, "baseq_keep", None)
         if keep is not None:  # the gate's float tokens, against the integer codes as the runtime computes them
-            y[keep] = float_rows_on_codes(x[keep], weight_ints(self.weight, self.weight_scale), self.weight_scale,
-                                          self.bias)
+            y[keep] = float_rows_on_codes(x[keep], w_int, self.weight_scale, self.bias)
         return y
 
 
@@ -220,15 +220,15 @@ def float_rows_on_codes(x: torch.Tensor, w_int: torch.Tensor, weight_scale: torc
     return F.linear(x, w_int.float() * weight_scale.repeat_interleave(gs, dim=1), bias)
 
 
-def exact_linear(codes: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+def exact_linear(codes: torch.Tensor, scale: torch.Tensor, w_int: torch.Tensor, weight_scale: torch.Tensor,
                  bias: torch.Tensor) -> torch.Tensor:
-    """``F.linear(codes·scale, weight, bias)`` computed the way the integer runtime computes it: the sums of integer
+    """``F.linear(codes·scale, weight, bias)``, the weight given by its integers ``w_int`` (:func:`weight_ints`) and
+    scales, computed the way the integer runtime computes it: the sums of integer
     products ``Σ_k (q_k − z)(c_jk − z_j)`` first — exact in float32 (integers below 2^24) — then the runtime's float
     epilogue in its order (``baseq.runtime.kernels.IntLinear``). So a simulated model and its packed runtime compute
     the same numbers, and neither depends on the summation order of a float GEMM."""
     groups = weight_scale.shape[1]
-    gs = weight.shape[1] // groups
-    w_int = weight_ints(weight, weight_scale)
+    gs = w_int.shape[1] // groups
     if groups == 1:
         return torch.addcmul(bias, F.linear(codes, w_int) * scale, weight_scale[:, 0])
     out = None

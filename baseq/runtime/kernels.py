@@ -179,23 +179,22 @@ class IntLinear(nn.Module):
             acc.sub_(rows * self.wzero[:, g])
         return acc
 
+    def integers(self) -> Tensor:
+        """The weight's integers ``c − z`` ``[N, K]``: the int8 buffer itself per output channel below 8 bits, else
+        as integer-valued float32."""
+        if self.groups == 1 and self.wzero is None:
+            return self.weight
+        w = self.weight.float() if self.groups == 1 else self.weight.float().transpose(0, 1).reshape(self.n, self.k)
+        return w if self.wzero is None else w - self.wzero.repeat_interleave(self.k // self.groups, dim=1)
+
     def dequantized(self) -> Tensor:
         """The float32 weight ``[N, K]`` these codes stand for."""
-        w = self.weight.float() if self.groups == 1 else self.weight.float().transpose(0, 1).reshape(self.n, self.k)
-        gs = self.k // self.groups
-        if self.wzero is not None:
-            w = w - self.wzero.repeat_interleave(gs, dim=1)
-        return w * self.scale.repeat_interleave(gs, dim=1)
+        return self.integers().float() * self.scale.repeat_interleave(self.k // self.groups, dim=1)
 
     def float_rows(self, x: Tensor) -> Tensor:
         """Float rows ``x [M, K]`` against these codes (the ``--keep-massive`` tokens): the simulated model's own
         arithmetic (:func:`baseq.quant.qmodel.float_rows_on_codes`), so both compute the same bits."""
-        if self.groups == 1 and self.wzero is None:
-            w_int = self.weight  # c − z in int8
-        else:
-            w = self.weight.float() if self.groups == 1 else self.weight.float().transpose(0, 1).reshape(self.n, self.k)
-            w_int = w if self.wzero is None else w - self.wzero.repeat_interleave(self.k // self.groups, dim=1)
-        return float_rows_on_codes(x, w_int, self.scale, self.bias)
+        return float_rows_on_codes(x, self.integers(), self.scale, self.bias)
 
     def use_float_weights(self) -> None:
         """For 16-bit activations (W4A16, W8A16): keep the dequantized float32 weight instead of the codes. (torch's
