@@ -33,6 +33,7 @@ BUDGETS: dict[str, dict[str, dict]] = {
 
 
 KV_SHIFTS = ("auto", "mean", "off")
+KEEP_FITS = ("with", "without")  # --keep-massive: the block is fitted with the kept tokens float, or as without them
 
 
 def positive_int(text: str) -> int:
@@ -84,12 +85,21 @@ class BitsConfig:
                           "calibration median there (Qwen2.5's attention-sink token: 100–180×) keep float activations "
                           "in that block, multiplied against the weights' integer codes; their K/V stay quantized. "
                           "0 = off (default)", metavar="RATIO"))
+    keep_massive_fit: str = field(default="with", metadata=flag(
+        "--keep-massive-fit", "with --keep-massive: 'with' (default) sets each block's threshold first, so GPTQ and "
+                              "BASE-Q's training fit the block with those tokens float; 'without' sets it after the "
+                              "block is fitted as it would be without the option (the tokens stay float from there "
+                              "on: in the blocks after it and at inference)", choices=KEEP_FITS))
 
     def validate(self) -> None:
         for name in ("w_bits", "a_bits", "kv_bits"):
             _bits(name.replace("_", "-"), getattr(self, name))
-        if self.keep_massive and not self.keep_massive > 1:
-            raise BaseqError(f"keep-massive must be 0 (off) or a ratio above 1 (got {self.keep_massive})")
+        if self.keep_massive and not 1 < self.keep_massive < float("inf"):
+            raise BaseqError(f"keep-massive must be 0 (off) or a finite ratio above 1 (got {self.keep_massive})")
+        if self.keep_massive_fit not in KEEP_FITS:
+            raise BaseqError(f"keep-massive-fit must be one of {', '.join(KEEP_FITS)} (got {self.keep_massive_fit})")
+        if self.keep_massive_fit != "with" and not self.keep_massive:
+            raise BaseqError("keep-massive-fit only applies with --keep-massive RATIO")
         if self.keep_massive and self.a_bits >= 16:
             raise BaseqError("keep-massive keeps some tokens' activations in float: it needs --a-bits below 16")
         if self.kv_shift not in KV_SHIFTS:

@@ -68,6 +68,10 @@ ROWS: dict[str, dict] = {
     # tokens with a massive residual stream keep float activations (--keep-massive 20)
     "quarot-gptq-keep20-w4a4kv4": {"method": "quarot", "weights": "gptq", "bits": "W4A4KV4", "keep_massive": 20.0},
     "baseq-keep20-w4a4kv4": {**BASEQ, "bits": "W4A4KV4", "keep_massive": 20.0},
+    # the same tokens kept, but each block fitted as without the option (--keep-massive-fit without)
+    "quarot-gptq-keep20after-w4a4kv4": {"method": "quarot", "weights": "gptq", "bits": "W4A4KV4", "keep_massive": 20.0,
+                                        "keep_massive_fit": "without"},
+    "baseq-keep20after-w4a4kv4": {**BASEQ, "bits": "W4A4KV4", "keep_massive": 20.0, "keep_massive_fit": "without"},
 }
 DEFAULT = ["fp", "rtn-w4a4kv4", "gptq-w4a4kv4", "quarot-rtn-w4a4kv4", "quarot-gptq-w4a4kv4", "baseq-w4a4kv4",
            "quarot-gptq-w4a8kv8", "baseq-w4a8kv8", "quarot-gptq-w4a16"]
@@ -99,7 +103,7 @@ def run_row(name: str, args) -> dict:
         result.update(method="fp", bits="fp", calib_seconds=0.0)
     else:
         bits = {**PRESETS[spec.pop("bits", "W4A4KV4")], "kv_shift": spec.pop("kv_shift", "auto"),
-                "keep_massive": spec.pop("keep_massive", 0.0)}
+                "keep_massive": spec.pop("keep_massive", 0.0), "keep_massive_fit": spec.pop("keep_massive_fit", "with")}
         calib = {"samples": args.calib_samples, "seqlen": args.calib_seqlen, "seed": args.seed,
                  **spec.pop("calib", {})}
         cfg = QuantizeConfig.from_dict({**spec, "seed": args.seed, "bits": bits, "calib": calib})

@@ -273,14 +273,16 @@ def test_every_config_flag_is_in_the_help_and_sets_exactly_its_field(capsys, tmp
     parser = build_parser()
     base = _flat(config_from_args(parser.parse_args(["quantize"])))
     assert base == _flat(QuantizeConfig())
+    needs = {"--keep-massive-fit": (["--keep-massive", "20"], "bits.keep_massive")}  # a flag that refines another
     for section, f in fields:
         value, words = _non_default(f)
-        args = parser.parse_args(["quantize", *words])
+        extra, extra_key = needs.get(f.metadata["flag"], ([], None))
+        args = parser.parse_args(["quantize", *extra, *words])
         assert getattr(args, flag_dest(f)) == value
         got = _flat(config_from_args(args))
         key = f"{section}.{f.name}" if section else f.name
         changed = {k for k in base if got[k] != base[k]}
-        assert changed == ({key, "calib.seed"} if key == "seed" else {key}), words
+        assert changed == {key} | {"seed": {"calib.seed"}}.get(key, set()) | ({extra_key} if extra else set()), words
         assert got[key] == value, words
     file = tmp_path / "c.json"
     file.write_text(json.dumps({"seed": 5, "bits": {"w_bits": 8, "a_bits": 8}, "train": {"epochs": 1, "bias": False}}))

@@ -26,9 +26,9 @@ def text_file(words_file) -> str:
     return words_file
 
 
-def _quantized(text_file, method="baseq", family=None, keep=RATIO, **bits):
+def _quantized(text_file, method="baseq", family=None, keep=RATIO, fit="with", **bits):
     model = tiny_model(family) if family else tiny_llama(hidden=48, ffn=80, heads=4, kv_heads=2, qkv_bias=True)
-    cfg = QuantizeConfig(method=method, bits=BitsConfig(keep_massive=keep, **bits),
+    cfg = QuantizeConfig(method=method, bits=BitsConfig(keep_massive=keep, keep_massive_fit=fit, **bits),
                          calib=CalibConfig(data=text_file, samples=4, seqlen=32, batch_size=2),
                          train=TrainConfig(epochs=1))
     report = quantize_model(model, byte_tokenizer(), cfg, progress=False, log_fn=lambda m: None)
@@ -113,6 +113,21 @@ def test_the_threshold_is_the_ratio_times_the_median_rms_entering_each_block(tex
         rms = token_rms(inputs[i]).flatten()
         assert float(gate.threshold) == pytest.approx(1.3 * float(rms.median()), rel=1e-5)
         assert report["blocks"][i]["kept_tokens"] == int((rms >= gate.threshold).sum())
+
+
+def test_fit_without_fits_each_block_as_without_the_option_then_keeps_the_tokens(text_file):
+    """``--keep-massive-fit without``: block 0 sees the same inputs as a run without the option, so its weights and
+    BASE-Q corrections come out the same, bit for bit; its gate is set afterwards, and the blocks after it are fitted
+    to its output with the tokens kept (so they differ)."""
+    kept, _, report = _quantized(text_file, fit="without")
+    plain, _, _ = _quantized(text_file, keep=0.0)
+    first_k, first_p = kept.model.layers[0].state_dict(), plain.model.layers[0].state_dict()
+    assert set(first_k) - set(first_p) == {"keep_gate.threshold"}
+    assert all(torch.equal(first_k[n], first_p[n]) for n in first_p), [n for n in first_p
+                                                                       if not torch.equal(first_k[n], first_p[n])]
+    assert torch.isfinite(kept.model.layers[0].keep_gate.threshold) and report["blocks"][0]["kept_share"] > 0
+    later = kept.model.layers[1].mlp.down_proj.weight, plain.model.layers[1].mlp.down_proj.weight
+    assert not torch.equal(*later)
 
 
 def test_decoding_keeps_the_tokens_a_full_forward_keeps(text_file, tmp_path):

@@ -84,8 +84,12 @@ def build_stages(cfg: QuantizeConfig, kv_shift: bool = False) -> list:
     if kv_shift:  # centres of the KV cache first, so that the weight stage already sees them
         weights_at = len(stages) - (2 if cfg.spec.baseq_stages else 1)
         stages.insert(weights_at, KVShiftStage())
-    if cfg.bits.keep_massive:  # which tokens stay float is settled before anything is fitted to the rest
-        stages.insert(0, KeepGateStage(cfg.bits.keep_massive))
+    if cfg.bits.keep_massive:  # which tokens stay float: settled before the block is fitted, or after it
+        gate = KeepGateStage(cfg.bits.keep_massive)
+        if cfg.bits.keep_massive_fit == "with":
+            stages.insert(0, gate)
+        else:
+            stages.append(gate)
     return stages
 
 
