@@ -2,7 +2,7 @@
 
 Checked: 2 ranks on 5 windows (an uneven split) give the single-process Hessians and trained parameters within float
 tolerance and identical weights on every rank; each GPTQ linear is quantized once; ``torchrun`` with one process
-equals a plain run bit for bit; bad input (more ranks than windows, a rank that dies, a rank that hangs) fails with
+equals a plain run bit for bit; ``--keep-massive``'s threshold is one over the ranks; bad input (more ranks than windows, a rank that dies, a rank that hangs) fails with
 one clear line and writes nothing.
 """
 
@@ -164,6 +164,49 @@ def test_two_ranks_on_five_windows_match_one_process(text_file, tmp_path):
     for a, b in zip(logs[0], logs[2]):  # every logged loss within 1 %
         for key in ("out_mse", "loss_before", "loss_after", "t_loss_before"):
             assert a[key] == pytest.approx(b[key], rel=1e-2), (a["block"], key)
+
+
+def keep_worker(rank: int, world: int, port: int, out: str) -> None:
+    """The keep stage on this rank's shard (rank r: 3 − r windows of 8 tokens, one massive token in rank 1's)."""
+    os.environ.update(rank_env(rank, world, port))
+    torch.set_num_threads(1)
+    from types import SimpleNamespace
+
+    from baseq.calibrate.comm import DistributedCommunicator
+    from baseq.calibrate.stages import KeepGateStage
+    from baseq.quant.qmodel import TokenGate
+
+    comm = DistributedCommunicator("cpu", timeout=60)
+    try:
+        q_in = keep_shard(rank)
+        ctx = SimpleNamespace(layer=SimpleNamespace(keep_gate=TokenGate()), q_in=q_in, batch_size=2, comm=comm, log={})
+        KeepGateStage(3.0).run(ctx)
+        Path(out, f"keep{rank}.json").write_text(json.dumps(ctx.log))
+    finally:
+        comm.close()
+
+
+def keep_shard(rank: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(rank)
+    q_in = torch.randn(3 - rank, 8, 16, generator=g) * (1 + rank)  # rank 1's tokens twice as large
+    if rank == 1:
+        q_in[0, 0] *= 50
+    return q_in
+
+
+def test_two_ranks_share_one_keep_threshold(tmp_path):
+    """``--keep-massive`` on 2 ranks: one threshold on both, RATIO × the token-weighted mean of the ranks' median
+    RMS (each rank sees only its shard), and the kept tokens counted over both."""
+    from baseq.quant.qmodel import token_rms
+
+    assert spawn(keep_worker, 2, str(tmp_path)) == [0, 0]
+    logs = [json.loads((tmp_path / f"keep{r}.json").read_text()) for r in range(2)]
+    assert logs[0] == logs[1]
+    rms = [token_rms(keep_shard(r)).flatten() for r in range(2)]
+    want = 3.0 * sum(float(r.median()) * len(r) for r in rms) / sum(len(r) for r in rms)
+    assert logs[0]["keep_threshold"] == pytest.approx(want, rel=1e-4)
+    kept = sum(int((r >= logs[0]["keep_threshold"]).sum()) for r in rms)
+    assert logs[0]["kept_tokens"] == kept >= 1 and logs[0]["kept_share"] == pytest.approx(kept / 40, abs=1e-6)
 
 
 # ---------------------------------------------------------------- the command line
