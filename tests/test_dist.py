@@ -2,8 +2,8 @@
 
 Checked: 2 ranks on 5 windows (an uneven split) give the single-process Hessians and trained parameters within float
 tolerance and identical weights on every rank; each GPTQ linear is quantized once; ``torchrun`` with one process
-equals a plain run bit for bit; ``--keep-massive``'s threshold is one over the ranks; bad input (more ranks than windows, a rank that dies, a rank that hangs) fails with
-one clear line and writes nothing.
+equals a plain run bit for bit; ``--keep-massive``'s threshold is one over the ranks; bad input (more ranks than
+windows, a rank that dies, a rank that hangs) fails with one clear line and writes nothing.
 """
 
 from __future__ import annotations
