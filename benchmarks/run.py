@@ -102,7 +102,7 @@ def run_row(name: str, args) -> dict:
     if spec["method"] == "fp":
         result.update(method="fp", bits="fp", calib_seconds=0.0)
     else:
-        bits = {**PRESETS[spec.pop("bits", "W4A4KV4")],  # + the row's own bits options (the rest: BitsConfig's defaults)
+        bits = {**PRESETS[spec.pop("bits", "W4A4KV4")],  # + the row's own bits options (else BitsConfig's defaults)
                 **{k: spec.pop(k) for k in ("kv_shift", "keep_massive", "keep_massive_fit") if k in spec}}
         calib = {"samples": args.calib_samples, "seqlen": args.calib_seqlen, "seed": args.seed,
                  **spec.pop("calib", {})}

@@ -270,7 +270,8 @@ def test_method_composition_follows_switches(text_file):
     assert names(QuantizeConfig.from_dict({"method": "gptq"})) == ["gptq"]
     for fit, order in (("with", ["keep", "transforms", "smooth", "kv_shift", "gptq", "baseq"]),
                        ("without", ["transforms", "smooth", "kv_shift", "gptq", "baseq", "keep"])):
-        every = QuantizeConfig.from_dict({"method": "baseq", "smooth": {"points": "down"}, "train": {"transforms": True},
+        every = QuantizeConfig.from_dict({"method": "baseq", "smooth": {"points": "down"},
+                                          "train": {"transforms": True},
                                           "bits": {"keep_massive": 20.0, "keep_massive_fit": fit}})
         assert names(every, True) == order and needs_calibration(every)
 
