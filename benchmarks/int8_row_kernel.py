@@ -1,9 +1,11 @@
-"""What one float activation row costs against a packed model's int8 weight codes: a float GEMV with a float copy
+"""What M float activation rows cost against a packed model's int8 weight codes: a float GEMM with a float copy
 of the weight (which the runtime does not keep), torch's int8-weight kernel on the codes with per-channel scales
-(``torch._weight_int8pack_mm``), and converting the codes to float on every call. The shapes are Qwen2.5-1.5B's
-stacked gate/up, down and q/k/v; for keeping a few tokens (the attention sink) in float at inference.
+(``torch._weight_int8pack_mm``), converting all the codes to float on every call, and what baseq does
+(:func:`baseq.quant.qmodel.float_rows_on_codes`: the codes to float a 1 MB slab at a time). The shapes are
+Qwen2.5-1.5B's stacked gate/up, down and q/k/v; for keeping a few tokens (the attention sink, one per sequence of
+a batch) in float at inference.
 
-    python benchmarks/int8_row_kernel.py --threads 2 --repeats 20
+    python benchmarks/int8_row_kernel.py --threads 2 --repeats 20 --rows 1,16
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from baseq.quant.qmodel import float_rows_on_codes
 
 SHAPES = [("gate/up", 17920, 1536), ("down", 1536, 8960), ("q/k/v", 2048, 1536)]
 
@@ -31,21 +35,25 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--rows", default="1,16", help="comma list of row counts M")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    for name, n, k in SHAPES:
-        w = torch.randint(-8, 8, (n, k), dtype=torch.int8)  # 4-bit codes minus their zero point
-        s = torch.rand(n) + 0.5
-        x = torch.randn(1, k)
-        wf = w.float() * s[:, None]
-        a = median_ms(lambda: F.linear(x, wf), args.repeats)
-        b = median_ms(lambda: torch._weight_int8pack_mm(x, w, s), args.repeats)
-        c = median_ms(lambda: F.linear(x, w.float()) * s, args.repeats)
-        same = torch.allclose(torch._weight_int8pack_mm(x, w, s), F.linear(x, wf), rtol=1e-4, atol=1e-3)
-        print(f"{name:8s} {n}x{k}: float GEMV {a:.3f} ms | int8pack_mm {b:.3f} ms | convert + GEMV {c:.3f} ms | "
-              f"close: {same}")
-
+    for m in [int(r) for r in args.rows.split(",")]:
+        for name, n, k in SHAPES:
+            w = torch.randint(-8, 8, (n, k), dtype=torch.int8)  # 4-bit codes minus their zero point
+            s = torch.rand(n) + 0.5
+            bias = torch.zeros(n)
+            x = torch.randn(m, k)
+            wf = w.float() * s[:, None]
+            a = median_ms(lambda: F.linear(x, wf), args.repeats)
+            b = median_ms(lambda: torch._weight_int8pack_mm(x, w, s), args.repeats)
+            c = median_ms(lambda: F.linear(x, w.float()) * s, args.repeats)
+            d = median_ms(lambda: float_rows_on_codes(x, w, s[:, None], bias), args.repeats)
+            ref = F.linear(x, wf)
+            same = torch.allclose(float_rows_on_codes(x, w, s[:, None], bias), ref, atol=1e-5 * float(ref.abs().max()))
+            print(f"M={m:<3d} {name:8s} {n}x{k}: float GEMM {a:.3f} ms | int8pack_mm {b:.3f} ms | "
+                  f"convert + GEMM {c:.3f} ms | slabs (baseq) {d:.3f} ms | close: {same}")
 
 if __name__ == "__main__":
     main()

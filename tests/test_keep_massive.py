@@ -175,4 +175,21 @@ def test_float_rows_on_codes_are_the_dequantized_product_in_sim_and_runtime(bits
     sim = float_rows_on_codes(x, weight_ints(w, scale), scale, bias)
     lin = IntLinear([codes.to(torch.uint8)], [zero.to(torch.uint8)], [scale], [bias], bits)
     assert torch.equal(lin.float_rows(x), sim)  # the runtime's rows are the simulated model's, bit for bit
-    assert torch.allclose(sim, F.linear(x, w, bias), rtol=1e-5, atol=1e-3)
+    assert torch.allclose(sim, F.linear(x, w, bias), rtol=1e-5, atol=1e-6 * float(sim.abs().max()))  # float sums
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_float_rows_on_codes_slab_by_slab_is_one_product(groups):
+    """The codes become float a slab of output channels at a time: any slab size (one channel, a ragged last slab,
+    all at once) gives the same rows — exactly, with integer-valued inputs whose sums float32 holds exactly."""
+    g = torch.Generator().manual_seed(groups)
+    n, k = 37, 72
+    w_int = torch.randint(-8, 8, (n, k), generator=g).to(torch.int8)
+    scale = torch.full((n, groups), 0.5) * torch.arange(1, groups + 1)  # powers of two times small integers
+    bias = torch.randint(-4, 4, (n,), generator=g).float()
+    x = torch.randint(-50, 50, (5, k), generator=g).float()
+    one = float_rows_on_codes(x, w_int, scale, bias, chunk=n * k)
+    for chunk in (1, k, 10 * k, 10 * k + 5):
+        assert torch.equal(float_rows_on_codes(x, w_int, scale, bias, chunk=chunk), one)
+    w = w_int.float() * scale.repeat_interleave(k // groups, dim=1)
+    assert torch.equal(one, F.linear(x, w, bias))

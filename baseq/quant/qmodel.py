@@ -205,19 +205,29 @@ def weight_ints(weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tenso
     return torch.round(weight / weight_scale.repeat_interleave(gs, dim=1))
 
 
+ROWS_CHUNK_ELEMENTS = 1 << 18  # weight entries converted to float at a time by float_rows_on_codes (1 MB)
+
+
 def float_rows_on_codes(x: torch.Tensor, w_int: torch.Tensor, weight_scale: torch.Tensor,
-                        bias: torch.Tensor) -> torch.Tensor:
+                        bias: torch.Tensor, chunk: int = ROWS_CHUNK_ELEMENTS) -> torch.Tensor:
     """Float rows ``x [M, K]`` times a quantized weight given by its integers ``w_int = c − z`` ``[N, K]`` (int8, or
     integer-valued floats) and scales ``[N, G]``, plus ``bias``: the simulated model and the runtime both compute the
-    ``--keep-massive`` tokens here, so they agree bit for bit. Per output channel with integers that fit int8: torch's
-    int8-weight kernel (``_weight_int8pack_mm``, no float copy of the weight); otherwise a float GEMM with the
-    dequantized weight (exactly the stored float weight)."""
+    ``--keep-massive`` tokens here, so they agree bit for bit. The integers become float a slab of output channels
+    at a time (about ``chunk`` entries, so no float copy of the whole weight is ever held) and each slab is one float
+    GEMM; per-channel scales (``G = 1``) apply after the sums, group scales inside the slab. One pass over the codes
+    whatever ``M`` is: torch's int8-weight kernel (``_weight_int8pack_mm``) costs a pass per row, 10–30× more at
+    16 rows (``benchmarks/int8_row_kernel.py``)."""
     x = x.float().contiguous()
-    if weight_scale.shape[1] == 1 and (w_int.dtype == torch.int8 or bool(w_int.abs().max() <= 127)):
-        w8 = w_int if w_int.dtype == torch.int8 else w_int.to(torch.int8)
-        return torch._weight_int8pack_mm(x, w8.contiguous(), weight_scale[:, 0].contiguous()) + bias
-    gs = w_int.shape[1] // weight_scale.shape[1]
-    return F.linear(x, w_int.float() * weight_scale.repeat_interleave(gs, dim=1), bias)
+    n, k = w_int.shape
+    groups = weight_scale.shape[1]
+    rows = max(1, chunk // k)
+    out = x.new_empty(x.shape[0], n)
+    for start in range(0, n, rows):
+        w = w_int[start:start + rows].float()
+        if groups > 1:
+            w = w * weight_scale[start:start + rows].repeat_interleave(k // groups, dim=1)
+        out[:, start:start + rows] = x @ w.t()
+    return out + bias if groups > 1 else torch.addcmul(bias, out, weight_scale[:, 0])
 
 
 def exact_linear(codes: torch.Tensor, scale: torch.Tensor, w_int: torch.Tensor, weight_scale: torch.Tensor,
