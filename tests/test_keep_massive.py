@@ -48,8 +48,8 @@ def _gates(model) -> list[TokenGate]:
 
 @pytest.mark.filterwarnings("ignore:no Hadamard matrix")
 @pytest.mark.parametrize("method,family,bits", [
-    ("baseq", None, {}),  # Llama with q/k/v biases: the int8-weight kernel for the kept rows
-    ("quarot", None, {"w_group": 8}),  # weight groups: a float GEMM with the dequantized weight
+    ("baseq", None, {}),  # Llama with q/k/v biases: per-channel weight scales, applied after the kept rows' sums
+    ("quarot", None, {"w_group": 8}),  # weight groups: their scales inside each float slab of the codes
     ("quarot", None, {"w_bits": 8, "a_bits": 8, "kv_bits": 8}),  # 8-bit weights (c − z beyond int8 somewhere)
     ("baseq", "gemma3", {}),  # sandwich norms, q/k norms, local/global layers
     ("baseq", "olmo2", {}),  # no pre-norms: the points sit behind an online R1
@@ -73,6 +73,28 @@ def test_kept_tokens_are_float_and_the_runtime_computes_the_simulated_model(meth
     assert sim_kept == rt_kept and sum(rt_kept) > 0
     assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-6
     assert ((none_kept - ref).abs().max() / ref.abs().max()).item() > 1e-4
+
+
+def test_the_mlp_over_token_slabs_computes_the_kept_rows_once(text_file, tmp_path, monkeypatch):
+    """The runtime MLP goes over slabs of tokens; the kept tokens' rows (a pass over the codes per call) are
+    computed once for the whole input, after the slabs: the logits are those of one pass, bit for bit."""
+    from baseq.runtime.kernels import IntLinear as RuntimeLinear
+    from baseq.runtime.modules import RuntimeMLP
+
+    model, cfg, _ = _quantized(text_file)
+    rt = _packed(model, cfg, tmp_path / "p")
+    ids = eval_windows(byte_tokenizer(), text_file, 32, 3)
+    calls = []
+    float_rows = RuntimeLinear.float_rows
+    monkeypatch.setattr(RuntimeLinear, "float_rows", lambda self, x: calls.append(x.shape[0]) or float_rows(self, x))
+    with torch.no_grad():
+        whole = rt(ids, use_cache=False).logits
+        per_pass = list(calls)
+        calls.clear()
+        monkeypatch.setattr(RuntimeMLP, "rows", 7)  # 96 tokens: 13 slabs of 7 and one of 5
+        slabs = rt(ids, use_cache=False).logits
+    assert torch.equal(slabs, whole)
+    assert calls == per_pass and 0 < len(calls) <= 4 * len(_gates(rt))  # at most one call per linear and block
 
 
 def test_a_kept_token_reaches_the_linear_unquantized(text_file):

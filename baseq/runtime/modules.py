@@ -248,22 +248,32 @@ class RuntimeMLP(nn.Module):
         self.ffn = gate_up.splits[0]
         self.act_fn = act_fn if act_fn is not None else nn.SiLU()  # the model's own (transformers' ACT2FN entry)
 
-    def _tokens(self, x: Tensor, start: int = 0) -> Tensor:
-        keep = _rows(self.gate, start, start + x.shape[0])
-        gu = self.point(x, self.gate_up, keep)
+    def _tokens(self, x: Tensor) -> Tensor:
+        gu = self.point(x, self.gate_up)
         h = self.act_fn(gu[:, :self.ffn]) * gu[:, self.ffn:]
-        return self.down_point(h, self.down, keep)
+        return self.down_point(h, self.down)
+
+    def _kept(self, x: Tensor) -> Tensor:
+        """The MLP of tokens the block's gate keeps: float activations against the weight codes, all of them at once
+        (each float row costs a pass over the codes per call, so not per slab of tokens)."""
+        gu = self.gate_up.float_rows(self.point.prepare(x))
+        h = self.act_fn(gu[:, :self.ffn]) * gu[:, self.ffn:]
+        return self.down.float_rows(self.down_point.prepare(h))
 
     def forward(self, x: Tensor) -> Tensor:
         b, t, d = x.shape
         x = x.reshape(b * t, d)
+        keep = _rows(self.gate)
         if x.shape[0] <= self.rows:
-            return self._tokens(x).view(b, t, -1)
-        first = self._tokens(x[:self.rows])
-        out = first.new_empty(x.shape[0], first.shape[1])
-        out[:self.rows] = first
-        for start in range(self.rows, x.shape[0], self.rows):
-            out[start:start + self.rows] = self._tokens(x[start:start + self.rows], start)
+            out = self._tokens(x)
+        else:
+            first = self._tokens(x[:self.rows])
+            out = first.new_empty(x.shape[0], first.shape[1])
+            out[:self.rows] = first
+            for start in range(self.rows, x.shape[0], self.rows):
+                out[start:start + self.rows] = self._tokens(x[start:start + self.rows])
+        if keep is not None:
+            out[keep] = self._kept(x[keep])
         return out.view(b, t, -1)
 
 
