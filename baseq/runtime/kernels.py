@@ -180,12 +180,10 @@ class IntLinear(nn.Module):
         return acc
 
     def integers(self) -> Tensor:
-        """The weight's integers ``c − z`` ``[N, K]``: the int8 buffer itself per output channel below 8 bits, else
-        as integer-valued float32."""
-        if self.groups == 1 and self.wzero is None:
-            return self.weight
-        w = self.weight.float() if self.groups == 1 else self.weight.float().transpose(0, 1).reshape(self.n, self.k)
-        return w if self.wzero is None else w - self.wzero.repeat_interleave(self.k // self.groups, dim=1)
+        """The weight's integers ``c − z`` ``[N, K]``: int8 below 8 bits (the buffer itself per output channel, an
+        int8 copy in ``[N, K]`` order with groups), else as integer-valued float32."""
+        w = self.weight if self.groups == 1 else self.weight.transpose(0, 1).reshape(self.n, self.k)
+        return w if self.wzero is None else w.float() - self.wzero.repeat_interleave(self.k // self.groups, dim=1)
 
     def dequantized(self) -> Tensor:
         """The float32 weight ``[N, K]`` these codes stand for."""
