@@ -26,6 +26,9 @@ import sys
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's baseq, not whichever one is installed (e.g. editable elsewhere)
+
 BASEQ = {"method": "baseq"}
 ROWS: dict[str, dict] = {
     "fp": {"method": "fp"},
@@ -97,7 +100,7 @@ def run_row(name: str, args) -> dict:
     import torch
 
     result = {"row": name, "seed": args.seed, "model": args.model, "data": "wiki", "seqlen": args.seqlen,
-              "windows": args.windows, "machine": machine(), "threads": torch.get_num_threads(),
+              "windows": args.windows, "machine": machine(), "code": code_version(), "threads": torch.get_num_threads(),
               "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if spec["method"] == "fp":
         result.update(method="fp", bits="fp", calib_seconds=0.0)
@@ -142,6 +145,21 @@ def machine() -> str:
     except (OSError, subprocess.CalledProcessError):
         name = "?"
     return f"{name}, {os.cpu_count()} cores"
+
+
+def code_version() -> str:
+    """The commit of the checkout whose baseq this process imported (``-dirty`` when its files differ from it)."""
+    import baseq
+
+    root = str(Path(baseq.__file__).resolve().parents[1])
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return f"? ({root})"
+    return head + ("-dirty" if dirty else "")
 
 
 def packed_runtime(model, tokenizer, cfg, result: dict, keep: Path | None = None):
