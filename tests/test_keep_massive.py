@@ -207,7 +207,7 @@ def test_float_rows_on_codes_slab_by_slab_is_one_product(groups):
     g = torch.Generator().manual_seed(groups)
     n, k = 37, 72
     w_int = torch.randint(-8, 8, (n, k), generator=g).to(torch.int8)
-    scale = torch.full((n, groups), 0.5) * torch.arange(1, groups + 1)  # powers of two times small integers
+    scale = torch.full((n, groups), 0.5) * torch.arange(1, groups + 1)  # halves of small integers: exact products
     bias = torch.randint(-4, 4, (n,), generator=g).float()
     x = torch.randint(-50, 50, (5, k), generator=g).float()
     one = float_rows_on_codes(x, w_int, scale, bias, chunk=n * k)
