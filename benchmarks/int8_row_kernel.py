@@ -55,5 +55,6 @@ def main() -> None:
             print(f"M={m:<3d} {name:8s} {n}x{k}: float GEMM {a:.3f} ms | int8pack_mm {b:.3f} ms | "
                   f"convert + GEMM {c:.3f} ms | slabs (baseq) {d:.3f} ms | close: {same}")
 
+
 if __name__ == "__main__":
     main()
