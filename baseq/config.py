@@ -34,6 +34,7 @@ BUDGETS: dict[str, dict[str, dict]] = {
 
 KV_SHIFTS = ("auto", "mean", "off")
 KEEP_FITS = ("with", "without")  # --keep-massive: the block is fitted with the kept tokens float, or as without them
+KEEP_KVS = ("quantized", "float")  # --keep-massive: the kept tokens' K/V in the cache's bits, or float
 
 
 def positive_int(text: str) -> int:
@@ -83,13 +84,17 @@ class BitsConfig:
     keep_massive: float = field(default=0.0, metadata=flag(
         "--keep-massive", "tokens whose residual stream entering a block has an RMS of at least RATIO times the "
                           "calibration median there (Qwen2.5's attention-sink token: 100–180×) keep float activations "
-                          "in that block, multiplied against the weights' integer codes; their K/V stay quantized. "
+                          "in that block, multiplied against the weights' integer codes (their K/V: --keep-massive-kv). "
                           "0 = off (default)", metavar="RATIO"))
     keep_massive_fit: str = field(default="with", metadata=flag(
         "--keep-massive-fit", "with --keep-massive: 'with' (default) sets each block's threshold first, so GPTQ and "
                               "BASE-Q's training fit the block with those tokens float; 'without' sets it after the "
                               "block is fitted as it would be without the option (the tokens stay float from there "
                               "on: in the blocks after it and at inference)", choices=KEEP_FITS))
+    keep_massive_kv: str = field(default="quantized", metadata=flag(
+        "--keep-massive-kv", "with --keep-massive: the kept tokens' keys and values in the KV cache's bits like every "
+                             "other token's ('quantized', default) or float ('float': a side store of a few float "
+                             "rows per sequence; every later query attends to them exactly)", choices=KEEP_KVS))
 
     def validate(self) -> None:
         for name in ("w_bits", "a_bits", "kv_bits"):
@@ -100,6 +105,12 @@ class BitsConfig:
             raise BaseqError(f"keep-massive-fit must be one of {', '.join(KEEP_FITS)} (got {self.keep_massive_fit})")
         if self.keep_massive_fit != "with" and not self.keep_massive:
             raise BaseqError("keep-massive-fit only applies with --keep-massive RATIO")
+        if self.keep_massive_kv not in KEEP_KVS:
+            raise BaseqError(f"keep-massive-kv must be one of {', '.join(KEEP_KVS)} (got {self.keep_massive_kv})")
+        if self.keep_massive_kv != "quantized" and not self.keep_massive:
+            raise BaseqError("keep-massive-kv only applies with --keep-massive RATIO")
+        if self.keep_massive_kv != "quantized" and self.kv_bits >= 16:
+            raise BaseqError("keep-massive-kv float needs a quantized KV cache (--kv-bits below 16)")
         if self.keep_massive and self.a_bits >= 16:
             raise BaseqError("keep-massive keeps some tokens' activations in float: it needs --a-bits below 16")
         if self.kv_shift not in KV_SHIFTS:

@@ -75,6 +75,9 @@ ROWS: dict[str, dict] = {
     "quarot-gptq-keep20after-w4a4kv4": {"method": "quarot", "weights": "gptq", "bits": "W4A4KV4", "keep_massive": 20.0,
                                         "keep_massive_fit": "without"},
     "baseq-keep20after-w4a4kv4": {**BASEQ, "bits": "W4A4KV4", "keep_massive": 20.0, "keep_massive_fit": "without"},
+    "quarot-gptq-keep20kv-w4a4kv4": {"method": "quarot", "weights": "gptq", "bits": "W4A4KV4", "keep_massive": 20.0,
+                                     "keep_massive_kv": "float"},
+    "baseq-keep20kv-w4a4kv4": {**BASEQ, "bits": "W4A4KV4", "keep_massive": 20.0, "keep_massive_kv": "float"},
 }
 DEFAULT = ["fp", "rtn-w4a4kv4", "gptq-w4a4kv4", "quarot-rtn-w4a4kv4", "quarot-gptq-w4a4kv4", "baseq-w4a4kv4",
            "quarot-gptq-w4a8kv8", "baseq-w4a8kv8", "quarot-gptq-w4a16"]
@@ -106,7 +109,7 @@ def run_row(name: str, args) -> dict:
         result.update(method="fp", bits="fp", calib_seconds=0.0)
     else:
         bits = {**PRESETS[spec.pop("bits", "W4A4KV4")],  # + the row's own bits options (else BitsConfig's defaults)
-                **{k: spec.pop(k) for k in ("kv_shift", "keep_massive", "keep_massive_fit") if k in spec}}
+                **{k: spec.pop(k) for k in ("kv_shift", "keep_massive", "keep_massive_fit", "keep_massive_kv") if k in spec}}
         calib = {"samples": args.calib_samples, "seqlen": args.calib_seqlen, "seed": args.seed,
                  **spec.pop("calib", {})}
         cfg = QuantizeConfig.from_dict({**spec, "seed": args.seed, "bits": bits, "calib": calib})

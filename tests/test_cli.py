@@ -273,7 +273,8 @@ def test_every_config_flag_is_in_the_help_and_sets_exactly_its_field(capsys, tmp
     parser = build_parser()
     base = _flat(config_from_args(parser.parse_args(["quantize"])))
     assert base == _flat(QuantizeConfig())
-    needs = {"--keep-massive-fit": (["--keep-massive", "20"], "bits.keep_massive")}  # a flag that refines another
+    needs = {f: (["--keep-massive", "20"], "bits.keep_massive")  # flags that refine another
+             for f in ("--keep-massive-fit", "--keep-massive-kv")}
     for section, f in fields:
         value, words = _non_default(f)
         extra, extra_key = needs.get(f.metadata["flag"], ([], None))

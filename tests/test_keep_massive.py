@@ -53,7 +53,9 @@ def _gates(model) -> list[TokenGate]:
     ("quarot", None, {"w_bits": 8, "a_bits": 8, "kv_bits": 8}),  # 8-bit weights (c − z beyond int8 somewhere)
     ("baseq", "gemma3", {}),  # sandwich norms, q/k norms, local/global layers
     ("baseq", "olmo2", {}),  # no pre-norms: the points sit behind an online R1
-], ids=["baseq-llama", "quarot-groups", "quarot-w8", "baseq-gemma3", "baseq-olmo2"])
+    ("baseq", None, {"keep_massive_kv": "float"}),  # the kept tokens' K/V float as well
+    ("quarot", "gemma3", {"keep_massive_kv": "float"}),  # ... with one KV head of 256 dims, local/global layers
+], ids=["baseq-llama", "quarot-groups", "quarot-w8", "baseq-gemma3", "baseq-olmo2", "baseq-llama-kv", "quarot-gemma3-kv"])
 def test_kept_tokens_are_float_and_the_runtime_computes_the_simulated_model(method, family, bits, text_file,
                                                                             tmp_path):
     model, cfg, report = _quantized(text_file, method, family, **bits)
@@ -152,8 +154,9 @@ def test_fit_without_fits_each_block_as_without_the_option_then_keeps_the_tokens
     assert not torch.equal(*later)
 
 
-def test_decoding_keeps_the_tokens_a_full_forward_keeps(text_file, tmp_path):
-    model, cfg, _ = _quantized(text_file, keep=1.05)
+@pytest.mark.parametrize("kv", ["quantized", "float"])
+def test_decoding_keeps_the_tokens_a_full_forward_keeps(kv, text_file, tmp_path):
+    model, cfg, _ = _quantized(text_file, keep=1.05, keep_massive_kv=kv)
     rt = _packed(model, cfg, tmp_path / "p")
     ids = eval_windows(byte_tokenizer(), text_file, 20, 1)
     kept_in_decoding = []
@@ -174,11 +177,13 @@ def test_decoding_keeps_the_tokens_a_full_forward_keeps(text_file, tmp_path):
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
 
 
-def test_the_fake_format_keeps_the_gates(text_file, tmp_path):
-    model, cfg, _ = _quantized(text_file)
+@pytest.mark.parametrize("kv", ["quantized", "float"])
+def test_the_fake_format_keeps_the_gates(kv, text_file, tmp_path):
+    model, cfg, _ = _quantized(text_file, keep_massive_kv=kv)
     out = save_fake(model, byte_tokenizer(), tmp_path / "fake", act_spec(cfg), {"method": "baseq", "bits": "W4A4KV4"})
     again, _ = load(str(out))
     assert [float(g.threshold) for g in _gates(again)] == [float(g.threshold) for g in _gates(model)]
+    assert (again.model.layers[0].self_attn.kv_point.gate is not None) == (kv == "float")
     ids = eval_windows(byte_tokenizer(), text_file, 32, 2)
     with torch.no_grad():
         assert torch.equal(again(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
@@ -215,3 +220,92 @@ def test_float_rows_on_codes_slab_by_slab_is_one_product(groups):
         assert torch.equal(float_rows_on_codes(x, w_int, scale, bias, chunk=chunk), one)
     w = w_int.float() * scale.repeat_interleave(k // groups, dim=1)
     assert torch.equal(one, F.linear(x, w, bias))
+
+
+def _kv_io(model, layer: int, ids):
+    """The raw (rotated) keys/values entering block ``layer``'s KV point and what it hands to attention."""
+    point = model.model.layers[layer].self_attn.kv_point
+    seen = {}
+    hook = point.register_forward_hook(lambda m, args, out: seen.update(raw=m.rotate(*args[:2])[1], v=args[2],
+                                                                         out=out))
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    hook.remove()
+    return seen
+
+
+def test_kept_tokens_keys_and_values_reach_attention_float(text_file):
+    """``--keep-massive-kv float``: in the simulated model the kept tokens' keys and values pass the KV point
+    unquantized, the other tokens' are on the 4-bit grid; with the default ('quantized') every token's is."""
+    ids = eval_windows(byte_tokenizer(), text_file, 32, 2)
+    for kv in ("float", "quantized"):
+        model, _, _ = _quantized(text_file, keep_massive_kv=kv)
+        seen = _kv_io(model, 1, ids)
+        keep = model.model.layers[1].keep_gate.mask
+        assert keep is not None and keep.any() and not keep.all()
+        _, key, value = seen["out"]
+        sel = keep[:, None, :, None].expand_as(key)
+        for got, raw in ((key, seen["raw"]), (value, seen["v"])):
+            off_grid = (got - raw)[~sel].abs().max()
+            assert off_grid > 1e-3  # the ordinary tokens: quantized
+            kept_err = (got - raw)[sel].abs().max()
+            assert (kept_err == 0) if kv == "float" else (kept_err > 1e-4), (kv, kept_err)
+
+
+def test_the_cache_stores_kept_rows_float_and_attention_on_codes_uses_them():
+    """The runtime cache with kept rows: reads give the kept tokens' float K/V and the others' dequantized codes;
+    a decoding step's attention computed on the codes (``attend_codes``) is attention over those values; batch
+    reordering moves the kept rows with their sequence."""
+    from baseq.runtime.kvcache import QuantizedKVLayer
+    from baseq.runtime.modules import attend_codes
+
+    g = torch.Generator().manual_seed(0)
+    b, kvh, heads, d, n = 2, 2, 4, 8, 11
+    k, v = torch.randn(b, kvh, n, d, generator=g), torch.randn(b, kvh, n, d, generator=g)
+    k[0, :, 0] *= 40  # a sink-like token whose 4-bit grid is coarse
+    keep = torch.zeros(b, n, dtype=torch.bool)
+    keep[0, 0] = keep[1, 3] = keep[1, 10] = True
+    layer = QuantizedKVLayer(4, 1.0, 1.0)
+    layer.update(k[:, :, :7], v[:, :, :7], keep=keep[:, :7])  # a prefill, then one token at a time
+    for i in range(7, n):
+        layer.append(k[:, :, i:i + 1], v[:, :, i:i + 1], keep=keep[:, i:i + 1])
+    plain = QuantizedKVLayer(4, 1.0, 1.0)
+    plain.update(k, v)
+    fk, fv = plain.update(k[:, :, :0], v[:, :, :0])  # every token dequantized, none kept
+    rk, rv = layer.update(k[:, :, :0], v[:, :, :0])
+    m = keep[:, None, :, None].expand_as(k)
+    assert torch.equal(rk[m], k[m]) and torch.equal(rv[m], v[m])
+    assert torch.equal(rk[~m], fk[~m]) and torch.equal(rv[~m], fv[~m])
+    assert (fk[m] - k[m]).abs().max() > 0.1  # the kept rows would have lost something on the grid
+    q = torch.randn(b, heads, 1, d, generator=g)
+
+    def reference(q, keys, values):
+        keys, values = keys.repeat_interleave(heads // kvh, 1), values.repeat_interleave(heads // kvh, 1)
+        return (torch.softmax(q @ keys.transpose(-1, -2) * d ** -0.5, -1) @ values).reshape(b, heads, d)
+
+    got = attend_codes(q, layer, d ** -0.5, None)
+    assert torch.allclose(got, reference(q, rk, rv), atol=1e-5)
+    assert not torch.allclose(got, reference(q, fk, fv), atol=1e-3)
+    layer.reorder_cache(torch.tensor([1, 0]))
+    sk, sv = layer.update(k[:, :, :0], v[:, :, :0])
+    assert torch.equal(sk, rk.flip(0)) and torch.equal(sv, rv.flip(0))
+    assert layer.nbytes() > plain.nbytes()
+    layer.reset()
+    assert layer.kept() is None and layer.nbytes() == 0
+
+
+def test_the_simulated_model_decodes_with_float_kept_keys(text_file):
+    """The simulated model decoding with a cache (e.g. ``generate`` on a fake-quant folder) keeps the K/V of the
+    tokens an earlier step kept: the steps' logits are those of one full forward."""
+    from transformers import DynamicCache
+
+    model, _, _ = _quantized(text_file, keep=1.05, keep_massive_kv="float")
+    ids = eval_windows(byte_tokenizer(), text_file, 20, 1)
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+        cache = DynamicCache()
+        steps = [model(ids[:, :8], past_key_values=cache, use_cache=True).logits]
+        for i in range(8, ids.shape[1]):
+            steps.append(model(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits)
+    got = torch.cat(steps, dim=1)
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-4

@@ -165,9 +165,11 @@ class KVShiftStage:
 
         def add(_, args, kwargs):
             _, key = kv.rotate(args[0], args[1])
+            mask = kv.gate.mask if kv.gate is not None else None  # float K/V of kept tokens: not quantized, not counted
+            use = None if mask is None else (~mask)[:, None, :, None].double()
             for acc, x in zip(sums, (key, args[2])):  # [b, kv_heads, t, head_dim]
-                acc += x.double().sum(dim=(0, 2))
-            count[0] += key.shape[0] * key.shape[2]
+                acc += (x.double() if use is None else x.double() * use).sum(dim=(0, 2))
+            count[0] += key.shape[0] * key.shape[2] - (0 if mask is None else int(mask.sum()))
 
         with Tap(kv, add, stop=True) as tap:  # each forward stops at the KV point
             for batch in ctx.q_in.split(ctx.batch_size):

@@ -51,6 +51,7 @@ class ActSpec:
     online_rotations: bool = True  # R3 on queries/keys, R4 on the down_proj input
     seed: int = 0
     keep_massive: float = 0.0  # > 0: a TokenGate per block (tokens with a massive residual stream stay float)
+    keep_kv: str = "quantized"  # "float": the kept tokens' K/V stay float too
 
 
 def _beta(clip: float) -> float:
@@ -259,8 +260,10 @@ class KVPoint(nn.Module):
     key of a query, so softmax ignores it (the runtime still adds it, to compute what this module computes), and the
     attention weights sum to one, so ``μ_V`` is added once to each head's output."""
 
-    def __init__(self, kv_heads: int, head_dim: int, spec: ActSpec):
+    def __init__(self, kv_heads: int, head_dim: int, spec: ActSpec, gate: TokenGate | None = None):
         super().__init__()
+        object.__setattr__(self, "gate", gate)  # the block's, when its kept tokens' K/V stay float
+        self._kept: torch.Tensor | None = None  # [b, n] kept keys so far (decoding with a cache of float K/V)
         self.rotation = OnlineRotation(head_dim, seed=spec.seed + 3) if spec.online_rotations else None
         learn = spec.learnable_clip and spec.kv_bits < 16
         self.k = KVQuantizer(kv_heads, spec.kv_bits, min(spec.kv_clip, 1.0), learn, _beta(spec.kv_clip))
@@ -283,8 +286,35 @@ class KVPoint(nn.Module):
     def forward(self, query, key, value):
         query, key = self.rotate(query, key)
         if self.quantize:
-            key, value = _shifted(self.k, key, self.k_shift), _shifted(self.v, value, self.v_shift)
+            keep = self.kept_keys(query, key)
+            qk, qv = _shifted(self.k, key, self.k_shift), _shifted(self.v, value, self.v_shift)
+            if keep is None:
+                return query, qk, qv
+            keep = keep[:, None, :, None]
+            key, value = torch.where(keep, key, qk), torch.where(keep, value, qv)
         return query, key, value
+
+    def kept_keys(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
+        """Which keys (``[b, n]`` bool) keep float values (``--keep-massive-kv float``): the block gate's mask of the
+        new tokens, after those of earlier calls when ``key`` holds a cache's earlier tokens too (simulated
+        decoding); None when none is kept."""
+        if self.gate is None:
+            return None
+        b, _, t, _ = query.shape
+        n = key.shape[2]
+        mask = self.gate.mask
+        if mask is None:
+            mask = torch.zeros(b, t, dtype=torch.bool, device=key.device)
+        elif mask.shape != (b, t):
+            raise RuntimeError(f"a token gate's mask {tuple(mask.shape)} does not fit the queries {tuple(query.shape)}")
+        if n == t:
+            self._kept = mask
+        elif self._kept is not None and self._kept.shape == (b, n - t):
+            self._kept = torch.cat([self._kept, mask], dim=1)
+        else:
+            raise RuntimeError(f"--keep-massive-kv float: {n} keys for {t} new tokens, but the earlier calls saw "
+                               f"{None if self._kept is None else tuple(self._kept.shape)} (a cache this module did not fill)")
+        return self._kept if bool(self._kept.any()) else None
 
 
 def _shifted(quantizer: KVQuantizer, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -398,7 +428,7 @@ def quantize_layer(layer: nn.Module, spec: ActSpec, s, fuse_online: bool = True)
         w = down.weight.data
         down.weight.data = r4(w.double()).to(w.dtype)
     _set(layer, paths["down_proj"], down)
-    layer.self_attn.kv_point = KVPoint(s.kv_heads, s.head_dim, spec)
+    layer.self_attn.kv_point = KVPoint(s.kv_heads, s.head_dim, spec, gate if spec.keep_kv == "float" else None)
 
 
 def _set(root: nn.Module, path: str, module: nn.Module) -> None:

@@ -6,6 +6,10 @@ The codes are exactly those of the fake quantizer (:func:`baseq.runtime.kernels.
 K / V clipping factors), so attention sees bit for bit the values the fake-quant model computes. Storage per token
 and layer: ``2 · kv_heads · (head_dim · b / 8 + 8)`` bytes instead of ``2 · kv_heads · head_dim · 4`` in float32
 (SmolLM2-135M, 4 bits: 240 bytes instead of 1,536).
+
+With ``--keep-massive-kv float`` the tokens the block's gate keeps (an attention sink: a token or two per sequence)
+are also stored float, beside their codes: ``slot [batch, capacity]`` points into a small ``[kept, 2·kv_heads,
+head_dim]`` table (−1: none), and every read puts those rows back in place of the dequantized ones.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ class _Store:
 
     def __init__(self):
         self.codes = self.scale = self.zero = None
+        self.slot = None  # [batch, capacity] int64: the row of a float-kept token in the layer's table, else −1
 
     def ensure(self, like_codes: Tensor, like_s: Tensor, need: int) -> None:
         if self.codes is not None and self.codes.shape[2] >= need:
@@ -37,10 +42,15 @@ class _Store:
 
         self.codes, self.scale, self.zero = (grow(self.codes, like_codes), grow(self.scale, like_s),
                                              grow(self.zero, like_s))
+        slot = torch.full((b, cap), -1, dtype=torch.int64, device=like_codes.device)
+        if self.slot is not None:
+            slot[:, :self.slot.shape[1]] = self.slot
+        self.slot = slot
 
     def apply(self, fn) -> None:
         if self.codes is not None:
-            self.codes, self.scale, self.zero = fn(self.codes), fn(self.scale), fn(self.zero)
+            self.codes, self.scale, self.zero, self.slot = (fn(self.codes), fn(self.scale), fn(self.zero),
+                                                            fn(self.slot))
 
 
 class QuantizedKVLayer(CacheLayerMixin):
@@ -56,6 +66,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.clip = None  # [1, 2·kv_heads, 1, 1], built at the first update
         self.length = 0
         self.store = _Store()
+        self.float_rows = None  # [kept, 2·kv_heads, head_dim]: float K/V of kept tokens (--keep-massive-kv float)
         self.head_dim = self.kv_heads = None
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -86,23 +97,44 @@ class QuantizedKVLayer(CacheLayerMixin):
         q = (unpack_nibbles(q, self.head_dim) if self.bits <= 4 else q).float()  # uint8 bit operations: fast
         return q, st.scale[:, :, :n], st.zero[:, :, :n]
 
-    def append(self, key_states: Tensor, value_states: Tensor) -> tuple[Tensor, Tensor]:
-        """Store the new tokens' K/V (float, ``[batch, kv_heads, new, head_dim]``) as codes; returns their
-        fake-quantized values."""
+    def append(self, key_states: Tensor, value_states: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Store the new tokens' K/V (float, ``[batch, kv_heads, new, head_dim]``) as codes, and those ``keep``
+        (``[batch, new]`` bool, or None) marks as float rows too; returns their fake-quantized values (the kept
+        ones float)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         new = key_states.shape[-2]
-        codes, s, z, fq = self._encode(torch.cat([key_states, value_states], dim=1))
+        x = torch.cat([key_states, value_states], dim=1)
+        codes, s, z, fq = self._encode(x)
         st, n = self.store, self.length
         st.ensure(codes, s, n + new)
         st.codes[:, :, n:n + new] = codes
         st.scale[:, :, n:n + new] = s
         st.zero[:, :, n:n + new] = z
+        st.slot[:, n:n + new] = -1
+        if keep is not None and bool(keep.any()):
+            bi, ti = keep.nonzero(as_tuple=True)
+            rows = x[bi, :, ti].float()  # [kept, 2·kv_heads, head_dim]
+            first = 0 if self.float_rows is None else self.float_rows.shape[0]
+            st.slot[bi, n + ti] = torch.arange(first, first + len(bi), device=st.slot.device)
+            self.float_rows = rows if self.float_rows is None else torch.cat([self.float_rows, rows])
+            fq[bi, :, ti] = rows
         self.length += new
         return fq[:, :self.kv_heads], fq[:, self.kv_heads:]
 
-    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        """Append the new tokens' K/V (float, ``[batch, kv_heads, new, head_dim]``), return all of them dequantized."""
+    def kept(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The stored tokens kept float, as ``(batch index, position, float K/V rows [kept, 2·kv_heads, head_dim])``,
+        or None."""
+        if self.float_rows is None:
+            return None
+        slot = self.store.slot[:, :self.length]
+        bi, ti = (slot >= 0).nonzero(as_tuple=True)
+        return (bi, ti, self.float_rows[slot[bi, ti]]) if len(bi) else None
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, keep: Tensor | None = None,
+               **kwargs) -> tuple[Tensor, Tensor]:
+        """Append the new tokens' K/V (float, ``[batch, kv_heads, new, head_dim]``; ``keep``: see :meth:`append`),
+        return all of them dequantized (the kept ones float)."""
         if self.bits >= 16:  # no KV quantization: plain float storage
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
@@ -111,11 +143,15 @@ class QuantizedKVLayer(CacheLayerMixin):
             self.length = self.keys.shape[-2]
             return self.keys, self.values
         first = self.length == 0
-        k, v = self.append(key_states, value_states)
+        k, v = self.append(key_states, value_states, keep)
         if first:
             return k, v
         q, s, z = self.codes()
         kv = q.sub_(z).mul_(s)
+        kept = self.kept()
+        if kept is not None:
+            bi, ti, rows = kept
+            kv[bi, :, ti] = rows
         return kv[:, :self.kv_heads], kv[:, self.kv_heads:]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -134,11 +170,13 @@ class QuantizedKVLayer(CacheLayerMixin):
         st = self.store
         if st.codes is None:
             return 0
-        return sum(t[:, :, :self.length].numel() * t.element_size() for t in (st.codes, st.scale, st.zero))
+        kept = 0 if self.float_rows is None else (self.float_rows.nbytes + st.slot[:, :self.length].nbytes)
+        return kept + sum(t[:, :, :self.length].numel() * t.element_size() for t in (st.codes, st.scale, st.zero))
 
     def reset(self) -> None:
         self.length = 0
         self.store = _Store()
+        self.float_rows = None
         self.keys = self.values = None
         self.is_initialized = False
 

@@ -95,9 +95,10 @@ class KVQuant(nn.Module):
     head_dim]``; None for zero)."""
 
     def __init__(self, bits: int, k_clip: Tensor, v_clip: Tensor, rotation: nn.Module | None,
-                 k_shift: Tensor | None = None, v_shift: Tensor | None = None):
+                 k_shift: Tensor | None = None, v_shift: Tensor | None = None, keep_float: bool = False):
         super().__init__()
         self.bits = bits
+        self.keep_float = keep_float and bits < 16  # the block gate's kept tokens: float K/V (--keep-massive-kv)
         self.rotation = rotation
         self.register_buffer("k_clip", k_clip.float())
         self.register_buffer("v_clip", v_clip.float())
@@ -145,6 +146,7 @@ class RuntimeAttention(nn.Module):
         b, t, d = hidden_states.shape
         h, kvh, hd = self.heads, self.kv_heads, self.head_dim
         keep = _rows(self.gate)
+        kv_keep = self.gate.mask if keep is not None and self.kv.keep_float else None  # [b, t]
         y = self.point(hidden_states.reshape(b * t, d), self.qkv, keep)
         if self.qk_norm_kind is None:
             qk = y[:, :(h + kvh) * hd].view(b, t, h + kvh, hd)
@@ -164,14 +166,18 @@ class RuntimeAttention(nn.Module):
         v = y[:, (h + kvh) * hd:].view(b, t, kvh, hd).transpose(1, 2)
         layer = cache.layers[self.layer_idx] if isinstance(cache, QuantizedKVCache) else None
         if layer is not None and t == 1 and layer.get_seq_length() > 0 and layer.bits < 16:
-            layer.append(*self.kv.centre(k, v))  # decoding: attention straight on the stored codes
+            layer.append(*self.kv.centre(k, v), keep=kv_keep)  # decoding: attention straight on the stored codes
             out = attend_codes(q, layer, self.scaling, attention_mask, self.softcap, self.kv.k_shift, self.kv.v_shift)
             return self.o_point(out.reshape(b, h * hd), self.o_proj, keep).view(b, t, -1), None
         k, v = self.kv.centre(k, v)
         if layer is not None:  # stores codes, returns every token's K/V dequantized
-            k, v = self.kv.uncentre(*cache.update(k, v, self.layer_idx))
+            k, v = self.kv.uncentre(*cache.update(k, v, self.layer_idx, keep=kv_keep))
         else:  # same grid, float values (e.g. a cache transformers made, or none)
-            k, v = self.kv.uncentre(self.kv.fake(k, self.kv.k_clip), self.kv.fake(v, self.kv.v_clip))
+            fk, fv = self.kv.fake(k, self.kv.k_clip), self.kv.fake(v, self.kv.v_clip)
+            if kv_keep is not None:
+                m = kv_keep[:, None, :, None]
+                fk, fv = torch.where(m, k, fk), torch.where(m, v, fv)
+            k, v = self.kv.uncentre(fk, fv)
             if cache is not None:
                 k, v = cache.update(k, v, self.layer_idx)
         kwargs.pop("position_ids", None)
@@ -217,6 +223,10 @@ def attend_codes(q: Tensor, layer, scaling: float, mask: Tensor | None, softcap:
     qg = q.reshape(b, kvh, h // kvh, d)
     scores = qg @ ck.transpose(-1, -2)  # [b, kv, g, n]
     scores = (scores - qg.sum(-1, keepdim=True) * zk.transpose(-1, -2)) * sk.transpose(-1, -2)
+    kept = layer.kept()  # tokens stored float (--keep-massive-kv float): their scores from the float keys
+    if kept is not None:
+        bi, ti, vals = kept
+        scores[bi, :, :, ti] = (qg[bi] * vals[:, :kvh, None, :]).sum(-1)
     if k_shift is not None:
         scores = scores + qg @ k_shift.transpose(-1, -2)  # [b, kv, g, 1]
     scores = scores * scaling
@@ -225,8 +235,14 @@ def attend_codes(q: Tensor, layer, scaling: float, mask: Tensor | None, softcap:
     if mask is not None:  # [b, 1, 1, n]: bool (True = attend) or additive
         m = mask[:, :, -1:, :].reshape(b, 1, 1, -1)
         scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m
-    pv = torch.softmax(scores, dim=-1) * sv.transpose(-1, -2)
+    probs = torch.softmax(scores, dim=-1)
+    pv = probs * sv.transpose(-1, -2)
+    if kept is not None:  # their values likewise: out of the codes' sums, added as float
+        p_kept = probs[bi, :, :, ti]  # [m, kv, g]
+        pv[bi, :, :, ti] = 0
     out = pv @ cv - pv @ zv  # [b, kv, g, d]
+    if kept is not None:
+        out.index_add_(0, bi, p_kept[..., None] * vals[:, kvh:, None, :])
     if v_shift is not None:
         out = out + v_shift
     return out.reshape(b, h, d)

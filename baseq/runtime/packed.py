@@ -436,7 +436,8 @@ def load_packed(path: Path, meta: dict | None = None, device="cpu"):
         kv = KVQuant(spec.kv_bits, t.take(f"{p}.kv.k_clip").reshape(1, -1, 1, 1),
                      t.take(f"{p}.kv.v_clip").reshape(1, -1, 1, 1), r3,
                      t.take(f"{p}.kv.k_shift", (s.kv_heads, s.head_dim), optional=True),
-                     t.take(f"{p}.kv.v_shift", (s.kv_heads, s.head_dim), optional=True))
+                     t.take(f"{p}.kv.v_shift", (s.kv_heads, s.head_dim), optional=True),
+                     keep_float=spec.keep_massive > 0 and spec.keep_kv == "float")
         gate = None
         if spec.keep_massive > 0:
             gate = TokenGate(t.take(f"{p}.keep.threshold", ()))
