@@ -27,6 +27,8 @@ from types import SimpleNamespace
 import torch
 import yaml
 
+import checkout  # noqa: F401,E402  (benchmarks/checkout.py: this checkout's baseq first)
+
 from baseq.calibrate.engine import BlockContext, capture_inputs
 from baseq.calibrate.pipeline import act_spec, build_stages, check_model, kv_shift_on
 from baseq.calibrate.stages import BaseqTrainStage

@@ -13,6 +13,8 @@ import time
 
 import torch
 
+import checkout  # noqa: F401,E402  (benchmarks/checkout.py: this checkout's baseq first)
+
 from baseq.quant import quantizer
 
 SHAPES = {"down 1536x8960": (1536, 8960), "gate/up 17920x1536": (17920, 1536), "qkv 2048x1536": (2048, 1536)}

@@ -16,18 +16,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import checkout  # noqa: E402  (benchmarks/checkout.py: this checkout's baseq first; child_env)
+
 SMOKE = ["--calib-samples", "4", "--calib-seqlen", "128", "--epochs", "1", "--windows", "4", "--seqlen", "128"]
 
 
 def run_row(name: str, cmd: list[str], threads: int, out: Path) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    env = checkout.child_env(OMP_NUM_THREADS=str(threads))
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - t0

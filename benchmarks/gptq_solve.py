@@ -13,6 +13,8 @@ import time
 import torch
 from torch import nn
 
+import checkout  # noqa: F401,E402  (benchmarks/checkout.py: this checkout's baseq first)
+
 from baseq.quant.gptq import GPTQ
 from baseq.quant.quantizer import WeightQuantConfig
 

@@ -14,6 +14,8 @@ import time
 
 import torch
 
+import checkout  # noqa: F401,E402  (benchmarks/checkout.py: this checkout's baseq first)
+
 from baseq.rotation.hadamard import _core, _factors_or_raise, _kron_factors, _sylvester, hadamard_transform
 
 

@@ -16,6 +16,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+import checkout  # noqa: F401,E402  (benchmarks/checkout.py: this checkout's baseq first)
+
 from baseq.quant.qmodel import float_rows_on_codes
 
 SHAPES = [("gate/up", 17920, 1536), ("down", 1536, 8960), ("q/k/v", 2048, 1536)]

@@ -18,6 +18,8 @@ import time
 
 import torch
 
+import checkout  # noqa: F401,E402  (benchmarks/checkout.py: this checkout's baseq first)
+
 
 def kv_only_perplexity(spec: str, mode: str, windows: int, seqlen: int) -> float:
     from baseq.data import eval_windows

@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import checkout  # noqa: E402  (benchmarks/checkout.py: this checkout's baseq first; child_env)
+
 
 def make_model(folder: Path, layers: int, hidden: int, ffn: int) -> float:
     """A random wide tiny Llama in 100 MB safetensors shards; returns its weights' size in MB. Built in a child
@@ -29,7 +31,8 @@ def make_model(folder: Path, layers: int, hidden: int, ffn: int) -> float:
             f"kv_heads={hidden // 128}, tied=True, seed=0); "
             f"m.save_pretrained(sys.argv[1], max_shard_size='100MB'); byte_tokenizer().save_pretrained(sys.argv[1]); "
             "print(sum(p.numel() * p.element_size() for p in m.parameters()) / 2**20)")
-    out = subprocess.run([sys.executable, "-c", code, str(folder)], check=True, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code, str(folder)], check=True, capture_output=True, text=True,
+                         env=checkout.child_env())
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -38,7 +41,7 @@ def run(model: Path, out: Path, mode: str, text: str, samples: int, seqlen: int)
     cmd = [sys.executable, "-m", "baseq", "quantize", "--model", str(model), "--method", "quarot",
            "--calib-data", text, "--calib-samples", str(samples), "--calib-seqlen", str(seqlen), "--no-eval",
            "--quiet", "--out", str(out), "--overwrite", *(["--lazy"] if mode.startswith("lazy") else [])]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = checkout.child_env(OMP_NUM_THREADS="1")
     if mode.endswith("+mmap"):  # glibc: every allocation ≥ 1 MB its own mapping, returned when freed
         env["MALLOC_MMAP_THRESHOLD_"] = str(2**20)
     t0 = time.perf_counter()

@@ -18,6 +18,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+import checkout  # noqa: F401,E402  (benchmarks/checkout.py: this checkout's baseq first)
+
 
 def held_out_ce(model, sim, windows) -> float:
     sim.set_quantize(True)

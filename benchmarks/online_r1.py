@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+import checkout  # noqa: F401,E402  (benchmarks/checkout.py: this checkout's baseq first)
+
 
 def build(out: Path, online: bool) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+import checkout  # noqa: F401,E402  (benchmarks/checkout.py: this checkout's baseq first)
+
 
 class Keep:
     """Which tokens of the current block are kept in float: a [batch, tokens] mask (None: none), at the

@@ -12,6 +12,8 @@ import time
 
 import torch
 
+import checkout  # noqa: F401,E402  (benchmarks/checkout.py: this checkout's baseq first)
+
 from baseq.data import calib_windows
 from baseq.models.adapter import LlamaAdapter
 from baseq.models.loading import load_model

@@ -26,8 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # this checkout's baseq, not whichever one is installed (e.g. editable elsewhere)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/checkout.py, also when imported from a test
+from checkout import code_version  # noqa: E402  (this checkout's baseq first)
 
 BASEQ = {"method": "baseq"}
 ROWS: dict[str, dict] = {
@@ -148,21 +148,6 @@ def machine() -> str:
     except (OSError, subprocess.CalledProcessError):
         name = "?"
     return f"{name}, {os.cpu_count()} cores"
-
-
-def code_version() -> str:
-    """The commit of the checkout whose baseq this process imported (``-dirty`` when its files differ from it)."""
-    import baseq
-
-    root = str(Path(baseq.__file__).resolve().parents[1])
-    try:
-        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return f"? ({root})"
-    return head + ("-dirty" if dirty else "")
 
 
 def packed_runtime(model, tokenizer, cfg, result: dict, keep: Path | None = None):

@@ -18,6 +18,8 @@ import time
 
 import torch
 
+import checkout  # noqa: F401,E402  (benchmarks/checkout.py: this checkout's baseq first)
+
 CATEGORIES = {  # (file suffix, function name) -> category; first match wins, nested calls are subtracted below
     "quantize": [("runtime/kernels.py", "quantize_tokens")],
     "GEMM + epilogue": [("runtime/kernels.py", "forward")],

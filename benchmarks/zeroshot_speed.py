@@ -15,6 +15,8 @@ import time
 
 import torch
 
+import checkout  # noqa: F401,E402  (benchmarks/checkout.py: this checkout's baseq first)
+
 from baseq.eval import zeroshot as zs
 from baseq.models.loading import load_model
 
