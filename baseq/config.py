@@ -84,8 +84,8 @@ class BitsConfig:
     keep_massive: float = field(default=0.0, metadata=flag(
         "--keep-massive", "tokens whose residual stream entering a block has an RMS of at least RATIO times the "
                           "calibration median there (Qwen2.5's attention-sink token: 100–180×) keep float activations "
-                          "in that block, multiplied against the weights' integer codes (their K/V: --keep-massive-kv). "
-                          "0 = off (default)", metavar="RATIO"))
+                          "in that block, multiplied against the weights' integer codes (their K/V: "
+                          "--keep-massive-kv). 0 = off (default)", metavar="RATIO"))
     keep_massive_fit: str = field(default="with", metadata=flag(
         "--keep-massive-fit", "with --keep-massive: 'with' (default) sets each block's threshold first, so GPTQ and "
                               "BASE-Q's training fit the block with those tokens float; 'without' sets it after the "

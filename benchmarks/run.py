@@ -109,7 +109,8 @@ def run_row(name: str, args) -> dict:
         result.update(method="fp", bits="fp", calib_seconds=0.0)
     else:
         bits = {**PRESETS[spec.pop("bits", "W4A4KV4")],  # + the row's own bits options (else BitsConfig's defaults)
-                **{k: spec.pop(k) for k in ("kv_shift", "keep_massive", "keep_massive_fit", "keep_massive_kv") if k in spec}}
+                **{k: spec.pop(k) for k in ("kv_shift", "keep_massive", "keep_massive_fit", "keep_massive_kv")
+                   if k in spec}}
         calib = {"samples": args.calib_samples, "seqlen": args.calib_seqlen, "seed": args.seed,
                  **spec.pop("calib", {})}
         cfg = QuantizeConfig.from_dict({**spec, "seed": args.seed, "bits": bits, "calib": calib})

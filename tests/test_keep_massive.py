@@ -55,7 +55,8 @@ def _gates(model) -> list[TokenGate]:
     ("baseq", "olmo2", {}),  # no pre-norms: the points sit behind an online R1
     ("baseq", None, {"keep_massive_kv": "float"}),  # the kept tokens' K/V float as well
     ("quarot", "gemma3", {"keep_massive_kv": "float"}),  # ... with one KV head of 256 dims, local/global layers
-], ids=["baseq-llama", "quarot-groups", "quarot-w8", "baseq-gemma3", "baseq-olmo2", "baseq-llama-kv", "quarot-gemma3-kv"])
+], ids=["baseq-llama", "quarot-groups", "quarot-w8", "baseq-gemma3", "baseq-olmo2", "baseq-llama-kv",
+        "quarot-gemma3-kv"])
 def test_kept_tokens_are_float_and_the_runtime_computes_the_simulated_model(method, family, bits, text_file,
                                                                             tmp_path):
     model, cfg, report = _quantized(text_file, method, family, **bits)

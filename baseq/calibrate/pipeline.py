@@ -49,8 +49,7 @@ def act_spec(cfg: QuantizeConfig) -> ActSpec:
     b = cfg.bits
     return ActSpec(a_bits=b.a_bits, kv_bits=b.kv_bits, a_clip=b.a_clip, kv_clip=b.kv_clip,
                    learnable_clip=cfg.spec.learnable_clip and cfg.train.clip, online_rotations=cfg.rotate,
-                   seed=cfg.seed, keep_massive=b.keep_massive,
-                   keep_kv=b.keep_massive_kv)
+                   seed=cfg.seed, keep_massive=b.keep_massive, keep_kv=b.keep_massive_kv)
 
 
 def weight_config(cfg: QuantizeConfig) -> WeightQuantConfig:

@@ -312,8 +312,9 @@ class KVPoint(nn.Module):
         elif self._kept is not None and self._kept.shape == (b, n - t):
             self._kept = torch.cat([self._kept, mask], dim=1)
         else:
+            seen = None if self._kept is None else tuple(self._kept.shape)
             raise RuntimeError(f"--keep-massive-kv float: {n} keys for {t} new tokens, but the earlier calls saw "
-                               f"{None if self._kept is None else tuple(self._kept.shape)} (a cache this module did not fill)")
+                               f"{seen} (a cache this module did not fill)")
         return self._kept if bool(self._kept.any()) else None
 
 
