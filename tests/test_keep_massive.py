@@ -310,3 +310,44 @@ def test_the_simulated_model_decodes_with_float_kept_keys(text_file):
             steps.append(model(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits)
     got = torch.cat(steps, dim=1)
     assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-4
+
+
+def test_the_kv_means_leave_out_the_float_kept_tokens(text_file, monkeypatch):
+    """With ``--keep-massive-kv float`` the K/V channel means (``--kv-shift``) are those of the tokens the cache
+    quantizes: each block's shift is the mean of its keys / values over the tokens its gate does not keep."""
+    from baseq.calibrate import stages
+    from baseq.calibrate.train import Tap
+
+    seen = []
+    run = stages.KVShiftStage.run
+
+    def spy(self, ctx):
+        kv = ctx.layer.self_attn.kv_point
+        keys, values, masks = [], [], []
+
+        def grab(_, args, kwargs):
+            keys.append(kv.rotate(args[0], args[1])[1].double())
+            values.append(args[2].double())
+            masks.append(kv.gate.mask.clone() if kv.gate.mask is not None else None)
+
+        with torch.no_grad(), Tap(kv, grab, stop=True) as tap:
+            for batch in ctx.q_in.split(ctx.batch_size):
+                tap(ctx.forward, batch.to(ctx.device))
+        run(self, ctx)
+        seen.append((keys, values, masks, kv.k_shift.detach().clone(), kv.v_shift.detach().clone()))
+
+    monkeypatch.setattr(stages.KVShiftStage, "run", spy)
+    _quantized(text_file, method="quarot", keep_massive_kv="float", kv_shift="mean")
+    some_kept = 0
+    for keys, values, masks, k_shift, v_shift in seen:
+        for got, xs in ((k_shift, keys), (v_shift, values)):
+            every = [x.transpose(0, 1).flatten(1, 2) for x in xs]  # [kv_heads, tokens, head_dim]
+            quantized = [e if m is None else x.transpose(1, 2)[~m].transpose(0, 1)
+                         for x, e, m in zip(xs, every, masks)]
+            want = torch.cat(quantized, dim=1).mean(dim=1)
+            everything = torch.cat(every, dim=1).mean(dim=1)
+            assert torch.allclose(got.double(), want, atol=1e-5), (got - want).abs().max()
+            if any(m is not None for m in masks):
+                some_kept += 1
+                assert not torch.allclose(want, everything, atol=1e-4)
+    assert some_kept > 0
