@@ -11,7 +11,7 @@ from baseq.calibrate.pipeline import act_spec, quantize_model
 from baseq.config import BitsConfig, CalibConfig, QuantizeConfig, TrainConfig
 from baseq.data import calib_windows, eval_windows
 from baseq.load import load
-from baseq.quant.qmodel import TokenGate, float_rows_on_codes, token_rms, weight_ints
+from baseq.quant.qmodel import TokenGate, digits_linear, float_digits, token_rms, weight_ints
 from baseq.runtime.kernels import IntLinear
 from baseq.runtime.kvcache import QuantizedKVCache
 from baseq.runtime.packed import new_cache, save_packed
@@ -78,26 +78,29 @@ def test_kept_tokens_are_float_and_the_runtime_computes_the_simulated_model(meth
     assert ((none_kept - ref).abs().max() / ref.abs().max()).item() > 1e-4
 
 
-def test_the_mlp_over_token_slabs_computes_the_kept_rows_once(text_file, tmp_path, monkeypatch):
-    """The runtime MLP goes over slabs of tokens; the kept tokens' rows (a pass over the codes per call) are
-    computed once for the whole input, after the slabs: the logits are those of one pass, bit for bit."""
-    from baseq.runtime.kernels import IntLinear as RuntimeLinear
+def test_the_kept_rows_share_the_integer_gemm_and_slabs_change_nothing(text_file, tmp_path, monkeypatch):
+    """The kept tokens' rows go through the same integer GEMM as the other rows (one ``int_mm`` per linear and
+    group, however many rows are kept: no extra pass over the codes), and the MLP's slabs of tokens, each with its
+    own share of the kept rows, give the logits of one pass, bit for bit."""
+    from baseq.runtime import kernels
     from baseq.runtime.modules import RuntimeMLP
 
     model, cfg, _ = _quantized(text_file)
     rt = _packed(model, cfg, tmp_path / "p")
     ids = eval_windows(byte_tokenizer(), text_file, 32, 3)
-    calls = []
-    float_rows = RuntimeLinear.float_rows
-    monkeypatch.setattr(RuntimeLinear, "float_rows", lambda self, x: calls.append(x.shape[0]) or float_rows(self, x))
+    rows = []
+    int_mm = kernels.int_mm
+    monkeypatch.setattr(kernels, "int_mm", lambda a, w: rows.append(a.shape[0]) or int_mm(a, w))
     with torch.no_grad():
         whole = rt(ids, use_cache=False).logits
-        per_pass = list(calls)
-        calls.clear()
-        monkeypatch.setattr(RuntimeMLP, "rows", 7)  # 96 tokens: 13 slabs of 7 and one of 5
+    kept = sum(int(g.mask.sum()) for g in _gates(rt) if g.mask is not None)
+    assert kept > 0
+    assert len(rows) == 4 * len(_gates(rt))  # qkv, o, gate/up, down: one GEMM each per block
+    assert sum(rows) == 4 * len(_gates(rt)) * ids.numel() + 4 * 3 * kept  # each kept row: its three digit rows
+    monkeypatch.setattr(RuntimeMLP, "rows", 7)  # 96 tokens: 13 slabs of 7 and one of 5
+    with torch.no_grad():
         slabs = rt(ids, use_cache=False).logits
     assert torch.equal(slabs, whole)
-    assert calls == per_pass and 0 < len(calls) <= 4 * len(_gates(rt))  # at most one call per linear and block
 
 
 def test_a_kept_token_reaches_the_linear_unquantized(text_file):
@@ -190,37 +193,44 @@ def test_the_fake_format_keeps_the_gates(kv, text_file, tmp_path):
         assert torch.equal(again(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
 
 
-@pytest.mark.parametrize("bits,groups", [(4, 1), (4, 3), (8, 1)])
-def test_float_rows_on_codes_are_the_dequantized_product_in_sim_and_runtime(bits, groups):
+def test_float_digits_hold_a_row_to_two_to_the_minus_22_of_its_largest_entry():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 300, generator=g) * torch.tensor([1e-3, 1.0, 50.0, 3e4])[:, None]
+    x[2, 7] = 4000.0  # a massive channel
+    x[3] = 0.0  # a zero row
+    digits, scale = float_digits(x)
+    assert digits.shape == (12, 300) and scale.shape == (12, 1)
+    assert torch.equal(digits, digits.round()) and digits.abs().max() <= 127  # int8 integers
+    assert digits.view(4, 3, 300)[:, 1:].abs().max() <= 65
+    back = (digits.double() * scale.double()).view(4, 3, 300).sum(1)
+    top = x.abs().amax(-1, keepdim=True).double()
+    assert ((back - x.double()).abs() <= 2.0**-21 * top + 1e-30).all()
+    assert torch.equal(back[3], torch.zeros(300, dtype=torch.float64))
+    assert ((back - x.double()).abs() > 2.0**-30 * top).any()  # three digits, not float64: some rounding is left
+
+
+@pytest.mark.parametrize("bits,groups", [(4, 1), (4, 3), (8, 1), (8, 3)])
+def test_kept_rows_as_digits_are_the_float_product_in_sim_and_runtime(bits, groups):
     g = torch.Generator().manual_seed(bits + groups)
-    n, k = 37, 72
+    n, k, m = 37, 72, 5
     codes = torch.randint(0, 2**bits, (n, k), generator=g)
     zero = torch.randint(0, 2**bits, (n, groups), generator=g)
     scale = (torch.rand(n, groups, generator=g) + 0.5).to(torch.float16).float()
     bias = torch.randn(n, generator=g)
     w = (codes - zero.repeat_interleave(k // groups, 1)).float() * scale.repeat_interleave(k // groups, 1)
-    x = torch.randn(3, k, generator=g) * 50  # a massive token
-    sim = float_rows_on_codes(x, weight_ints(w, scale), scale, bias)
+    x = torch.randn(m, k, generator=g) * 50  # massive tokens
+    x[1, 3] = 3000.0
+    sim = digits_linear(*float_digits(x), weight_ints(w, scale), scale, bias)
+    ref = F.linear(x.double(), w.double(), bias.double())
+    assert ((sim.double() - ref).abs().max() / ref.abs().max()).item() < 2e-6  # float32's error, not 4-bit's
     lin = IntLinear([codes.to(torch.uint8)], [zero.to(torch.uint8)], [scale], [bias], bits)
-    assert torch.equal(lin.float_rows(x), sim)  # the runtime's rows are the simulated model's, bit for bit
-    assert torch.allclose(sim, F.linear(x, w, bias), rtol=1e-5, atol=1e-6 * float(sim.abs().max()))  # float sums
-
-
-@pytest.mark.parametrize("groups", [1, 3])
-def test_float_rows_on_codes_slab_by_slab_is_one_product(groups):
-    """The codes become float a slab of output channels at a time: any slab size (one channel, a ragged last slab,
-    all at once) gives the same rows — exactly, with integer-valued inputs whose sums float32 holds exactly."""
-    g = torch.Generator().manual_seed(groups)
-    n, k = 37, 72
-    w_int = torch.randint(-8, 8, (n, k), generator=g).to(torch.int8)
-    scale = torch.full((n, groups), 0.5) * torch.arange(1, groups + 1)  # halves of small integers: exact products
-    bias = torch.randint(-4, 4, (n,), generator=g).float()
-    x = torch.randint(-50, 50, (5, k), generator=g).float()
-    one = float_rows_on_codes(x, w_int, scale, bias, chunk=n * k)
-    for chunk in (1, k, 10 * k, 10 * k + 5):
-        assert torch.equal(float_rows_on_codes(x, w_int, scale, bias, chunk=chunk), one)
-    w = w_int.float() * scale.repeat_interleave(k // groups, dim=1)
-    assert torch.equal(one, F.linear(x, w, bias))
+    a = torch.randint(-7, 8, (9, k), generator=g).to(torch.int8)  # other rows, quantized, around the kept ones
+    s = torch.rand(9, 1, generator=g) + 0.1
+    keep = torch.zeros(9, dtype=torch.bool)
+    keep[[0, 4, 5, 6, 8]] = True
+    y = lin(a, s, None, (keep, x))
+    assert torch.equal(y[keep], sim)  # the runtime's kept rows are the simulated model's, bit for bit
+    assert torch.equal(y[~keep], lin(a, s, None)[~keep])  # and the other rows are untouched by them
 
 
 def _kv_io(model, layer: int, ids):

@@ -13,7 +13,8 @@ Four activation quantization points per block, each an :class:`ActPoint` computi
 With ``ActSpec.keep_massive`` (``--keep-massive``), a block's :class:`TokenGate` picks, from the residual stream
 entering the block, the tokens whose RMS is at least a calibrated threshold (Qwen2.5's attention-sink token: 100–180×
 the median): at the block's four points their activations are not quantized, and the linears after those points
-multiply them in float against the weights' integer codes (:func:`float_rows_on_codes`, as the runtime does).
+multiply them, as three int8 digits each (:func:`float_digits`, exact to ~2⁻²² of the row's largest entry), against
+the weights' integer codes (:func:`digits_linear`, as the runtime does, in the same integer GEMM as the other rows).
 
 Pre-norms become :class:`QuantRMSNorm` holding their *effective* scale (``w``, or ``1 + w`` for Gemma's norms);
 post-norms and q/k norms stay the model's own modules. K and V are quantized per token and per KV head by
@@ -196,7 +197,7 @@ class QuantLinear(nn.Linear):
         y = exact_linear(codes, x.baseq_scale, w_int, self.weight_scale, self.bias)
         keep = getattr(x, "baseq_keep", None)
         if keep is not None:  # the gate's float tokens, against the integer codes as the runtime computes them
-            y[keep] = float_rows_on_codes(x[keep], w_int, self.weight_scale, self.bias)
+            y[keep] = digits_linear(*float_digits(x[keep]), w_int, self.weight_scale, self.bias)
         return y
 
 
@@ -206,29 +207,56 @@ def weight_ints(weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tenso
     return torch.round(weight / weight_scale.repeat_interleave(gs, dim=1))
 
 
-ROWS_CHUNK_ELEMENTS = 1 << 18  # weight entries converted to float at a time by float_rows_on_codes (1 MB)
+KEPT_DIGITS = 3  # int8 digits per kept (float) row: 7 + 7 + 7 bits below the row's largest entry
+DIGIT_BASE = 128  # each digit's scale is the previous one's / 128 (a power of two: exact)
 
 
-def float_rows_on_codes(x: torch.Tensor, w_int: torch.Tensor, weight_scale: torch.Tensor,
-                        bias: torch.Tensor, chunk: int = ROWS_CHUNK_ELEMENTS) -> torch.Tensor:
-    """Float rows ``x [M, K]`` times a quantized weight given by its integers ``w_int = c − z`` ``[N, K]`` (int8, or
-    integer-valued floats) and scales ``[N, G]``, plus ``bias``: the simulated model and the runtime both compute the
-    ``--keep-massive`` tokens here, so they agree bit for bit. The integers become float a slab of output channels
-    at a time (about ``chunk`` entries, so no float copy of the whole weight is ever held) and each slab is one float
-    GEMM; per-channel scales (``G = 1``) apply after the sums, group scales inside the slab. One pass over the codes
-    whatever ``M`` is: torch's int8-weight kernel (``_weight_int8pack_mm``) costs a pass per row, 10–30× more at
-    16 rows (``benchmarks/int8_row_kernel.py``)."""
-    x = x.float().contiguous()
-    n, k = w_int.shape
+def float_digits(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float rows ``x [m, K]`` as integer digits for the integer GEMM (the ``--keep-massive`` tokens):
+    ``x ≈ Σ_j d_j·s_j`` with ``s_0 = max|x|/127`` and ``s_{j+1} = s_j/128``, ``|d_0| ≤ 127``, ``|d_j| ≤ 65`` after.
+    Each step is exact in float32 (``u − round(u)`` and ``·128`` lose no bits), so the only errors are ``x/s_0``'s
+    rounding and the last digit's (≤ ``s_0/2/128²`` per entry, ~2⁻²² of the row's largest entry: float32 keeps
+    2⁻²⁴). Returns the digits ``[m·3, K]`` (a row's three digit rows together; integer-valued float32) and their
+    scales ``[m·3, 1]``."""
+    x = x.float()
+    s = (x.abs().amax(-1, keepdim=True) / 127).clamp_min(1e-30)  # a zero row: digits 0
+    u = x / s
+    digits, scales = [], []
+    for j in range(KEPT_DIGITS):
+        d = torch.round(u).clamp_(-127, 127)
+        digits.append(d)
+        scales.append(s / DIGIT_BASE**j)
+        u = (u - d) * DIGIT_BASE
+    m, k = x.shape
+    return torch.stack(digits, 1).reshape(m * KEPT_DIGITS, k), torch.stack(scales, 1).reshape(m * KEPT_DIGITS, 1)
+
+
+def combine_digits(t: torch.Tensor) -> torch.Tensor:
+    """Rows ``[m·3, N]`` of a linear's per-digit products, already scaled by their digits' scales, summed per kept
+    row in a fixed order (``d_0 + d_1 + d_2``): the runtime and the simulated model both call this."""
+    t = t.view(-1, KEPT_DIGITS, t.shape[-1])
+    out = t[:, 0]
+    for j in range(1, KEPT_DIGITS):
+        out = out + t[:, j]
+    return out
+
+
+def digits_linear(digits: torch.Tensor, scale: torch.Tensor, w_int: torch.Tensor, weight_scale: torch.Tensor,
+                  bias: torch.Tensor) -> torch.Tensor:
+    """The kept rows given as :func:`float_digits` times the weight's integers ``w_int = c − z`` ``[N, K]`` and
+    scales ``[N, G]``, plus ``bias``: ``[m, N]``. The integer sums are formed in float64 (exact: the runtime's int32
+    GEMM gives the same integers), then the runtime's float epilogue in its order
+    (``baseq.runtime.kernels.IntLinear``), so both compute the same bits."""
     groups = weight_scale.shape[1]
-    rows = max(1, chunk // k)
-    out = x.new_empty(x.shape[0], n)
-    for start in range(0, n, rows):
-        w = w_int[start:start + rows].float()
-        if groups > 1:
-            w = w * weight_scale[start:start + rows].repeat_interleave(k // groups, dim=1)
-        out[:, start:start + rows] = x @ w.t()
-    return out + bias if groups > 1 else torch.addcmul(bias, out, weight_scale[:, 0])
+    gs = w_int.shape[1] // groups
+    d, w = digits.double(), w_int.double()
+    if groups == 1:
+        return torch.addcmul(bias, combine_digits(F.linear(d, w).float() * scale), weight_scale[:, 0])
+    out = None
+    for g in range(groups):
+        part = F.linear(d[:, g * gs:(g + 1) * gs], w[:, g * gs:(g + 1) * gs]).float() * weight_scale[:, g]
+        out = part if out is None else out.add_(part)
+    return combine_digits(out * scale) + bias
 
 
 def exact_linear(codes: torch.Tensor, scale: torch.Tensor, w_int: torch.Tensor, weight_scale: torch.Tensor,

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..quant.qmodel import float_rows_on_codes
+from ..quant.qmodel import combine_digits, float_digits
 
 ACT_SCALE_EPS = 1e-6  # the fake quantizer's guard against constant tokens (quant/quantizer.py)
 
@@ -154,18 +154,44 @@ class IntLinear(nn.Module):
         self.register_buffer("bias", torch.cat(b).float())
         self.splits = [cc.shape[0] for cc in codes]
 
-    def forward(self, a: Tensor, s: Tensor, z: Tensor | None) -> Tensor:
-        """Codes from :func:`quantize_tokens` (``a [M, K]`` int8, ``s`` / ``z`` ``[M, 1]``) → float32 ``[M, N]``."""
+    def forward(self, a: Tensor, s: Tensor, z: Tensor | None, kept: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """Codes from :func:`quantize_tokens` (``a [M, K]`` int8, ``s`` / ``z`` ``[M, 1]``) → float32 ``[M, N]``.
+        ``kept``: ``(mask [M], x [m, K])``, rows computed from their float values instead (the ``--keep-massive``
+        tokens): as three int8 digit rows each (:func:`~baseq.quant.qmodel.float_digits`) in the same GEMM."""
+        m_rows = a.shape[0]
+        if kept is not None:
+            digits, ds = float_digits(kept[1])
+            a = torch.cat([a, digits.to(torch.int8)])
         if self.groups == 1:
-            acc = self._correct(int_mm(a, self.weight), a, z, 0, self.k)
-            return torch.addcmul(self.bias, acc * s, self.scale_row)
+            acc = int_mm(a, self.weight)
+            y = torch.addcmul(self.bias, self._correct(acc[:m_rows], a[:m_rows], z, 0, self.k) * s, self.scale_row)
+            if kept is not None:
+                y[kept[0]] = torch.addcmul(self.bias, combine_digits(self._digit_sums(acc, a, m_rows, 0) * ds),
+                                           self.scale_row)
+            return y
         gs = self.k // self.groups
-        out = None
+        out = out_d = None
         for g in range(self.groups):
             ag = a[:, g * gs:(g + 1) * gs]
-            part = self._correct(int_mm(ag, self.weight[g]), ag, z, g, gs) * self.scale_t[g]
+            acc = int_mm(ag, self.weight[g])
+            part = self._correct(acc[:m_rows], ag[:m_rows], z, g, gs) * self.scale_t[g]
             out = part if out is None else out.add_(part)
-        return torch.addcmul(self.bias, out, s)
+            if kept is not None:
+                part = self._digit_sums(acc, ag, m_rows, g) * self.scale_t[g]
+                out_d = part if out_d is None else out_d.add_(part)
+        y = torch.addcmul(self.bias, out, s)
+        if kept is not None:
+            y[kept[0]] = combine_digits(out_d * ds) + self.bias
+        return y
+
+    def _digit_sums(self, acc: Tensor, a: Tensor, m_rows: int, g: int) -> Tensor:
+        """The digit rows' (rows ``m_rows:``) integer sums ``Σ_k d_k (c_jk − z_j)`` of group ``g`` as float32: the
+        8-bit weights' zero-point term subtracted in integers first (digits reach 127, so float could round)."""
+        acc = acc[m_rows:]
+        if self.wzero is not None:
+            rows = a[m_rows:].sum(-1, keepdim=True, dtype=torch.int32)
+            acc = acc - rows * self.wzero[:, g].to(torch.int32)
+        return acc.float()
 
     def _correct(self, acc: Tensor, a: Tensor, z: Tensor | None, g: int, k: int) -> Tensor:
         """The zero-point terms of group ``g`` (``k`` columns), if any: ``Σ_k (a_k − z) W_jk`` from ``Σ_k a_k W_jk``."""
@@ -188,11 +214,6 @@ class IntLinear(nn.Module):
     def dequantized(self) -> Tensor:
         """The float32 weight ``[N, K]`` these codes stand for."""
         return self.integers().float() * self.scale.repeat_interleave(self.k // self.groups, dim=1)
-
-    def float_rows(self, x: Tensor) -> Tensor:
-        """Float rows ``x [M, K]`` against these codes (the ``--keep-massive`` tokens): the simulated model's own
-        arithmetic (:func:`baseq.quant.qmodel.float_rows_on_codes`), so both compute the same bits."""
-        return float_rows_on_codes(x, self.integers(), self.scale, self.bias)
 
     def use_float_weights(self) -> None:
         """For 16-bit activations (W4A16, W8A16): keep the dequantized float32 weight instead of the codes. (torch's

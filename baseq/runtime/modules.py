@@ -75,10 +75,7 @@ class ActPoint(nn.Module):
         if self.bits >= 16:
             return linear.forward_float(x)
         a, s, z = quantize_tokens(x, self.clip, self.bits)
-        y = linear(a, s, z)
-        if keep is not None:
-            y[keep] = linear.float_rows(x[keep])
-        return y
+        return linear(a, s, z, None if keep is None else (keep, x[keep]))
 
 
 def _rows(gate: TokenGate | None, start: int = 0, stop: int | None = None) -> Tensor | None:
@@ -264,32 +261,23 @@ class RuntimeMLP(nn.Module):
         self.ffn = gate_up.splits[0]
         self.act_fn = act_fn if act_fn is not None else nn.SiLU()  # the model's own (transformers' ACT2FN entry)
 
-    def _tokens(self, x: Tensor) -> Tensor:
-        gu = self.point(x, self.gate_up)
+    def _tokens(self, x: Tensor, keep: Tensor | None) -> Tensor:
+        """The MLP of the rows ``x``; ``keep`` (bool per row, or None): the block gate's float rows among them."""
+        gu = self.point(x, self.gate_up, keep)
         h = self.act_fn(gu[:, :self.ffn]) * gu[:, self.ffn:]
-        return self.down_point(h, self.down)
-
-    def _kept(self, x: Tensor) -> Tensor:
-        """The MLP of tokens the block's gate keeps: float activations against the weight codes, all of them at once
-        (each float row costs a pass over the codes per call, so not per slab of tokens)."""
-        gu = self.gate_up.float_rows(self.point.prepare(x))
-        h = self.act_fn(gu[:, :self.ffn]) * gu[:, self.ffn:]
-        return self.down.float_rows(self.down_point.prepare(h))
+        return self.down_point(h, self.down, keep)
 
     def forward(self, x: Tensor) -> Tensor:
         b, t, d = x.shape
         x = x.reshape(b * t, d)
-        keep = _rows(self.gate)
         if x.shape[0] <= self.rows:
-            out = self._tokens(x)
-        else:
-            first = self._tokens(x[:self.rows])
-            out = first.new_empty(x.shape[0], first.shape[1])
-            out[:self.rows] = first
-            for start in range(self.rows, x.shape[0], self.rows):
-                out[start:start + self.rows] = self._tokens(x[start:start + self.rows])
-        if keep is not None:
-            out[keep] = self._kept(x[keep])
+            return self._tokens(x, _rows(self.gate)).view(b, t, -1)
+        out = None
+        for start in range(0, x.shape[0], self.rows):
+            part = self._tokens(x[start:start + self.rows], _rows(self.gate, start, start + self.rows))
+            if out is None:
+                out = part.new_empty(x.shape[0], part.shape[1])
+            out[start:start + self.rows] = part
         return out.view(b, t, -1)
 
 
