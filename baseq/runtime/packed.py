@@ -265,6 +265,7 @@ def save_packed(model, tokenizer, out: Path, spec: ActSpec, meta: dict, *, w_bit
                 writer.flush()
         writer.add({f"embed.{k}": v for k, v in pack_table(embed.weight, embed_bits).items()})
         if not tied:
+            writer.flush()  # the embedding's stored copy goes to disk before the head's is made (1.5B: 467 MB each)
             writer.add({f"lm_head.{k}": v for k, v in pack_table(model.lm_head.weight, embed_bits).items()})
         writer.add({"norm.weight": effective_scale(norm, ad.spec.norm_offset)})
         if r1 is not None and r1.learned:
