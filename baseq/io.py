@@ -93,11 +93,34 @@ _SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bf
                        "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
 
 
+class Rows:
+    """A tensor that :func:`write_safetensors` writes a slab of rows at a time, so it is never whole in memory:
+    its shape and dtype now, its rows ``make(start, stop)`` (a tensor of that dtype) when the file is written."""
+
+    def __init__(self, shape: tuple[int, ...], dtype, make: Callable[[int, int], Any], rows: int):
+        self.shape, self.dtype, self.make, self.rows = tuple(shape), dtype, make, rows
+
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    def element_size(self) -> int:
+        import torch
+
+        return torch.empty(0, dtype=self.dtype).element_size()
+
+    def slabs(self) -> Iterator[Any]:
+        for start in range(0, self.shape[0], self.rows):
+            yield self.make(start, min(start + self.rows, self.shape[0]))
+
+
 def write_safetensors(path: str | Path, tensors: Callable[[], Iterable[tuple[str, Any]]],
                       metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file holding one tensor in memory at a time: ``tensors()`` is called twice, first for
     the header (names, dtypes, shapes), then for the bytes, and must give the same tensors in the same order both
-    times (e.g. blocks read back from disk one by one). The file is the format's plain layout: an 8-byte
+    times (e.g. blocks read back from disk one by one); a :class:`Rows` is written slab by slab. The file is the format's plain layout: an 8-byte
     little-endian header length, the JSON header (padded to 8 bytes), then each tensor's bytes in order."""
     import torch
 
@@ -117,7 +140,10 @@ def write_safetensors(path: str | Path, tensors: Callable[[], Iterable[tuple[str
         for (name, t), spec in zip(tensors(), specs, strict=True):
             if (name, _SAFETENSORS_DTYPES[str(t.dtype).removeprefix("torch.")], tuple(t.shape)) != spec:
                 raise ValueError(f"write_safetensors: the second pass gave {name} where {spec[0]} was announced")
-            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            for part in t.slabs() if isinstance(t, Rows) else [t]:
+                if part.dtype != t.dtype or tuple(part.shape[1:]) != tuple(t.shape[1:]):
+                    raise ValueError(f"write_safetensors: a slab of {name} is {part.dtype} {tuple(part.shape)}")
+                f.write(part.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
 def safetensors_header(file: str | Path) -> tuple[dict, int]:

@@ -428,3 +428,20 @@ def test_gguf_tables_are_read_by_rows_as_a_whole(tmp_path, monkeypatch):
                                                          name=name, **kw))
     with pytest.raises(BaseqError, match="cannot be read by rows"):
         files.read(["lm_head.weight"], torch.float32)
+
+
+def test_rows_are_written_slab_by_slab_as_the_whole_tensor_would_be(tmp_path):
+    from safetensors.torch import load_file
+
+    from baseq.io import Rows
+
+    t = torch.randn(23, 5)
+    made = []
+    rows = Rows(t.shape, torch.float16, lambda i, j: made.append(j - i) or t[i:j].half(), 4)
+    write_safetensors(tmp_path / "a.safetensors", lambda: [("x", rows), ("y", t)])
+    got = load_file(tmp_path / "a.safetensors")
+    assert torch.equal(got["x"], t.half()) and torch.equal(got["y"], t)
+    assert made == [4, 4, 4, 4, 4, 3]
+    bad = Rows(t.shape, torch.float16, lambda i, j: t[i:j], 4)  # float32 slabs announced as float16
+    with pytest.raises(ValueError, match="a slab of x"):
+        write_safetensors(tmp_path / "b.safetensors", lambda: [("x", bad)])

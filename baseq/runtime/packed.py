@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from ..device import TABLE_ROWS, release_memory
 from ..errors import BaseqError
-from ..io import atomic_dir, map_tensor, read_tensor, safetensors_header, write_json, write_safetensors
+from ..io import Rows, atomic_dir, map_tensor, read_tensor, safetensors_header, write_json, write_safetensors
 from ..models.adapter import ModelAdapter, block_points, layer_spec
 from ..quant.qmodel import ActSpec, TokenGate, install_gate
 from ..quant.quantizer import embedding_scale, half_exact
@@ -164,27 +164,28 @@ def effective_scale(norm: nn.Module, offset: float) -> Tensor:
     return (w if isinstance(norm, QuantRMSNorm) or not offset else w + offset).contiguous()
 
 
-def pack_table(weight: Tensor, bits: int) -> dict[str, Tensor]:
-    """An embedding / LM-head table already on its float16 (``bits`` 16) or per-row int8 grid, in its stored form;
-    converted and checked ``TABLE_ROWS`` rows at a time, so the only full-size tensor made is the result."""
+def pack_table(weight: Tensor, bits: int) -> dict[str, Tensor | Rows]:
+    """An embedding / LM-head table already on its float16 (``bits`` 16) or per-row int8 grid, in its stored form:
+    checked (and its int8 scales computed) now, ``TABLE_ROWS`` rows at a time; the stored table itself is a
+    :class:`~baseq.io.Rows`, converted slab by slab as the shard is written, so no full-size copy is ever made
+    (Qwen2.5-1.5B: 467 MB per table, the peak of a lazy calibration's write)."""
     w = weight.detach().cpu()
-    if bits == 16:
-        out = torch.empty(w.shape, dtype=torch.float16)
-    else:
-        out, scale = torch.empty(w.shape, dtype=torch.int8), torch.empty(w.shape[0], 1, dtype=torch.float32)
+    scale = None if bits == 16 else torch.empty(w.shape[0], 1, dtype=torch.float32)
     for start in range(0, w.shape[0], TABLE_ROWS):
         part = w[start:start + TABLE_ROWS].float()
         if bits == 16:
             if not torch.equal(part.half().float(), part):
                 raise BaseqError("the embedding table is not on its float16 grid (quantized with --embed-bits 8?)")
-            out[start:start + TABLE_ROWS] = part
             continue
         s = embedding_scale(part)
         q = torch.round(part / s)
         if q.abs().max() > 127 or not torch.equal(q * s, part):
             raise BaseqError("the embedding table is not on its int8 grid (quantized with --embed-bits 16?)")
-        out[start:start + TABLE_ROWS], scale[start:start + TABLE_ROWS] = q, s
-    return {"weight": out} if bits == 16 else {"codes": out, "scale": _scale16(scale.reshape(-1))}
+        scale[start:start + TABLE_ROWS] = s
+    if bits == 16:
+        return {"weight": Rows(w.shape, torch.float16, lambda i, j: w[i:j].half(), TABLE_ROWS)}
+    codes = Rows(w.shape, torch.int8, lambda i, j: torch.round(w[i:j].float() / scale[i:j]).to(torch.int8), TABLE_ROWS)
+    return {"codes": codes, "scale": _scale16(scale.reshape(-1))}
 
 
 class ShardWriter:
@@ -202,7 +203,7 @@ class ShardWriter:
         if self.size + incoming > self.limit:  # a large group (an embedding table) starts its own shard
             self.flush()
         for name, t in tensors.items():
-            self.pending[name] = t.contiguous()
+            self.pending[name] = t if isinstance(t, Rows) else t.contiguous()
             self.size += t.numel() * t.element_size()
         if self.size >= self.limit:
             self.flush()
@@ -265,7 +266,6 @@ def save_packed(model, tokenizer, out: Path, spec: ActSpec, meta: dict, *, w_bit
                 writer.flush()
         writer.add({f"embed.{k}": v for k, v in pack_table(embed.weight, embed_bits).items()})
         if not tied:
-            writer.flush()  # the embedding's stored copy goes to disk before the head's is made (1.5B: 467 MB each)
             writer.add({f"lm_head.{k}": v for k, v in pack_table(model.lm_head.weight, embed_bits).items()})
         writer.add({"norm.weight": effective_scale(norm, ad.spec.norm_offset)})
         if r1 is not None and r1.learned:
