@@ -120,8 +120,9 @@ def write_safetensors(path: str | Path, tensors: Callable[[], Iterable[tuple[str
                       metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file holding one tensor in memory at a time: ``tensors()`` is called twice, first for
     the header (names, dtypes, shapes), then for the bytes, and must give the same tensors in the same order both
-    times (e.g. blocks read back from disk one by one); a :class:`Rows` is written slab by slab. The file is the format's plain layout: an 8-byte
-    little-endian header length, the JSON header (padded to 8 bytes), then each tensor's bytes in order."""
+    times (e.g. blocks read back from disk one by one); a :class:`Rows` is written slab by slab. The file is the
+    format's plain layout: an 8-byte little-endian header length, the JSON header (padded to 8 bytes), then each
+    tensor's bytes in order."""
     import torch
 
     header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}

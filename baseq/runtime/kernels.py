@@ -15,6 +15,10 @@ point does not fit, the codes are offset instead (``a_k = q_k − 2^(b−1)``, `
 precomputed row sums ``Σ_k W_jk`` give the correction ``− z' Σ_k W_jk``. 8-bit weights (|c − z| up to 255) keep
 ``c − 128`` and subtract ``(z_j − 128) Σ_k a_k``. Every integer is exact; the only rounding is the float epilogue
 (and, in the reference fake-quant model, its float GEMM), so the two agree to float tolerance.
+
+Rows that stay float (the ``--keep-massive`` tokens) ride in the same GEMM as three int8 "digit" rows each,
+``x ≈ s·(d₀ + d₁/128 + d₂/128²)`` (:func:`~baseq.quant.qmodel.float_digits`): their integer sums are exact too, and
+their own epilogue adds the three scaled sums — no second pass over the weight codes.
 """
 
 from __future__ import annotations
