@@ -115,6 +115,12 @@ class Rows:
         for start in range(0, self.shape[0], self.rows):
             yield self.make(start, min(start + self.rows, self.shape[0]))
 
+    def whole(self) -> Any:
+        """All rows as one tensor (small tables, tests): what the file holds."""
+        import torch
+
+        return torch.cat(list(self.slabs()))
+
 
 def write_safetensors(path: str | Path, tensors: Callable[[], Iterable[tuple[str, Any]]],
                       metadata: dict[str, str] | None = None) -> None:
