@@ -249,12 +249,17 @@ def digits_linear(digits: torch.Tensor, scale: torch.Tensor, w_int: torch.Tensor
     (``baseq.runtime.kernels.IntLinear``), so both compute the same bits."""
     groups = weight_scale.shape[1]
     gs = w_int.shape[1] // groups
-    d, w = digits.double(), w_int.double()
+    where = digits.device if digits.device.type != "mps" else torch.device("cpu")  # MPS has no float64
+    d, w = digits.to(where, torch.float64), w_int.to(where, torch.float64)
+
+    def sums(cols: slice) -> torch.Tensor:
+        return F.linear(d[:, cols], w[:, cols]).to(digits.device, torch.float32)
+
     if groups == 1:
-        return torch.addcmul(bias, combine_digits(F.linear(d, w).float() * scale), weight_scale[:, 0])
+        return torch.addcmul(bias, combine_digits(sums(slice(None)) * scale), weight_scale[:, 0])
     out = None
     for g in range(groups):
-        part = F.linear(d[:, g * gs:(g + 1) * gs], w[:, g * gs:(g + 1) * gs]).float() * weight_scale[:, g]
+        part = sums(slice(g * gs, (g + 1) * gs)) * weight_scale[:, g]
         out = part if out is None else out.add_(part)
     return combine_digits(out * scale) + bias
 
