@@ -9,6 +9,7 @@ half-written result behind.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -101,15 +102,10 @@ class Rows:
         self.shape, self.dtype, self.make, self.rows = tuple(shape), dtype, make, rows
 
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     def element_size(self) -> int:
-        import torch
-
-        return torch.empty(0, dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     def slabs(self) -> Iterator[Any]:
         for start in range(0, self.shape[0], self.rows):
