@@ -433,7 +433,9 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                         "weights and quantization parameters, run in simulation (research; the default when "
                         "weights stay 16-bit)")
     g.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    g.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished block")
+    g.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its last finished block (a learned rotation's training "
+                        "from its last saved step)")
     g.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
                    help="perplexity before and after quantization (default: on)")
     add_eval_data_args(p)

@@ -144,6 +144,86 @@ def test_training_lowers_the_end_to_end_loss(kind, lr):
     assert not any(hasattr(layer.self_attn, "kv_point") for layer in model.model.layers)  # hooks removed
 
 
+# ------------------------------------------------------------------------------------------------ resuming
+
+def _train(model, ids, kind, checkpoint=None, resume=False, steps=5):
+    log = {}
+    lr = 1.5 if kind == "spinquant" else 5e-3
+    t = train_transforms(model, ids, ActSpec(a_bits=3, kv_bits=3), kind,
+                         TrainSettings(steps=steps, lr=lr, batch=2, topk=50), log=log,
+                         checkpoint=checkpoint, resume=resume)
+    return t, log
+
+
+def _same(a: LearnedTransforms, b: LearnedTransforms) -> bool:
+    return len(a.tensors()) == len(b.tensors()) and all(torch.equal(x, y) for x, y in zip(a.tensors(), b.tensors()))
+
+
+@pytest.mark.parametrize("kind", ["spinquant", "ostquant"])
+def test_interrupted_training_resumes_to_the_same_transforms(kind, tmp_path, monkeypatch):
+    """Cut after 2 of 5 steps, resumed from the saved state: the transforms and losses of an uncut run, bit for bit;
+    a finished state is not trained again (no forward pass) but still folds the norms; another run's state is
+    ignored, and so is any state without ``resume``."""
+    from baseq.calibrate.learned_rotations import TrainingCheckpoint
+
+    torch.manual_seed(0)
+    base = tiny_llama(layers=2, hidden=64, ffn=96, heads=4, kv_heads=2)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    ids = torch.randint(0, 256, (4, SEQLEN), generator=torch.Generator().manual_seed(1))
+    ref, ref_log = _train(copy.deepcopy(base), ids, kind)
+
+    ckpt = TrainingCheckpoint(tmp_path / "rotations.safetensors", "run-a", every=0)
+    opt_cls = CayleyAdam if kind == "ostquant" else CayleySGD
+    step, calls = opt_cls.step, []
+
+    def cut(self, closure=None):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return step(self, closure)
+
+    monkeypatch.setattr(opt_cls, "step", cut)
+    with pytest.raises(KeyboardInterrupt):
+        _train(copy.deepcopy(base), ids, kind, ckpt)
+    monkeypatch.setattr(opt_cls, "step", step)
+    assert ckpt.path.is_file() and not list(tmp_path.glob(".*.tmp"))
+
+    got, log = _train(copy.deepcopy(base), ids, kind, ckpt, resume=True)
+    assert log["resumed_at"] == 2 and log["losses"] == ref_log["losses"]
+    assert _same(got, ref)
+
+    again = copy.deepcopy(base)
+    forwards = []
+    again.register_forward_pre_hook(lambda *a: forwards.append(1))
+    done, log = _train(again, ids, kind, ckpt, resume=True)
+    assert log["resumed_at"] == 5 and not forwards and _same(done, ref)
+    assert all(torch.equal(layer.input_layernorm.weight, torch.ones_like(layer.input_layernorm.weight))
+               for layer in again.model.layers)  # folded, as after training
+    _, log = _train(copy.deepcopy(base), ids, kind, TrainingCheckpoint(ckpt.path, "run-b"), resume=True)
+    assert "resumed_at" not in log
+    _, log = _train(copy.deepcopy(base), ids, kind, ckpt)
+    assert "resumed_at" not in log
+
+
+def test_quantize_resumes_a_learned_rotation_from_its_saved_state(text_file, tmp_path):
+    """The pipeline keeps the training state in the work folder under the run's fingerprint: ``resume`` reuses it
+    (no step trained again) and gives the same quantized model."""
+    tok = byte_tokenizer()
+    cfg = QuantizeConfig(method="spinquant", bits=BitsConfig(),
+                         calib=CalibConfig(data=str(text_file), samples=4, seqlen=SEQLEN, batch_size=4))
+    cfg.rotation.steps, cfg.rotation.batch, cfg.rotation.seqlen = 3, 2, SEQLEN
+    work = tmp_path / ".out.partial"
+    first = tiny_llama(layers=2, seed=2)
+    r1 = quantize_model(first, tok, cfg, progress=False, log_fn=lambda m: None, work_dir=work)
+    assert (work / "rotations.safetensors").is_file() and "resumed_at" not in r1["rotation"]
+    second = tiny_llama(layers=2, seed=2)
+    r2 = quantize_model(second, tok, cfg, progress=False, log_fn=lambda m: None, work_dir=work, resume=True)
+    assert r2["rotation"]["resumed_at"] == 3 and r2["rotation"]["losses"] == r1["rotation"]["losses"]
+    a, b = first.state_dict(), second.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 
 @pytest.mark.filterwarnings("ignore:no Hadamard matrix")

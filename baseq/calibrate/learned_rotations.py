@@ -33,19 +33,31 @@ and applies R1 / R1ᵀ online at the two ends (``rotation/fuse.py``): no untying
 **Fusing** the result, a :class:`~baseq.rotation.learned.LearnedTransforms`, is
 :func:`baseq.rotation.learned.fuse_transforms` (rotations only, no quantizers); :mod:`baseq.calibrate.rotations`
 drives both.
+
+**Resuming.** Given a :class:`TrainingCheckpoint`, the training state (the transforms, every optimiser's state, the
+losses so far) is saved every few minutes and after the last step; a resumed run restores it and goes on from the
+step it reached, to the same result, bit for bit, as a run that was never interrupted (nothing in the training is
+random: step ``t`` uses fixed windows, the schedule is a function of ``t``). A finished state is not trained again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
+from ..errors import BaseqError
+from ..io import atomic_path, read_safetensors, safetensors_header
 from ..models.adapter import ModelAdapter
 from ..quant.qmodel import ActSpec, KVPoint, use_quantized_attention
 from ..quant.quantizer import ActQuantizer
@@ -211,11 +223,79 @@ class TrainSettings:
     autocast: bool = False  # forward passes under bfloat16 autocast (CPU)
 
 
+@dataclass
+class TrainingCheckpoint:
+    """Where the training state is kept (one safetensors file), which run it belongs to (``fingerprint``: a state
+    of another model or config is ignored), how often it is saved (seconds; 0 = after every step) and whether this
+    process writes it (one rank of a distributed run does)."""
+
+    path: Path
+    fingerprint: str
+    every: float = 300.0
+    write: bool = True
+
+    def save(self, step: int, sim: nn.Module, opts: list[torch.optim.Optimizer], losses: list[float],
+             seconds: float) -> None:
+        if not self.write:
+            return
+        tensors, scalars = {}, {}
+        for name, p in sim.named_parameters():
+            tensors[f"param.{name}"] = p.detach().cpu().contiguous()
+        for j, o in enumerate(opts):
+            params = [p for g in o.param_groups for p in g["params"]]
+            for k, p in enumerate(params):
+                for key, v in o.state.get(p, {}).items():
+                    if isinstance(v, torch.Tensor):
+                        tensors[f"opt{j}.{k}.{key}"] = v.detach().cpu().contiguous()
+                    else:
+                        scalars[f"opt{j}.{k}.{key}"] = v
+        meta = {"fingerprint": self.fingerprint, "step": str(step), "losses": json.dumps(losses),
+                "seconds": repr(seconds), "scalars": json.dumps(scalars)}
+        with atomic_path(self.path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+
+    def _meta(self) -> dict | None:
+        if not self.path.is_file():
+            return None
+        safetensors_header(self.path)  # a damaged file is one clear error
+        with safe_open(str(self.path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return meta if meta.get("fingerprint") == self.fingerprint else None
+
+    def saved_step(self) -> int:
+        """How many steps the saved state of this run has done (0: none saved, or another run's)."""
+        meta = self._meta()
+        return 0 if meta is None else int(meta["step"])
+
+    def load(self, sim: nn.Module, opts: list[torch.optim.Optimizer]) -> tuple[list[float], float]:
+        """Restore the saved state of this run into ``sim`` and ``opts``; returns its losses and seconds so far."""
+        meta = self._meta()
+        if meta is None:
+            raise BaseqError(f"'{self.path}' holds no saved training state of this run")
+        saved = read_safetensors(self.path)
+        scalars = json.loads(meta["scalars"])
+        device = next(sim.parameters()).device
+        with torch.no_grad():
+            for name, p in sim.named_parameters():
+                p.copy_(saved[f"param.{name}"])
+        for j, o in enumerate(opts):
+            params = [p for g in o.param_groups for p in g["params"]]
+            for k, p in enumerate(params):
+                prefix = f"opt{j}.{k}."
+                state = {key[len(prefix):]: v.to(device) for key, v in saved.items() if key.startswith(prefix)}
+                state.update({key[len(prefix):]: v for key, v in scalars.items() if key.startswith(prefix)})
+                if state:
+                    o.state[p] = state
+        return json.loads(meta["losses"]), float(meta["seconds"])
+
+
 def train_transforms(model: nn.Module, windows: torch.Tensor, spec: ActSpec, kind: str, settings: TrainSettings,
-                     seed: int = 0, log: dict | None = None, progress: bool = False) -> LearnedTransforms:
+                     seed: int = 0, log: dict | None = None, progress: bool = False,
+                     checkpoint: TrainingCheckpoint | None = None, resume: bool = False) -> LearnedTransforms:
     """Learn SpinQuant (``kind="spinquant"``) or OSTQuant (``"ostquant"``) transforms on ``windows``
     [n, seqlen] (step t uses windows ``t·batch … t·batch + batch − 1``, cycling). Folds the model's block norms
-    (exact) and leaves it otherwise unchanged; returns the transforms for :func:`fuse_transforms`."""
+    (exact) and leaves it otherwise unchanged; returns the transforms for :func:`fuse_transforms`.
+    ``checkpoint``: save the training state there as it goes; with ``resume``, start from the state saved there."""
     if kind not in ("spinquant", "ostquant"):
         raise ValueError(f"unknown learned rotation kind {kind!r}")
     ost = kind == "ostquant"
@@ -229,22 +309,31 @@ def train_transforms(model: nn.Module, windows: torch.Tensor, spec: ActSpec, kin
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, _cosine(settings.steps)) for o in opts]
     n = windows.shape[0]
     batches = [torch.arange(t * settings.batch, (t + 1) * settings.batch) % n for t in range(settings.steps)]
-    sim.install(model)
+    start = checkpoint.saved_step() if checkpoint is not None and resume else 0
+    sim.install(model)  # (folds the block norms: needed by the fusing, also when nothing is left to train)
     try:
         targets = None
-        if ost:  # the FP model's top-k, once per window (quantizers off: the transforms cancel)
-            sim.set_quantize(False)
+        if ost and start < settings.steps:  # the FP model's top-k, once per window (quantizers off: the transforms
+            sim.set_quantize(False)         # cancel), with the initial transforms, as in a run never interrupted
             with torch.no_grad():
                 targets = [kl_top_targets(model(w[None].to(device), use_cache=False).logits[0], settings.topk)
                            for w in windows]
             sim.set_quantize(True)
-        losses = []
-        t0 = time.perf_counter()
-        bar = range(settings.steps)
+        losses, before = [], 0.0
+        if start:
+            losses, before = checkpoint.load(sim, opts)
+            with warnings.catch_warnings():  # the schedule is a function of the step: replay it
+                warnings.simplefilter("ignore", UserWarning)  # ("scheduler stepped before the optimiser")
+                for sc in scheds:
+                    for _ in range(start):
+                        sc.step()
+            log["resumed_at"] = start
+        t0 = saved_at = time.perf_counter()
+        bar = range(start, settings.steps)
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(bar, desc=f"{kind} rotations", leave=False)
+            bar = tqdm(bar, desc=f"{kind} rotations", leave=False, initial=start, total=settings.steps)
         with torch.enable_grad():
             for t in bar:
                 ids = windows[batches[t]].to(device)
@@ -267,7 +356,12 @@ def train_transforms(model: nn.Module, windows: torch.Tensor, spec: ActSpec, kin
                 losses.append(loss.item())
                 if progress:
                     bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        log.update(kind=kind, steps=settings.steps, seconds=round(time.perf_counter() - t0, 2), loss_first=losses[0] if losses else None,
+                now = time.perf_counter()
+                if checkpoint is not None and (now - saved_at >= checkpoint.every or t + 1 == settings.steps):
+                    checkpoint.save(t + 1, sim, opts, losses, before + now - t0)
+                    saved_at = time.perf_counter()
+        seconds = before + (time.perf_counter() - t0 if start < settings.steps else 0.0)
+        log.update(kind=kind, steps=settings.steps, seconds=round(seconds, 2), loss_first=losses[0] if losses else None,
                    loss_last=losses[-1] if losses else None, losses=[round(v, 5) for v in losses])
         return sim.result(opt)
     finally:

@@ -39,6 +39,7 @@ from ..rotation.fuse import block_rotations, install_end_rotations, rotate_layer
 from .blocks import LazyBlocks, ModelBlocks, finished_layers
 from .comm import Communicator
 from .engine import BlockContext, Checkpoint, calibrate_blocks, on_device
+from .learned_rotations import TrainingCheckpoint
 from .rotations import Rotate, check_lazy, learn_rotations
 from .smooth import SmoothStage
 from .stages import BaseqTrainStage, GPTQStage, KeepGateStage, KVShiftStage, RTNStage
@@ -159,9 +160,12 @@ def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, model_spec: str = "
     if cfg.rotate and ROTATION_SOURCES[cfg.rotation_source].whole_model:  # learned from the whole model first
         if lazy is not None:
             check_lazy(cfg)
+        saved = (TrainingCheckpoint(work_dir / "rotations.safetensors", fingerprint(cfg, model_spec, comm.world_size),
+                                    write=comm.is_main) if work_dir is not None else None)
         with on_device([model], device):
             rotate = learn_rotations(model, tokenizer, cfg, act_spec(cfg), windows=windows,
-                                     log=report.setdefault("rotation", {}), comm=comm, progress=progress)
+                                     log=report.setdefault("rotation", {}), comm=comm, progress=progress,
+                                     checkpoint=saved, resume=resume)
     park = park_folder(work_dir, comm.rank) if work_dir else None  # where a lazy run's ends wait meanwhile
     blocks = prepare_blocks(model, ad, cfg, lazy, rotate, park_dir=park)
     stages = build_stages(cfg, kv_shift)

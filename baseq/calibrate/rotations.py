@@ -23,7 +23,7 @@ from ..rotation.calibrated import apply_value_rotations, calibrate_rotations
 from ..rotation.fuse import rotate_model
 from ..rotation.learned import LearnedTransforms, fuse_transforms
 from .comm import Communicator
-from .learned_rotations import TrainSettings, train_transforms
+from .learned_rotations import TrainingCheckpoint, TrainSettings, train_transforms
 
 Rotate = Callable[[nn.Module], None]
 
@@ -53,10 +53,12 @@ def training_windows(tokenizer, cfg: QuantizeConfig) -> torch.Tensor:
 
 def learn_rotations(model: nn.Module, tokenizer, cfg: QuantizeConfig, spec: ActSpec, *,
                     windows: torch.Tensor | None = None, log: dict | None = None, comm: Communicator | None = None,
-                    progress: bool = False) -> Rotate:
+                    progress: bool = False, checkpoint: TrainingCheckpoint | None = None,
+                    resume: bool = False) -> Rotate:
     """Learn what ``cfg``'s rotation source learns (on the CPU model, in place only by folding its block norms, an
     exact change) and return the function fusing the rotations into the model. ``windows``: the calibration
-    windows (the calibrated source fits on their first ``rotation.windows``); drawn from ``cfg`` when None."""
+    windows (the calibrated source fits on their first ``rotation.windows``); drawn from ``cfg`` when None.
+    ``checkpoint`` / ``resume``: where end-to-end training keeps its state, and whether to go on from it."""
     src, seed, r = cfg.rotation_source, cfg.seed, cfg.rotation
     comm = comm or Communicator()
     log = log if log is not None else {}
@@ -79,6 +81,6 @@ def learn_rotations(model: nn.Module, tokenizer, cfg: QuantizeConfig, spec: ActS
     train = training_windows(tokenizer, cfg)
     log.update(tokens_per_step=r.batch * r.seqlen, windows=int(train.shape[0]), autocast=r.autocast)
     learned: LearnedTransforms = train_transforms(model, train, spec, src, settings, seed=seed, log=log,
-                                                  progress=progress)
+                                                  progress=progress, checkpoint=checkpoint, resume=resume)
     comm.broadcast_(learned.tensors(), src=0)
     return lambda m: fuse_transforms(m, learned, seed=seed)
