@@ -2,8 +2,9 @@
 
 Checked: 2 ranks on 5 windows (an uneven split) give the single-process Hessians and trained parameters within float
 tolerance and identical weights on every rank; each GPTQ linear is quantized once; ``torchrun`` with one process
-equals a plain run bit for bit; ``--keep-massive``'s threshold is one over the ranks; bad input (more ranks than
-windows, a rank that dies, a rank that hangs) fails with one clear line and writes nothing.
+equals a plain run bit for bit; ``--keep-massive``'s threshold is one over the ranks; SpinQuant / OSTQuant training
+split over the ranks gives the single process's transforms and resumes only where every rank sees the state; bad
+input (more ranks than windows, a rank that dies, a rank that hangs) fails with one clear line and writes nothing.
 """
 
 from __future__ import annotations
@@ -164,6 +165,86 @@ def test_two_ranks_on_five_windows_match_one_process(text_file, tmp_path):
     for a, b in zip(logs[0], logs[2]):  # every logged loss within 1 %
         for key in ("out_mse", "loss_before", "loss_after", "t_loss_before"):
             assert a[key] == pytest.approx(b[key], rel=1e-2), (a["block"], key)
+
+
+def train_rotations(comm, kind: str, out: Path, tag: str, resume_dir: Path | None = None, steps: int = 4) -> None:
+    """SpinQuant / OSTQuant training of the tiny model on batches of 3 windows (2 ranks: a 2 + 1 split); the
+    transforms and the losses saved under ``tag``. ``resume_dir``: keep (and resume from) the training state there."""
+    from baseq.calibrate.learned_rotations import TrainingCheckpoint, TrainSettings, train_transforms
+    from baseq.quant.qmodel import ActSpec
+    from baseq.testing import tiny_llama
+
+    model = tiny_llama(hidden=48, ffn=80, heads=4, kv_heads=2, layers=2, seed=11)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ids = torch.randint(0, 256, (6, SEQLEN), generator=torch.Generator().manual_seed(1))
+    ckpt = (TrainingCheckpoint(resume_dir / "rotations.safetensors", "run", every=0, write=comm.is_main)
+            if resume_dir else None)
+    log = {}
+    t = train_transforms(model, ids, ActSpec(a_bits=3, kv_bits=3), kind,
+                         TrainSettings(steps=steps, lr=1.5 if kind == "spinquant" else 5e-3, batch=3, topk=50),
+                         log=log, comm=comm, checkpoint=ckpt, resume=resume_dir is not None)
+    save_file({f"t{i}": x for i, x in enumerate(t.tensors())}, out / f"{tag}.rot.safetensors")
+    (out / f"{tag}.rot.json").write_text(json.dumps(log))
+
+
+def rotation_worker(rank: int, world: int, port: int, kind: str, out: str, mode: str) -> None:
+    """``mode``: "plain"; "resume" (kept in a shared folder, then resumed from it: nothing left to train);
+    "unseen" (rank 1 does not see rank 0's folder: resuming must fail on every rank)."""
+    os.environ.update(rank_env(rank, world, port))
+    torch.set_num_threads(1)
+    from baseq.calibrate.comm import DistributedCommunicator
+    from baseq.errors import BaseqError
+
+    comm = DistributedCommunicator("cpu", timeout=60)
+    try:
+        state = Path(out) / ("state" if mode == "resume" or rank == 0 else "elsewhere")
+        if mode == "plain":
+            train_rotations(comm, kind, Path(out), f"rank{rank}")
+            return
+        train_rotations(comm, kind, Path(out), f"first{rank}", state)
+        if mode == "unseen" and rank == 1:
+            (state / "rotations.safetensors").unlink(missing_ok=True)
+        comm.barrier()
+        try:
+            train_rotations(comm, kind, Path(out), f"again{rank}", state)
+        except BaseqError as e:
+            Path(out, f"error{rank}.txt").write_text(str(e))
+    finally:
+        comm.close()
+
+
+@pytest.mark.parametrize("kind", ["spinquant", "ostquant"])
+def test_two_ranks_share_the_rotation_training(kind, tmp_path):
+    """SpinQuant / OSTQuant on 2 ranks: each rank takes its share of every step's windows (2 + 1), the summed
+    gradients are the full batch's — the same transforms on both ranks, the single process's within float
+    tolerance, the same losses."""
+    from baseq.calibrate.comm import Communicator
+
+    assert spawn(rotation_worker, 2, kind, str(tmp_path), "plain") == [0, 0]
+    train_rotations(Communicator(), kind, tmp_path, "single")
+    got = [load_file(tmp_path / f"{t}.rot.safetensors") for t in ("rank0", "rank1", "single")]
+    logs = [json.loads((tmp_path / f"{t}.rot.json").read_text()) for t in ("rank0", "rank1", "single")]
+    for k in got[2]:
+        assert torch.equal(got[0][k], got[1][k]), k
+        assert torch.allclose(got[0][k], got[2][k], atol=1e-6), (k, (got[0][k] - got[2][k]).abs().max())
+        assert not torch.allclose(got[2][k], torch.zeros_like(got[2][k]))
+    assert logs[0]["losses"] == pytest.approx(logs[2]["losses"], rel=1e-4)
+
+
+def test_two_ranks_resume_the_rotation_training_only_together(tmp_path):
+    """Rank 0 writes the training state; resumed, both ranks start from its step (here: the end, so the same
+    transforms come back); when a rank cannot see that state, every rank stops with one clear error."""
+    assert spawn(rotation_worker, 2, "spinquant", str(tmp_path / "a"), "resume") == [0, 0]
+    logs = [json.loads((tmp_path / "a" / f"again{r}.rot.json").read_text()) for r in range(2)]
+    assert [log["resumed_at"] for log in logs] == [4, 4]
+    first, again = (load_file(tmp_path / "a" / f"{t}0.rot.safetensors") for t in ("first", "again"))
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+    assert spawn(rotation_worker, 2, "spinquant", str(tmp_path / "b"), "unseen") == [0, 0]
+    for r in range(2):
+        err = (tmp_path / "b" / f"error{r}.txt").read_text()
+        assert "cannot resume the rotation training at step 4" in err and "every rank must see" in err
 
 
 def keep_worker(rank: int, world: int, port: int, out: str) -> None:

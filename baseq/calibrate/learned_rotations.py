@@ -38,6 +38,10 @@ drives both.
 losses so far) is saved every few minutes and after the last step; a resumed run restores it and goes on from the
 step it reached, to the same result, bit for bit, as a run that was never interrupted (nothing in the training is
 random: step ``t`` uses fixed windows, the schedule is a function of ``t``). A finished state is not trained again.
+
+**Several ranks** (a :class:`~baseq.calibrate.comm.Communicator`): each rank takes its contiguous share of every
+step's windows, weights its loss by that share and the gradients are summed over the ranks, so every rank takes the
+full batch's step; OSTQuant's FP targets are computed only for the windows a rank will see.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ from ..rotation.fuse import OnlineRotation, fold_layer_norms
 from ..rotation.hadamard import hadamard_transform, orthogonal_matrix
 from ..rotation.learned import LearnedTransforms
 from ..rotation.stiefel import CayleyAdam, CayleySGD
+from .comm import Communicator
 
 
 def _scale_shapes(s) -> dict[str, tuple[int, ...]]:
@@ -289,16 +294,29 @@ class TrainingCheckpoint:
         return json.loads(meta["losses"]), float(meta["seconds"])
 
 
+def _agreed_start(checkpoint: TrainingCheckpoint, comm: Communicator) -> int:
+    """Rank 0's saved step, once every rank has checked that it can read the same state."""
+    step = int(comm.broadcast_([torch.tensor([float(checkpoint.saved_step())], dtype=torch.float64)])[0].item())
+    if step and comm.sum([checkpoint.saved_step() != step])[0]:
+        raise BaseqError(f"cannot resume the rotation training at step {step}: some rank does not see "
+                         f"'{checkpoint.path}' (every rank must see the folder beside --out)")
+    return step
+
+
 def train_transforms(model: nn.Module, windows: torch.Tensor, spec: ActSpec, kind: str, settings: TrainSettings,
                      seed: int = 0, log: dict | None = None, progress: bool = False,
-                     checkpoint: TrainingCheckpoint | None = None, resume: bool = False) -> LearnedTransforms:
+                     checkpoint: TrainingCheckpoint | None = None, resume: bool = False,
+                     comm: Communicator | None = None) -> LearnedTransforms:
     """Learn SpinQuant (``kind="spinquant"``) or OSTQuant (``"ostquant"``) transforms on ``windows``
     [n, seqlen] (step t uses windows ``t·batch … t·batch + batch − 1``, cycling). Folds the model's block norms
     (exact) and leaves it otherwise unchanged; returns the transforms for :func:`fuse_transforms`.
-    ``checkpoint``: save the training state there as it goes; with ``resume``, start from the state saved there."""
+    ``checkpoint``: save the training state there as it goes; with ``resume``, start from the state saved there.
+    ``comm``: data parallel — each rank takes its share of every step's windows and the gradients are summed, so
+    every rank takes the same steps (a rank with no share that step contributes zero)."""
     if kind not in ("spinquant", "ostquant"):
         raise ValueError(f"unknown learned rotation kind {kind!r}")
     ost = kind == "ostquant"
+    comm = comm or Communicator()
     ad = ModelAdapter(model)
     device = ad.embed.weight.device
     sim = OnlineTransforms(ad.shape, spec, seed=seed, r2_per_head=ost, scales=ost).to(device)
@@ -307,17 +325,20 @@ def train_transforms(model: nn.Module, windows: torch.Tensor, spec: ActSpec, kin
     opt = CayleyAdam(rot_params, lr=settings.lr) if ost else CayleySGD(rot_params, lr=settings.lr)
     opts = [opt] + ([torch.optim.Adam(sim.log_s.parameters(), lr=settings.lr_scale)] if ost else [])
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, _cosine(settings.steps)) for o in opts]
-    n = windows.shape[0]
-    batches = [torch.arange(t * settings.batch, (t + 1) * settings.batch) % n for t in range(settings.steps)]
-    start = checkpoint.saved_step() if checkpoint is not None and resume else 0
+    n, mine = windows.shape[0], comm.shard(settings.batch)  # this rank's part of every step's batch
+    batches = [(torch.arange(t * settings.batch, (t + 1) * settings.batch) % n)[mine.start:mine.stop]
+               for t in range(settings.steps)]
+    share = mine.size / settings.batch  # (windows are equally long: the full batch's mean is the sum of shares)
+    start = _agreed_start(checkpoint, comm) if checkpoint is not None and resume else 0
     sim.install(model)  # (folds the block norms: needed by the fusing, also when nothing is left to train)
     try:
-        targets = None
-        if ost and start < settings.steps:  # the FP model's top-k, once per window (quantizers off: the transforms
-            sim.set_quantize(False)         # cancel), with the initial transforms, as in a run never interrupted
+        targets = {}
+        if ost:  # the FP model's top-k, once per window this rank still needs (quantizers off: the transforms
+            sim.set_quantize(False)  # cancel), with the initial transforms, as in a run never interrupted
             with torch.no_grad():
-                targets = [kl_top_targets(model(w[None].to(device), use_cache=False).logits[0], settings.topk)
-                           for w in windows]
+                for j in sorted({j for b in batches[start:] for j in b.tolist()}):
+                    logits = model(windows[j][None].to(device), use_cache=False).logits[0]
+                    targets[j] = kl_top_targets(logits, settings.topk)
             sim.set_quantize(True)
         losses, before = [], 0.0
         if start:
@@ -328,6 +349,7 @@ def train_transforms(model: nn.Module, windows: torch.Tensor, spec: ActSpec, kin
                     for _ in range(start):
                         sc.step()
             log["resumed_at"] = start
+        params = list(sim.parameters())
         t0 = saved_at = time.perf_counter()
         bar = range(start, settings.steps)
         if progress:
@@ -336,24 +358,33 @@ def train_transforms(model: nn.Module, windows: torch.Tensor, spec: ActSpec, kin
             bar = tqdm(bar, desc=f"{kind} rotations", leave=False, initial=start, total=settings.steps)
         with torch.enable_grad():
             for t in bar:
-                ids = windows[batches[t]].to(device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.autocast):
-                    logits = model(ids, use_cache=False).logits
-                if ost:
-                    lp = torch.stack([targets[j][0] for j in batches[t].tolist()]).to(device)
-                    ix = torch.stack([targets[j][1] for j in batches[t].tolist()]).to(device)
-                    loss = kl_top(logits, lp, ix)
-                else:
-                    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-                del logits
                 for o in opts:
                     o.zero_grad(set_to_none=True)
-                loss.backward()
+                loss = torch.zeros(())
+                if mine.size:
+                    ids = windows[batches[t]].to(device)
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.autocast):
+                        logits = model(ids, use_cache=False).logits
+                    if ost:
+                        lp = torch.stack([targets[j][0] for j in batches[t].tolist()]).to(device)
+                        ix = torch.stack([targets[j][1] for j in batches[t].tolist()]).to(device)
+                        loss = kl_top(logits, lp, ix)
+                    else:
+                        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+                    del logits
+                    if comm.world_size > 1:
+                        loss = loss * share
+                    loss.backward()
+                if comm.world_size > 1:  # the full batch's gradient: every rank's share, summed
+                    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+                    comm.all_reduce_(grads)
+                    for p, g in zip(params, grads):
+                        p.grad = g
                 for o in opts:
                     o.step()
                 for sc in scheds:
                     sc.step()
-                losses.append(loss.item())
+                losses.append(comm.sum([loss.item()])[0])
                 if progress:
                     bar.set_postfix(loss=f"{losses[-1]:.4f}")
                 now = time.perf_counter()

@@ -81,6 +81,7 @@ def learn_rotations(model: nn.Module, tokenizer, cfg: QuantizeConfig, spec: ActS
     train = training_windows(tokenizer, cfg)
     log.update(tokens_per_step=r.batch * r.seqlen, windows=int(train.shape[0]), autocast=r.autocast)
     learned: LearnedTransforms = train_transforms(model, train, spec, src, settings, seed=seed, log=log,
-                                                  progress=progress, checkpoint=checkpoint, resume=resume)
+                                                  progress=progress, checkpoint=checkpoint, resume=resume,
+                                                  comm=comm)
     comm.broadcast_(learned.tensors(), src=0)
     return lambda m: fuse_transforms(m, learned, seed=seed)
