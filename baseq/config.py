@@ -254,8 +254,9 @@ class TrainConfig:
         "--weight-scale", "learn a scale factor per output row of every quantized weight, after GPTQ"))
     lr_weight_scale: float = field(default=2e-3, metadata=flag(
         "--lr-weight-scale", "learning rate of the weight scale factors"))
-    revert_if_worse: bool = False  # keep a block's starting corrections when training raised its loss (measured:
-    # lower block loss but worse end-to-end perplexity, so off by default; docs/RESULTS.md)
+    # measured at 135M: lower block loss, no better end-to-end perplexity, so off by default (docs/RESULTS.md)
+    revert_if_worse: bool = field(default=False, metadata=flag(
+        "--revert-if-worse", "keep a block's starting corrections when its training raised the block loss"))
     # stage 1: compensated transforms (V scale, o/down input scales, per-KV-head V/O rotation), fused before GPTQ
     # off by default: ~1 % lower block loss for ~50 % more calibration time (README)
     transforms: bool = field(default=False, metadata=flag(

@@ -220,6 +220,7 @@ def test_quantize_flags_reach_the_config():
         "--train-loss", "token", "--no-scale", "--transforms", "--no-vo-rotation", "--transform-epochs", "1",
         "--lr-transform", "0.01", "--no-act-order", "--percdamp", "0.05", "--seed", "9",
         "--weights", "gptaq", "--gptaq-alpha", "0.5", "--weight-scale", "--lr-weight-scale", "0.004",
+        "--revert-if-worse",
         "--smooth", "down,qkv", "--smooth-alpha", "0.5", "--rotations", "calibrated"])
     cfg = config_from_args(args)
     assert (cfg.bits.w_bits, cfg.bits.a_bits, cfg.bits.kv_bits, cfg.bits.w_group, cfg.bits.a_clip) == (4, 8, 8, 16, 0.8)
@@ -230,7 +231,7 @@ def test_quantize_flags_reach_the_config():
     assert (t.scale, t.bias, t.transforms, t.vo_rotation, t.transform_epochs, t.lr_transform) == \
         (False, True, True, False, 1, 0.01)
     assert (cfg.gptq.act_order, cfg.gptq.percdamp, cfg.weights, cfg.gptq.asym_alpha) == (False, 0.05, "gptaq", 0.5)
-    assert (t.weight_scale, t.lr_weight_scale) == (True, 0.004)
+    assert (t.weight_scale, t.lr_weight_scale, t.revert_if_worse) == (True, 0.004, True)
     assert (cfg.smooth.pairs, cfg.smooth.alpha, cfg.rotation.kind) == (("down", "qkv"), 0.5, "calibrated")
 
 
