@@ -144,6 +144,37 @@ def test_training_lowers_the_end_to_end_loss(kind, lr):
     assert not any(hasattr(layer.self_attn, "kv_point") for layer in model.model.layers)  # hooks removed
 
 
+def test_training_simulates_the_kv_shift_of_a_model_with_key_biases():
+    """With ``kv_shift`` (the fused model quantizes K / V around channel means, Qwen2's k_proj biases), the training
+    quantizes each batch's K / V around their own means: the 4-bit keys then keep the token-dependent part a large
+    key bias would drown — a much lower loss than without the shift."""
+    from baseq.calibrate.learned_rotations import BatchMeanKV
+
+    torch.manual_seed(0)
+    model = tiny_llama(layers=2, seed=3, **SHAPES[1])
+    for layer in model.model.layers:
+        layer.self_attn.k_proj.bias.data += 40.0 * torch.randn_like(layer.self_attn.k_proj.bias)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ids = torch.randint(0, 256, (2, SEQLEN), generator=torch.Generator().manual_seed(1))
+    spec = ActSpec(a_bits=16, kv_bits=4)
+    losses = {}
+    for shift in (False, True):
+        m = copy.deepcopy(model)
+        sim = OnlineTransforms(LlamaAdapter(m).shape, spec, kv_shift=shift)
+        sim.install(m)
+        with torch.no_grad():
+            logits = m(ids, use_cache=False).logits
+            sim.set_quantize(False)
+            ref = m(ids, use_cache=False).logits
+        losses[shift] = (logits - ref).pow(2).mean().item()
+        kv = m.model.layers[0].self_attn.kv_point
+        assert isinstance(kv, BatchMeanKV) == shift
+        assert bool(kv.k_shift.abs().max() > 1.0) == shift  # (set by the quantized forward)
+        sim.remove()
+    assert losses[True] < 0.5 * losses[False], losses
+
+
 # ------------------------------------------------------------------------------------------------ resuming
 
 def _train(model, ids, kind, checkpoint=None, resume=False, steps=5):

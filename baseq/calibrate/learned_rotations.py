@@ -63,7 +63,7 @@ from torch import nn
 from ..errors import BaseqError
 from ..io import atomic_path, read_safetensors, safetensors_header
 from ..models.adapter import ModelAdapter
-from ..quant.qmodel import ActSpec, KVPoint, use_quantized_attention
+from ..quant.qmodel import ActSpec, KVPoint, _shifted, use_quantized_attention
 from ..quant.quantizer import ActQuantizer
 from ..rotation.fuse import OnlineRotation, fold_layer_norms
 from ..rotation.hadamard import hadamard_transform, orthogonal_matrix
@@ -77,12 +77,31 @@ def _scale_shapes(s) -> dict[str, tuple[int, ...]]:
             "vo": (s.layers, s.kv_heads, s.head_dim), "ud": (s.layers, s.ffn)}
 
 
+class BatchMeanKV(KVPoint):
+    """The KV point of a model calibrated with ``--kv-shift``: K and V quantized around their channel means — during
+    the training, each batch's own (detached), standing in for the calibration means the fused model gets later
+    (Qwen2.5's k_proj biases put a constant into every key that a 4-bit per-token grid cannot afford: trained
+    without the shift, the rotations would fit a broken model)."""
+
+    def forward(self, query, key, value):
+        query, key = self.rotate(query, key)
+        if not self.quantize:
+            return query, key, value
+        with torch.no_grad():  # key / value [b, kv_heads, t, head_dim]
+            self.k_shift.copy_(key.detach().float().mean(dim=(0, 2)))
+            self.v_shift.copy_(value.detach().float().mean(dim=(0, 2)))
+        return query, _shifted(self.k, key, self.k_shift), _shifted(self.v, value, self.v_shift)
+
+
 class OnlineTransforms(nn.Module):
     """The learnable transforms, applied online (by hooks) to a norm-folded FP model, with the fused model's
-    quantizers. ``r2_per_head``: one R2 per KV head (OSTQuant) or one per layer (SpinQuant)."""
+    quantizers. ``r2_per_head``: one R2 per KV head (OSTQuant) or one per layer (SpinQuant). ``kv_shift``: the
+    fused model will quantize K / V around channel means (:class:`BatchMeanKV`)."""
 
-    def __init__(self, shape, spec: ActSpec, seed: int = 0, r2_per_head: bool = False, scales: bool = False):
+    def __init__(self, shape, spec: ActSpec, seed: int = 0, r2_per_head: bool = False, scales: bool = False,
+                 kv_shift: bool = False):
         super().__init__()
+        self.kv_shift = kv_shift
         s = self.shape = shape
         if scales and s.head_dim % 2:
             raise ValueError("q/k scales need an even head_dim (RoPE pairs)")
@@ -169,7 +188,8 @@ class OnlineTransforms(nn.Module):
             if self.log_s is not None:
                 hook(a.q_proj.register_forward_hook(lambda mod, args, out, i=i: self.queries(out, i)))
                 hook(a.k_proj.register_forward_hook(lambda mod, args, out, i=i: self.keys(out, i)))
-            a.kv_point = KVPoint(self.shape.kv_heads, self.shape.head_dim, self.spec)
+            kv = BatchMeanKV if self.kv_shift else KVPoint
+            a.kv_point = kv(self.shape.kv_heads, self.shape.head_dim, self.spec)
             self._attn.append(a)
         use_quantized_attention(model)
 
@@ -306,20 +326,21 @@ def _agreed_start(checkpoint: TrainingCheckpoint, comm: Communicator) -> int:
 def train_transforms(model: nn.Module, windows: torch.Tensor, spec: ActSpec, kind: str, settings: TrainSettings,
                      seed: int = 0, log: dict | None = None, progress: bool = False,
                      checkpoint: TrainingCheckpoint | None = None, resume: bool = False,
-                     comm: Communicator | None = None) -> LearnedTransforms:
+                     comm: Communicator | None = None, kv_shift: bool = False) -> LearnedTransforms:
     """Learn SpinQuant (``kind="spinquant"``) or OSTQuant (``"ostquant"``) transforms on ``windows``
     [n, seqlen] (step t uses windows ``t·batch … t·batch + batch − 1``, cycling). Folds the model's block norms
     (exact) and leaves it otherwise unchanged; returns the transforms for :func:`fuse_transforms`.
     ``checkpoint``: save the training state there as it goes; with ``resume``, start from the state saved there.
     ``comm``: data parallel — each rank takes its share of every step's windows and the gradients are summed, so
-    every rank takes the same steps (a rank with no share that step contributes zero)."""
+    every rank takes the same steps (a rank with no share that step contributes zero). ``kv_shift``: K / V are
+    quantized around channel means in the fused model (``--kv-shift``), so in the training too."""
     if kind not in ("spinquant", "ostquant"):
         raise ValueError(f"unknown learned rotation kind {kind!r}")
     ost = kind == "ostquant"
     comm = comm or Communicator()
     ad = ModelAdapter(model)
     device = ad.embed.weight.device
-    sim = OnlineTransforms(ad.shape, spec, seed=seed, r2_per_head=ost, scales=ost).to(device)
+    sim = OnlineTransforms(ad.shape, spec, seed=seed, r2_per_head=ost, scales=ost, kv_shift=kv_shift).to(device)
     log = log if log is not None else {}
     rot_params = [sim.r1, sim.r2]
     opt = CayleyAdam(rot_params, lr=settings.lr) if ost else CayleySGD(rot_params, lr=settings.lr)

@@ -165,7 +165,7 @@ def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, model_spec: str = "
         with on_device([model], device):
             rotate = learn_rotations(model, tokenizer, cfg, act_spec(cfg), windows=windows,
                                      log=report.setdefault("rotation", {}), comm=comm, progress=progress,
-                                     checkpoint=saved, resume=resume)
+                                     checkpoint=saved, resume=resume, kv_shift=kv_shift)
     park = park_folder(work_dir, comm.rank) if work_dir else None  # where a lazy run's ends wait meanwhile
     blocks = prepare_blocks(model, ad, cfg, lazy, rotate, park_dir=park)
     stages = build_stages(cfg, kv_shift)

@@ -54,11 +54,12 @@ def training_windows(tokenizer, cfg: QuantizeConfig) -> torch.Tensor:
 def learn_rotations(model: nn.Module, tokenizer, cfg: QuantizeConfig, spec: ActSpec, *,
                     windows: torch.Tensor | None = None, log: dict | None = None, comm: Communicator | None = None,
                     progress: bool = False, checkpoint: TrainingCheckpoint | None = None,
-                    resume: bool = False) -> Rotate:
+                    resume: bool = False, kv_shift: bool = False) -> Rotate:
     """Learn what ``cfg``'s rotation source learns (on the CPU model, in place only by folding its block norms, an
     exact change) and return the function fusing the rotations into the model. ``windows``: the calibration
     windows (the calibrated source fits on their first ``rotation.windows``); drawn from ``cfg`` when None.
-    ``checkpoint`` / ``resume``: where end-to-end training keeps its state, and whether to go on from it."""
+    ``checkpoint`` / ``resume``: where end-to-end training keeps its state, and whether to go on from it.
+    ``kv_shift``: the model's K / V will be quantized around channel means (the training simulates it)."""
     src, seed, r = cfg.rotation_source, cfg.seed, cfg.rotation
     comm = comm or Communicator()
     log = log if log is not None else {}
@@ -82,6 +83,6 @@ def learn_rotations(model: nn.Module, tokenizer, cfg: QuantizeConfig, spec: ActS
     log.update(tokens_per_step=r.batch * r.seqlen, windows=int(train.shape[0]), autocast=r.autocast)
     learned: LearnedTransforms = train_transforms(model, train, spec, src, settings, seed=seed, log=log,
                                                   progress=progress, checkpoint=checkpoint, resume=resume,
-                                                  comm=comm)
+                                                  comm=comm, kv_shift=kv_shift)
     comm.broadcast_(learned.tensors(), src=0)
     return lambda m: fuse_transforms(m, learned, seed=seed)
