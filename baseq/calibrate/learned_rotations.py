@@ -248,6 +248,10 @@ class TrainSettings:
     autocast: bool = False  # forward passes under bfloat16 autocast (CPU)
 
 
+def _params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for g in opt.param_groups for p in g["params"]]
+
+
 @dataclass
 class TrainingCheckpoint:
     """Where the training state is kept (one safetensors file), which run it belongs to (``fingerprint``: a state
@@ -267,8 +271,7 @@ class TrainingCheckpoint:
         for name, p in sim.named_parameters():
             tensors[f"param.{name}"] = p.detach().cpu().contiguous()
         for j, o in enumerate(opts):
-            params = [p for g in o.param_groups for p in g["params"]]
-            for k, p in enumerate(params):
+            for k, p in enumerate(_params(o)):
                 for key, v in o.state.get(p, {}).items():
                     if isinstance(v, torch.Tensor):
                         tensors[f"opt{j}.{k}.{key}"] = v.detach().cpu().contiguous()
@@ -304,8 +307,7 @@ class TrainingCheckpoint:
             for name, p in sim.named_parameters():
                 p.copy_(saved[f"param.{name}"])
         for j, o in enumerate(opts):
-            params = [p for g in o.param_groups for p in g["params"]]
-            for k, p in enumerate(params):
+            for k, p in enumerate(_params(o)):
                 prefix = f"opt{j}.{k}."
                 state = {key[len(prefix):]: v.to(device) for key, v in saved.items() if key.startswith(prefix)}
                 state.update({key[len(prefix):]: v for key, v in scalars.items() if key.startswith(prefix)})
@@ -316,8 +318,9 @@ class TrainingCheckpoint:
 
 def _agreed_start(checkpoint: TrainingCheckpoint, comm: Communicator) -> int:
     """Rank 0's saved step, once every rank has checked that it can read the same state."""
-    step = int(comm.broadcast_([torch.tensor([float(checkpoint.saved_step())], dtype=torch.float64)])[0].item())
-    if step and comm.sum([checkpoint.saved_step() != step])[0]:
+    mine = checkpoint.saved_step()
+    step = int(comm.broadcast_([torch.tensor([float(mine)], dtype=torch.float64)])[0].item())
+    if step and comm.sum([mine != step])[0]:
         raise BaseqError(f"cannot resume the rotation training at step {step}: some rank does not see "
                          f"'{checkpoint.path}' (every rank must see the folder beside --out)")
     return step
