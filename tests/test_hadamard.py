@@ -8,6 +8,7 @@ import torch
 
 from baseq.rotation.hadamard import (
     _core,
+    _kron_factors,
     _paley,
     has_hadamard,
     hadamard_matrix,
@@ -173,6 +174,21 @@ def test_transform_matches_matrix_fp64(n, lead):
     assert y.shape == x.shape and y.dtype == torch.float64
     assert torch.allclose(y, x @ H.T / math.sqrt(n), atol=1e-12, rtol=0)
     assert torch.allclose(hadamard_transform(x, scale=False), x @ H.T, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("p, expected", [(128, [128]), (256, [16, 16]), (2048, [32, 64]), (8192, [64, 128]),
+                                         (32768, [32, 32, 32])])
+def test_sylvester_part_splits_into_balanced_factors(p, expected):
+    # a small trailing factor (256 as 128 x 2) made the head-dim-256 transform of Gemma 2/3 ~50x slower
+    assert _kron_factors(1, p) == expected and _kron_factors(20, p) == [20, *expected]
+
+
+@pytest.mark.parametrize("n", [256, 2048, 20 * 256])
+def test_transform_matches_matrix_with_several_sylvester_factors(n):
+    x = torch.randn(3, 2, n, dtype=torch.float64)
+    H = hadamard_matrix(n)
+    assert torch.allclose(hadamard_transform(x), x @ H.T / math.sqrt(n), atol=1e-12, rtol=0)
+    assert torch.allclose(hadamard_transform(x, transpose=True), x @ H / math.sqrt(n), atol=1e-12, rtol=0)
 
 
 def test_transform_noncontiguous_input():
