@@ -16,6 +16,7 @@ from .config import positive_int
 from .errors import BaseqError
 from .eval.zeroshot import check_tasks
 from .io import check_parent, write_json
+from .provenance import code_id, made_by
 
 
 # ---------------------------------------------------------------- helpers
@@ -132,6 +133,9 @@ def cmd_eval(args) -> int:
     quant = getattr(model, "baseq_config", None)
     result["method"] = quant["method"] if quant else "fp"
     result["bits"] = quant["bits"] if quant else "fp"
+    result["code"] = code_id()  # this evaluation's; the model's own is in its baseq.json
+    if quant and "made_by" in quant:
+        result["model_made_by"] = quant["made_by"]
     rows = [("model", args.model), ("method", result["method"]), ("data", args.data),
             ("tokens", f"{result['tokens']:,} ({args.windows} × {args.seqlen})"),
             ("perplexity", f"{ppl:.3f}"), ("seconds", f"{seconds:.1f}")]
@@ -253,6 +257,12 @@ def quantize_command(args, cfg, device, comm) -> int:
     quiet = args.quiet or not comm.is_main  # one rank speaks
     say = (lambda *a: None) if quiet else (lambda msg: tqdm.write(f"baseq: {msg}", file=sys.stderr))
 
+    def log(msg: str) -> None:  # calibration's lines; its warnings (e.g. a resume across code) even with --quiet
+        if msg.startswith("warning:") and comm.is_main:
+            tqdm.write(f"baseq: {msg}", file=sys.stderr)
+        else:
+            say(msg)
+
     lazy = None
     if args.lazy:  # the blocks stay in their files until calibrated, then in the work folder until written
         from .models.lazy import open_lazy, park_folder
@@ -292,12 +302,14 @@ def quantize_command(args, cfg, device, comm) -> int:
         + (f" on {comm.world_size} ranks" if comm.world_size > 1 else ""))
     report = quantize_model(model, tokenizer, cfg, model_spec=args.model, device=device,
                             work_dir=work_dir, resume=args.resume, progress=not quiet,
-                            log_fn=lambda m: say(m), windows=calib, comm=comm, lazy=lazy)
+                            log_fn=log, windows=calib, comm=comm, lazy=lazy)
     layers = quantized_layers(model, cfg, work_dir, lazy) if lazy else None
     result["calib_seconds"] = report["calib_seconds"]
     result["blocks"] = report["blocks"]
     if "rotation" in report:  # learned rotations: their training log (losses per step, budget)
         result["rotation"] = report["rotation"]
+    resumed = {b["code"] for b in report["blocks"] if "code" in b} | {report.get("rotation", {}).get("resumed_code")}
+    result["made_by"] = made_by(resumed - {None})  # this code, and any other whose resumed work is in the result
     if args.eval:
         t0 = time.perf_counter()
         result["ppl_quant"] = sharded_perplexity(model, windows, args.batch_size, device, comm, not quiet, layers)
@@ -309,7 +321,8 @@ def quantize_command(args, cfg, device, comm) -> int:
                 result["tasks"] = run_zero_shot(model, tokenizer, args)
                 result.update(task_summary(result["tasks"]))
         save_output(model, tokenizer, cfg, out, args.format, {"method": cfg.label, "bits": cfg.bits.label,
-                                                              "config": cfg.to_dict(), "model": args.model}, layers,
+                                                              "config": cfg.to_dict(), "model": args.model,
+                                                              "made_by": result["made_by"]}, layers,
                     (lambda: lazy.ends_parked(park_folder(work_dir, comm.rank))) if lazy else None)
         result.update(out=str(out), format=args.format, disk_mb=round(folder_bytes(out) / 2**20, 1),
                       peak_rss_mb=peak_rss_mb())  # the write included
@@ -491,6 +504,7 @@ def cmd_bench(args) -> int:
     threads = args.threads or torch.get_num_threads()
     say = (lambda m: None) if args.quiet else (lambda m: print(f"baseq: {m}", file=sys.stderr))
     res = bench(args.model, baseline, args.prefill, args.decode, args.repeats, threads, args.device, progress=say)
+    res["code"] = code_id()
     rows = [("machine", f"{res['cpu']}, {threads} threads, {res['date']}"),
             ("workload", f"prefill {args.prefill} tokens, decode {args.decode}, median of {args.repeats}")]
     for key in ("model", "baseline"):

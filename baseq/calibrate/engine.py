@@ -41,6 +41,7 @@ from ..device import release_memory
 from ..errors import BaseqError
 from ..io import atomic_path, read_safetensors, write_json
 from ..models.adapter import ModelAdapter
+from ..provenance import UNKNOWN, code_id, mixed_code
 from ..quant.qmodel import set_quantize
 from .blocks import Blocks, ModelBlocks
 from .comm import Communicator, Shard
@@ -267,14 +268,16 @@ class Checkpoint:
             save_file({"fp": fp_in.contiguous(), "q": q_in.contiguous()}, tmp)
         self.comm.barrier()  # every rank's activations of block `index` exist; progress.json may point at them
         if self.comm.is_main:
-            write_json(self.dir / "progress.json", {"done": index, "fingerprint": self.fingerprint, "log": log})
+            write_json(self.dir / "progress.json", {"done": index, "fingerprint": self.fingerprint,
+                                                    "code": code_id(), "log": log})
         self.acts_file(index - 2).unlink(missing_ok=True)  # progress.json says ≥ index - 1 by now
 
     def restore(self, blocks: Blocks, upto: int):
         for i in range(upto + 1):
             blocks.restore(i, self.block_file(i))
         acts = read_safetensors(self.acts_file(upto))
-        log = json.loads((self.dir / "progress.json").read_text())["log"]
+        progress = json.loads((self.dir / "progress.json").read_text())
+        log = [{"code": progress.get("code", UNKNOWN), **e} for e in progress["log"]]  # (older logs lack it)
         return acts["fp"], acts["q"], log
 
 
@@ -307,6 +310,10 @@ def calibrate_blocks(model: nn.Module, ad: ModelAdapter, windows: torch.Tensor, 
         fp_in, q_in, log = ckpt.restore(blocks, done)
         start = done + 1
         say(f"resuming after block {done}")
+        for code in sorted({e["code"] for e in log}):
+            made = [e["block"] for e in log if e["code"] == code]
+            if warning := mixed_code(code, f"blocks {made[0]}–{made[-1]}" if len(made) > 1 else f"block {made[0]}"):
+                say(warning)
     else:
         q_in = fp_in
         if not full_fp:
@@ -342,13 +349,13 @@ def calibrate_blocks(model: nn.Module, ad: ModelAdapter, windows: torch.Tensor, 
             acts.release(*((fp_in, q_in) if full_fp else (q_in,)))
             fp_in, q_in = ctx.fp_out, q_out
             layer.to("cpu")
-            entry = {"block": i, "out_mse": err, "out_err_token": err_token,
+            entry = {"block": i, "code": code_id(), "out_mse": err, "out_err_token": err_token,
                      "seconds": round(time.perf_counter() - t0, 2), **ctx.log, "times": times.laps}
             log.append(entry)
             bar.set_postfix(out_mse=f"{err:.4g}")
             say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else
                          f"{k}={','.join(f'{n}:{t:.1f}' for n, t in v.items())}" if isinstance(v, dict) else
-                         f"{k}={v}" for k, v in entry.items() if not k.startswith("gptq_")))  # all is in the report
+                         f"{k}={v}" for k, v in entry.items() if not k.startswith("gptq_") and k != "code"))  # all is in the report
             if ckpt is not None:
                 ckpt.save(i, layer, fp_in, q_in, log)
             blocks.finish(i, layer)

@@ -53,6 +53,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +64,8 @@ from torch import nn
 from ..errors import BaseqError
 from ..io import atomic_path, read_safetensors, safetensors_header
 from ..models.adapter import ModelAdapter
-from ..quant.qmodel import ActSpec, KVPoint, _shifted, use_quantized_attention
+from ..provenance import UNKNOWN, code_id, mixed_code
+from ..quant.qmodel import ActSpec, KVPoint, quantize_shifted, use_quantized_attention
 from ..quant.quantizer import ActQuantizer
 from ..rotation.fuse import OnlineRotation, fold_layer_norms
 from ..rotation.hadamard import hadamard_transform, orthogonal_matrix
@@ -90,7 +92,7 @@ class BatchMeanKV(KVPoint):
         with torch.no_grad():  # key / value [b, kv_heads, t, head_dim]
             self.k_shift.copy_(key.detach().float().mean(dim=(0, 2)))
             self.v_shift.copy_(value.detach().float().mean(dim=(0, 2)))
-        return query, _shifted(self.k, key, self.k_shift), _shifted(self.v, value, self.v_shift)
+        return query, quantize_shifted(self.k, key, self.k_shift), quantize_shifted(self.v, value, self.v_shift)
 
 
 class OnlineTransforms(nn.Module):
@@ -262,6 +264,7 @@ class TrainingCheckpoint:
     fingerprint: str
     every: float = 300.0
     write: bool = True
+    say: Callable[[str], None] | None = None  # where a resume across code changes is reported
 
     def save(self, step: int, sim: nn.Module, opts: list[torch.optim.Optimizer], losses: list[float],
              seconds: float) -> None:
@@ -277,7 +280,7 @@ class TrainingCheckpoint:
                         tensors[f"opt{j}.{k}.{key}"] = v.detach().cpu().contiguous()
                     else:
                         scalars[f"opt{j}.{k}.{key}"] = v
-        meta = {"fingerprint": self.fingerprint, "step": str(step), "losses": json.dumps(losses),
+        meta = {"fingerprint": self.fingerprint, "code": code_id(), "step": str(step), "losses": json.dumps(losses),
                 "seconds": repr(seconds), "scalars": json.dumps(scalars)}
         with atomic_path(self.path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
@@ -295,11 +298,15 @@ class TrainingCheckpoint:
         meta = self._meta()
         return 0 if meta is None else int(meta["step"])
 
-    def load(self, sim: nn.Module, opts: list[torch.optim.Optimizer]) -> tuple[list[float], float]:
-        """Restore the saved state of this run into ``sim`` and ``opts``; returns its losses and seconds so far."""
+    def load(self, sim: nn.Module, opts: list[torch.optim.Optimizer]) -> tuple[list[float], float, str]:
+        """Restore the saved state of this run into ``sim`` and ``opts``; returns its losses and seconds so far and
+        the code that made it."""
         meta = self._meta()
         if meta is None:
             raise BaseqError(f"'{self.path}' holds no saved training state of this run")
+        code = meta.get("code", UNKNOWN)
+        if self.say is not None and (warning := mixed_code(code, f"training steps 1–{meta['step']}")):
+            self.say(warning)
         saved = read_safetensors(self.path)
         scalars = json.loads(meta["scalars"])
         device = next(sim.parameters()).device
@@ -313,7 +320,7 @@ class TrainingCheckpoint:
                 state.update({key[len(prefix):]: v for key, v in scalars.items() if key.startswith(prefix)})
                 if state:
                     o.state[p] = state
-        return json.loads(meta["losses"]), float(meta["seconds"])
+        return json.loads(meta["losses"]), float(meta["seconds"]), code
 
 
 def _agreed_start(checkpoint: TrainingCheckpoint, comm: Communicator) -> int:
@@ -366,7 +373,7 @@ def train_transforms(model: nn.Module, windows: torch.Tensor, spec: ActSpec, kin
             sim.set_quantize(True)
         losses, before = [], 0.0
         if start:
-            losses, before = checkpoint.load(sim, opts)
+            losses, before, log["resumed_code"] = checkpoint.load(sim, opts)
             with warnings.catch_warnings():  # the schedule is a function of the step: replay it
                 warnings.simplefilter("ignore", UserWarning)  # ("scheduler stepped before the optimiser")
                 for sc in scheds:

@@ -161,7 +161,8 @@ def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, model_spec: str = "
         if lazy is not None:
             check_lazy(cfg)
         saved = (TrainingCheckpoint(work_dir / "rotations.safetensors", fingerprint(cfg, model_spec, comm.world_size),
-                                    write=comm.is_main) if work_dir is not None else None)
+                                    write=comm.is_main, say=log_fn if comm.is_main else None)
+                 if work_dir is not None else None)
         with on_device([model], device):
             rotate = learn_rotations(model, tokenizer, cfg, act_spec(cfg), windows=windows,
                                      log=report.setdefault("rotation", {}), comm=comm, progress=progress,

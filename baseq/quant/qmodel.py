@@ -320,7 +320,7 @@ class KVPoint(nn.Module):
         query, key = self.rotate(query, key)
         if self.quantize:
             keep = self.kept_keys(query, key)
-            qk, qv = _shifted(self.k, key, self.k_shift), _shifted(self.v, value, self.v_shift)
+            qk, qv = quantize_shifted(self.k, key, self.k_shift), quantize_shifted(self.v, value, self.v_shift)
             if keep is None:
                 return query, qk, qv
             keep = keep[:, None, :, None]
@@ -351,7 +351,7 @@ class KVPoint(nn.Module):
         return self._kept if bool(self._kept.any()) else None
 
 
-def _shifted(quantizer: KVQuantizer, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+def quantize_shifted(quantizer: KVQuantizer, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """``Q(x − μ) + μ`` with ``μ [kv_heads, head_dim]`` broadcast over ``x [b, kv_heads, t, head_dim]``."""
     if not shift.requires_grad and not bool(shift.detach().any()):
         return quantizer(x)

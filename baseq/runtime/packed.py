@@ -484,7 +484,8 @@ def load_packed(path: Path, meta: dict | None = None, device="cpu"):
     model.config._attn_implementation = "sdpa"
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
-    model.baseq_config = {"method": meta.get("method", "?"), "bits": meta.get("bits", "?"), "format": PACKED_FORMAT}
+    model.baseq_config = {"method": meta.get("method", "?"), "bits": meta.get("bits", "?"), "format": PACKED_FORMAT,
+                          **({"made_by": meta["made_by"]} if "made_by" in meta else {})}
     model.baseq_kv_specs = kv_specs
     model.tie_weights = lambda *a, **k: None  # the runtime shares a tied table itself (no embed_tokens.weight here)
     _default_quantized_cache(model)

@@ -88,7 +88,8 @@ def load_fake(path: Path, meta: dict, dtype=torch.float32, device="cpu"):
         model.lm_head.weight = model.model.get_input_embeddings().weight
     for p in model.parameters():
         p.requires_grad_(False)
-    model.baseq_config = {"method": meta.get("method", "?"), "bits": meta.get("bits", "?")}
+    model.baseq_config = {"method": meta.get("method", "?"), "bits": meta.get("bits", "?"),
+                          **({"made_by": meta["made_by"]} if "made_by" in meta else {})}
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.to(device=device, dtype=dtype).eval(), tokenizer
 
