@@ -44,7 +44,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     aten = torch.ops.aten
     gen = torch.Generator().manual_seed(0)
-    print("| shape | N × K | M | int8 GEMM ms | int4 bf16 ms | int4 bf16 max error | int4 fp32 ms | int4 fp32 max error |")
+    print("| shape | N × K | M | int8 GEMM ms | int4 bf16 ms | int4 bf16 max error | int4 fp32 ms "
+          "| int4 fp32 max error |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for name, n, k in SHAPES:
         c = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32)  # 4-bit codes, per-channel zero points

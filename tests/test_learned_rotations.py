@@ -283,6 +283,18 @@ def test_methods_quantize_save_load_and_run(method, rotations, kw, text_file, tm
     assert ((got - ref).abs() / ref.abs().max()).max() < 1e-5
 
 
+def test_ranks_left_idle_by_a_small_rotation_batch_are_named():
+    from baseq.calibrate.pipeline import idle_ranks
+
+    cfg = QuantizeConfig(method="ostquant")
+    assert idle_ranks(cfg, 1) is None
+    line = idle_ranks(cfg, 3)  # the default batch is one window a step
+    assert line.startswith("warning: 3 ranks share training steps of --rotation-batch 1") and "2 rank(s)" in line
+    cfg.rotation.batch = 4
+    assert idle_ranks(cfg, 3) is None
+    assert idle_ranks(QuantizeConfig(method="quarot"), 8) is None  # nothing trained end to end
+
+
 def test_registry_labels_and_options():
     assert QuantizeConfig(method="spinquant").rotation_source == "spinquant"
     assert QuantizeConfig(method="spinquant").weight_method == "gptq"

@@ -355,7 +355,8 @@ def calibrate_blocks(model: nn.Module, ad: ModelAdapter, windows: torch.Tensor, 
             bar.set_postfix(out_mse=f"{err:.4g}")
             say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else
                          f"{k}={','.join(f'{n}:{t:.1f}' for n, t in v.items())}" if isinstance(v, dict) else
-                         f"{k}={v}" for k, v in entry.items() if not k.startswith("gptq_") and k != "code"))  # all is in the report
+                         f"{k}={v}" for k, v in entry.items()
+                         if not k.startswith("gptq_") and k != "code"))  # all is in the report
             if ckpt is not None:
                 ckpt.save(i, layer, fp_in, q_in, log)
             blocks.finish(i, layer)

@@ -101,6 +101,16 @@ def fingerprint(cfg: QuantizeConfig, model_spec: str, world_size: int = 1) -> st
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def idle_ranks(cfg: QuantizeConfig, world_size: int) -> str | None:
+    """A warning line when a learned rotation's training steps have fewer windows than there are ranks (each rank
+    takes its share of a step's windows; the rest wait), else None."""
+    b = cfg.rotation.batch
+    if not ROTATION_SOURCES[cfg.rotation_source].split_batch or world_size <= b:
+        return None
+    return (f"warning: {world_size} ranks share training steps of --rotation-batch {b} window(s): "
+            f"{world_size - b} rank(s) sit idle in the rotation training (raise --rotation-batch to use them)")
+
+
 def check_model(model, cfg: QuantizeConfig) -> ModelAdapter:
     """Fail early, with a clear message, on a model ``cfg`` cannot quantize (unsupported architecture, a weight
     group size that does not divide some linear's in_features); cheap, so callers run it before any evaluation."""
@@ -160,6 +170,8 @@ def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, model_spec: str = "
     if cfg.rotate and ROTATION_SOURCES[cfg.rotation_source].whole_model:  # learned from the whole model first
         if lazy is not None:
             check_lazy(cfg)
+        if comm.is_main and (warning := idle_ranks(cfg, comm.world_size)):
+            log_fn(warning)
         saved = (TrainingCheckpoint(work_dir / "rotations.safetensors", fingerprint(cfg, model_spec, comm.world_size),
                                     write=comm.is_main, say=log_fn if comm.is_main else None)
                  if work_dir is not None else None)
