@@ -310,14 +310,17 @@ def test_the_simulated_model_decodes_with_float_kept_keys(text_file):
     tokens an earlier step kept: the steps' logits are those of one full forward."""
     from transformers import DynamicCache
 
+    from baseq.runtime.generate import _cache_kw
+
     model, _, _ = _quantized(text_file, keep=1.05, keep_massive_kv="float")
     ids = eval_windows(byte_tokenizer(), text_file, 20, 1)
+    kw = _cache_kw(model)  # transformers' name for it ("past_key_values" before 5.x's "cache")
     with torch.no_grad():
         ref = model(ids, use_cache=False).logits
         cache = DynamicCache()
-        steps = [model(ids[:, :8], past_key_values=cache, use_cache=True).logits]
+        steps = [model(ids[:, :8], **{kw: cache}, use_cache=True).logits]
         for i in range(8, ids.shape[1]):
-            steps.append(model(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits)
+            steps.append(model(ids[:, i:i + 1], **{kw: cache}, use_cache=True).logits)
     got = torch.cat(steps, dim=1)
     assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-4
 
