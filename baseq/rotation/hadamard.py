@@ -180,9 +180,9 @@ def _sylvester(p: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor
 
 def _kron_factors(m: int, p: int) -> list[int]:
     """H_n = H_m ⊗ H_p1 ⊗ H_p2 ⊗ ... (Sylvester is Kronecker-closed): the Paley core first, then the fewest
-    Sylvester factors of order ≤ _MAX_FACTOR, as equal as powers of two allow, the larger ones last. Balanced on purpose: a
-    small factor in the middle or at the end leaves a batched GEMM with a tiny inner size — 256 as 128 × 2 took
-    54× the time of 16 × 16 on [512, 256] rows, 2,048 as 128 × 16 2.7× that of 32 × 64 (2 threads, AMD EPYC)."""
+    Sylvester factors of order ≤ _MAX_FACTOR, as equal as powers of two allow, the larger ones last. Balanced on
+    purpose: a small factor left at the end makes a batched GEMM with a tiny inner size — 256 as 128 × 2 took 11–29×
+    the time of 16 × 16 at 2,048–512 rows, 2,048 as 128 × 16 1.4–1.15× that of 32 × 64 (docs/RESULTS.md, Gemma 3)."""
     factors = [m] if m > 1 else []
     bits, cap = p.bit_length() - 1, _MAX_FACTOR.bit_length() - 1
     count = -(-bits // cap)
