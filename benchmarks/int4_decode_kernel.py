@@ -12,27 +12,16 @@ exact integer sums, for Qwen2.5-1.5B's stacked gate/up, down and q/k/v shapes:
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 import checkout  # noqa: F401,E402  (benchmarks/checkout.py: this checkout's baseq first)
 
 from baseq.runtime.kernels import int_mm
+from int8_row_kernel import median_ms  # noqa: E402  (a sibling script: one warm-up call, then the median)
 
 SHAPES = [("gate/up", 17920, 1536), ("down", 1536, 8960), ("q/k/v", 2048, 1536)]
 GROUP = 256  # a group size the kernel takes (32, 64, 128 or 256) dividing every K above
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
 
 
 def main() -> None:
