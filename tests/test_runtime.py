@@ -117,6 +117,25 @@ def test_int_linear_never_calls_a_float_or_int32_matmul(monkeypatch):
     assert calls == [(torch.int8, torch.int8)]
 
 
+@pytest.mark.parametrize("m, n, k", [(1, 24, 32), (3, 20, 30), (40, 16, 64)])
+def test_the_padded_int8_gemm_for_cuda_copies_the_weight_only_for_odd_shapes(m, n, k, monkeypatch):
+    """CUDA's int8 kernel needs M > 16 and K, N multiples of 8; the padding path (run here on the CPU) gives the
+    plain product, and touches the weight only when K or N needs it — a decode step must not copy its weights."""
+    import torch.nn.functional as F
+
+    from baseq.runtime.kernels import padded_int_mm
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-15, 16, (m, k), generator=g).to(torch.int8)
+    w = torch.randint(-15, 16, (n, k), generator=g).to(torch.int8)
+    padded, real = [], F.pad
+    monkeypatch.setattr(F, "pad", lambda t, p, *r, **kw: padded.append(tuple(t.shape)) or real(t, p, *r, **kw))
+    got = padded_int_mm(a, w)
+    assert got.shape == (m, n) and torch.equal(got, a.int() @ w.int().t())
+    assert ((n, k) in padded) == bool(n % 8 or k % 8)
+    assert ((m, k) in padded) == bool(m <= 16 or k % 8)
+
+
 # ------------------------------------------------------------------------------------------------ KV cache
 
 

@@ -111,14 +111,25 @@ def unpack_nibbles(packed: Tensor, n: int) -> Tensor:
 
 def int_mm(a: Tensor, w: Tensor) -> Tensor:
     """``a [M, K] int8 @ w[N, K]ᵀ int8 → int32`` with ``torch._int_mm`` (w is used column-major, its fast layout on
-    the CPU). CUDA's kernel needs M > 16 and K, N multiples of 8: rows/columns of zeros are added there."""
+    the CPU)."""
     if a.device.type != "cuda":
         return torch._int_mm(a, w.t())
+    return padded_int_mm(a, w)
+
+
+def padded_int_mm(a: Tensor, w: Tensor) -> Tensor:
+    """:func:`int_mm` for CUDA's kernel, which needs M > 16 and K, N multiples of 8: rows / columns of zeros are
+    added where a shape needs them — to the weight only when K or N does (never for real models' shapes: a padded
+    copy of the weight on every call, as ``F.pad`` makes even with nothing to add, would cost a decode step a full
+    extra read and write of its weights)."""
     m, k = a.shape
     n = w.shape[0]
     pk, pn, pm = -k % 8, -n % 8, max(0, 17 - m)
-    out = torch._int_mm(F.pad(a, (0, pk, 0, pm)), F.pad(w, (0, pk, 0, pn)).t())
-    return out[:m, :n]
+    if pk or pm:
+        a = F.pad(a, (0, pk, 0, pm))
+    if pk or pn:
+        w = F.pad(w, (0, pk, 0, pn))
+    return torch._int_mm(a, w.t())[:m, :n]
 
 
 class IntLinear(nn.Module):
