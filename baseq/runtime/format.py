@@ -55,3 +55,10 @@ def read_meta(path: Path, required: tuple[str, ...] = ("format",)) -> dict:
     if missing:
         raise BaseqError(f"'{f}' is missing the field(s) {', '.join(missing)}")
     return meta
+
+
+def model_record(meta: dict, **extra) -> dict:
+    """What a loaded model says about itself (``model.baseq_config``): method, bits, and the code that made it
+    when ``baseq.json`` records one."""
+    return {"method": meta.get("method", "?"), "bits": meta.get("bits", "?"), **extra,
+            **({"made_by": meta["made_by"]} if "made_by" in meta else {})}

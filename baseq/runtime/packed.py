@@ -60,7 +60,7 @@ from ..rotation.fuse import (
     residual_rotation,
 )
 from ..rotation.hadamard import has_hadamard
-from .format import PACKED_FORMAT, check_out_dir, read_meta
+from .format import PACKED_FORMAT, check_out_dir, model_record, read_meta
 from .kernels import IntLinear, keep_freed_memory, pack_nibbles, unpack_nibbles
 from .kvcache import QuantizedKVCache
 from .modules import (
@@ -484,8 +484,7 @@ def load_packed(path: Path, meta: dict | None = None, device="cpu"):
     model.config._attn_implementation = "sdpa"
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
-    model.baseq_config = {"method": meta.get("method", "?"), "bits": meta.get("bits", "?"), "format": PACKED_FORMAT,
-                          **({"made_by": meta["made_by"]} if "made_by" in meta else {})}
+    model.baseq_config = model_record(meta, format=PACKED_FORMAT)
     model.baseq_kv_specs = kv_specs
     model.tie_weights = lambda *a, **k: None  # the runtime shares a tied table itself (no embed_tokens.weight here)
     _default_quantized_cache(model)

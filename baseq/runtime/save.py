@@ -21,7 +21,7 @@ from torch import nn
 from ..io import atomic_dir, read_safetensors, write_json, write_safetensors
 from ..quant.qmodel import ActSpec, quantize_structure
 from ..rotation.fuse import ResidualRotation, install_end_rotations, residual_rotation
-from .format import FAKE_FORMAT, FAKE_FORMAT_V1, check_out_dir, read_meta
+from .format import FAKE_FORMAT, FAKE_FORMAT_V1, check_out_dir, model_record, read_meta
 
 TIED_KEY = "lm_head.weight"
 
@@ -88,8 +88,7 @@ def load_fake(path: Path, meta: dict, dtype=torch.float32, device="cpu"):
         model.lm_head.weight = model.model.get_input_embeddings().weight
     for p in model.parameters():
         p.requires_grad_(False)
-    model.baseq_config = {"method": meta.get("method", "?"), "bits": meta.get("bits", "?"),
-                          **({"made_by": meta["made_by"]} if "made_by" in meta else {})}
+    model.baseq_config = model_record(meta)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.to(device=device, dtype=dtype).eval(), tokenizer
 
