@@ -19,6 +19,7 @@ import torch
 
 import checkout  # noqa: F401,E402  (benchmarks/checkout.py: this checkout's baseq first)
 
+from baseq.rotation import hadamard  # noqa: E402
 from baseq.rotation.hadamard import _core, _factors_or_raise, _kron_factors, _sylvester, hadamard_transform
 
 
@@ -45,17 +46,13 @@ def greedy_factors(m: int, p: int) -> list[int]:
 
 
 def greedy(x: torch.Tensor) -> torch.Tensor:
-    """Today's axis-wise schedule on the earlier greedy split (a small factor left last)."""
-    n = x.shape[-1]
-    m, p = _factors_or_raise(n)
-    y, before, after = x.reshape(-1, n), x.numel() // n, n
-    for k, f in enumerate(greedy_factors(m, p)):
-        h = _core(m, y.dtype, y.device) if (k == 0 and m > 1) else _sylvester(f, y.dtype, y.device)
-        h = h * (1.0 / math.sqrt(n)) if k == 0 else h
-        after //= f
-        y = y.reshape(-1, f) @ h.T if after == 1 else torch.matmul(h, y.reshape(before, f, after))
-        before *= f
-    return y.reshape(x.shape)
+    """baseq's own transform with the earlier greedy split of the Sylvester part (a small factor left last): the
+    library's loop, only its factor list swapped while it runs."""
+    saved, hadamard._kron_factors = hadamard._kron_factors, greedy_factors
+    try:
+        return hadamard_transform(x)
+    finally:
+        hadamard._kron_factors = saved
 
 
 def main() -> None:
