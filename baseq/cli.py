@@ -211,12 +211,54 @@ def default_out(args, cfg) -> Path:
     return Path("out") / f"{name}-{cfg.label}-{cfg.bits.label}"
 
 
+def choose_lazy(args, cfg) -> None:
+    """``--lazy`` / ``--no-lazy`` as given; neither: lazy when the whole model would not fit in the memory available
+    (:func:`~baseq.models.loading.eager_peak`, times the ranks started on this machine) — one note line — or, where a
+    lazy run is not possible, one warning line and the eager run."""
+    if args.lazy is not None:
+        return
+    args.lazy = False
+    from .device import available_memory
+    from .models.loading import eager_peak
+    from .runtime.format import is_saved_folder
+
+    have = available_memory()
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if have is None or is_saved_folder(Path(args.model).expanduser()):
+        return
+    need = eager_peak(args.model, args.dtype, have // ranks)
+    if need is None or need * ranks <= have:
+        return
+    main = int(os.environ.get("RANK", "0")) == 0
+    what = (f"the whole model needs ~{need * ranks / 1e9:.1f} GB of memory{f' ({ranks} ranks)' if ranks > 1 else ''}"
+            f", {have / 1e9:.1f} GB are available")
+    try:
+        from .calibrate.rotations import check_lazy
+
+        check_lazy(cfg)
+    except BaseqError as e:
+        why = str(e).split(":")[0]
+        if main:
+            print(f"baseq: warning: {what}; it may run out of memory ({why})", file=sys.stderr)
+        return
+    if args.tasks:
+        if main:
+            print(f"baseq: warning: {what}; it may run out of memory (--tasks needs it whole: drop --tasks and "
+                  f"run 'baseq eval --tasks' on the result)", file=sys.stderr)
+        return
+    args.lazy = True
+    if main and not args.quiet:
+        print(f"baseq: {what}: reading its blocks one at a time (--lazy; the same result; --no-lazy loads it whole)",
+              file=sys.stderr)
+
+
 def cmd_quantize(args) -> int:
     from .calibrate.comm import from_env, launched_by_torchrun
     from .device import check_device
 
     cfg = config_from_args(args)
     device = check_device(args.device)
+    choose_lazy(args, cfg)
     if args.tasks and (launched_by_torchrun() or args.lazy):
         raise BaseqError(f"--tasks is not run {'under torchrun' if not args.lazy else 'with --lazy'}: evaluate the "
                          f"written model with 'baseq eval --model OUT --tasks ...' instead")
@@ -432,9 +474,10 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     add_config_flags(g, ("bits", ""))  # BitsConfig's flags (--w-bits ... --embed-bits, --kv-shift), then --seed
     g = p.add_argument_group("calibration")
     add_config_flags(g, ("calib", "gptq", "rotation", "smooth"))
-    g.add_argument("--lazy", action="store_true",
+    g.add_argument("--lazy", action=argparse.BooleanOptionalAction,
                    help="for models larger than RAM: read the blocks one at a time from the model's safetensors or "
-                        "GGUF file(s); finished blocks wait on disk beside --out until written")
+                        "GGUF file(s); finished blocks wait on disk beside --out until written (default: when the "
+                        "whole model would not fit in the memory available; the result is the same)")
     g.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
                    help="under torchrun: how long a rank waits for the others before failing (default 1800)")
     g = p.add_argument_group("BASE-Q training (method baseq)")

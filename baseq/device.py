@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from pathlib import Path
 
 import torch
 
@@ -40,6 +41,27 @@ def check_device(spec: str | torch.device) -> torch.device:
     if available is None or not available():
         raise BaseqError(f"--device {spec}: no {device.type} device is available here (use --device cpu)")
     return device
+
+
+def available_memory() -> int | None:
+    """Bytes of host memory a new process could still take: Linux's ``MemAvailable``, lowered to the cgroup's
+    remaining limit inside a container with one (cgroup v2 ``memory.max − memory.current``); None where unknown."""
+    have = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    have = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if have is not None and limit != "max":
+            have = min(have, int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return have
 
 
 def release_memory() -> None:

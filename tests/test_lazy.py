@@ -20,7 +20,7 @@ from baseq.eval.perplexity import nll_sum
 from baseq.io import write_safetensors
 from baseq.models.adapter import LlamaAdapter
 from baseq.models.lazy import open_lazy, park_folder
-from baseq.models.loading import load_model
+from baseq.models.loading import EAGER_OVERHEAD, eager_peak, load_model
 from baseq.testing import (FAMILIES, byte_tokenizer, folder_tensors, save_tiny_gguf, save_tiny_model, tiny_llama,
                            tiny_model)
 
@@ -159,6 +159,75 @@ def test_write_safetensors_streams_any_dtype(tmp_path):
     back = load_file(tmp_path / "x.safetensors")
     assert len(calls) == 2 and back.keys() == tensors.keys()
     assert all(torch.equal(back[k], v) for k, v in tensors.items())
+
+
+# ---------------------------------------------------------------- lazy by default when the model does not fit
+
+def test_eager_peak_is_read_from_headers(sharded_dir, tmp_path):
+    n = sum(p.numel() for p in tiny_llama(**SHAPE).parameters())
+    assert eager_peak(str(sharded_dir)) == 2 * 4 * n + EAGER_OVERHEAD
+    assert eager_peak(str(sharded_dir), "bf16") == 2 * 2 * n + EAGER_OVERHEAD
+    gguf_file = save_tiny_gguf(tmp_path / "t.gguf", **SHAPE)  # its tied table is stored once, like the model's
+    size = gguf_file.stat().st_size
+    assert eager_peak(str(gguf_file), have=10**12) == 2 * 4 * (4 * size) + EAGER_OVERHEAD  # fits by its size alone
+    assert eager_peak(str(gguf_file), have=0) == 2 * 4 * n + EAGER_OVERHEAD  # in doubt: its tensor table, exact
+    assert eager_peak(str(tmp_path / "missing")) is None and eager_peak("owner/hub-id") is None
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF" + bytes(20))
+    assert eager_peak(str(tmp_path / "bad.gguf"), have=0) is None  # loading it says what is wrong
+
+
+@pytest.mark.skipif(not Path("/proc/meminfo").is_file(), reason="no /proc/meminfo here")
+def test_available_memory_is_read():
+    from baseq.device import available_memory
+
+    assert 10**8 < available_memory() < 10**14
+
+
+@pytest.fixture
+def opened(monkeypatch):
+    """Records each lazy opening."""
+    import baseq.models.lazy as lazy_module
+
+    calls = []
+    real = lazy_module.open_lazy
+    monkeypatch.setattr(lazy_module, "open_lazy", lambda *a, **k: calls.append(a) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("flag", [None, "--no-lazy"])
+def test_quantize_reads_blocks_lazily_when_the_model_does_not_fit(flag, sharded_dir, text_file, tmp_path, opened,
+                                                                  monkeypatch, capsys):
+    common = ["quantize", "--model", str(sharded_dir), "--calib-data", text_file, "--calib-samples", "4",
+              "--calib-seqlen", "32", "--epochs", "1", "--no-eval"]
+    assert main(common + ["--quiet", "--out", str(tmp_path / "fits")]) == 0  # this machine has room for it
+    assert opened == [] and capsys.readouterr().err == ""
+    monkeypatch.setattr("baseq.device.available_memory", lambda: EAGER_OVERHEAD)  # no room for the weights
+    assert main(common + ([flag] if flag else []) + ["--out", str(tmp_path / "tight")]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "GB are available" in line]
+    if flag:  # asked for: loaded whole, nothing said
+        assert opened == [] and notes == []
+    else:
+        assert len(opened) == 1 and len(notes) == 1 and "reading its blocks one at a time (--lazy" in notes[0]
+    a, b = folder_tensors(tmp_path / "fits"), folder_tensors(tmp_path / "tight")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("case", ["spinquant", "tasks", "quiet"])
+def test_no_room_but_no_lazy_run_is_one_warning(case, sharded_dir, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from baseq.cli import choose_lazy
+
+    monkeypatch.setattr("baseq.device.available_memory", lambda: 10**6)
+    args = SimpleNamespace(lazy=None, model=str(sharded_dir), dtype="float32", tasks="piqa" if case == "tasks" else None,
+                           quiet=case == "quiet")
+    choose_lazy(args, QuantizeConfig.from_dict({"method": "spinquant" if case == "spinquant" else "baseq"}))
+    err = capsys.readouterr().err.strip().splitlines()
+    if case == "quiet":  # a lazy run, said nothing about
+        assert args.lazy is True and err == []
+        return
+    assert args.lazy is False and len(err) == 1 and err[0].startswith("baseq: warning: the whole model needs ~")
+    assert "may run out of memory" in err[0] and ("end-to-end" in err[0] if case == "spinquant" else "--tasks" in err[0])
 
 
 # ---------------------------------------------------------------- one block on the device
