@@ -122,11 +122,30 @@ def cmd_eval(args) -> int:
                 getattr(args, "standard_dir", None))
     if args.seqlen < 2:
         raise BaseqError(f"--seqlen must be at least 2 (got {args.seqlen})")
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    lazy = None
+    what = too_big(args, copies=1)
+    if what and args.tasks:
+        print(f"baseq: warning: {what}; it may run out of memory (zero-shot tasks need the whole model)",
+              file=sys.stderr)
+    elif what:  # perplexity block by block, each read from the files when its turn comes: the same numbers
+        from .models.lazy import open_lazy
+
+        if not args.quiet:
+            print(f"baseq: {what}: reading its blocks one at a time", file=sys.stderr)
+        lazy, tokenizer = open_lazy(args.model, dtype=args.dtype)
+        model = lazy.model
+    else:
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     check_context(model, args.seqlen, "--seqlen")
     windows = eval_windows(tokenizer, args.data, args.seqlen, args.windows)
     t0 = time.perf_counter()
-    ppl = perplexity(model, windows, batch_size=args.batch_size, device=args.device, progress=not args.quiet)
+    if lazy is not None:
+        from .calibrate.comm import Communicator
+
+        blocks = lambda: ((i, lazy.load_block(i)) for i in range(len(lazy)))  # noqa: E731
+        ppl = sharded_perplexity(model, windows, args.batch_size, args.device, Communicator(), False, blocks)
+    else:
+        ppl = perplexity(model, windows, batch_size=args.batch_size, device=args.device, progress=not args.quiet)
     seconds = time.perf_counter() - t0
     result = {"model": args.model, "data": args.data, "seqlen": args.seqlen, "windows": args.windows,
               "tokens": int(windows.numel()), "ppl": ppl, "seconds": round(seconds, 2)}
@@ -211,13 +230,10 @@ def default_out(args, cfg) -> Path:
     return Path("out") / f"{name}-{cfg.label}-{cfg.bits.label}"
 
 
-def choose_lazy(args, cfg) -> None:
-    """``--lazy`` / ``--no-lazy`` as given; neither: lazy when the whole model would not fit in the memory available
-    (:func:`~baseq.models.loading.eager_peak`, times the ranks started on this machine) — one note line — or, where a
-    lazy run is not possible, one warning line and the eager run."""
-    if args.lazy is not None:
-        return
-    args.lazy = False
+def too_big(args, copies: int) -> str | None:
+    """None when ``copies`` of the model ``args.model`` (plus the process) fit in the memory available, times the
+    ranks started on this machine, or when that cannot be told (a packed folder, a hub id); else the words saying
+    how much is needed and how much there is."""
     from .device import available_memory
     from .models.loading import eager_peak
     from .runtime.format import is_saved_folder
@@ -225,13 +241,24 @@ def choose_lazy(args, cfg) -> None:
     have = available_memory()
     ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if have is None or is_saved_folder(Path(args.model).expanduser()):
-        return
-    need = eager_peak(args.model, args.dtype, have // ranks)
+        return None
+    need = eager_peak(args.model, args.dtype, have // ranks, copies)
     if need is None or need * ranks <= have:
+        return None
+    return (f"the whole model needs ~{need * ranks / 1e9:.1f} GB of memory{f' ({ranks} ranks)' if ranks > 1 else ''}"
+            f", {have / 1e9:.1f} GB are available")
+
+
+def choose_lazy(args, cfg) -> None:
+    """``--lazy`` / ``--no-lazy`` as given; neither: lazy when the whole model would not fit in the memory available
+    (:func:`too_big`) — one note line — or, where a lazy run is not possible, one warning line and the eager run."""
+    if args.lazy is not None:
+        return
+    args.lazy = False
+    what = too_big(args, copies=2)
+    if what is None:
         return
     main = int(os.environ.get("RANK", "0")) == 0
-    what = (f"the whole model needs ~{need * ranks / 1e9:.1f} GB of memory{f' ({ranks} ranks)' if ranks > 1 else ''}"
-            f", {have / 1e9:.1f} GB are available")
     try:
         from .calibrate.rotations import check_lazy
 

@@ -212,6 +212,18 @@ def test_quantize_reads_blocks_lazily_when_the_model_does_not_fit(flag, sharded_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_eval_streams_blocks_when_the_model_does_not_fit(sharded_dir, text_file, tmp_path, opened, monkeypatch,
+                                                         capsys):
+    common = ["eval", "--model", str(sharded_dir), "--data", text_file, "--seqlen", "32", "--windows", "3"]
+    assert main(common + ["--quiet", "--json", str(tmp_path / "whole.json")]) == 0
+    assert opened == []
+    monkeypatch.setattr("baseq.device.available_memory", lambda: EAGER_OVERHEAD)
+    assert main(common + ["--json", str(tmp_path / "lazy.json")]) == 0
+    assert len(opened) == 1 and "GB are available: reading its blocks one at a time" in capsys.readouterr().err
+    whole, lazy = (json.loads((tmp_path / f).read_text()) for f in ("whole.json", "lazy.json"))
+    assert lazy["ppl"] == whole["ppl"] and lazy["tokens"] == whole["tokens"]
+
+
 @pytest.mark.parametrize("case", ["spinquant", "tasks", "quiet"])
 def test_no_room_but_no_lazy_run_is_one_warning(case, sharded_dir, monkeypatch, capsys):
     from types import SimpleNamespace
