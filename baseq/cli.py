@@ -540,6 +540,9 @@ def cmd_generate(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if what := too_big(args, copies=1):
+        print(f"baseq: warning: {what}; it may run out of memory (a packed folder from 'baseq quantize' runs in "
+              f"less than half)", file=sys.stderr)
     model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
     ids = prompt_ids(tokenizer, args.prompt, args.chat)
 

@@ -224,6 +224,13 @@ def test_eval_streams_blocks_when_the_model_does_not_fit(sharded_dir, text_file,
     assert lazy["ppl"] == whole["ppl"] and lazy["tokens"] == whole["tokens"]
 
 
+def test_generate_warns_when_the_model_does_not_fit(sharded_dir, monkeypatch, capsys):
+    monkeypatch.setattr("baseq.device.available_memory", lambda: EAGER_OVERHEAD)
+    assert main(["generate", "--model", str(sharded_dir), "--prompt", "ab", "--max-new-tokens", "2", "--quiet"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("baseq: warning: the whole model needs ~") and "less than half" in err[0]
+
+
 @pytest.mark.parametrize("case", ["spinquant", "tasks", "quiet"])
 def test_no_room_but_no_lazy_run_is_one_warning(case, sharded_dir, monkeypatch, capsys):
     from types import SimpleNamespace
