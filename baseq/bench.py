@@ -14,6 +14,7 @@ import argparse
 import json
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -83,7 +84,10 @@ def run_worker(spec: str, prefill: int, decode: int, repeats: int, threads: int,
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         said = (proc.stderr or proc.stdout).strip().splitlines()
-        raise BaseqError(f"benchmarking '{spec}' failed: {said[-1] if said else f'exit code {proc.returncode}'}")
+        why = said[-1] if said else f"exit code {proc.returncode}"
+        if proc.returncode == -signal.SIGKILL:  # what the kernel's out-of-memory killer sends
+            why = "its process was killed (SIGKILL: out of memory?)"
+        raise BaseqError(f"benchmarking '{spec}' failed: {why}")
     return json.loads(lines[-1])
 
 

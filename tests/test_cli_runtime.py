@@ -122,6 +122,15 @@ def test_bench_bad_model_is_one_line(tmp_path, capsys):
     _one_error_line(capsys.readouterr().err, "benchmarking", "unknown model")
 
 
+def test_bench_worker_killed_for_memory_is_one_line(tiny_model_dir, monkeypatch, capsys):
+    import subprocess
+
+    killed = subprocess.CompletedProcess([], returncode=-9, stdout="", stderr="")
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: killed)  # as the out-of-memory killer leaves it
+    assert main(["bench", "--model", str(tiny_model_dir), "--baseline", "none", "--quiet"]) == 2
+    _one_error_line(capsys.readouterr().err, "benchmarking", "killed (SIGKILL: out of memory?)")
+
+
 def test_eval_refuses_a_seqlen_past_the_context(tiny_model_dir, text_file, capsys):
     assert main(["eval", "--model", str(tiny_model_dir), "--data", str(text_file), "--seqlen", "100000",
                  "--quiet"]) == 2
