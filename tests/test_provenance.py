@@ -62,6 +62,13 @@ def test_code_id_is_the_version_and_a_hash_of_the_sources():
     assert made_by({cid}) == {"code": cid} and made_by({cid, OTHER})["mixed_with"] == [OTHER]
 
 
+def test_resumed_blocks_are_named_as_spans():  # interleaved codes after several resumes: no overlapping ranges
+    from baseq.calibrate.engine import block_spans
+
+    assert block_spans([7, 0, 1, 2, 5, 8]) == "blocks 0–2, 5, 7–8"
+    assert block_spans([3]) == "block 3" and block_spans([3, 4]) == "blocks 3–4"
+
+
 def test_a_run_resumed_across_code_says_so_and_its_folder_records_both(tiny_model_dir, text_file, tmp_path,
                                                                           monkeypatch, capsys):
     """The packed folder, the quantize report and each block's log name the code; a crashed run whose finished

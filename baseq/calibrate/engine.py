@@ -281,6 +281,18 @@ class Checkpoint:
         return acts["fp"], acts["q"], log
 
 
+def block_spans(blocks: list[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` → ``"blocks 0–2, 5, 7–8"`` (``"block 5"`` for one)."""
+    spans, blocks = [], sorted(blocks)
+    for b in blocks:
+        if spans and b == spans[-1][1] + 1:
+            spans[-1][1] = b
+        else:
+            spans.append([b, b])
+    text = ", ".join(f"{a}–{z}" if z > a else f"{a}" for a, z in spans)
+    return f"block {text}" if len(blocks) == 1 else f"blocks {text}"
+
+
 def calibrate_blocks(model: nn.Module, ad: ModelAdapter, windows: torch.Tensor, stages: list[Stage], *,
                      device="cpu", batch_size: int = 4, work_dir: Path | None = None, fingerprint: str = "",
                      resume: bool = False, progress: bool = True, log_fn=print, offload_dir: Path | None = None,
@@ -311,8 +323,7 @@ def calibrate_blocks(model: nn.Module, ad: ModelAdapter, windows: torch.Tensor, 
         start = done + 1
         say(f"resuming after block {done}")
         for code in sorted({e["code"] for e in log}):
-            made = [e["block"] for e in log if e["code"] == code]
-            if warning := mixed_code(code, f"blocks {made[0]}–{made[-1]}" if len(made) > 1 else f"block {made[0]}"):
+            if warning := mixed_code(code, block_spans([e["block"] for e in log if e["code"] == code])):
                 say(warning)
     else:
         q_in = fp_in
