@@ -373,6 +373,7 @@ def quantize_command(args, cfg, device, comm) -> int:
                             work_dir=work_dir, resume=args.resume, progress=not quiet,
                             log_fn=log, windows=calib, comm=comm, lazy=lazy)
     layers = quantized_layers(model, cfg, work_dir, lazy) if lazy else None
+    result["config"] = report["config"]  # with "auto" settings settled for this model
     result["calib_seconds"] = report["calib_seconds"]
     result["blocks"] = report["blocks"]
     if "rotation" in report:  # learned rotations: their training log (losses per step, budget)
@@ -390,7 +391,7 @@ def quantize_command(args, cfg, device, comm) -> int:
                 result["tasks"] = run_zero_shot(model, tokenizer, args)
                 result.update(task_summary(result["tasks"]))
         save_output(model, tokenizer, cfg, out, args.format, {"method": cfg.label, "bits": cfg.bits.label,
-                                                              "config": cfg.to_dict(), "model": args.model,
+                                                              "config": result["config"], "model": args.model,
                                                               "made_by": result["made_by"]}, layers,
                     (lambda: lazy.ends_parked(park_folder(work_dir, comm.rank))) if lazy else None)
         result.update(out=str(out), format=args.format, disk_mb=round(folder_bytes(out) / 2**20, 1),

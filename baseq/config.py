@@ -13,8 +13,8 @@ from .errors import BaseqError
 from .methods import METHOD_REGISTRY, METHODS, ROTATION_SOURCES, ROTATIONS, Method
 
 WEIGHTS = ("rtn", "gptq", "gptaq")  # gptaq: GPTQ fitted to the FP model's output (asymmetric calibration)
-LOSSES = ("mse", "token", "both")  # BASE-Q block loss: plain MSE, per-token relative MSE, or their sum as
-# relative errors (calibrate/stages.block_loss)
+LOSSES = ("auto", "mse", "token", "both")  # BASE-Q block loss: plain MSE, per-token relative MSE, or their sum as
+# relative errors (calibrate/stages.block_loss); auto: by the model's family (calibrate/pipeline.train_loss)
 BIAS_INITS = ("zero", "mean")  # BASE-Q bias start: zero, or the channel mean over calibration tokens
 TRAIN_INPUTS = ("fp", "quant")  # BASE-Q trains on the full-precision block inputs or the quantized model's
 EMBED_BITS = (16, 8)  # embedding table and LM head: fp16, or int8 per row
@@ -242,9 +242,10 @@ class TrainConfig:
     lr_clip: float = field(default=1e-1, metadata=flag("--lr-clip", "learning rate of the clipping parameters"))
     lr_bias: float = field(default=1e-1, metadata=flag("--lr-bias", "learning rate of the biases"))
     lr_scale: float = field(default=1e-2, metadata=flag("--lr-scale", "learning rate of the asymmetric scales"))
-    loss: str = field(default="mse", metadata=flag(  # see calibrate/stages.block_loss
+    loss: str = field(default="auto", metadata=flag(  # see calibrate/stages.block_loss
         "--train-loss", "block loss: mse; token (MSE per token relative to the target token's energy); both "
-        "(the relative total error plus token)",
+        "(the relative total error plus token); auto (default): token for families with post-norms (Gemma 2/3, "
+        "OLMo 2), mse otherwise",
         choices=LOSSES))
     # train on the full-precision block inputs ("fp") or the quantized model's ("quant")
     inputs: str = field(default="fp", metadata=flag(

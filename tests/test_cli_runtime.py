@@ -55,6 +55,18 @@ def test_quantize_writes_a_packed_folder_that_eval_runs(packed, text_file, tmp_p
     assert ev["method"] == "quarot-rtn"
 
 
+def test_the_folder_and_report_record_the_settled_block_loss(text_file, tmp_path):
+    from baseq.testing import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "gemma3", "gemma3", layers=1)
+    args = ["quantize", "--model", str(model), "--calib-data", str(text_file), "--calib-samples", "2",
+            "--calib-seqlen", "16", "--epochs", "1", "--no-eval", "--quiet", "--out", str(tmp_path / "o"),
+            "--json", str(tmp_path / "r.json")]
+    assert main(args) == 0
+    meta, report = (json.loads(p.read_text()) for p in (tmp_path / "o" / "baseq.json", tmp_path / "r.json"))
+    assert meta["config"]["train"]["loss"] == report["config"]["train"]["loss"] == "token"  # auto: post-norms
+
+
 def test_fake_format_still_available(tiny_model_dir, text_file, tmp_path):
     out = tmp_path / "fake"
     assert main(_quantize(tiny_model_dir, text_file, out, "--format", "fake", "--no-eval")) == 0

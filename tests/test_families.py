@@ -74,6 +74,27 @@ def _quantize(family: str, text_file: str, method: str, **bits):
     return model, cfg
 
 
+@pytest.mark.parametrize("family,loss,expected", [("gemma3", "auto", "token"), ("olmo2", "auto", "token"),
+                                                   ("llama", "auto", "mse"), ("qwen2", "auto", "mse"),
+                                                   ("gemma3", "mse", "mse"), ("llama", "both", "both")])
+def test_the_default_block_loss_is_settled_by_the_family(family, loss, expected, text_file, monkeypatch):
+    import baseq.calibrate.stages as stages
+
+    seen = []
+    real = stages.block_loss
+    monkeypatch.setattr(stages, "block_loss", lambda out, target, kind="mse": seen.append(kind) or real(out, target,
+                                                                                                       kind))
+    model = tiny_model(family, layers=1)
+    cfg = QuantizeConfig(calib=CalibConfig(data=text_file, samples=2, seqlen=16, batch_size=2),
+                         train=TrainConfig(epochs=1, loss=loss))
+    said = []
+    report = quantize_model(model, byte_tokenizer(), cfg, progress=False, log_fn=said.append)
+    assert set(seen) == {expected} and report["config"]["train"]["loss"] == expected
+    assert any(m.startswith("block loss: token (--train-loss auto") for m in said) == (loss == "auto"
+                                                                                       and expected == "token")
+    assert cfg.train.loss == loss  # the caller's config is not changed
+
+
 def _save(model, cfg, out: Path) -> Path:
     b = cfg.bits
     return save_packed(model, byte_tokenizer(), out, act_spec(cfg), {"method": cfg.label, "bits": b.label},

@@ -16,6 +16,7 @@ ostquant    R1–R4 + scales (ostquant) GPTQ (``weights``)
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import tempfile
@@ -42,7 +43,7 @@ from .engine import BlockContext, Checkpoint, calibrate_blocks, on_device
 from .learned_rotations import TrainingCheckpoint
 from .rotations import Rotate, check_lazy, learn_rotations
 from .smooth import SmoothStage
-from .stages import BaseqTrainStage, GPTQStage, KeepGateStage, KVShiftStage, RTNStage
+from .stages import BaseqTrainStage, GPTQStage, KeepGateStage, KVShiftStage, RTNStage, settled_loss
 from .transforms import CompensatedTransformStage
 
 
@@ -165,6 +166,13 @@ def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, model_spec: str = "
     report = {"method": cfg.label, "bits": cfg.bits.label}
     ad = check_model(model, cfg)  # fail early, with a clear message, on unsupported architectures / group sizes
     kv_shift = report["kv_shift"] = kv_shift_on(cfg, ad)  # (the model as loaded: every linear gets a bias later)
+    loss = settled_loss(cfg.train.loss, bool(ad.spec.post_norms))
+    if cfg.spec.baseq_stages and loss != cfg.train.loss:  # "auto", settled for this model
+        cfg = copy.deepcopy(cfg)
+        cfg.train.loss = loss
+        if comm.is_main and loss == "token":
+            log_fn(f"block loss: token (--train-loss auto: {ad.spec.family}'s sublayers end in post-norms)")
+    report["config"] = cfg.to_dict()  # as run
     quantize_ends(ad, cfg.bits.embed_bits)
     rotate = None
     if cfg.rotate and ROTATION_SOURCES[cfg.rotation_source].whole_model:  # learned from the whole model first

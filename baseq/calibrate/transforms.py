@@ -23,7 +23,7 @@ from torch.func import functional_call
 from ..models.adapter import layer_spec, linears
 from ..quant.quantizer import WeightQuantConfig, fake_quantize_weight
 from .engine import BlockContext
-from .stages import block_loss, training_set
+from .stages import block_loss, settled_loss, training_set
 from .train import fit
 
 
@@ -97,7 +97,7 @@ class CompensatedTransformStage:
         self.wcfg = WeightQuantConfig(bits=wcfg.bits, group_size=wcfg.group_size, sym=wcfg.sym, clip_search=False)
         self.epochs, self.lr, self.batch_size = epochs, lr, batch_size
         self.rotation, self.scales, self.seed, self.samples = rotation, scales, seed, samples
-        self.loss_kind = loss
+        self.loss_kind = settled_loss(loss)
 
     def run(self, ctx: BlockContext) -> None:
         layer = ctx.layer
