@@ -14,7 +14,7 @@ from .methods import METHOD_REGISTRY, METHODS, ROTATION_SOURCES, ROTATIONS, Meth
 
 WEIGHTS = ("rtn", "gptq", "gptaq")  # gptaq: GPTQ fitted to the FP model's output (asymmetric calibration)
 LOSSES = ("auto", "mse", "token", "both")  # BASE-Q block loss: plain MSE, per-token relative MSE, or their sum as
-# relative errors (calibrate/stages.block_loss); auto: by the model's family (calibrate/pipeline.train_loss)
+# relative errors (calibrate/stages.block_loss); auto: by the model's family (calibrate/stages.settled_loss)
 BIAS_INITS = ("zero", "mean")  # BASE-Q bias start: zero, or the channel mean over calibration tokens
 TRAIN_INPUTS = ("fp", "quant")  # BASE-Q trains on the full-precision block inputs or the quantized model's
 EMBED_BITS = (16, 8)  # embedding table and LM head: fp16, or int8 per row

@@ -220,8 +220,8 @@ def training_set(ctx: BlockContext, samples: int, inputs: str = "fp") -> tuple[t
 
 def settled_loss(kind: str, post_norms: bool = False) -> str:
     """``--train-loss``'s ``auto`` for a model family: the per-token relative MSE where the sublayers end in a
-    post-norm — on Gemma 3 270M plain MSE lost to QuaRot-GPTQ itself (docs/RESULTS.md: two seeds, both texts and
-    zero-shot) — and plain MSE elsewhere (it won at 135M and 1.5B); any other kind as it is."""
+    post-norm — on Gemma 3 270M plain MSE lost to it on both texts at two seeds and in zero-shot (docs/RESULTS.md)
+    — and plain MSE elsewhere (it won at 135M and 1.5B); any other kind as it is."""
     return kind if kind != "auto" else "token" if post_norms else "mse"
 
 
