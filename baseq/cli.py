@@ -142,8 +142,7 @@ def cmd_eval(args) -> int:
     if lazy is not None:
         from .calibrate.comm import Communicator
 
-        blocks = lambda: ((i, lazy.load_block(i)) for i in range(len(lazy)))  # noqa: E731
-        ppl = sharded_perplexity(model, windows, args.batch_size, args.device, Communicator(), False, blocks)
+        ppl = sharded_perplexity(model, windows, args.batch_size, args.device, Communicator(), False, lazy.blocks)
     else:
         ppl = perplexity(model, windows, batch_size=args.batch_size, device=args.device, progress=not args.quiet)
     seconds = time.perf_counter() - t0
@@ -362,7 +361,7 @@ def quantize_command(args, cfg, device, comm) -> int:
         windows = eval_windows(tokenizer, args.data, args.seqlen, args.windows)
         result.update(data=args.data, seqlen=args.seqlen, windows=args.windows, tokens=int(windows.numel()))
         t0 = time.perf_counter()
-        fp_layers = (lambda: ((i, lazy.load_block(i)) for i in range(len(lazy)))) if lazy else None
+        fp_layers = lazy.blocks if lazy else None
         result["ppl_fp"] = sharded_perplexity(model, windows, args.batch_size, device, comm, not quiet, fp_layers)
         result["eval_fp_seconds"] = round(time.perf_counter() - t0, 2)
         say(f"full-precision perplexity {result['ppl_fp']:.3f}")

@@ -83,7 +83,7 @@ def test_lazy_gguf_blocks_equal_transformers_and_quantize_alike(tmp_path, text_f
     eager, _ = load_model(str(gguf_file))  # transformers' own GGUF loading, dequantized
     lazy, tok = open_lazy(str(gguf_file))
     assert tok("the cat")["input_ids"] == byte_tokenizer()("the cat")["input_ids"]
-    assert_same_blocks(((i, lazy.load_block(i)) for i in range(len(lazy))), eager)
+    assert_same_blocks(lazy.blocks(), eager)
     src = tiny_llama(**kw)  # Q8_0 really was dequantized: close to the source weights, not equal
     w, w0 = lazy.load_block(1).mlp.up_proj.weight, src.model.layers[1].mlp.up_proj.weight
     assert not torch.equal(w, w0) and torch.allclose(w, w0, atol=2e-3)
@@ -141,7 +141,7 @@ def test_streamed_nll_equals_the_whole_model(sharded_dir):
     model, _ = load_model(str(sharded_dir))
     windows = torch.randint(0, 258, (5, 40), generator=torch.Generator().manual_seed(0))
     lazy, _ = open_lazy(str(sharded_dir))
-    got = streamed_nll_sum(lazy.model, LlamaAdapter(lazy.model), ((i, lazy.load_block(i)) for i in range(len(lazy))),
+    got = streamed_nll_sum(lazy.model, LlamaAdapter(lazy.model), lazy.blocks(),
                            windows, batch_size=2)
     assert got == nll_sum(model, windows, 2, "cpu", progress=False)
 
@@ -238,7 +238,8 @@ def test_no_room_but_no_lazy_run_is_one_warning(case, sharded_dir, monkeypatch, 
     from baseq.cli import choose_lazy
 
     monkeypatch.setattr("baseq.device.available_memory", lambda: 10**6)
-    args = SimpleNamespace(lazy=None, model=str(sharded_dir), dtype="float32", tasks="piqa" if case == "tasks" else None,
+    args = SimpleNamespace(lazy=None, model=str(sharded_dir), dtype="float32",
+                           tasks="piqa" if case == "tasks" else None,
                            quiet=case == "quiet")
     choose_lazy(args, QuantizeConfig.from_dict({"method": "spinquant" if case == "spinquant" else "baseq"}))
     err = capsys.readouterr().err.strip().splitlines()
@@ -246,7 +247,8 @@ def test_no_room_but_no_lazy_run_is_one_warning(case, sharded_dir, monkeypatch, 
         assert args.lazy is True and err == []
         return
     assert args.lazy is False and len(err) == 1 and err[0].startswith("baseq: warning: the whole model needs ~")
-    assert "may run out of memory" in err[0] and ("end-to-end" in err[0] if case == "spinquant" else "--tasks" in err[0])
+    assert "may run out of memory" in err[0]
+    assert ("end-to-end" in err[0]) if case == "spinquant" else ("--tasks" in err[0])
 
 
 # ---------------------------------------------------------------- one block on the device

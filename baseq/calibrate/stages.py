@@ -319,7 +319,7 @@ class BaseqTrainStage:
         before = ctx.log["loss_before"] = self.loss(ctx, x, y, kind)
         if params and cfg.epochs > 0:
             start = [p.detach().clone() for p in params]
-            self.train(ctx, x, y, groups)
+            self.train(ctx, x, y, groups, kind)
             after = self.loss(ctx, x, y, kind)
             if cfg.revert_if_worse and after > before:  # training overshot on this block: keep where it started
                 with torch.no_grad():
@@ -333,12 +333,11 @@ class BaseqTrainStage:
         weight_scale.fold(ctx.layer)
         fold_block(ctx.layer)
 
-    def train(self, ctx: BlockContext, x: torch.Tensor, y: torch.Tensor, groups: list[dict]) -> None:
+    def train(self, ctx: BlockContext, x: torch.Tensor, y: torch.Tensor, groups: list[dict], kind: str) -> None:
         cfg = self.cfg
 
         def step_loss(local: torch.Tensor) -> torch.Tensor:
-            return block_loss(ctx.forward(x[local].to(ctx.device), grad=True), y[local].to(ctx.device),
-                              settled_loss(cfg.loss))
+            return block_loss(ctx.forward(x[local].to(ctx.device), grad=True), y[local].to(ctx.device), kind)
 
         fit(groups, step_loss, ctx.shard.first(cfg.samples), epochs=cfg.epochs, batch_size=cfg.batch_size,
             seed=self.seed * 100003 + ctx.index, comm=ctx.comm, index=ctx.index, progress=ctx.progress,

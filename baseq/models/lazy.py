@@ -233,6 +233,10 @@ class LazyModel:
         """Block ``i`` without weights (on the meta device), to build into."""
         return copy.deepcopy(self.templates[i])
 
+    def blocks(self) -> Iterator[tuple[int, nn.Module]]:
+        """``(i, block i)`` for every block in order, each read when asked for (for streamed evaluations)."""
+        return ((i, self.load_block(i)) for i in range(len(self)))
+
     def load_block(self, i: int) -> nn.Module:
         """A new block ``i`` with its weights read from the files (CPU, the model dtype)."""
         layer = self.template(i)
