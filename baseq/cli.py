@@ -584,9 +584,10 @@ def cmd_bench(args) -> int:
         if key in res:
             r = res[key]
             disk = f"{r['disk_mb']:.1f} MB" if r["disk_mb"] is not None else "?"
+            held = f", weights held {r['weights_held']}" if r.get("weights_held") else ""
             rows.append((f"{key}: {r['spec']}", f"prefill {r['prefill_tok_s']:.0f} tok/s, decode "
                          f"{r['decode_tok_s']:.1f} tok/s, TTFT {r['ttft_s']:.3f} s, peak RSS {r['peak_rss_mb']:.0f} MB, "
-                         f"disk {disk}"))
+                         f"disk {disk}{held}"))
     if "ratio" in res:
         q = res["ratio"]
         fmt = lambda v: "-" if v is None else f"{v:.2f}×"  # noqa: E731

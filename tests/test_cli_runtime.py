@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from baseq.cli import main
 
@@ -125,7 +126,12 @@ def test_bench_measures_model_and_baseline(packed, tiny_model_dir, tmp_path, cap
         assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["ttft_s"] > 0 and r["peak_rss_mb"] > 50
     assert res["model"]["method"] == "quarot-rtn" and res["baseline"]["method"] == "fp"
     assert res["threads"] == 1 and res["ratio"]["disk_mb"] > 0
-    assert "model / baseline" in capsys.readouterr().out
+    from baseq.runtime.native import native_ops  # the packed W4 model holds its codes two a byte where the kernel builds
+
+    assert res["model"]["weights_held"] == ("4-bit, two a byte" if native_ops() is not None else "int8")
+    assert res["baseline"]["weights_held"] is None
+    out = capsys.readouterr().out
+    assert "model / baseline" in out and "weights held" in out
 
 
 def test_bench_bad_model_is_one_line(tmp_path, capsys):
@@ -226,3 +232,31 @@ def test_missing_local_path_fails_at_once_without_a_hub(tmp_path, capsys, monkey
     assert main(["generate", "--model", "out/missing-folder", "--prompt", "hi"]) == 2
     assert time.perf_counter() - t0 < 5
     _one_error_line(capsys.readouterr().err, "'out/missing-folder' is no local folder or file")
+
+
+def test_the_compiled_kernels_change_no_bit_of_a_packed_model(packed, monkeypatch):
+    """The nibble product and the one-pass token quantizer (runtime/native.py) against the torch code they replace,
+    through a whole packed model: a prompt's logits and each decoding step's (one token: the nibble kernel)."""
+    from baseq.load import load
+    from baseq.runtime import kernels
+    from baseq.runtime.native import native_ops
+
+    if native_ops() is None:
+        pytest.skip("the runtime's kernels do not build here (BASEQ_NATIVE=0 or no C++ compiler)")
+    ids = torch.randint(3, 250, (2, 20), generator=torch.Generator().manual_seed(0))
+
+    def run(model):
+        with torch.no_grad():
+            out = model.generate(ids[:1, :9], max_new_tokens=5, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True)
+            return model(ids).logits, torch.stack(out.logits)
+
+    fast, _ = load(str(packed[0]))
+    assert fast.model.layers[0].mlp.gate_up.codes4 is not None
+    with monkeypatch.context() as mp:
+        mp.setattr(kernels, "native_ops", lambda: None)
+        slow, _ = load(str(packed[0]))
+        assert slow.model.layers[0].mlp.gate_up.codes4 is None
+        ref = run(slow)
+    got = run(fast)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])

@@ -18,8 +18,9 @@ from baseq.errors import BaseqError
 from baseq.eval.perplexity import perplexity
 from baseq.load import load
 from baseq.quant.quantizer import _minmax_fake_quant
-from baseq.runtime.kernels import IntLinear, dequantize_tokens, pack_nibbles, quantize_tokens, unpack_nibbles
+from baseq.runtime.kernels import INT4_ROWS, IntLinear, dequantize_tokens, pack_nibbles, quantize_tokens, unpack_nibbles
 from baseq.runtime.kvcache import QuantizedKVCache, QuantizedKVLayer
+from baseq.runtime.native import native_ops
 from baseq.runtime.packed import save_packed
 from baseq.runtime.save import save_fake
 from baseq.testing import byte_tokenizer, tiny_llama
@@ -84,7 +85,8 @@ def test_int_linear_matches_float_matmul_of_the_dequantized_operands(w_bits, a_b
     parts = [_grid(n, k, w_bits, groups, seed) for seed, n in enumerate((20, 12, 12))]
     lin = IntLinear([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts], [p[3] for p in parts],
                     bits=w_bits)
-    assert lin.weight.dtype == torch.int8
+    held = lin.weight if lin.codes4 is None else lin.codes4  # int8 codes, or 4-bit ones two to a byte
+    assert held.dtype in (torch.int8, torch.uint8)
     x = torch.randn(9, k, generator=torch.Generator().manual_seed(1)) * 2
     x[4] = 0.5  # a constant token: offset codes (zero-point correction with the weight row sums)
     a, s, z = quantize_tokens(x, 0.9, a_bits)
@@ -112,7 +114,7 @@ def test_int_linear_never_calls_a_float_or_int32_matmul(monkeypatch):
     calls = []
     real = torch._int_mm
     monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append((a.dtype, b.dtype)) or real(a, b))
-    a, s, z = quantize_tokens(torch.randn(3, 32), 1.0, 4)
+    a, s, z = quantize_tokens(torch.randn(INT4_ROWS + 4, 32), 1.0, 4)  # past the rows the nibble kernel takes
     lin(a, s, z)
     assert calls == [(torch.int8, torch.int8)]
 
@@ -231,6 +233,10 @@ def test_packed_runtime_computes_the_fake_quant_model(method, kw, bits, text_fil
             assert Path(where).read_bytes() == before
     if cfg.bits.a_bits >= 16:  # weight-only models run float GEMMs (IntLinear.use_float_weights)
         return
+    # 4-bit codes per output channel are held two to a byte where the kernel builds (runtime/native.py)
+    lins = [m for m in rt.modules() if isinstance(m, IntLinear)]
+    assert lins and all((m.codes4 is not None) == (m.bits <= 4 and m.groups == 1 and native_ops() is not None)
+                        for m in lins)
     # nothing float32 of the size of a weight matrix in the runtime model
     big_float = [n for n, b in rt.named_buffers() if b.is_floating_point() and b.dtype == torch.float32
                  and b.dim() == 2 and min(b.shape) > 8 and not n.endswith("rotation.matrix")]  # dense R3/R4 fallback

@@ -23,13 +23,56 @@ their own epilogue adds the three scaled sums — no second pass over the weight
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..quant.qmodel import combine_digits, float_digits
+from .native import native_ops
 
 ACT_SCALE_EPS = 1e-6  # the fake quantizer's guard against constant tokens (quant/quantizer.py)
+# Up to this many rows a product reads the 4-bit codes directly; above, the codes are unpacked to int8 for torch's
+# GEMM (python benchmarks/int4_kernel.py: 1.5B shapes, 2 threads, the nibble kernel ahead up to 8 rows, behind at 16).
+INT4_ROWS = 8
+
+
+class _Unpacked:
+    """Int8 buffers for codes unpacked from nibbles, kept between calls, each remembering whose codes it holds. Two
+    suffice for a prompt: the MLP runs over token slabs (gate/up, down, gate/up, down, …: see
+    :class:`~baseq.runtime.modules.RuntimeMLP`), so each linear is unpacked once per forward instead of once per slab.
+    A fresh tensor per call would also fault in new pages each time unless the allocator keeps freed memory
+    (:func:`keep_freed_memory`): over the 1.5B model's linears at one token, 190 ms a pass against 96 ms with kept
+    buffers (benchmarks/int4_kernel.py)."""
+
+    slots = 2
+
+    def __init__(self):
+        self.held: list[tuple[tuple, Tensor]] = []  # (whose codes, buffer), most recently used last
+
+    def get(self, owner: int, codes: Tensor, zero: Tensor, k: int, unpack) -> Tensor:
+        """``owner``: a number no other holder of codes gets in this process (memory addresses are reused)."""
+        key = (owner, codes._version, zero._version, codes.device)
+        for i, (whose, buf) in enumerate(self.held):
+            if whose == key:
+                self.held.append(self.held.pop(i))
+                return buf[:codes.shape[0] * k].view(codes.shape[0], k)
+        numel = codes.shape[0] * k
+        if len(self.held) < self.slots:
+            buf = torch.empty(numel, dtype=torch.int8, device=codes.device)
+        else:
+            buf = self.held.pop(0)[1]  # the least recently used
+            if buf.numel() < numel or buf.device != codes.device:
+                buf = torch.empty(numel, dtype=torch.int8, device=codes.device)
+        w = buf[:numel].view(codes.shape[0], k)
+        unpack(codes, zero, w)
+        self.held.append((key, buf))
+        return w
+
+
+_UNPACKED = _Unpacked()
+_SERIALS = itertools.count()
 
 
 def keep_freed_memory() -> bool:
@@ -74,6 +117,10 @@ def quantize_tokens(x: Tensor, clip: Tensor | float, bits: int) -> tuple[Tensor,
     Returns ``(a, s, z)``: int8 codes of x's shape and float32 ``s`` ``[..., 1]``. Usually ``z`` is None and ``a`` the
     centred codes ``q − zero``; when some zero point does not fit, ``a = q − 2^(b−1)`` and ``z = zero − 2^(b−1)``.
     Either way ``(a − z)·s`` (``z`` = 0 when None) is bit for bit the fake-quantized ``x``."""
+    ops = native_ops() if x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() else None
+    if ops is not None and (not torch.is_tensor(clip) or clip.numel() in (1, x.numel() // x.shape[-1])):
+        a, scale, zero = ops.quantize_rows(x, torch.as_tensor(clip, dtype=torch.float32), bits)  # the same, one pass
+        return a, scale, zero if zero.numel() else None
     maxq = 2**bits - 1
     scale, zero = token_grid(x, clip, bits)
     r = torch.div(x, scale).round_()
@@ -137,10 +184,11 @@ class IntLinear(nn.Module):
 
     Built from per-linear codes ``c [N, K]`` (uint8), zero points and scales ``[N, G]`` (``G`` groups of input
     columns; 1 = per output channel) and biases. ``forward(a, s, z)`` takes activation codes from
-    :func:`quantize_tokens`; ``forward_float(x)`` serves 16-bit activations (weight-only quantization)."""
+    :func:`quantize_tokens`; ``forward_float(x)`` serves 16-bit activations (weight-only quantization). ``nibbles``:
+    hold 4-bit per-channel codes two to a byte where the compiled kernel runs (a model bound for a GPU keeps int8)."""
 
     def __init__(self, codes: list[Tensor], zeros: list[Tensor], scales: list[Tensor], biases: list[Tensor | None],
-                 bits: int):
+                 bits: int, nibbles: bool = True):
         super().__init__()
         c = torch.cat(codes).to(torch.int16)
         zero = torch.cat(zeros).to(torch.int16)
@@ -159,9 +207,14 @@ class IntLinear(nn.Module):
             self.register_buffer("wzero", (zero - 128).float())  # [N, G]
         gs = k // groups
         self.register_buffer("wsum", w.view(n, groups, gs).sum(-1, dtype=torch.int32).float())  # [N, G]
-        # [N, K] per channel; [G, N, K/G] with groups, so each group's matrix is contiguous for the GEMM
-        self.register_buffer("weight", w.contiguous() if groups == 1 else w.view(n, groups, gs).transpose(0, 1)
-                             .contiguous())
+        # 4-bit codes per output channel, for a CPU with the compiled kernel: two codes a byte (runtime/native.py)
+        nibbles = nibbles and bits <= 4 and groups == 1 and c.device.type == "cpu" and native_ops() is not None
+        self.register_buffer("codes4", pack_nibbles(c) if nibbles else None)  # [N, ⌈K/2⌉] uint8
+        self.serial = next(_SERIALS)  # whose codes an unpacked buffer holds (_Unpacked)
+        self.register_buffer("zero4", zero[:, 0].int().contiguous() if nibbles else None)  # [N] int32
+        # else int8 W: [N, K] per channel; [G, N, K/G] with groups, so each group's matrix is contiguous for the GEMM
+        self.register_buffer("weight", None if nibbles else w.contiguous() if groups == 1 else
+                             w.view(n, groups, gs).transpose(0, 1).contiguous())
         self.register_buffer("scale", scale.contiguous())  # [N, G]
         self.register_buffer("scale_t", scale.t().contiguous())  # [G, N]; row g = group g's scales
         self.register_buffer("scale_row", self.scale_t[0])  # per channel: [N]
@@ -178,7 +231,7 @@ class IntLinear(nn.Module):
             digits, ds = float_digits(kept[1])
             a = torch.cat([a, digits.to(torch.int8)])
         if self.groups == 1:
-            acc = int_mm(a, self.weight)
+            acc = self._mm(a)
             y = torch.addcmul(self.bias, self._correct(acc[:m_rows], a[:m_rows], z, 0, self.k) * s, self.scale_row)
             if kept is not None:
                 y[kept[0]] = torch.addcmul(self.bias, combine_digits(self._digit_sums(acc, a, m_rows, 0) * ds),
@@ -198,6 +251,18 @@ class IntLinear(nn.Module):
         if kept is not None:
             y[kept[0]] = combine_digits(out_d * ds) + self.bias
         return y
+
+    def _mm(self, a: Tensor) -> Tensor:
+        """``Σ_k a_k W_jk`` per output channel, int32 ``[M, N]``: from the nibbles at a few rows (a decode step), else
+        through torch's int8 GEMM on the codes unpacked into a kept buffer (:class:`_Unpacked`)."""
+        if self.codes4 is None:
+            return int_mm(a, self.weight)
+        ops = native_ops() if a.device.type == "cpu" else None
+        if ops is None:
+            return int_mm(a, self.integers())
+        if a.shape[0] <= INT4_ROWS:
+            return ops.int4_mm(a, self.codes4, self.zero4)
+        return int_mm(a, _UNPACKED.get(self.serial, self.codes4, self.zero4, self.k, ops.int4_unpack))
 
     def _digit_sums(self, acc: Tensor, a: Tensor, m_rows: int, g: int) -> Tensor:
         """The digit rows' (rows ``m_rows:``) integer sums ``Σ_k d_k (c_jk − z_j)`` of group ``g`` as float32: the
@@ -223,6 +288,8 @@ class IntLinear(nn.Module):
     def integers(self) -> Tensor:
         """The weight's integers ``c − z`` ``[N, K]``: int8 below 8 bits (the buffer itself per output channel, an
         int8 copy in ``[N, K]`` order with groups), else as integer-valued float32."""
+        if self.codes4 is not None:
+            return (unpack_nibbles(self.codes4, self.k).to(torch.int16) - self.zero4[:, None]).to(torch.int8)
         w = self.weight if self.groups == 1 else self.weight.transpose(0, 1).reshape(self.n, self.k)
         return w if self.wzero is None else w.float() - self.wzero.repeat_interleave(self.k // self.groups, dim=1)
 
@@ -235,7 +302,7 @@ class IntLinear(nn.Module):
         int8-weight × float kernel, ``_weight_int8pack_mm``, measured 10–100× slower than a float32 GEMM on this
         project's CPU, so weight-only models save disk, not memory or time.)"""
         self.register_buffer("wfloat", self.dequantized().contiguous())
-        for name in ("weight", "wsum", "wzero"):
+        for name in ("weight", "wsum", "wzero", "codes4", "zero4"):
             self.register_buffer(name, None)
 
     def forward_float(self, x: Tensor) -> Tensor:

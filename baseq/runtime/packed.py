@@ -354,9 +354,10 @@ def _linear_parts(t: _Tensors, prefix: str, out_f: int, in_f: int, bits: int, gr
             t.take(f"{prefix}.bias", (out_f,)))
 
 
-def _fused(t: _Tensors, prefix: str, names: list[str], outs: list[int], in_f: int, bits: int, groups: int):
+def _fused(t: _Tensors, prefix: str, names: list[str], outs: list[int], in_f: int, bits: int, groups: int,
+           nibbles: bool):
     parts = [_linear_parts(t, f"{prefix}.{n}", o, in_f, bits, groups) for n, o in zip(names, outs)]
-    return IntLinear(*[list(x) for x in zip(*parts)], bits=bits)
+    return IntLinear(*[list(x) for x in zip(*parts)], bits=bits, nibbles=nibbles)
 
 
 def _table(t: _Tensors, prefix: str, bits: int, vocab: int, hidden: int, mapped: bool = False) -> Table:
@@ -406,6 +407,7 @@ def load_packed(path: Path, meta: dict | None = None, device="cpu"):
     if meta["shape"] != shape:
         raise BaseqError(f"'{path}': config.json describes {shape}, baseq.json was written for {meta['shape']}")
     t = _Tensors(path)
+    on_cpu = torch.device(device).type == "cpu"
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     ad = ModelAdapter(model)
@@ -431,8 +433,8 @@ def load_packed(path: Path, meta: dict | None = None, device="cpu"):
             return ActPoint(spec.a_bits, t.take(f"{p}.{name}_point.clip"), t.take(f"{p}.{name}_point.scale",
                             (channels,)), t.take(f"{p}.{name}_point.shift", (channels,)), rotation)
 
-        def groups_of(in_f: int) -> int:
-            return 1 if group == 0 else in_f // group
+        def fused(names: list[str], outs: list[int], in_f: int) -> IntLinear:
+            return _fused(t, p, names, outs, in_f, w_bits, 1 if group == 0 else in_f // group, nibbles=on_cpu)
 
         kv = KVQuant(spec.kv_bits, t.take(f"{p}.kv.k_clip").reshape(1, -1, 1, 1),
                      t.take(f"{p}.kv.v_clip").reshape(1, -1, 1, 1), r3,
@@ -445,15 +447,14 @@ def load_packed(path: Path, meta: dict | None = None, device="cpu"):
             install_gate(layer, gate)
         nq, nkv, attn_in = s.heads * s.head_dim, s.kv_heads * s.head_dim, s.heads * s.head_dim
         layer.self_attn = RuntimeAttention(
-            point("qkv", r1_in), _fused(t, p, ["q", "k", "v"], [nq, nkv, nkv], s.hidden, w_bits, groups_of(s.hidden)),
-            point("o", channels=attn_in), _fused(t, p, ["o"], [s.hidden], attn_in, w_bits, groups_of(attn_in)), kv,
+            point("qkv", r1_in), fused(["q", "k", "v"], [nq, nkv, nkv], s.hidden),
+            point("o", channels=attn_in), fused(["o"], [s.hidden], attn_in), kv,
             layer_idx=i, heads=s.heads, kv_heads=s.kv_heads, head_dim=s.head_dim, scaling=float(orig.scaling),
             qk_norm=(arch.qk_norm, norms.pop("q_norm", None), norms.pop("k_norm", None)),
             softcap=getattr(orig, "attn_logit_softcapping", None), gate=gate)
         layer.mlp = RuntimeMLP(
-            point("gate_up", r1_in), _fused(t, p, ["gate", "up"], [s.ffn, s.ffn], s.hidden, w_bits,
-                                            groups_of(s.hidden)),
-            point("down", r4, channels=s.ffn), _fused(t, p, ["down"], [s.hidden], s.ffn, w_bits, groups_of(s.ffn)),
+            point("gate_up", r1_in), fused(["gate", "up"], [s.ffn, s.ffn], s.hidden),
+            point("down", r4, channels=s.ffn), fused(["down"], [s.hidden], s.ffn),
             act_fn, gate)
         slots = norm_slots(arch)
         for key, norm in norms.items():
@@ -471,7 +472,6 @@ def load_packed(path: Path, meta: dict | None = None, device="cpu"):
         r1 = ResidualRotation(s.hidden, seed=int(r1_meta["seed"]), matrix=matrix)
     # An untied embedding is only looked up (a few rows per token): it stays a map of its file, so only the rows of
     # tokens seen become resident (Qwen2.5-1.5B: 0.47 GB of float16 not held). A tied table is read whole by the head.
-    on_cpu = torch.device(device).type == "cpu"
     table = _table(t, "embed", embed_bits, vocab, s.hidden, mapped=not meta["tied"] and on_cpu)
     model.model.embed_tokens = RuntimeEmbedding(table, r1, arch.embed_scale(config))
     model.lm_head = RuntimeHead(table if meta["tied"] else _table(t, "lm_head", embed_bits, vocab, s.hidden))

@@ -1,0 +1,242 @@
+// The runtime's compiled operators (baseq/runtime/native.py): exact integer products with 4-bit weight codes held two
+// to a byte, and the per-token activation quantization in one pass.
+//
+//   int4_mm(a [M, K] int8, packed [N, ceil(K/2)] uint8, zero [N] int32) -> [M, N] int32
+//       out[m, n] = sum_k a[m, k] * (c[n, k] - zero[n]),   c[n, 2i] = packed[n, i] & 15, c[n, 2i+1] = packed[n, i] >> 4
+//   int4_unpack(packed, zero, out [N, K] int8): out = c - zero (into a buffer the caller keeps: no fresh pages)
+//
+// Every sum is an integer sum, so the result equals torch._int_mm on the unpacked weight bit for bit. The weight
+// matrix is read once per call at half a byte per weight: at one token (decode) that read is the whole cost.
+// x86 with AVX2: the codes (unsigned, <= 15) meet the activations (signed) in _mm256_maddubs_epi16, whose pair sums
+// stay below 2 * 15 * 128 = 3840, and two of them below 7680, so its int16 saturation never happens; with
+// AVX512-VNNI, _mm256_dpbusd_epi32 sums four products straight into int32. Other CPUs run the plain loop.
+//
+//   quantize_rows(x [R, C] float32, clip (1 or R values) float32, bits) -> (a int8 [R, C], scale [R, 1], zero)
+//       baseq.runtime.kernels.quantize_tokens in one pass per row instead of ~20 tensor operations: the same float32
+//       operations in the same order (built with -ffp-contract=off, so no multiply-add is fused), so the same bits.
+//       zero is empty when every row's codes are centred (a = q - z), else [R, 1] (a = q - 2^(b-1), see kernels.py).
+#include <ATen/core/Tensor.h>
+#include <ATen/Functions.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+#if defined(__AVX2__)
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+// acc += the four-product sums of unsigned w and signed x bytes, in int32
+inline __m256i dot4(__m256i acc, __m256i w, __m256i x) { return _mm256_dpbusd_epi32(acc, w, x); }
+#else
+inline __m256i dot4(__m256i acc, __m256i w, __m256i x) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
+}
+#endif
+
+inline int32_t hsum(__m256i v) {
+  const __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  const __m128i s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+  return _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0xB1)));
+}
+
+inline __m256i load(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+#endif
+
+// out[m] = sum_i lo(p[i]) * e[m][i] + hi(p[i]) * o[m][i] over i < n2, for MB activation rows at once: each 32-byte
+// slab of codes is split into nibbles once and meets every row; two accumulators per row keep the additions of
+// consecutive slabs independent (one chain would wait on the previous sum's latency).
+template <int MB>
+inline void dot_rows(const uint8_t* p, const int8_t* const* e, const int8_t* const* o, int64_t n2, int32_t* out) {
+  int64_t i = 0;
+  for (int m = 0; m < MB; ++m) out[m] = 0;
+#if defined(__AVX2__)
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  __m256i acc[MB][2];
+  for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+  for (; i + 64 <= n2; i += 64) {
+    for (int h = 0; h < 2; ++h) {
+      const __m256i w = load(p + i + 32 * h);
+      const __m256i lo = _mm256_and_si256(w, low);
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
+      for (int m = 0; m < MB; ++m) {
+        acc[m][h] = dot4(acc[m][h], lo, load(e[m] + i + 32 * h));
+        acc[m][h] = dot4(acc[m][h], hi, load(o[m] + i + 32 * h));
+      }
+    }
+  }
+  for (; i + 32 <= n2; i += 32) {
+    const __m256i w = load(p + i);
+    const __m256i lo = _mm256_and_si256(w, low);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
+    for (int m = 0; m < MB; ++m) {
+      acc[m][0] = dot4(acc[m][0], lo, load(e[m] + i));
+      acc[m][1] = dot4(acc[m][1], hi, load(o[m] + i));
+    }
+  }
+  for (int m = 0; m < MB; ++m) out[m] = hsum(_mm256_add_epi32(acc[m][0], acc[m][1]));
+#endif
+  for (; i < n2; ++i) {
+    const int32_t lo = p[i] & 15, hi = p[i] >> 4;
+    for (int m = 0; m < MB; ++m) out[m] += lo * e[m][i] + hi * o[m][i];
+  }
+}
+
+void check_args(const at::Tensor& packed, const at::Tensor& zero) {
+  TORCH_CHECK(packed.device().is_cpu() && zero.device().is_cpu(), "int4 kernels run on the CPU");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous(),
+              "packed codes: a contiguous [N, ceil(K/2)] uint8 tensor");
+  TORCH_CHECK(zero.scalar_type() == at::kInt && zero.dim() == 1 && zero.size(0) == packed.size(0),
+              "zero points: [N] int32");
+}
+
+at::Tensor int4_mm(const at::Tensor& a_in, const at::Tensor& packed, const at::Tensor& zero) {
+  check_args(packed, zero);
+  TORCH_CHECK(a_in.scalar_type() == at::kChar && a_in.dim() == 2 && a_in.device().is_cpu(),
+              "activations: [M, K] int8 on the CPU");
+  const at::Tensor a = a_in.contiguous();
+  const int64_t m_rows = a.size(0), k = a.size(1), n = packed.size(0), n2 = packed.size(1);
+  TORCH_CHECK(n2 == (k + 1) / 2, "packed codes hold ", 2 * n2, " columns, activations ", k);
+  // the activations split into the even and the odd columns (the low and the high nibbles), zero past K
+  std::vector<int8_t> even(m_rows * n2, 0), odd(m_rows * n2, 0);
+  std::vector<int32_t> row_sum(m_rows, 0);
+  const int8_t* ap = a.data_ptr<int8_t>();
+  for (int64_t m = 0; m < m_rows; ++m) {
+    for (int64_t j = 0; j < k; ++j) {
+      const int8_t v = ap[m * k + j];
+      (j % 2 ? odd : even)[m * n2 + j / 2] = v;
+      row_sum[m] += v;
+    }
+  }
+  at::Tensor out = at::empty({m_rows, n}, a.options().dtype(at::kInt));
+  int32_t* op = out.data_ptr<int32_t>();
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const int32_t* zp = zero.data_ptr<int32_t>();
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    const int8_t* e[4];
+    const int8_t* o[4];
+    int32_t sums[4];
+    for (int64_t r = begin; r < end; ++r) {
+      const uint8_t* row = pp + r * n2;
+      for (int64_t m0 = 0; m0 < m_rows; m0 += 4) {
+        const int mb = static_cast<int>(std::min<int64_t>(4, m_rows - m0));
+        for (int j = 0; j < mb; ++j) {
+          e[j] = even.data() + (m0 + j) * n2;
+          o[j] = odd.data() + (m0 + j) * n2;
+        }
+        switch (mb) {
+          case 1: dot_rows<1>(row, e, o, n2, sums); break;
+          case 2: dot_rows<2>(row, e, o, n2, sums); break;
+          case 3: dot_rows<3>(row, e, o, n2, sums); break;
+          default: dot_rows<4>(row, e, o, n2, sums); break;
+        }
+        for (int j = 0; j < mb; ++j) op[(m0 + j) * n + r] = sums[j] - zp[r] * row_sum[m0 + j];
+      }
+    }
+  });
+  return out;
+}
+
+void int4_unpack(const at::Tensor& packed, const at::Tensor& zero, at::Tensor& out) {
+  check_args(packed, zero);
+  const int64_t n = packed.size(0), n2 = packed.size(1), k = out.dim() == 2 ? out.size(1) : -1;
+  TORCH_CHECK(out.scalar_type() == at::kChar && out.is_contiguous() && out.device().is_cpu() && out.size(0) == n &&
+              n2 == (k + 1) / 2, "unpack target: a contiguous [N, K] int8 tensor for ", 2 * n2, " packed columns");
+  int8_t* op = out.data_ptr<int8_t>();
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const int32_t* zp = zero.data_ptr<int32_t>();
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const uint8_t* row = pp + r * n2;
+      int8_t* dst = op + r * k;
+      const int32_t z = zp[r];
+      for (int64_t i = 0; i < k / 2; ++i) {
+        dst[2 * i] = static_cast<int8_t>((row[i] & 15) - z);
+        dst[2 * i + 1] = static_cast<int8_t>((row[i] >> 4) - z);
+      }
+      if (k % 2) dst[k - 1] = static_cast<int8_t>((row[n2 - 1] & 15) - z);
+    }
+  });
+}
+
+constexpr float ACT_SCALE_EPS = 1e-6f;  // kernels.ACT_SCALE_EPS
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x_in, const at::Tensor& clip_in,
+                                                             int64_t bits) {
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat && x_in.dim() >= 1,
+              "quantize_rows: float32 activations on the CPU");
+  TORCH_CHECK(bits >= 2 && bits <= 8, "quantize_rows: 2 to 8 bits");
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor clip = clip_in.to(at::kFloat).contiguous();
+  const int64_t c = x.size(-1), rows = c ? x.numel() / c : 0;
+  TORCH_CHECK(clip.numel() == 1 || clip.numel() == rows, "quantize_rows: one clip, or one per row");
+  const float maxq = static_cast<float>((1 << bits) - 1);
+  std::vector<int64_t> row_shape(x.sizes().begin(), x.sizes().end());
+  row_shape.back() = 1;
+  at::Tensor scale = at::empty(row_shape, x.options());
+  at::Tensor zero = at::empty(row_shape, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* cp = clip.data_ptr<float>();
+  float* sp = scale.data_ptr<float>();
+  float* zp = zero.data_ptr<float>();
+  const bool one_clip = clip.numel() == 1;
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = xp + r * c;
+      float lo = row[0], hi = row[0];
+      for (int64_t j = 1; j < c; ++j) {
+        lo = std::min(lo, row[j]);
+        hi = std::max(hi, row[j]);
+      }
+      const float mid = (hi + lo) * 0.5f;
+      const float half = (hi - lo) * 0.5f * cp[one_clip ? 0 : r];
+      const float s = std::max(2.0f * half / maxq, ACT_SCALE_EPS);
+      sp[r] = s;
+      zp[r] = std::nearbyint((half - mid) / s);
+    }
+  });
+  float widest = 0.0f;
+  for (int64_t r = 0; r < rows; ++r) widest = std::max(widest, std::fabs(zp[r]));
+  const bool centred = widest <= static_cast<float>(128 - (1 << bits));
+  const float off = static_cast<float>(1 << (bits - 1));
+  at::Tensor a = at::empty(x.sizes(), x.options().dtype(at::kChar));
+  int8_t* ap = a.data_ptr<int8_t>();
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = xp + r * c;
+      int8_t* dst = ap + r * c;
+      const float s = sp[r], z = zp[r];
+      if (centred) {  // clamp(round(x / s), -z, maxq - z)
+        const float lo = -z, hi = maxq - z;
+        for (int64_t j = 0; j < c; ++j) {
+          dst[j] = static_cast<int8_t>(std::min(std::max(std::nearbyint(row[j] / s), lo), hi));
+        }
+      } else {  // clamp(round(x / s) + z, 0, maxq) - 2^(b-1)
+        for (int64_t j = 0; j < c; ++j) {
+          dst[j] = static_cast<int8_t>(std::min(std::max(std::nearbyint(row[j] / s) + z, 0.0f), maxq) - off);
+        }
+      }
+    }
+  });
+  if (centred) {
+    return {a, scale, at::empty({0}, x.options())};
+  }
+  return {a, scale, zero.sub_(off)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(baseq_ops, m) {
+  m.def("int4_mm(Tensor a, Tensor packed, Tensor zero) -> Tensor", &int4_mm);
+  m.def("int4_unpack(Tensor packed, Tensor zero, Tensor(a!) out) -> ()", &int4_unpack);
+  m.def("quantize_rows(Tensor x, Tensor clip, int bits) -> (Tensor, Tensor, Tensor)", &quantize_rows);
+}

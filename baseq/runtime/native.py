@@ -1,0 +1,99 @@
+"""The runtime's compiled operators (``csrc/ops.cpp``), each exact against the torch code it replaces.
+
+* **4-bit weight codes, two a byte** (``int4_mm``, ``int4_unpack``). A decode step multiplies one token by every
+  weight of the model, so its time is the time to read the weights (1.5B: 1.31 GB of int8 codes a token, read at the
+  memory's ~18–26 GB/s). Nibbles halve that read and the resident weights; the sums stay integer sums, equal to the
+  int8 GEMM's bit for bit. Longer inputs (a prompt) unpack one linear's codes at a time into a kept buffer and keep
+  torch's int8 GEMM, which is faster there.
+* **Per-token activation quantization in one pass** (``quantize_rows``): the same float32 operations as
+  :func:`~baseq.runtime.kernels.quantize_tokens`, in the same order, instead of ~20 tensor operations a call (a
+  decode step makes four calls a layer).
+
+The source is compiled on first use with torch's extension builder (``-O3``, ``-march=native`` on x86: the machine
+that runs it builds it; ``-ffp-contract=off``: no fused multiply-adds, so float results match torch's) into
+``$BASEQ_CACHE/ext/<key>``, the key naming the source, torch and the CPU, so a cache shared between machines never
+hands one another's binary; later processes load it in milliseconds. Where nothing can be compiled (no C++ compiler,
+no torch headers) one line says so and the runtime runs its torch code, as before. ``BASEQ_NATIVE=0`` turns them off.
+Tests: ``tests/test_native.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from ..assets import cache_dir
+
+SOURCE = Path(__file__).with_name("csrc") / "ops.cpp"
+_state: dict[str, object] = {}
+
+
+def _cpu_key() -> str:
+    """What the compiled code depends on besides its source: the CPU's instruction sets, torch, Python."""
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = line
+                break
+    except OSError:
+        pass
+    return f"{platform.machine()}|{flags}|{torch.__version__}|{sys.version_info[:2]}"
+
+
+def build_dir() -> Path:
+    digest = hashlib.sha256(SOURCE.read_bytes() + _cpu_key().encode()).hexdigest()[:16]
+    return cache_dir() / "ext" / f"baseq_ops-{digest}"
+
+
+def _loaded() -> bool:
+    """Whether this process has the operators already (``torch.ops`` makes any namespace on request)."""
+    try:
+        torch.ops.baseq_ops.int4_mm
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def _build() -> object | None:
+    if os.environ.get("BASEQ_NATIVE", "1") == "0":
+        return None
+    if _loaded():
+        return torch.ops.baseq_ops
+    from torch.utils.cpp_extension import load
+
+    try:  # the ninja wheel (a dependency) puts its binary beside the package; torch looks for it on PATH
+        import ninja
+
+        if ninja.BIN_DIR not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
+    where = build_dir()
+    where.mkdir(parents=True, exist_ok=True)
+    built = any(where.glob("*.so"))
+    if not built:
+        print("baseq: compiling the runtime's kernels once for this machine (~10 s)", file=sys.stderr)
+    try:
+        flags = ["-O3", "-ffp-contract=off"] + (["-march=native"] if platform.machine() in ("x86_64", "AMD64") else [])
+        load("baseq_ops", sources=[str(SOURCE)], extra_cflags=flags, build_directory=str(where),
+             is_python_module=False, verbose=False)
+        return torch.ops.baseq_ops
+    except Exception as e:  # noqa: BLE001 -- any build failure means: run without it
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        print(f"baseq: the runtime's kernels could not be built ({first}); running without them (int8 weights in "
+              f"memory, slower decoding)", file=sys.stderr)
+        return None
+
+
+def native_ops() -> object | None:
+    """``torch.ops.baseq_ops`` (``int4_mm``, ``int4_unpack``, ``quantize_rows``), built or loaded once per process;
+    None where it cannot be (or ``BASEQ_NATIVE=0``)."""
+    if "ops" not in _state:
+        _state["ops"] = _build()
+    return _state["ops"]

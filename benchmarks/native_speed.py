@@ -1,0 +1,74 @@
+"""The runtime's compiled kernels (``baseq/runtime/native.py``) against the torch code they replace, on one packed
+model in one process: the folder loaded twice (4-bit codes two a byte + the one-pass token quantizer, and int8 codes
++ torch's ops), then generation runs alternated A B A B, so both see the same machine state. Prints the medians of
+prefill and decode tokens/s and their ratios; the two models' logits are checked equal first.
+
+    python benchmarks/native_speed.py <packed folder> --prefill 512 --decode 64 --repeats 5 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from contextlib import contextmanager
+
+import torch
+
+import checkout  # noqa: F401,E402  (benchmarks/checkout.py: this checkout's baseq first)
+
+from baseq.load import load
+from baseq.runtime import kernels
+from baseq.runtime.generate import generate
+from baseq.runtime.native import native_ops
+
+
+@contextmanager
+def torch_only():
+    real = kernels.native_ops
+    kernels.native_ops = lambda: None
+    try:
+        yield
+    finally:
+        kernels.native_ops = real
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model")
+    ap.add_argument("--prefill", type=int, default=512)
+    ap.add_argument("--decode", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if native_ops() is None:
+        raise SystemExit("the runtime's kernels do not build here")
+    fast, _ = load(args.model)
+    with torch_only():
+        slow, _ = load(args.model)
+    ids = torch.randint(0, int(fast.config.vocab_size), (1, args.prefill), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = fast(ids[:, :64]).logits
+        with torch_only():
+            ref = slow(ids[:, :64]).logits
+    print(f"logits equal: {torch.equal(got, ref)}")
+    runs = {"native": [], "torch": []}
+    generate(fast, ids[:, :16], 4)
+    with torch_only():
+        generate(slow, ids[:, :16], 4)
+    for _ in range(args.repeats):
+        runs["native"].append(generate(fast, ids, args.decode))
+        with torch_only():
+            runs["torch"].append(generate(slow, ids, args.decode))
+    med = {k: (statistics.median(r.prefill_tok_s for r in v), statistics.median(r.decode_tok_s for r in v))
+           for k, v in runs.items()}
+    print(f"| kernels | prefill {args.prefill} tok/s | decode tok/s |  ({args.threads} threads, median of "
+          f"{args.repeats}, alternated)")
+    print("|---|---:|---:|")
+    for k, (p, d) in med.items():
+        print(f"| {k} | {p:.1f} | {d:.2f} |")
+    print(f"| native / torch | {med['native'][0] / med['torch'][0]:.3f}× | {med['native'][1] / med['torch'][1]:.3f}× |")
+
+
+if __name__ == "__main__":
+    main()

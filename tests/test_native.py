@@ -1,0 +1,173 @@
+"""The compiled 4-bit weight kernel (baseq/runtime/native.py, csrc/ops.cpp): exact integer sums, the same outputs
+as the int8 path, nibbles held by the packed runtime, and a clean fallback where nothing compiles."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from baseq.runtime import kernels, native
+from baseq.runtime.kernels import INT4_ROWS, IntLinear, pack_nibbles, quantize_tokens
+
+pytestmark = pytest.mark.skipif(os.environ.get("BASEQ_NATIVE") == "0", reason="BASEQ_NATIVE=0 turns the kernel off")
+
+
+@pytest.fixture(scope="module")
+def ops():
+    ops = native.native_ops()
+    assert ops is not None, "the 4-bit kernel did not build here (a C++ compiler and torch's headers are needed)"
+    return ops
+
+
+def _codes(n, k, seed, bits=4):
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randint(0, 2**bits, (n, k), generator=g).to(torch.uint8)
+    z = torch.randint(0, 2**bits, (n,), generator=g).to(torch.int32)
+    return c, z, (c.int() - z[:, None]).to(torch.int8)
+
+
+# odd K (a half-used last byte), K past and short of the 64-byte slabs, rows in and past the groups of four
+@pytest.mark.parametrize("m, k, n", [(1, 1, 3), (1, 37, 11), (2, 64, 9), (3, 130, 17), (4, 200, 5), (5, 255, 33),
+                                     (8, 1536, 40), (11, 96, 7)])
+def test_int4_mm_is_the_int8_product_bit_for_bit(ops, m, k, n):
+    c, z, w = _codes(n, k, seed=m + k)
+    # the whole int8 range: the kept tokens' digit rows reach ±127, and -128 is the saturation corner
+    a = torch.randint(-128, 128, (m, k), generator=torch.Generator().manual_seed(k)).to(torch.int8)
+    a[0, 0] = -128
+    got = ops.int4_mm(a, pack_nibbles(c), z)
+    assert got.dtype == torch.int32 and torch.equal(got, a.long().mm(w.long().t()).int())
+    out = torch.full((n, k), 99, dtype=torch.int8)
+    ops.int4_unpack(pack_nibbles(c), z, out)
+    assert torch.equal(out, w)
+
+
+def test_int4_mm_refuses_mismatched_operands_in_one_line(ops):
+    c, z, _ = _codes(4, 10, 0)
+    with pytest.raises(RuntimeError, match="packed codes hold 10 columns, activations 12"):
+        ops.int4_mm(torch.zeros(1, 12, dtype=torch.int8), pack_nibbles(c), z)
+    with pytest.raises(RuntimeError, match="zero points"):
+        ops.int4_mm(torch.zeros(1, 10, dtype=torch.int8), pack_nibbles(c), z.long())
+
+
+def _linear(nibbles: bool, monkeypatch, bits=4):
+    parts = [_codes(n, 50, seed, bits)[:2] for seed, n in enumerate((20, 12))]
+    with monkeypatch.context() as mp:
+        if not nibbles:
+            mp.setattr(kernels, "native_ops", lambda: None)
+        g = torch.Generator().manual_seed(3)
+        return IntLinear([c for c, _ in parts], [z[:, None].to(torch.uint8) for _, z in parts],
+                         [torch.rand(c.shape[0], 1, generator=g) * 0.1 for c, _ in parts],
+                         [torch.randn(c.shape[0], generator=g) for c, _ in parts], bits)
+
+
+@pytest.mark.parametrize("rows", [1, 3, INT4_ROWS, INT4_ROWS + 1, 40])
+def test_a_linear_on_nibbles_gives_the_int8_linears_outputs_bit_for_bit(ops, monkeypatch, rows):
+    held, int8 = _linear(True, monkeypatch), _linear(False, monkeypatch)
+    assert held.codes4 is not None and held.weight is None and held.codes4.shape == (32, 25)
+    assert int8.codes4 is None and int8.weight.dtype == torch.int8
+    assert torch.equal(held.integers(), int8.integers())
+    x = torch.randn(rows, 50, generator=torch.Generator().manual_seed(rows)) * 3
+    x[0] = 0.25  # a constant token: offset codes and the zero-point correction
+    a, s, z = quantize_tokens(x, 0.9, 4)
+    assert torch.equal(held(a, s, z), int8(a, s, z))
+    # kept (float) tokens ride as digit rows in the same product
+    keep = torch.zeros(rows, dtype=torch.bool)
+    keep[-1] = True
+    assert torch.equal(held(a, s, z, kept=(keep, x[keep])), int8(a, s, z, kept=(keep, x[keep])))
+    assert torch.equal(held.forward_float(x), int8.forward_float(x))
+
+
+def test_only_four_bit_codes_per_output_channel_are_held_as_nibbles(ops, monkeypatch):
+    assert _linear(True, monkeypatch, bits=3).codes4 is not None
+    assert _linear(True, monkeypatch, bits=8).codes4 is None
+    c, z, _ = _codes(6, 12, 0)
+    bound_for_a_gpu = IntLinear([c], [z[:, None].to(torch.uint8)], [torch.ones(6, 1)], [None], 4, nibbles=False)
+    assert bound_for_a_gpu.codes4 is None and bound_for_a_gpu.weight.dtype == torch.int8
+    grouped = IntLinear([c], [torch.stack([z, z], 1).to(torch.uint8)], [torch.ones(6, 2)], [None], 4)
+    assert grouped.codes4 is None and grouped.weight is not None
+
+
+def test_a_failed_build_is_one_line_and_the_int8_path(monkeypatch, capsys, tmp_path):
+    import torch.utils.cpp_extension as ext
+
+    monkeypatch.setenv("BASEQ_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(native, "_loaded", lambda: False)
+
+    def broken(*a, **k):
+        raise RuntimeError("Error building extension 'baseq_ops'\nc++: not found")
+
+    monkeypatch.setattr(ext, "load", broken)
+    assert native.native_ops() is None and native.native_ops() is None  # tried once
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("baseq: the runtime's kernels could not be built (Error building extension 'baseq_ops'); "
+                       "running without them (int8 weights in memory, slower decoding)")
+    assert len([line for line in err if "could not be built" in line]) == 1
+
+
+def test_the_build_folder_names_the_source_and_the_machine(monkeypatch, tmp_path):
+    monkeypatch.setenv("BASEQ_CACHE", str(tmp_path))
+    first = native.build_dir()
+    assert first.parent == tmp_path / "ext"
+    monkeypatch.setattr(native, "_cpu_key", lambda: "another machine")
+    assert native.build_dir() != first
+
+
+def _torch_quantize_tokens(x, clip, bits, monkeypatch):
+    with monkeypatch.context() as mp:
+        mp.setattr(kernels, "native_ops", lambda: None)
+        return quantize_tokens(x, clip, bits)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 6, 8])
+@pytest.mark.parametrize("shape", [(1, 7), (5, 96), (2, 3, 50), (40, 1)])
+def test_quantize_rows_is_quantize_tokens_bit_for_bit(ops, monkeypatch, bits, shape):
+    g = torch.Generator().manual_seed(bits + len(shape))
+    x = torch.randn(shape, generator=g) * torch.logspace(-3, 2, shape[-1])  # wide ranges: clamps and roundings
+    x.view(-1, shape[-1])[0] = 0.7  # a constant row: the scale's floor
+    if shape[0] > 1:
+        x.view(-1, shape[-1])[1] = x.view(-1, shape[-1])[1].abs() + 1  # all positive: its zero point far below 0
+    for clip in (0.9, torch.tensor(0.83), torch.rand(*shape[:-1], 1, generator=g) * 0.5 + 0.5):
+        a, s, z = ops.quantize_rows(x, torch.as_tensor(clip, dtype=torch.float32), bits)
+        ra, rs, rz = _torch_quantize_tokens(x, clip, bits, monkeypatch)
+        assert a.dtype == torch.int8 and torch.equal(a, ra) and torch.equal(s, rs)
+        assert (rz is None and z.numel() == 0) or torch.equal(z, rz)
+        got = quantize_tokens(x, clip, bits)  # the runtime's entry point takes the operator
+        assert torch.equal(got[0], ra) and (got[2] is None) == (rz is None)
+    if bits == 4 and shape[0] > 1:  # the offset case happened (the positive row's zero point does not fit)
+        assert rz is not None
+
+
+def test_unpacked_buffers_serve_their_own_linear_and_unpack_each_once_per_pass(ops, monkeypatch):
+    """A prompt's MLP slabs call gate/up, down, gate/up, down, …: each linear is unpacked once, and never another
+    linear's codes are used — also for same-shaped linears built after others were freed (addresses are reused)."""
+    calls = []
+    real = ops.int4_unpack
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(ops, name)
+
+        def int4_unpack(self, codes, zero, out):
+            calls.append(codes.shape)
+            return real(codes, zero, out)
+
+    monkeypatch.setattr(kernels, "native_ops", lambda: Counting())
+    monkeypatch.setattr(kernels, "_UNPACKED", kernels._Unpacked())
+    rows = INT4_ROWS + 3
+    lins = [_linear(True, monkeypatch) for _ in range(3)]
+    for _ in range(3):  # a fresh linear each time, maybe at a freed one's address
+        del lins[0]
+        lins.append(_linear(True, monkeypatch))
+    a = torch.randint(-15, 16, (rows, 50), generator=torch.Generator().manual_seed(0)).to(torch.int8)
+    refs = [a.int() @ lin.integers().int().t() for lin in lins]
+    calls.clear()
+    for _ in range(4):  # two linears alternating: unpacked once each
+        for lin, ref in zip(lins[:2], refs):
+            assert torch.equal(lin._mm(a), ref)
+    assert len(calls) == 2
+    for lin, ref in zip(lins, refs):  # and a third: it takes the least recently used buffer
+        assert torch.equal(lin._mm(a), ref)
+    assert len(calls) == 3 and len(kernels._UNPACKED.held) == 2  # the first two were still held
