@@ -34,7 +34,8 @@ from .native import native_ops
 
 ACT_SCALE_EPS = 1e-6  # the fake quantizer's guard against constant tokens (quant/quantizer.py)
 # Up to this many rows a product reads the 4-bit codes directly; above, the codes are unpacked to int8 for torch's
-# GEMM (python benchmarks/int4_kernel.py: 1.5B shapes, 2 threads, the nibble kernel ahead up to 8 rows, behind at 16).
+# GEMM (python benchmarks/int4_kernel.py, 1.5B shapes, 2 threads: nibbles 119 ms a pass at 8 rows against 159 for
+# unpack + int8, 217 against 196 at 16).
 INT4_ROWS = 8
 
 
@@ -43,8 +44,8 @@ class _Unpacked:
     suffice for a prompt: the MLP runs over token slabs (gate/up, down, gate/up, down, …: see
     :class:`~baseq.runtime.modules.RuntimeMLP`), so each linear is unpacked once per forward instead of once per slab.
     A fresh tensor per call would also fault in new pages each time unless the allocator keeps freed memory
-    (:func:`keep_freed_memory`): over the 1.5B model's linears at one token, 190 ms a pass against 96 ms with kept
-    buffers (benchmarks/int4_kernel.py)."""
+    (:func:`keep_freed_memory`): over the 1.5B model's linears at one token, 146 ms a pass against 131 ms with a kept
+    buffer (benchmarks/int4_kernel.py)."""
 
     slots = 2
 
