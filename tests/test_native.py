@@ -171,3 +171,11 @@ def test_unpacked_buffers_serve_their_own_linear_and_unpack_each_once_per_pass(o
     for lin, ref in zip(lins, refs):  # and a third: it takes the least recently used buffer
         assert torch.equal(lin._mm(a), ref)
     assert len(calls) == 3 and len(kernels._UNPACKED.held) == 2  # the first two were still held
+
+
+def test_baseq_native_0_turns_the_kernels_off(monkeypatch):
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("BASEQ_NATIVE", "0")
+    assert native.native_ops() is None
+    lin = _linear(True, monkeypatch)  # the torch code: int8 codes in memory
+    assert lin.codes4 is None and lin.weight.dtype == torch.int8
