@@ -179,3 +179,14 @@ def test_baseq_native_0_turns_the_kernels_off(monkeypatch):
     assert native.native_ops() is None
     lin = _linear(True, monkeypatch)  # the torch code: int8 codes in memory
     assert lin.codes4 is None and lin.weight.dtype == torch.int8
+
+
+def test_a_cache_that_cannot_be_written_is_one_line_too(monkeypatch, capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("BASEQ_CACHE", str(blocker))  # its ext/ folder cannot be made
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(native, "_loaded", lambda: False)
+    assert native.native_ops() is None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("baseq: the runtime's kernels could not be built (")

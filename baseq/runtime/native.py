@@ -74,12 +74,11 @@ def _build() -> object | None:
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     except ImportError:
         pass
-    where = build_dir()
-    where.mkdir(parents=True, exist_ok=True)
-    built = any(where.glob("*.so"))
-    if not built:
-        print("baseq: compiling the runtime's kernels once for this machine (~10 s)", file=sys.stderr)
     try:
+        where = build_dir()
+        where.mkdir(parents=True, exist_ok=True)
+        if not any(where.glob("*.so")):
+            print("baseq: compiling the runtime's kernels once for this machine (~10 s)", file=sys.stderr)
         flags = ["-O3", "-ffp-contract=off"] + (["-march=native"] if platform.machine() in ("x86_64", "AMD64") else [])
         load("baseq_ops", sources=[str(SOURCE)], extra_cflags=flags, build_directory=str(where),
              is_python_module=False, verbose=False)
