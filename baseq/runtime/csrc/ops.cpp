@@ -8,8 +8,8 @@
 // Every sum is an integer sum, so the result equals torch._int_mm on the unpacked weight bit for bit. The weight
 // matrix is read once per call at half a byte per weight: at one token (decode) that read is the whole cost.
 // x86 with AVX2: the codes (unsigned, <= 15) meet the activations (signed) in _mm256_maddubs_epi16, whose pair sums
-// stay below 2 * 15 * 128 = 3840, and two of them below 7680, so its int16 saturation never happens; with
-// AVX512-VNNI, _mm256_dpbusd_epi32 sums four products straight into int32. Other CPUs run the plain loop.
+// stay within 2 * 15 * 128 = 3840, so its int16 saturation never happens, then _mm256_madd_epi16 widens them to int32;
+// with AVX512-VNNI, _mm256_dpbusd_epi32 sums four products straight into int32. Other CPUs run the plain loop.
 //
 //   quantize_rows(x [R, C] float32, clip (1 or R values) float32, bits) -> (a int8 [R, C], scale [R, 1], zero)
 //       baseq.runtime.kernels.quantize_tokens in one pass per row instead of ~20 tensor operations: the same float32
