@@ -67,9 +67,7 @@ def measure(spec: str, prefill: int, decode: int, repeats: int, threads: int, de
     ids = torch.randint(0, vocab, (1, prefill), generator=torch.Generator().manual_seed(0))
     generate(model, ids[:, :16], 4)  # warm-up
     runs = [generate(model, ids, decode) for _ in range(repeats)]
-    lins = [m for m in model.modules() if isinstance(m, IntLinear)]
-    held = None if not lins else "float32" if lins[0].weight is None and lins[0].codes4 is None else \
-        "4-bit, two a byte" if all(m.codes4 is not None for m in lins) else "int8"
+    held = sorted({m.held for m in model.modules() if isinstance(m, IntLinear)})
     return {"spec": spec, "load_s": round(load_s, 2),
             "prefill_tok_s": statistics.median(r.prefill_tok_s for r in runs),
             "decode_tok_s": statistics.median(r.decode_tok_s for r in runs),
@@ -77,7 +75,7 @@ def measure(spec: str, prefill: int, decode: int, repeats: int, threads: int, de
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "disk_mb": (lambda b: None if b is None else round(b / 2**20, 1))(disk_bytes(spec)),
             "method": (getattr(model, "baseq_config", None) or {}).get("method", "fp"),
-            "weights_held": held,  # how a packed model holds its linears' codes in memory (runtime/native.py)
+            "weights_held": " + ".join(held) or None,  # how a packed model holds its linears (IntLinear.held)
             "repeats": [{"prefill_tok_s": r.prefill_tok_s, "decode_tok_s": r.decode_tok_s} for r in runs]}
 
 

@@ -253,6 +253,12 @@ class IntLinear(nn.Module):
             y[kept[0]] = combine_digits(out_d * ds) + self.bias
         return y
 
+    @property
+    def held(self) -> str:
+        """How this linear holds its weight in memory: ``4-bit, two a byte``, ``int8`` or ``float32`` (16-bit
+        activations, :meth:`use_float_weights`)."""
+        return "4-bit, two a byte" if self.codes4 is not None else "int8" if self.weight is not None else "float32"
+
     def _mm(self, a: Tensor) -> Tensor:
         """``Σ_k a_k W_jk`` per output channel, int32 ``[M, N]``: from the nibbles at a few rows (a decode step), else
         through torch's int8 GEMM on the codes unpacked into a kept buffer (:class:`_Unpacked`)."""
