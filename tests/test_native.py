@@ -89,6 +89,23 @@ def test_only_four_bit_codes_per_output_channel_are_held_as_nibbles(ops, monkeyp
     assert grouped.codes4 is None and grouped.weight is not None
 
 
+@pytest.mark.parametrize("k, groups, nibbles", [(50, 1, True), (37, 1, True), (37, 1, False), (48, 2, True)])
+def test_codes_read_two_a_byte_build_the_same_linear(ops, k, groups, nibbles):
+    """A packed folder's 4-bit codes go into IntLinear as stored (``packed_k``): every buffer equals the one built
+    from unpacked codes — also where they must be unpacked (int8 for a GPU, weight groups) and for an odd K."""
+    g = torch.Generator().manual_seed(k)
+    parts = [_codes(n, k, seed)[:2] for seed, n in enumerate((20, 12, 7))]
+    zeros = [z[:, None].expand(-1, groups).to(torch.uint8) for _, z in parts]
+    scales = [torch.rand(c.shape[0], groups, generator=g) for c, _ in parts]
+    biases = [torch.randn(20, generator=g), None, torch.randn(7, generator=g)]
+    plain = IntLinear([c for c, _ in parts], zeros, scales, biases, 4, nibbles=nibbles)
+    packed = IntLinear([pack_nibbles(c) for c, _ in parts], zeros, scales, biases, 4, nibbles=nibbles, packed_k=k)
+    assert (packed.n, packed.k, packed.groups, packed.splits) == (plain.n, plain.k, plain.groups, plain.splits)
+    assert (packed.codes4 is not None) == (nibbles and groups == 1)
+    for (name, a), (name_b, b) in zip(plain.named_buffers(), packed.named_buffers()):
+        assert name == name_b and a.dtype == b.dtype and torch.equal(a, b), name
+
+
 def test_a_failed_build_is_one_line_and_the_int8_path(monkeypatch, capsys, tmp_path):
     import torch.utils.cpp_extension as ext
 

@@ -189,33 +189,49 @@ class IntLinear(nn.Module):
     hold 4-bit per-channel codes two to a byte where the compiled kernel runs (a model bound for a GPU keeps int8)."""
 
     def __init__(self, codes: list[Tensor], zeros: list[Tensor], scales: list[Tensor], biases: list[Tensor | None],
-                 bits: int, nibbles: bool = True):
+                 bits: int, nibbles: bool = True, packed_k: int | None = None):
+        """``packed_k``: the codes arrive two a byte as :func:`pack_nibbles` wrote them (``[N_i, ⌈K/2⌉]``, as a packed
+        folder stores them) for ``K = packed_k`` input columns; where they are held two a byte anyway they are taken
+        as they are, without unpacking and packing again (a 1.5B model loads several seconds faster)."""
         super().__init__()
-        c = torch.cat(codes).to(torch.int16)
         zero = torch.cat(zeros).to(torch.int16)
         scale = torch.cat(scales).float()
-        n, k = c.shape
+        n = zero.shape[0]
+        k = packed_k if packed_k is not None else codes[0].shape[1]
         groups = scale.shape[1]
         if k % groups:
             raise ValueError(f"{groups} weight groups do not divide {k} input columns")
         self.n, self.k, self.groups, self.bits = n, k, groups, bits
-        zero_full = zero.repeat_interleave(k // groups, dim=1)
-        if bits <= 7:  # W = c − z fits int8 (|W| ≤ 127)
-            w = (c - zero_full).to(torch.int8)
-            self.register_buffer("wzero", None)  # folded into the codes
-        else:  # keep c − 128 and correct for z − 128 separately
-            w = (c - 128).to(torch.int8)
-            self.register_buffer("wzero", (zero - 128).float())  # [N, G]
         gs = k // groups
-        self.register_buffer("wsum", w.view(n, groups, gs).sum(-1, dtype=torch.int32).float())  # [N, G]
         # 4-bit codes per output channel, for a CPU with the compiled kernel: two codes a byte (runtime/native.py)
-        nibbles = nibbles and bits <= 4 and groups == 1 and c.device.type == "cpu" and native_ops() is not None
-        self.register_buffer("codes4", pack_nibbles(c) if nibbles else None)  # [N, ⌈K/2⌉] uint8
+        nibbles = nibbles and bits <= 4 and groups == 1 and codes[0].device.type == "cpu" and native_ops() is not None
+        if nibbles:
+            packed = torch.cat(codes) if packed_k is not None else pack_nibbles(torch.cat(codes))
+            self.register_buffer("codes4", packed.contiguous())  # [N, ⌈K/2⌉] uint8
+            self.register_buffer("zero4", zero[:, 0].int().contiguous())  # [N] int32
+            self.register_buffer("weight", None)
+            self.register_buffer("wzero", None)
+            # Σ_k (c_jk − z_j), from the nibbles (an odd K's padding nibble is 0); exact in int32, as from int8 codes
+            sums = ((packed & 15) + (packed >> 4)).sum(-1, dtype=torch.int32)  # a byte's two codes add to ≤ 30
+            self.register_buffer("wsum", (sums - k * self.zero4).float()[:, None])  # [N, 1]
+        else:
+            if packed_k is not None:
+                codes = [unpack_nibbles(cc, k) for cc in codes]
+            c = torch.cat(codes).to(torch.int16)
+            zero_full = zero.repeat_interleave(gs, dim=1)
+            if bits <= 7:  # W = c − z fits int8 (|W| ≤ 127)
+                w = (c - zero_full).to(torch.int8)
+                self.register_buffer("wzero", None)  # folded into the codes
+            else:  # keep c − 128 and correct for z − 128 separately
+                w = (c - 128).to(torch.int8)
+                self.register_buffer("wzero", (zero - 128).float())  # [N, G]
+            self.register_buffer("wsum", w.view(n, groups, gs).sum(-1, dtype=torch.int32).float())  # [N, G]
+            self.register_buffer("codes4", None)
+            self.register_buffer("zero4", None)
+            # int8 W: [N, K] per channel; [G, N, K/G] with groups, so each group's matrix is contiguous for the GEMM
+            self.register_buffer("weight", w.contiguous() if groups == 1 else
+                                 w.view(n, groups, gs).transpose(0, 1).contiguous())
         self.serial = next(_SERIALS)  # whose codes an unpacked buffer holds (_Unpacked)
-        self.register_buffer("zero4", zero[:, 0].int().contiguous() if nibbles else None)  # [N] int32
-        # else int8 W: [N, K] per channel; [G, N, K/G] with groups, so each group's matrix is contiguous for the GEMM
-        self.register_buffer("weight", None if nibbles else w.contiguous() if groups == 1 else
-                             w.view(n, groups, gs).transpose(0, 1).contiguous())
         self.register_buffer("scale", scale.contiguous())  # [N, G]
         self.register_buffer("scale_t", scale.t().contiguous())  # [G, N]; row g = group g's scales
         self.register_buffer("scale_row", self.scale_t[0])  # per channel: [N]

@@ -61,7 +61,7 @@ from ..rotation.fuse import (
 )
 from ..rotation.hadamard import has_hadamard
 from .format import PACKED_FORMAT, check_out_dir, model_record, read_meta
-from .kernels import IntLinear, keep_freed_memory, pack_nibbles, unpack_nibbles
+from .kernels import IntLinear, keep_freed_memory, pack_nibbles
 from .kvcache import QuantizedKVCache
 from .modules import (
     ActPoint,
@@ -348,8 +348,7 @@ class _Tensors:
 
 def _linear_parts(t: _Tensors, prefix: str, out_f: int, in_f: int, bits: int, groups: int):
     packed_cols = (in_f + 1) // 2 if bits <= 4 else in_f
-    codes = t.take(f"{prefix}.codes", (out_f, packed_cols))
-    codes = unpack_nibbles(codes, in_f) if bits <= 4 else codes
+    codes = t.take(f"{prefix}.codes", (out_f, packed_cols))  # still two a byte at ≤ 4 bits (IntLinear's packed_k)
     return (codes, t.take(f"{prefix}.zero", (out_f, groups)), t.take(f"{prefix}.scale", (out_f, groups)).float(),
             t.take(f"{prefix}.bias", (out_f,)))
 
@@ -357,7 +356,7 @@ def _linear_parts(t: _Tensors, prefix: str, out_f: int, in_f: int, bits: int, gr
 def _fused(t: _Tensors, prefix: str, names: list[str], outs: list[int], in_f: int, bits: int, groups: int,
            nibbles: bool):
     parts = [_linear_parts(t, f"{prefix}.{n}", o, in_f, bits, groups) for n, o in zip(names, outs)]
-    return IntLinear(*[list(x) for x in zip(*parts)], bits=bits, nibbles=nibbles)
+    return IntLinear(*[list(x) for x in zip(*parts)], bits=bits, nibbles=nibbles, packed_k=in_f if bits <= 4 else None)
 
 
 def _table(t: _Tensors, prefix: str, bits: int, vocab: int, hidden: int, mapped: bool = False) -> Table:
