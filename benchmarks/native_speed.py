@@ -1,7 +1,9 @@
 """The runtime's compiled kernels (``baseq/runtime/native.py``) against the torch code they replace, on one packed
-model in one process: the folder loaded twice (4-bit codes two a byte + the one-pass token quantizer, and int8 codes
-+ torch's ops), then generation runs alternated A B A B, so both see the same machine state. Prints the medians of
-prefill and decode tokens/s and their ratios; the two models' logits are checked equal first.
+model in one process: the folder loaded twice (4-bit codes two a byte + the one-pass token quantizer + attention on
+the packed KV codes, and int8 codes + torch's ops), then generation runs alternated A B A B, so both see the same
+machine state. Prints the medians of prefill and decode tokens/s and their ratios; the two models' prompt logits are
+checked equal first. ``--only attention``: one model, decoding attention with the kernels or the torch path (the
+cost that grows with the context: try ``--prefill 4096``).
 
     python benchmarks/native_speed.py <packed folder> --prefill 512 --decode 64 --repeats 5 --threads 2
 """
@@ -17,19 +19,24 @@ import torch
 import checkout  # noqa: F401,E402  (benchmarks/checkout.py: this checkout's baseq first)
 
 from baseq.load import load
-from baseq.runtime import kernels
+from baseq.runtime import kernels, modules
 from baseq.runtime.generate import generate
 from baseq.runtime.native import native_ops
 
 
+PATCHED = [kernels, modules]  # the modules that call native_ops(); --only attention: modules alone
+
+
 @contextmanager
 def torch_only():
-    real = kernels.native_ops
-    kernels.native_ops = lambda: None
+    real = [m.native_ops for m in PATCHED]
+    for m in PATCHED:
+        m.native_ops = lambda: None
     try:
         yield
     finally:
-        kernels.native_ops = real
+        for m, r in zip(PATCHED, real):
+            m.native_ops = r
 
 
 def main() -> None:
@@ -39,13 +46,18 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", choices=("all", "attention"), default="all")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if native_ops() is None:
         raise SystemExit("the runtime's kernels do not build here")
     fast, _ = load(args.model)
-    with torch_only():
-        slow, _ = load(args.model)
+    if args.only == "attention":
+        PATCHED[:] = [modules]
+        slow = fast
+    else:
+        with torch_only():
+            slow, _ = load(args.model)
     ids = torch.randint(0, int(fast.config.vocab_size), (1, args.prefill), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got = fast(ids[:, :64]).logits
@@ -62,8 +74,8 @@ def main() -> None:
             runs["torch"].append(generate(slow, ids, args.decode))
     med = {k: (statistics.median(r.prefill_tok_s for r in v), statistics.median(r.decode_tok_s for r in v))
            for k, v in runs.items()}
-    print(f"| kernels | prefill {args.prefill} tok/s | decode tok/s |  ({args.threads} threads, median of "
-          f"{args.repeats}, alternated)")
+    print(f"| kernels ({args.only}) | prefill {args.prefill} tok/s | decode tok/s |  ({args.threads} threads, "
+          f"median of {args.repeats}, alternated)")
     print("|---|---:|---:|")
     for k, (p, d) in med.items():
         print(f"| {k} | {p:.1f} | {d:.2f} |")

@@ -260,3 +260,33 @@ def test_the_compiled_kernels_change_no_bit_of_a_packed_model(packed, monkeypatc
         ref = run(slow)
     got = run(fast)
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+def test_decoding_attention_on_packed_codes_keeps_a_packed_models_tokens(packed, monkeypatch):
+    """The KV-code attention kernels (``kv_scores`` / ``kv_weighted``) against the torch path through a whole packed
+    model: each decoding step's logits to float rounding, the same greedy tokens."""
+    from baseq.load import load
+    from baseq.runtime import modules
+    from baseq.runtime.native import native_ops
+
+    if native_ops() is None:
+        pytest.skip("the runtime's kernels do not build here (BASEQ_NATIVE=0 or no C++ compiler)")
+    model, _ = load(str(packed[0]))
+    ids = torch.randint(3, 250, (1, 9), generator=torch.Generator().manual_seed(1))
+
+    def run():
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=8, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True)
+        return out.sequences, torch.stack(out.logits)
+
+    calls = []
+    with monkeypatch.context() as mp:
+        mp.setattr(modules, "native_ops", lambda: calls.append(1) or native_ops())
+        seq, logits = run()
+    assert len(calls) == 7 * model.config.num_hidden_layers  # every step after the prompt's, every layer
+    with monkeypatch.context() as mp:
+        mp.setattr(modules, "native_ops", lambda: None)
+        ref_seq, ref_logits = run()
+    assert torch.equal(seq, ref_seq)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)

@@ -106,6 +106,76 @@ def test_codes_read_two_a_byte_build_the_same_linear(ops, k, groups, nibbles):
         assert name == name_b and a.dtype == b.dtype and torch.equal(a, b), name
 
 
+# (batch, stored heads, capacity, head_dim, heads read, queries per head, tokens): GQA groups of 1–6, an odd head_dim
+# (a padding nibble), a capacity past the stored tokens, tokens across the kernels' slabs of 256, none at all
+KV_SHAPES = [(1, 4, 16, 128, 2, 6, 9), (2, 4, 300, 10, 2, 3, 290), (1, 2, 5, 22, 1, 4, 5), (3, 2, 40, 9, 1, 1, 33),
+             (1, 6, 600, 64, 3, 2, 513), (1, 2, 4, 16, 1, 2, 0)]
+
+
+@pytest.mark.parametrize("b, stored, cap, d, heads, g, n", KV_SHAPES)
+def test_kv_kernels_are_the_products_on_the_unpacked_codes(ops, b, stored, cap, d, heads, g, n):
+    """Attention's two products read 4-bit KV codes two a byte: equal to the float products on the unpacked codes to
+    float rounding, and the same bits whatever the thread count (the kernels' summation order is their own)."""
+    gen = torch.Generator().manual_seed(cap + d)
+    c = torch.randint(0, 16, (b, stored, cap, d), generator=gen).to(torch.uint8)
+    packed = pack_nibbles(c)
+    q = torch.randn(b, heads, g, d, generator=gen) * 3
+    p = torch.rand(b, heads, g, n, generator=gen)
+    head0 = stored - heads
+    scores, weighted = ops.kv_scores(q, packed, n), ops.kv_weighted(p, packed, head0)[..., :d]
+    ref_s = q @ c[:, :heads, :n].float().transpose(-1, -2)
+    ref_w = p @ c[:, head0:head0 + heads, :n].float()
+    assert scores.shape == (b, heads, g, n) and weighted.shape == (b, heads, g, d)
+    for got, ref in ((scores, ref_s), (weighted, ref_w)):  # sums of many terms: rounding relative to their size
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6 * max(1.0, ref.abs().amax().item() if ref.numel() else 0))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.kv_scores(q, packed, n), ops.kv_weighted(p, packed, head0)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], scores) and torch.equal(one[1][..., :d], weighted)
+
+
+def test_kv_kernels_refuse_mismatched_operands_in_one_line(ops):
+    packed = pack_nibbles(torch.zeros(1, 4, 8, 16, dtype=torch.uint8))
+    with pytest.raises(RuntimeError, match="kv_scores: 2 heads of 12 against codes"):
+        ops.kv_scores(torch.zeros(1, 2, 3, 12), packed, 8)
+    with pytest.raises(RuntimeError, match="for 9 tokens"):
+        ops.kv_scores(torch.zeros(1, 2, 3, 16), packed, 9)
+    with pytest.raises(RuntimeError, match="kv_weighted: heads 3..5"):
+        ops.kv_weighted(torch.zeros(1, 2, 3, 8), packed, 3)
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.kv_scores(torch.zeros(1, 2, 3, 16, dtype=torch.float64), packed, 8)
+
+
+@pytest.mark.parametrize("softcap, shifted", [(None, False), (30.0, True)])
+def test_decoding_attention_on_packed_codes_is_the_torch_path(ops, monkeypatch, softcap, shifted):
+    """``attend_codes`` with the kernels (codes read two a byte) against its torch path (the cache unpacked into
+    float codes), with float-kept rows, K/V centres, a soft cap and a padding mask: the same values to rounding."""
+    from baseq.runtime import modules
+    from baseq.runtime.kvcache import QuantizedKVLayer
+
+    gen = torch.Generator().manual_seed(1)
+    b, kvh, heads, d, n = 2, 2, 6, 16, 37
+    k, v = torch.randn(b, kvh, n, d, generator=gen), torch.randn(b, kvh, n, d, generator=gen)
+    keep = torch.zeros(b, n, dtype=torch.bool)
+    keep[0, 0] = keep[1, 5] = True
+    layer = QuantizedKVLayer(4, 0.9, 1.0)
+    layer.update(k[:, :, :30], v[:, :, :30], keep=keep[:, :30])
+    for i in range(30, n):
+        layer.append(k[:, :, i:i + 1], v[:, :, i:i + 1], keep=keep[:, i:i + 1])
+    shifts = (torch.randn(kvh, 1, d, generator=gen), torch.randn(kvh, 1, d, generator=gen)) if shifted else (None,) * 2
+    mask = torch.ones(b, 1, 1, n, dtype=torch.bool)
+    mask[1, ..., :4] = False  # left padding of the second sequence
+    q = torch.randn(b, heads, 1, d, generator=gen)
+    got = modules.attend_codes(q, layer, d ** -0.5, mask, softcap, *shifts)
+    monkeypatch.setattr(modules, "native_ops", lambda: None)
+    ref = modules.attend_codes(q, layer, d ** -0.5, mask, softcap, *shifts)
+    assert got.shape == (b, heads, d)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_a_failed_build_is_one_line_and_the_int8_path(monkeypatch, capsys, tmp_path):
     import torch.utils.cpp_extension as ext
 

@@ -97,6 +97,15 @@ class QuantizedKVLayer(CacheLayerMixin):
         q = (unpack_nibbles(q, self.head_dim) if self.bits <= 4 else q).float()  # uint8 bit operations: fast
         return q, st.scale[:, :, :n], st.zero[:, :, :n]
 
+    def packed(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """At ≤ 4 bits, the stored codes as they are held — two a byte, ``[b, 2·kv_heads, capacity, ⌈d/2⌉]`` uint8, of
+        which the first :meth:`get_seq_length` tokens are set — with their scale and zero as in :meth:`codes`; else
+        None."""
+        if self.bits > 4 or self.store.codes is None:
+            return None
+        st, n = self.store, self.length
+        return st.codes, st.scale[:, :, :n], st.zero[:, :, :n]
+
     def append(self, key_states: Tensor, value_states: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Store the new tokens' K/V (float, ``[batch, kv_heads, new, head_dim]``) as codes, and those ``keep``
         (``[batch, new]`` bool, or None) marks as float rows too; returns their fake-quantized values (the kept

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ..quant.qmodel import TokenGate, softcapped_attention
 from .kernels import IntLinear, int_mm, quantize_tokens, token_grid
+from .native import native_ops
 from .kvcache import QuantizedKVCache
 
 
@@ -212,13 +213,24 @@ def attend_codes(q: Tensor, layer, scaling: float, mask: Tensor | None, softcap:
     so the cache is never dequantized (two matrix products over the codes, the rest is per token); ``softcap``:
     scores ``c·tanh(s / c)`` (Gemma 2); ``k_shift`` / ``v_shift`` (``[kv_heads, 1, d]``): the centres ``μ``
     the cache was quantized around (``q·μ_K`` is the same for every key, so it changes no softmax but a soft-capped
-    one; it is added anyway). Returns ``[b, heads, d]``."""
-    c, s, z = layer.codes()  # K heads, then V heads
+    one; it is added anyway). Returns ``[b, heads, d]``. With the compiled kernels (CPU, ≤ 4-bit cache) the two
+    products read the codes two a byte where they are stored (``kv_scores`` / ``kv_weighted``, runtime/native.py);
+    else the cache is unpacked into float codes first, whose cost grows with the context."""
     b, h, _, d = q.shape
-    kvh = c.shape[1] // 2
-    ck, sk, zk, cv, sv, zv = c[:, :kvh], s[:, :kvh], z[:, :kvh], c[:, kvh:], s[:, kvh:], z[:, kvh:]
+    ops = native_ops() if q.device.type == "cpu" else None
+    held = layer.packed() if ops is not None else None
+    if held is not None:
+        packed, s, z = held
+        kvh = s.shape[1] // 2
+    else:
+        c, s, z = layer.codes()  # K heads, then V heads
+        kvh = c.shape[1] // 2
+    sk, zk, sv, zv = s[:, :kvh], z[:, :kvh], s[:, kvh:], z[:, kvh:]
     qg = q.reshape(b, kvh, h // kvh, d)
-    scores = qg @ ck.transpose(-1, -2)  # [b, kv, g, n]
+    if held is not None:
+        scores = ops.kv_scores(qg.float(), packed, layer.get_seq_length())  # [b, kv, g, n]
+    else:
+        scores = qg @ c[:, :kvh].transpose(-1, -2)  # [b, kv, g, n]
     scores = (scores - qg.sum(-1, keepdim=True) * zk.transpose(-1, -2)) * sk.transpose(-1, -2)
     kept = layer.kept()  # tokens stored float (--keep-massive-kv float): their scores from the float keys
     if kept is not None:
@@ -237,7 +249,8 @@ def attend_codes(q: Tensor, layer, scaling: float, mask: Tensor | None, softcap:
     if kept is not None:  # their values likewise: out of the codes' sums, added as float
         p_kept = probs[bi, :, :, ti]  # [m, kv, g]
         pv[bi, :, :, ti] = 0
-    out = pv @ cv - pv @ zv  # [b, kv, g, d]
+    cv_pv = ops.kv_weighted(pv, packed, kvh)[..., :d] if held is not None else pv @ c[:, kvh:]
+    out = cv_pv - pv @ zv  # [b, kv, g, d]
     if kept is not None:
         out.index_add_(0, bi, p_kept[..., None] * vals[:, kvh:, None, :])
     if v_shift is not None:

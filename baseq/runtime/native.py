@@ -5,6 +5,11 @@
   memory's ~18–26 GB/s). Nibbles halve that read and the resident weights; the sums stay integer sums, equal to the
   int8 GEMM's bit for bit. Longer inputs (a prompt) unpack one linear's codes at a time into a kept buffer and keep
   torch's int8 GEMM, which is faster there.
+* **Decoding attention on the 4-bit KV codes** (``kv_scores``, ``kv_weighted``): a query against the stored K codes
+  and the attention weights against the V codes, read two a byte where the cache keeps them, instead of unpacking
+  the whole cache into float codes at every step (a cost that grew with the context: at 8,192 tokens ~6 ms a layer,
+  more than the layer's linears). Float sums in an order of their own, so equal to the torch path to rounding
+  (~1e-6 relative), and the same bits whatever the thread count.
 * **Per-token activation quantization in one pass** (``quantize_rows``): the same float32 operations as
   :func:`~baseq.runtime.kernels.quantize_tokens`, in the same order, instead of ~20 tensor operations a call (a
   decode step makes four calls a layer).
@@ -14,7 +19,7 @@ that runs it builds it; ``-ffp-contract=off``: no fused multiply-adds, so float 
 ``$BASEQ_CACHE/ext/<key>``, the key naming the source, torch and the CPU, so a cache shared between machines never
 hands one another's binary; later processes load it in milliseconds. Where nothing can be compiled (no C++ compiler,
 no torch headers) one line says so and the runtime runs its torch code, as before. ``BASEQ_NATIVE=0`` turns them off.
-Tests: ``tests/test_native.py``.
+Tests: ``tests/test_native.py`` (and the packed-model tests in ``tests/test_cli_runtime.py``).
 """
 
 from __future__ import annotations
@@ -91,8 +96,8 @@ def _build() -> object | None:
 
 
 def native_ops() -> object | None:
-    """``torch.ops.baseq_ops`` (``int4_mm``, ``int4_unpack``, ``quantize_rows``), built or loaded once per process;
-    None where it cannot be (or ``BASEQ_NATIVE=0``)."""
+    """``torch.ops.baseq_ops`` (``int4_mm``, ``int4_unpack``, ``kv_scores``, ``kv_weighted``, ``quantize_rows``), built
+    or loaded once per process; None where it cannot be (or ``BASEQ_NATIVE=0``)."""
     if "ops" not in _state:
         _state["ops"] = _build()
     return _state["ops"]

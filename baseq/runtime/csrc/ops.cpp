@@ -11,6 +11,16 @@
 // stay within 2 * 15 * 128 = 3840, so its int16 saturation never happens, then _mm256_madd_epi16 widens them to int32;
 // with AVX512-VNNI, _mm256_dpbusd_epi32 sums four products straight into int32. Other CPUs run the plain loop.
 //
+//   kv_scores(q [B, H, G, D] float32, codes [B, S, T, ceil(D/2)] uint8, n) -> [B, H, G, n] float32
+//       out[b, h, g, t] = sum_d q[b, h, g, d] * c[b, h, t, d] for the first n tokens: a decoding query against the
+//       4-bit K codes of a quantized KV cache (heads 0..H-1 of its S), read two a byte, never unpacked in memory.
+//   kv_weighted(p [B, H, G, n] float32, codes, head0) -> [B, H, G, D] float32
+//       out[b, h, g, d] = sum_t p[b, h, g, t] * c[b, head0 + h, t, d]: attention weights against the V codes.
+//       Float sums, in an order of their own that depends neither on the thread count nor on AVX2 (its path adds
+//       in the plain loop's order): tokens in slabs of KV_SLAB, each slab summed in token order, the slabs' sums
+//       added in slab order; a dot product over eight lanes (lane l takes the columns l mod 8), then the lanes in
+//       order. Not torch's order, so equal to its matmul on the unpacked codes only to float rounding (~1e-6).
+//
 //   quantize_rows(x [R, C] float32, clip (1 or R values) float32, bits) -> (a int8 [R, C], scale [R, 1], zero)
 //       baseq.runtime.kernels.quantize_tokens in one pass per row instead of ~20 tensor operations: the same float32
 //       operations in the same order (built with -ffp-contract=off, so no multiply-add is fused), so the same bits.
@@ -168,6 +178,159 @@ void int4_unpack(const at::Tensor& packed, const at::Tensor& zero, at::Tensor& o
   });
 }
 
+// ------------------------------------------------------------------------------------------ attention on KV codes
+
+constexpr int64_t KV_SLAB = 256;  // tokens summed together before the slabs' sums are added (kv_weighted)
+constexpr int LANES = 8;
+
+#if defined(__AVX2__)
+// eight bytes of codes as float: their low nibbles (even columns) and high nibbles (odd columns)
+inline void codes8(const uint8_t* row, __m256& lo, __m256& hi) {
+  const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row)));
+  lo = _mm256_cvtepi32_ps(_mm256_and_si256(w, _mm256_set1_epi32(15)));
+  hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(w, 4));
+}
+#endif
+
+// scores[g] = sum_i qe[g][i] * lo_i + qo[g][i] * hi_i for one token's codes (d2 bytes), G queries: eight lanes
+// (lane l takes i = l mod 8), then the lanes in order. The vector and the plain paths add in the same order.
+// acc: scratch of G * LANES + 2 * d2 floats
+inline void token_scores(const uint8_t* row, const float* qe, const float* qo, int64_t G, int64_t d2, float* acc,
+                         float* scores) {
+  std::fill(acc, acc + G * LANES, 0.0f);
+  int64_t i = 0;
+#if defined(__AVX2__)
+  const int64_t vec = d2 / LANES * LANES;
+  if (vec) {
+    float* lo = acc + G * LANES;  // the token's codes as float, once for every query
+    float* hi = lo + d2;
+    for (; i < vec; i += LANES) {
+      __m256 l, h;
+      codes8(row + i, l, h);
+      _mm256_storeu_ps(lo + i, l);
+      _mm256_storeu_ps(hi + i, h);
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      __m256 a = _mm256_setzero_ps();
+      for (int64_t j = 0; j < vec; j += LANES) {
+        a = _mm256_add_ps(a, _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(qe + g * d2 + j), _mm256_loadu_ps(lo + j)),
+                                           _mm256_mul_ps(_mm256_loadu_ps(qo + g * d2 + j), _mm256_loadu_ps(hi + j))));
+      }
+      _mm256_storeu_ps(acc + g * LANES, a);
+    }
+  }
+#endif
+  for (; i < d2; ++i) {
+    const float lo = static_cast<float>(row[i] & 15), hi = static_cast<float>(row[i] >> 4);
+    for (int64_t g = 0; g < G; ++g) acc[g * LANES + i % LANES] += qe[g * d2 + i] * lo + qo[g * d2 + i] * hi;
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    float s = 0;
+    for (int l = 0; l < LANES; ++l) s += acc[g * LANES + l];
+    scores[g] = s;
+  }
+}
+
+// acc[g] (even columns, then odd: [G, 2, d2]) += w[g] * codes of one token
+inline void token_weighted(const uint8_t* row, const float* w, int64_t G, int64_t d2, float* acc) {
+  int64_t i = 0;
+#if defined(__AVX2__)
+  for (; i + LANES <= d2; i += LANES) {
+    __m256 lo, hi;
+    codes8(row + i, lo, hi);
+    for (int64_t g = 0; g < G; ++g) {
+      const __m256 wg = _mm256_set1_ps(w[g]);
+      float* ae = acc + g * 2 * d2 + i;
+      float* ao = ae + d2;
+      _mm256_storeu_ps(ae, _mm256_add_ps(_mm256_loadu_ps(ae), _mm256_mul_ps(wg, lo)));
+      _mm256_storeu_ps(ao, _mm256_add_ps(_mm256_loadu_ps(ao), _mm256_mul_ps(wg, hi)));
+    }
+  }
+#endif
+  for (; i < d2; ++i) {
+    const float lo = static_cast<float>(row[i] & 15), hi = static_cast<float>(row[i] >> 4);
+    for (int64_t g = 0; g < G; ++g) {
+      acc[g * 2 * d2 + i] += w[g] * lo;
+      acc[g * 2 * d2 + d2 + i] += w[g] * hi;
+    }
+  }
+}
+
+void check_kv(const at::Tensor& x, const at::Tensor& codes, const char* what) {
+  TORCH_CHECK(x.device().is_cpu() && codes.device().is_cpu(), "KV kernels run on the CPU");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 4, what, ": a [B, H, G, *] float32 tensor");
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 4 && codes.stride(3) == 1 &&
+              codes.size(0) == x.size(0), "KV codes: [B, S, T, ceil(D/2)] uint8, rows contiguous, batch of ", what);
+}
+
+at::Tensor kv_scores(const at::Tensor& q_in, const at::Tensor& codes, int64_t n) {
+  check_kv(q_in, codes, "queries");
+  const at::Tensor q = q_in.contiguous();
+  const int64_t B = q.size(0), H = q.size(1), G = q.size(2), D = q.size(3), d2 = codes.size(3);
+  TORCH_CHECK(d2 == (D + 1) / 2 && H <= codes.size(1) && n >= 0 && n <= codes.size(2),
+              "kv_scores: ", H, " heads of ", D, " against codes ", codes.sizes(), " for ", n, " tokens");
+  // the queries split into even and odd columns (zero past D), as the codes are
+  std::vector<float> qe(B * H * G * d2, 0.0f), qo(B * H * G * d2, 0.0f);
+  const float* qp = q.data_ptr<float>();
+  for (int64_t r = 0; r < B * H * G; ++r) {
+    for (int64_t j = 0; j < D; ++j) (j % 2 ? qo : qe)[r * d2 + j / 2] = qp[r * D + j];
+  }
+  at::Tensor out = at::empty({B, H, G, n}, q.options());
+  float* op = out.data_ptr<float>();
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const int64_t sb = codes.stride(0), sh = codes.stride(1), st = codes.stride(2);
+  at::parallel_for(0, B * H * n, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(G * LANES + 2 * d2), scores(G);
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t bh = idx / n, t = idx % n, b = bh / H, h = bh % H;
+      token_scores(cp + b * sb + h * sh + t * st, qe.data() + bh * G * d2, qo.data() + bh * G * d2, G, d2,
+                   acc.data(), scores.data());
+      for (int64_t g = 0; g < G; ++g) op[(bh * G + g) * n + t] = scores[g];
+    }
+  });
+  return out;
+}
+
+at::Tensor kv_weighted(const at::Tensor& p_in, const at::Tensor& codes, int64_t head0) {
+  check_kv(p_in, codes, "weights");
+  const at::Tensor p = p_in.contiguous();
+  const int64_t B = p.size(0), H = p.size(1), G = p.size(2), n = p.size(3), d2 = codes.size(3), D = 2 * d2;
+  TORCH_CHECK(head0 >= 0 && head0 + H <= codes.size(1) && n <= codes.size(2),
+              "kv_weighted: heads ", head0, "..", head0 + H, " of ", n, " tokens against codes ", codes.sizes());
+  const int64_t slabs = std::max<int64_t>(1, (n + KV_SLAB - 1) / KV_SLAB);
+  // per (b, h, slab): the slab's sums as even / odd columns [G, 2, d2]
+  std::vector<float> part(B * H * slabs * G * 2 * d2, 0.0f);
+  const float* pp = p.data_ptr<float>();
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const int64_t sb = codes.stride(0), sh = codes.stride(1), st = codes.stride(2);
+  at::parallel_for(0, B * H * slabs, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> w(G);
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t bh = idx / slabs, slab = idx % slabs, b = bh / H, h = bh % H;
+      float* acc = part.data() + idx * G * 2 * d2;
+      for (int64_t t = slab * KV_SLAB; t < std::min(n, (slab + 1) * KV_SLAB); ++t) {
+        for (int64_t g = 0; g < G; ++g) w[g] = pp[(bh * G + g) * n + t];
+        token_weighted(cp + b * sb + (head0 + h) * sh + t * st, w.data(), G, d2, acc);
+      }
+    }
+  });
+  at::Tensor out = at::zeros({B, H, G, D}, p.options());
+  float* op = out.data_ptr<float>();
+  for (int64_t bh = 0; bh < B * H; ++bh) {
+    for (int64_t slab = 0; slab < slabs; ++slab) {
+      const float* acc = part.data() + (bh * slabs + slab) * G * 2 * d2;
+      for (int64_t g = 0; g < G; ++g) {
+        float* dst = op + (bh * G + g) * D;
+        for (int64_t i = 0; i < d2; ++i) {
+          dst[2 * i] += acc[g * 2 * d2 + i];
+          dst[2 * i + 1] += acc[g * 2 * d2 + d2 + i];
+        }
+      }
+    }
+  }
+  return out;
+}
+
 constexpr float ACT_SCALE_EPS = 1e-6f;  // kernels.ACT_SCALE_EPS
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x_in, const at::Tensor& clip_in,
@@ -239,4 +402,6 @@ TORCH_LIBRARY(baseq_ops, m) {
   m.def("int4_mm(Tensor a, Tensor packed, Tensor zero) -> Tensor", &int4_mm);
   m.def("int4_unpack(Tensor packed, Tensor zero, Tensor(a!) out) -> ()", &int4_unpack);
   m.def("quantize_rows(Tensor x, Tensor clip, int bits) -> (Tensor, Tensor, Tensor)", &quantize_rows);
+  m.def("kv_scores(Tensor q, Tensor codes, int n) -> Tensor", &kv_scores);
+  m.def("kv_weighted(Tensor p, Tensor codes, int head0) -> Tensor", &kv_weighted);
 }
