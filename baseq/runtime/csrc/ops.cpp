@@ -194,6 +194,25 @@ inline void codes8(const uint8_t* row, __m256& lo, __m256& hi) {
 
 // scores[g] = sum_i qe[g][i] * lo_i + qo[g][i] * hi_i for one token's codes (d2 bytes), G queries: eight lanes
 // (lane l takes i = l mod 8), then the lanes in order. The vector and the plain paths add in the same order.
+#if defined(__AVX2__)
+// NB queries' eight-lane sums over the first vec columns: acc[q * LANES + l] = sum over j = l mod 8 of
+// qe[q][j] * lo[j] + qo[q][j] * hi[j], added in column order
+template <int NB>
+inline void query_block(const float* qe, const float* qo, const float* lo, const float* hi, int64_t d2, int64_t vec,
+                        float* acc) {
+  __m256 a[NB];
+  for (int q = 0; q < NB; ++q) a[q] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < vec; j += LANES) {
+    const __m256 l = _mm256_loadu_ps(lo + j), h = _mm256_loadu_ps(hi + j);
+    for (int q = 0; q < NB; ++q) {
+      a[q] = _mm256_add_ps(a[q], _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(qe + q * d2 + j), l),
+                                               _mm256_mul_ps(_mm256_loadu_ps(qo + q * d2 + j), h)));
+    }
+  }
+  for (int q = 0; q < NB; ++q) _mm256_storeu_ps(acc + q * LANES, a[q]);
+}
+#endif
+
 // acc: scratch of G * LANES + 2 * d2 floats
 inline void token_scores(const uint8_t* row, const float* qe, const float* qo, int64_t G, int64_t d2, float* acc,
                          float* scores) {
@@ -210,14 +229,11 @@ inline void token_scores(const uint8_t* row, const float* qe, const float* qo, i
       _mm256_storeu_ps(lo + i, l);
       _mm256_storeu_ps(hi + i, h);
     }
-    for (int64_t g = 0; g < G; ++g) {
-      __m256 a = _mm256_setzero_ps();
-      for (int64_t j = 0; j < vec; j += LANES) {
-        a = _mm256_add_ps(a, _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(qe + g * d2 + j), _mm256_loadu_ps(lo + j)),
-                                           _mm256_mul_ps(_mm256_loadu_ps(qo + g * d2 + j), _mm256_loadu_ps(hi + j))));
-      }
-      _mm256_storeu_ps(acc + g * LANES, a);
-    }
+    // queries four (then two, one) at a time: independent addition chains (one would wait on each sum's latency)
+    int64_t g = 0;
+    for (; g + 4 <= G; g += 4) query_block<4>(qe + g * d2, qo + g * d2, lo, hi, d2, vec, acc + g * LANES);
+    for (; g + 2 <= G; g += 2) query_block<2>(qe + g * d2, qo + g * d2, lo, hi, d2, vec, acc + g * LANES);
+    for (; g < G; ++g) query_block<1>(qe + g * d2, qo + g * d2, lo, hi, d2, vec, acc + g * LANES);
   }
 #endif
   for (; i < d2; ++i) {
@@ -231,27 +247,43 @@ inline void token_scores(const uint8_t* row, const float* qe, const float* qo, i
   }
 }
 
-// acc[g] (even columns, then odd: [G, 2, d2]) += w[g] * codes of one token
-inline void token_weighted(const uint8_t* row, const float* w, int64_t G, int64_t d2, float* acc) {
+// acc[g] (even columns, then odd: [G, 2, d2]) += w[t][g] * codes of token t, for tokens t = 0..nt-1 (nt <= 4) in
+// order: each accumulator element sees the same additions in the same order as one token at a time would give it
+// (the vector path only keeps it in a register across the group's tokens). cf: scratch of 4 * 2 * d2 floats.
+inline void tokens_weighted(const uint8_t* const* rows, const float* w, int nt, int64_t G, int64_t d2, float* acc,
+                            float* cf) {
   int64_t i = 0;
 #if defined(__AVX2__)
-  for (; i + LANES <= d2; i += LANES) {
-    __m256 lo, hi;
-    codes8(row + i, lo, hi);
-    for (int64_t g = 0; g < G; ++g) {
-      const __m256 wg = _mm256_set1_ps(w[g]);
-      float* ae = acc + g * 2 * d2 + i;
-      float* ao = ae + d2;
-      _mm256_storeu_ps(ae, _mm256_add_ps(_mm256_loadu_ps(ae), _mm256_mul_ps(wg, lo)));
-      _mm256_storeu_ps(ao, _mm256_add_ps(_mm256_loadu_ps(ao), _mm256_mul_ps(wg, hi)));
+  const int64_t vec = d2 / LANES * LANES;
+  for (int t = 0; t < nt; ++t) {
+    for (int64_t j = 0; j < vec; j += LANES) {
+      __m256 l, h;
+      codes8(rows[t] + j, l, h);
+      _mm256_storeu_ps(cf + t * 2 * d2 + j, l);
+      _mm256_storeu_ps(cf + t * 2 * d2 + d2 + j, h);
     }
   }
+  for (int64_t g = 0; g < G; ++g) {
+    for (int half = 0; half < 2; ++half) {
+      float* a = acc + g * 2 * d2 + half * d2;
+      for (int64_t j = 0; j < vec; j += LANES) {
+        __m256 r = _mm256_loadu_ps(a + j);
+        for (int t = 0; t < nt; ++t) {
+          r = _mm256_add_ps(r, _mm256_mul_ps(_mm256_set1_ps(w[t * G + g]), _mm256_loadu_ps(cf + t * 2 * d2 + half * d2 + j)));
+        }
+        _mm256_storeu_ps(a + j, r);
+      }
+    }
+  }
+  i = vec;
 #endif
   for (; i < d2; ++i) {
-    const float lo = static_cast<float>(row[i] & 15), hi = static_cast<float>(row[i] >> 4);
-    for (int64_t g = 0; g < G; ++g) {
-      acc[g * 2 * d2 + i] += w[g] * lo;
-      acc[g * 2 * d2 + d2 + i] += w[g] * hi;
+    for (int t = 0; t < nt; ++t) {
+      const float lo = static_cast<float>(rows[t][i] & 15), hi = static_cast<float>(rows[t][i] >> 4);
+      for (int64_t g = 0; g < G; ++g) {
+        acc[g * 2 * d2 + i] += w[t * G + g] * lo;
+        acc[g * 2 * d2 + d2 + i] += w[t * G + g] * hi;
+      }
     }
   }
 }
@@ -304,13 +336,19 @@ at::Tensor kv_weighted(const at::Tensor& p_in, const at::Tensor& codes, int64_t 
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const int64_t sb = codes.stride(0), sh = codes.stride(1), st = codes.stride(2);
   at::parallel_for(0, B * H * slabs, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> w(G);
+    std::vector<float> w(4 * G), cf(4 * 2 * d2);
+    const uint8_t* rows[4];
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t bh = idx / slabs, slab = idx % slabs, b = bh / H, h = bh % H;
       float* acc = part.data() + idx * G * 2 * d2;
-      for (int64_t t = slab * KV_SLAB; t < std::min(n, (slab + 1) * KV_SLAB); ++t) {
-        for (int64_t g = 0; g < G; ++g) w[g] = pp[(bh * G + g) * n + t];
-        token_weighted(cp + b * sb + (head0 + h) * sh + t * st, w.data(), G, d2, acc);
+      const int64_t stop = std::min(n, (slab + 1) * KV_SLAB);
+      for (int64_t t0 = slab * KV_SLAB; t0 < stop; t0 += 4) {
+        const int nt = static_cast<int>(std::min<int64_t>(4, stop - t0));
+        for (int t = 0; t < nt; ++t) {
+          rows[t] = cp + b * sb + (head0 + h) * sh + (t0 + t) * st;
+          for (int64_t g = 0; g < G; ++g) w[t * G + g] = pp[(bh * G + g) * n + t0 + t];
+        }
+        tokens_weighted(rows, w.data(), nt, G, d2, acc, cf.data());
       }
     }
   });
