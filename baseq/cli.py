@@ -6,9 +6,11 @@ User errors (bad paths, impossible settings, unreachable registries) print one l
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__
@@ -67,13 +69,51 @@ def add_eval_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward pass (default 4)")
 
 
-def run_zero_shot(model, tokenizer, args) -> dict | None:
-    """Zero-shot accuracies when ``--tasks`` was given (lm-eval harness; offline BIG-bench tasks by default)."""
+def run_zero_shot(model, tokenizer, args, **kw) -> dict | None:
+    """Zero-shot accuracies when ``--tasks`` was given (lm-eval harness; offline BIG-bench tasks by default); ``kw``:
+    :func:`~baseq.eval.zeroshot.zero_shot`'s ``done`` / ``on_task``."""
     if not hasattr(args, "tasks"):
         return None
     from .eval.zeroshot import zero_shot_from_args
 
-    return zero_shot_from_args(model, tokenizer, args, batch_size=args.batch_size, device=args.device)
+    return zero_shot_from_args(model, tokenizer, args, batch_size=args.batch_size, device=args.device, **kw)
+
+
+def partial_tasks(args, model) -> tuple[dict, Callable | None]:
+    """``(done, on_task)`` for an evaluation's zero-shot tasks: with ``--json``, each finished task is written to
+    ``JSON.partial`` at once (atomically), under a key naming the model, ``--limit`` and the model's maker; with
+    ``--resume``, the tasks in a partial file with the same key are taken instead of being run again (one line says
+    how many; another if it was written by other code). The partial file goes once the result is written."""
+    if not getattr(args, "tasks", None) or not args.json:
+        return {}, None
+    path = Path(args.json + ".partial")
+    spec = Path(args.model).expanduser()
+    key = {"model": str(spec.resolve()) if spec.exists() else args.model, "limit": args.limit,
+           "made_by": (getattr(model, "baseq_config", None) or {}).get("made_by")}
+    done: dict = {}
+    if args.resume and path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+            ok = saved["key"] == key and isinstance(saved["tasks"], dict)
+        except (OSError, ValueError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            print(f"baseq: '{path}' is for another model or --limit (or damaged): scoring every task",
+                  file=sys.stderr)
+        else:
+            done = saved["tasks"]
+            if saved.get("code") != code_id():
+                print(f"baseq: note: tasks finished by other code ({saved.get('code')}) are taken as they are",
+                      file=sys.stderr)
+            if not args.quiet:
+                print(f"baseq: resuming: {len(done)} task(s) already scored ({', '.join(done)})", file=sys.stderr)
+    kept = dict(done)
+
+    def on_task(name: str, entries: dict) -> None:
+        kept.update(entries)
+        write_json(path, {"key": key, "code": code_id(), "tasks": kept})
+
+    return done, on_task
 
 
 def task_rows(tasks: dict) -> list[tuple[str, str]]:
@@ -120,6 +160,8 @@ def cmd_eval(args) -> int:
     check_json_path(args.json)
     check_tasks(getattr(args, "tasks", None), getattr(args, "tasks_dir", None), getattr(args, "limit", None),
                 getattr(args, "standard_dir", None))
+    if getattr(args, "resume", False) and not (args.tasks and args.json):
+        raise BaseqError("--resume needs --tasks and --json (the finished tasks are kept beside the JSON file)")
     if args.seqlen < 2:
         raise BaseqError(f"--seqlen must be at least 2 (got {args.seqlen})")
     lazy = None
@@ -158,7 +200,8 @@ def cmd_eval(args) -> int:
             ("tokens", f"{result['tokens']:,} ({args.windows} × {args.seqlen})"),
             ("perplexity", f"{ppl:.3f}"), ("seconds", f"{seconds:.1f}")]
     t0 = time.perf_counter()
-    tasks = run_zero_shot(model, tokenizer, args)
+    done, on_task = partial_tasks(args, model)
+    tasks = run_zero_shot(model, tokenizer, args, done=done, on_task=on_task)
     if tasks:
         result["tasks"] = tasks
         result.update(task_summary(tasks), zero_shot_seconds=round(time.perf_counter() - t0, 1))
@@ -166,6 +209,7 @@ def cmd_eval(args) -> int:
     print_table("baseq eval", rows)
     if args.json:
         write_json(args.json, result)
+        Path(args.json + ".partial").unlink(missing_ok=True)
     return 0
 
 
@@ -616,9 +660,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "With no arguments: the embedded SmolLM2-135M on 64 × 512 tokens of 'wiki'.")
     add_model_args(p)
     add_eval_data_args(p)
-    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--json", help="also write the results to this JSON file (with --tasks, each finished task is "
+                                  "also kept beside it, in JSON.partial, until the run ends)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_zero_shot_args(p)
+    p.add_argument("--resume", action="store_true",
+                   help="with --tasks and --json: take the tasks an interrupted run of the same model and --limit "
+                        "finished (JSON.partial) instead of scoring them again")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("quantize", help="quantize a model (default: BASE-Q W4A4KV4 of the embedded model)",

@@ -351,6 +351,52 @@ def test_cli_eval_paper_and_data_tasks(tiny_model_dir, hub_dir, tmp_path, capsys
     assert len(err) == 1 and "sha256 mismatch" in err[0] and not (tmp_path / "d").exists()
 
 
+def test_an_interrupted_evaluation_resumes_from_its_finished_tasks(tiny_model_dir, hub_dir, tmp_path, capsys,
+                                                                    monkeypatch):
+    """Each finished task is kept beside --json at once; a run cut short (here: the third task fails) leaves them,
+    and --resume scores only the rest — the same result as an uncut run — then removes the partial file."""
+    from baseq.cli import main
+
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    js = tmp_path / "r.json"
+    partial = tmp_path / "r.json.partial"
+    args = ["eval", "--model", str(tiny_model_dir), "--data", str(text), "--seqlen", "32", "--windows", "1",
+            "--tasks", "piqa,boolq,siqa", "--standard-dir", str(hub_dir), "--limit", "2", "--quiet", "--json", str(js)]
+    assert main(args) == 0
+    uncut = json.loads(js.read_text())["tasks"]
+    assert not partial.exists()
+    js.unlink()
+
+    import lm_eval
+
+    calls, stop = [], [3]
+    simple = lm_eval.simple_evaluate
+
+    def cut(*a, **k):
+        calls.append(k["tasks"][0].config.task)
+        if len(calls) == stop[0]:
+            raise KeyboardInterrupt  # the session ends during the third task
+        return simple(*a, **k)
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", cut)
+    assert main(args) == 130  # "baseq: interrupted"
+    assert not js.exists() and list(json.loads(partial.read_text())["tasks"]) == ["piqa", "boolq"]
+    calls.clear()
+    assert main(args + ["--resume"]) == 0
+    assert len(calls) == 1 and calls[0].endswith("siqa")  # only the unfinished task ran
+    assert json.loads(js.read_text())["tasks"] == uncut and not partial.exists()
+    # the key: another --limit starts over (one line), and --resume without --json is refused before any work
+    partial.write_text(json.dumps({"key": {"model": "x", "limit": 2, "made_by": None}, "tasks": {"piqa": {}}}))
+    calls.clear()
+    stop[0] = 0
+    capsys.readouterr()
+    assert main(args + ["--resume"]) == 0
+    assert len(calls) == 3 and "for another model or --limit" in capsys.readouterr().err
+    assert main(args[:-2] + ["--resume"]) == 2
+    assert "--resume needs --tasks and --json" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------ the real files
 
 

@@ -445,7 +445,8 @@ def _unknown_error(unknown: list[str]) -> BaseqError:
 
 def zero_shot(model, tokenizer, tasks: list[str] | str, tasks_dir: str | Path | None = None, limit: int | None = None,
               batch_size: int | str = 8, device: str | None = "cpu", standard_dir: str | Path | None = None,
-              progress: bool = True) -> dict[str, dict[str, Any]]:
+              progress: bool = True, done: dict[str, dict[str, Any]] | None = None,
+              on_task: Callable[[str, dict[str, dict[str, Any]]], None] | None = None) -> dict[str, dict[str, Any]]:
     """Zero-shot accuracy of ``model`` on ``tasks``: ``{task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr",
     "n", "source", ...}}`` (see the module docstring).
 
@@ -454,13 +455,18 @@ def zero_shot(model, tokenizer, tasks: list[str] | str, tasks_dir: str | Path | 
     ``$BASEQ_CACHE/tasks``, see :func:`baseq.eval.standard.fetch_tasks`), ``tasks_dir`` that of the BIG-bench files
     (default ``$BASEQ_CACHE/bigbench``, see :func:`baseq.eval.bigbench.fetch_bigbench`). ``limit`` keeps the first
     ``limit`` documents per task. Each task runs as its own lm-eval evaluation with its own progress bar
-    (``progress=False``: none).
+    (``progress=False``: none). ``done``: results of tasks already scored (an interrupted run's, see ``baseq eval
+    --resume``), taken as they are and not run again; ``on_task(name, entries)`` is called as each task finishes
+    (``entries``: its result rows, one per task name it stands for).
     """
     check_limit(limit)
     names = parse_task_list(tasks)
     if not names:
         raise BaseqError(f"no task given ({_known()})")
-    resolved = {n: resolve_task(n) for n in names}
+    done = {n: e for n, e in (done or {}).items() if n in names}
+    resolved = {n: resolve_task(n) for n in names if n not in done}
+    if not resolved:
+        return {n: done[n] for n in names}
 
     def of(source: str) -> list[str]:
         return list(dict.fromkeys(t for s, t in resolved.values() if s == source))
@@ -508,37 +514,41 @@ def zero_shot(model, tokenizer, tasks: list[str] | str, tasks_dir: str | Path | 
                 model.to(device)
         lm = _scoring_lm(model, tokenizer, batch_size)
         lm.show = progress
-        outputs: dict[tuple[str, str], dict] = {}
+        scored: dict[str, dict[str, dict[str, Any]]] = {}  # task name -> its result rows
         # lm-eval prints "bootstrapping for stddev: perplexity" (LAMBADA) on stdout, which the CLI keeps for results
         with _no_request_building_bar(), contextlib.redirect_stdout(io.StringIO()):
-            for (source, t), (obj, _) in runs.items():
+            for (source, t), (obj, keys) in runs.items():
                 lm.label = t
-                outputs[source, t] = lm_eval.simple_evaluate(
+                out = lm_eval.simple_evaluate(
                     model=lm, tasks=obj if isinstance(obj, list) else [obj], limit=limit,
                     log_samples=False, bootstrap_iters=1000,
                     random_seed=None, numpy_random_seed=None, torch_random_seed=None,  # leave global RNGs alone
                 )
+                for name in [n for n, r in resolved.items() if r == (source, t)]:
+                    scored[name] = _entries(name, out, source, t, keys)
+                    if on_task is not None:
+                        on_task(name, scored[name])
 
     final: dict[str, dict[str, Any]] = {}
     for name in names:
-        source, t = resolved[name]
-        out = outputs[source, t]
-        keys = runs[source, t][1]
-        if source == "lmeval" and keys != [t]:
-            for k in keys:
-                final[k] = _entry(out, k, f"lm-eval {k} (hub)")
-            continue
-        if source == "standard":
-            e = _entry(out, keys[0], f"{standard.WHEEL} {standard._ROOT}{standard.TASKS[t].member}")
-            metric = standard.TASKS[t].paper_metric
-            e.update(paper=e[metric], paper_stderr=e[f"{metric}_stderr"], paper_metric=metric)
-        elif source == "bigbench":
-            e = _entry(out, keys[0], f"bigbench==1.0.0 {bigbench.TASKS[t].member}",
-                       same_norm=bigbench.TASKS[t].kind == "partial")
-        else:
-            e = _entry(out, t, f"lm-eval {t} (hub)")
-        final[name] = e
+        final.update({name: done[name]} if name in done else scored[name])
     return final
+
+
+def _entries(name: str, out: dict, source: str, t: str, keys: list[str]) -> dict[str, dict[str, Any]]:
+    """The result rows of the task ``name`` (run as ``t``): one, or for an lm-eval tag one per task it expands to."""
+    if source == "lmeval" and keys != [t]:
+        return {k: _entry(out, k, f"lm-eval {k} (hub)") for k in keys}
+    if source == "standard":
+        e = _entry(out, keys[0], f"{standard.WHEEL} {standard._ROOT}{standard.TASKS[t].member}")
+        metric = standard.TASKS[t].paper_metric
+        e.update(paper=e[metric], paper_stderr=e[f"{metric}_stderr"], paper_metric=metric)
+    elif source == "bigbench":
+        e = _entry(out, keys[0], f"bigbench==1.0.0 {bigbench.TASKS[t].member}",
+                   same_norm=bigbench.TASKS[t].kind == "partial")
+    else:
+        e = _entry(out, t, f"lm-eval {t} (hub)")
+    return {name: e}
 
 
 def _entry(out: dict, key: str, source: str, same_norm: bool = False) -> dict[str, Any]:
@@ -616,8 +626,9 @@ def check_tasks(tasks: str | list[str] | None, tasks_dir: str | Path | None = No
             raise _unknown_error(unknown)
 
 
-def zero_shot_from_args(model, tokenizer, args, batch_size: int | str = 8, device: str | None = "cpu"):
-    """Run :func:`zero_shot` as asked by :func:`add_zero_shot_args`' options; ``None`` when no ``--tasks``."""
+def zero_shot_from_args(model, tokenizer, args, batch_size: int | str = 8, device: str | None = "cpu", **kw):
+    """Run :func:`zero_shot` as asked by :func:`add_zero_shot_args`' options (``kw``: its ``done`` / ``on_task``);
+    ``None`` when no ``--tasks``."""
     names = parse_task_list(getattr(args, "tasks", None))
     if not names:
         if getattr(args, "limit", None) is not None:
@@ -626,7 +637,7 @@ def zero_shot_from_args(model, tokenizer, args, batch_size: int | str = 8, devic
     return zero_shot(model, tokenizer, names, tasks_dir=getattr(args, "tasks_dir", None),
                      limit=getattr(args, "limit", None), batch_size=batch_size, device=device,
                      standard_dir=getattr(args, "standard_dir", None),
-                     progress=not getattr(args, "quiet", False))
+                     progress=not getattr(args, "quiet", False), **kw)
 
 
 def format_zero_shot(results: dict[str, dict[str, Any]]) -> str:
