@@ -71,6 +71,7 @@ ROWS: dict[str, dict] = {
     # tokens with a massive residual stream keep float activations (--keep-massive 20)
     "quarot-gptq-keep20-w4a4kv4": {"method": "quarot", "weights": "gptq", "bits": "W4A4KV4", "keep_massive": 20.0},
     "baseq-keep20-w4a4kv4": {**BASEQ, "bits": "W4A4KV4", "keep_massive": 20.0},
+    "baseq-keep20-gptaq-w4a4kv4": {**BASEQ, "bits": "W4A4KV4", "keep_massive": 20.0, "weights": "gptaq"},
     # the same tokens kept, but each block fitted as without the option (--keep-massive-fit without)
     "quarot-gptq-keep20after-w4a4kv4": {"method": "quarot", "weights": "gptq", "bits": "W4A4KV4", "keep_massive": 20.0,
                                         "keep_massive_fit": "without"},
