@@ -144,6 +144,27 @@ def test_training_lowers_the_end_to_end_loss(kind, lr):
     assert not any(hasattr(layer.self_attn, "kv_point") for layer in model.model.layers)  # hooks removed
 
 
+def test_ostquant_targets_are_the_fp_models_own_logits(monkeypatch):
+    """KL-Top's targets come from the model as it came, before the transforms are installed (with them and no
+    quantizers the function is the same, at several times the cost): each window's logits, bit for bit."""
+    from baseq.calibrate import learned_rotations as lr_mod
+
+    torch.manual_seed(0)
+    model = tiny_llama(layers=2, hidden=64, ffn=96, heads=4, kv_heads=2)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ids = torch.randint(0, 256, (3, SEQLEN), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # (one window a forward, as the targets are computed)
+        ref = [model(ids[j:j + 1], use_cache=False).logits[0] for j in range(3)]
+    seen = []
+    monkeypatch.setattr(lr_mod, "kl_top_targets", lambda logits, k: seen.append(logits.clone()) or
+                        kl_top_targets(logits, k))
+    train_transforms(model, ids, ActSpec(a_bits=4, kv_bits=4), "ostquant", TrainSettings(steps=2, batch=2, topk=20))
+    assert len(seen) == 3  # one per window the steps use (steps 0, 1: windows 0, 1 and 2, 0)
+    for j in range(3):
+        assert torch.equal(seen[j], ref[j])
+
+
 def test_training_simulates_the_kv_shift_of_a_model_with_key_biases():
     """With ``kv_shift`` (the fused model quantizes K / V around channel means, Qwen2's k_proj biases), the training
     quantizes each batch's K / V around their own means: the 4-bit keys then keep the token-dependent part a large
