@@ -6,11 +6,9 @@ User errors (bad paths, impossible settings, unreachable registries) print one l
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__
@@ -79,41 +77,17 @@ def run_zero_shot(model, tokenizer, args, **kw) -> dict | None:
     return zero_shot_from_args(model, tokenizer, args, batch_size=args.batch_size, device=args.device, **kw)
 
 
-def partial_tasks(args, model) -> tuple[dict, Callable | None]:
-    """``(done, on_task)`` for an evaluation's zero-shot tasks: with ``--json``, each finished task is written to
-    ``JSON.partial`` at once (atomically), under a key naming the model, ``--limit`` and the model's maker; with
-    ``--resume``, the tasks in a partial file with the same key are taken instead of being run again (one line says
-    how many; another if it was written by other code). The partial file goes once the result is written."""
+def task_progress(args, model):
+    """With ``--tasks`` and ``--json``: where each finished task is kept (``JSON.partial``), keyed by the model (its
+    resolved path), ``--limit`` and the model's maker; else None."""
     if not getattr(args, "tasks", None) or not args.json:
-        return {}, None
-    path = Path(args.json + ".partial")
+        return None
+    from .eval.zeroshot import TaskProgress
+
     spec = Path(args.model).expanduser()
-    key = {"model": str(spec.resolve()) if spec.exists() else args.model, "limit": args.limit,
-           "made_by": (getattr(model, "baseq_config", None) or {}).get("made_by")}
-    done: dict = {}
-    if args.resume and path.is_file():
-        try:
-            saved = json.loads(path.read_text())
-            ok = saved["key"] == key and isinstance(saved["tasks"], dict)
-        except (OSError, ValueError, KeyError, TypeError):
-            ok = False
-        if not ok:
-            print(f"baseq: '{path}' is for another model or --limit (or damaged): scoring every task",
-                  file=sys.stderr)
-        else:
-            done = saved["tasks"]
-            if saved.get("code") != code_id():
-                print(f"baseq: note: tasks finished by other code ({saved.get('code')}) are taken as they are",
-                      file=sys.stderr)
-            if not args.quiet:
-                print(f"baseq: resuming: {len(done)} task(s) already scored ({', '.join(done)})", file=sys.stderr)
-    kept = dict(done)
-
-    def on_task(name: str, entries: dict) -> None:
-        kept.update(entries)
-        write_json(path, {"key": key, "code": code_id(), "tasks": kept})
-
-    return done, on_task
+    return TaskProgress(Path(args.json + ".partial"),
+                        {"model": str(spec.resolve()) if spec.exists() else args.model, "limit": args.limit,
+                         "made_by": (getattr(model, "baseq_config", None) or {}).get("made_by")})
 
 
 def task_rows(tasks: dict) -> list[tuple[str, str]]:
@@ -200,8 +174,11 @@ def cmd_eval(args) -> int:
             ("tokens", f"{result['tokens']:,} ({args.windows} × {args.seqlen})"),
             ("perplexity", f"{ppl:.3f}"), ("seconds", f"{seconds:.1f}")]
     t0 = time.perf_counter()
-    done, on_task = partial_tasks(args, model)
-    tasks = run_zero_shot(model, tokenizer, args, done=done, on_task=on_task)
+    progress = task_progress(args, model)
+    done = progress.load(say=lambda m: print(f"baseq: {m}", file=sys.stderr), quiet=args.quiet) \
+        if progress is not None and args.resume else {}
+    tasks = run_zero_shot(model, tokenizer, args, done=done,
+                          on_task=progress.saver(done) if progress is not None else None)
     if tasks:
         result["tasks"] = tasks
         result.update(task_summary(tasks), zero_shot_seconds=round(time.perf_counter() - t0, 1))
@@ -209,7 +186,8 @@ def cmd_eval(args) -> int:
     print_table("baseq eval", rows)
     if args.json:
         write_json(args.json, result)
-        Path(args.json + ".partial").unlink(missing_ok=True)
+        if progress is not None:
+            progress.clear()
     return 0
 
 

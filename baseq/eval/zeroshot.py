@@ -48,10 +48,13 @@ import logging
 import math
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ..errors import BaseqError
+from ..io import write_json
+from ..provenance import code_id
 from . import bigbench, standard
 
 OFFLINE_PREFIX = "bb:"
@@ -441,6 +444,47 @@ def check_limit(limit) -> None:
 def _unknown_error(unknown: list[str]) -> BaseqError:
     return BaseqError(f"unknown task{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: not an "
                       f"offline task ({_known()}) nor an lm-eval task")
+
+
+@dataclass
+class TaskProgress:
+    """The finished tasks of an evaluation, kept in a JSON file as each one finishes (written atomically, under a
+    ``key`` that says which model and settings they belong to), so an interrupted run can take them instead of
+    scoring them again (``baseq eval --resume``)."""
+
+    path: Path
+    key: dict
+
+    def load(self, say: Callable[[str], None], quiet: bool = False) -> dict[str, dict[str, Any]]:
+        """The tasks saved under this key; none (one line says why) when the file is for another key or damaged."""
+        if not self.path.is_file():
+            return {}
+        try:
+            saved = json.loads(self.path.read_text())
+            ok = saved["key"] == self.key and isinstance(saved["tasks"], dict)
+        except (OSError, ValueError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            say(f"'{self.path}' is for another model or --limit (or damaged): scoring every task")
+            return {}
+        if saved.get("code") != code_id():
+            say(f"note: tasks finished by other code ({saved.get('code')}) are taken as they are")
+        if not quiet:
+            say(f"resuming: {len(saved['tasks'])} task(s) already scored ({', '.join(saved['tasks'])})")
+        return saved["tasks"]
+
+    def saver(self, done: dict[str, dict[str, Any]]) -> Callable[[str, dict[str, dict[str, Any]]], None]:
+        """An ``on_task`` for :func:`zero_shot` that keeps ``done`` and every task finished since."""
+        kept = dict(done)
+
+        def on_task(name: str, entries: dict[str, dict[str, Any]]) -> None:
+            kept.update(entries)
+            write_json(self.path, {"key": self.key, "code": code_id(), "tasks": kept})
+
+        return on_task
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 def zero_shot(model, tokenizer, tasks: list[str] | str, tasks_dir: str | Path | None = None, limit: int | None = None,
