@@ -134,7 +134,7 @@ def cmd_eval(args) -> int:
     check_json_path(args.json)
     check_tasks(getattr(args, "tasks", None), getattr(args, "tasks_dir", None), getattr(args, "limit", None),
                 getattr(args, "standard_dir", None))
-    if getattr(args, "resume", False) and not (args.tasks and args.json):
+    if args.resume and not (args.tasks and args.json):
         raise BaseqError("--resume needs --tasks and --json (the finished tasks are kept beside the JSON file)")
     if args.seqlen < 2:
         raise BaseqError(f"--seqlen must be at least 2 (got {args.seqlen})")

@@ -192,8 +192,6 @@ inline void codes8(const uint8_t* row, __m256& lo, __m256& hi) {
 }
 #endif
 
-// scores[g] = sum_i qe[g][i] * lo_i + qo[g][i] * hi_i for one token's codes (d2 bytes), G queries: eight lanes
-// (lane l takes i = l mod 8), then the lanes in order. The vector and the plain paths add in the same order.
 #if defined(__AVX2__)
 // NB queries' eight-lane sums over the first vec columns: acc[q * LANES + l] = sum over j = l mod 8 of
 // qe[q][j] * lo[j] + qo[q][j] * hi[j], added in column order
@@ -213,7 +211,9 @@ inline void query_block(const float* qe, const float* qo, const float* lo, const
 }
 #endif
 
-// acc: scratch of G * LANES + 2 * d2 floats
+// scores[g] = sum_i qe[g][i] * lo_i + qo[g][i] * hi_i for one token's codes (d2 bytes), G queries: eight lanes
+// (lane l takes i = l mod 8), then the lanes in order. The vector and the plain paths add in the same order.
+// acc: scratch of G * LANES + 2 * d2 floats.
 inline void token_scores(const uint8_t* row, const float* qe, const float* qo, int64_t G, int64_t d2, float* acc,
                          float* scores) {
   std::fill(acc, acc + G * LANES, 0.0f);
