@@ -251,6 +251,27 @@ def test_no_room_but_no_lazy_run_is_one_warning(case, sharded_dir, monkeypatch, 
     assert ("end-to-end" in err[0]) if case == "spinquant" else ("--tasks" in err[0])
 
 
+def test_the_ranks_on_one_machine_share_its_memory_and_rank_0_speaks(sharded_dir, monkeypatch, capsys):
+    """Memory for one eager run but not for two: a lone process runs eager; two ranks on the machine (as the
+    communicator says, not the environment) run lazily, and only rank 0 says so."""
+    from types import SimpleNamespace
+
+    from baseq.calibrate.comm import Communicator
+    from baseq.cli import choose_lazy
+
+    one = eager_peak(str(sharded_dir))
+    monkeypatch.setattr("baseq.device.available_memory", lambda: one + (one - EAGER_OVERHEAD) // 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "7")  # read by the distributed communicator only
+    said = []
+    for rank, local in [(0, 1), (0, 2), (1, 2)]:
+        comm = Communicator()
+        comm.rank, comm.local_size = rank, local
+        args = SimpleNamespace(lazy=None, model=str(sharded_dir), dtype="float32", tasks=None, quiet=False)
+        choose_lazy(args, QuantizeConfig(), comm)
+        said.append((args.lazy, capsys.readouterr().err.count("(2 ranks)")))
+    assert said == [(False, 0), (True, 1), (True, 0)]
+
+
 # ---------------------------------------------------------------- one block on the device
 
 def test_only_one_block_and_the_ends_visit_the_device(monkeypatch, text_file):

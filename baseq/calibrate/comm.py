@@ -62,6 +62,7 @@ class Communicator:
 
     rank = 0
     world_size = 1
+    local_size = 1  # the ranks on this machine, which share its memory
     device = torch.device("cpu")
 
     @property
@@ -112,6 +113,7 @@ class DistributedCommunicator(Communicator):
         self._call("joining the process group", lambda: dist.init_process_group(
             backend, timeout=timedelta(seconds=timeout), **({"device_id": device} if backend == "nccl" else {})))
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.local_size = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))  # torchrun's, per machine
         self.device = device if backend == "nccl" else torch.device("cpu")
 
     def _call(self, what: str, fn):
