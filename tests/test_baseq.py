@@ -267,6 +267,8 @@ def test_method_composition_follows_switches(text_file):
     q = QuantizeConfig.from_dict({"method": "quarot", "weights": "rtn"})
     assert names(q) == ["rtn"] and q.rotate and not needs_calibration(q)
     assert names(q, True) == ["kv_shift", "rtn"] and needs_calibration(q, True)  # the means need calibration data
+    smooth = QuantizeConfig.from_dict({"method": "quarot", "weights": "rtn", "smooth": {"points": "qkv"}})
+    assert names(smooth) == ["smooth", "rtn"] and needs_calibration(smooth)  # the FP inputs' channel maxima
     assert names(QuantizeConfig.from_dict({"method": "gptq"})) == ["gptq"]
     for fit, order in (("with", ["keep", "transforms", "smooth", "kv_shift", "gptq", "baseq"]),
                        ("without", ["transforms", "smooth", "kv_shift", "gptq", "baseq", "keep"])):

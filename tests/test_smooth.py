@@ -53,3 +53,21 @@ def test_config_switch():
         QuantizeConfig.from_dict({"method": "gptq", "smooth": {"points": "down"}})))  # no rotation: no smoothing
     with pytest.raises(BaseqError, match="unknown smoothing point"):
         QuantizeConfig.from_dict({"smooth": {"points": "down,o"}})
+
+
+def test_smoothing_with_round_to_nearest_weights_calibrates(tmp_path):
+    """RTN needs no data, smoothing does: the method must calibrate (it used to run its first stage data-free and
+    fail with a traceback)."""
+    from baseq.calibrate.pipeline import needs_calibration, quantize_model
+    from baseq.testing import byte_tokenizer, tiny_llama
+
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 200)
+    cfg = QuantizeConfig.from_dict({"method": "quarot", "weights": "rtn", "smooth": {"points": "qkv,down"},
+                                    "calib": {"data": str(text), "samples": 4, "seqlen": 32, "batch_size": 2}})
+    assert needs_calibration(cfg) and not needs_calibration(QuantizeConfig.from_dict({"method": "quarot",
+                                                                                       "weights": "rtn"}))
+    model = tiny_llama(layers=2)
+    report = quantize_model(model, byte_tokenizer(), cfg, progress=False, log_fn=lambda m: None)
+    assert len(report["blocks"]) == 2 and all("smooth_down_alpha" in b for b in report["blocks"])
+    assert torch.isfinite(model(torch.randint(0, 256, (1, 16))).logits).all()

@@ -125,6 +125,7 @@ LOG_WINDOWS = 8
 
 class Stage(Protocol):
     name: str
+    needs_data: bool  # reads calibration activations (ctx.q_in ...); a method none of whose stages does runs data-free
     needs_fp: bool  # reads ctx.fp_in / ctx.fp_out for every window (engine assumes True when absent)
 
     def run(self, ctx: BlockContext) -> None: ...

@@ -139,8 +139,9 @@ def quantize_ends(ad: ModelAdapter, bits: int) -> None:
 
 
 def needs_calibration(cfg: QuantizeConfig, kv_shift: bool = False) -> bool:
-    return not (cfg.weight_method == "rtn" and not cfg.spec.baseq_stages and not kv_shift
-                and not cfg.bits.keep_massive)
+    """Whether some stage of the method reads calibration data (each stage says so: ``needs_data``); when none does
+    (RTN alone), the blocks are quantized without a forward. Learned rotations draw their own windows."""
+    return any(getattr(s, "needs_data", True) for s in build_stages(cfg, kv_shift))
 
 
 def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, model_spec: str = "", device="cpu",
@@ -190,14 +191,15 @@ def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, model_spec: str = "
     park = park_folder(work_dir, comm.rank) if work_dir else None  # where a lazy run's ends wait meanwhile
     blocks = prepare_blocks(model, ad, cfg, lazy, rotate, park_dir=park)
     stages = build_stages(cfg, kv_shift)
-    if not needs_calibration(cfg, kv_shift):
+    if not any(getattr(s, "needs_data", True) for s in stages):  # (a stage that does not say reads data)
         from tqdm.auto import tqdm
 
         with blocks.ends_away():
             for i in tqdm(range(len(blocks)), desc="blocks (RTN)", disable=not progress, leave=False):  # no data needed
                 layer = blocks.load(i)
                 with on_device([layer], device):
-                    stages[0].run(BlockContext(i, layer, None, None, None, {}, torch.device(device), 1))
+                    for stage in stages:
+                        stage.run(BlockContext(i, layer, None, None, None, {}, torch.device(device), 1))
                 if lazy is not None and comm.is_main:
                     work_dir.mkdir(parents=True, exist_ok=True)
                     with atomic_path(block_file(work_dir, i)) as tmp:

@@ -21,6 +21,7 @@ ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7)
 
 class SmoothStage:
     name = "smooth"
+    needs_data = True
     needs_fp = True  # statistics of the FP block's inputs
 
     def __init__(self, pairs: tuple[str, ...], wcfg: WeightQuantConfig, alpha: float | None = None,

@@ -28,6 +28,7 @@ SEQUENTIAL = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_pro
 
 class RTNStage:
     name = "rtn"
+    needs_data = False  # round to nearest: the weights alone
     needs_fp = False
 
     def __init__(self, wcfg: WeightQuantConfig):
@@ -48,6 +49,7 @@ class GPTQStage:
     group are collected too, and GPTQ fits the FP block's output instead of its own (shift scaled by the value)."""
 
     name = "gptq"
+    needs_data = True
 
     def __init__(self, wcfg: WeightQuantConfig, gcfg: GPTQConfig, asymmetric: float = 0.0):
         self.wcfg, self.gcfg, self.asymmetric = wcfg, gcfg, asymmetric
@@ -132,6 +134,7 @@ class KeepGateStage:
     see its output with those tokens kept, as at inference)."""
 
     name = "keep"
+    needs_data = True  # the threshold is a multiple of the calibration tokens' median RMS
     needs_fp = False
 
     def __init__(self, ratio: float):
@@ -155,6 +158,7 @@ class KVShiftStage:
     so GPTQ of o_proj already sees the shifted cache; BASE-Q's training then refines the shifts with its biases."""
 
     name = "kv_shift"
+    needs_data = True  # the channel means of K and V
     needs_fp = False  # the quantized inputs' K/V
 
     @torch.no_grad()
@@ -252,6 +256,7 @@ class BaseqTrainStage:
     """
 
     name = "baseq"
+    needs_data = True
     needs_fp = True  # trains against the FP block output
 
     def __init__(self, cfg: TrainConfig, seed: int = 0, kv_shift: bool = False):

@@ -90,6 +90,7 @@ class TransformParams(nn.Module):
 
 class CompensatedTransformStage:
     name = "transforms"
+    needs_data = True
     needs_fp = True  # trained against the FP block output
 
     def __init__(self, wcfg: WeightQuantConfig, epochs: int = 3, lr: float = 5e-3, batch_size: int = 4,
