@@ -45,7 +45,8 @@ def check_device(spec: str | torch.device) -> torch.device:
 
 def available_memory() -> int | None:
     """Bytes of host memory a new process could still take: Linux's ``MemAvailable``, lowered to the cgroup's
-    remaining limit inside a container with one (cgroup v2 ``memory.max − memory.current``); None where unknown."""
+    remaining limit inside a container with one (cgroup v2 ``memory.max − memory.current``); elsewhere (macOS,
+    Windows) what psutil reports as available; None where unknown."""
     have = None
     try:
         with open("/proc/meminfo") as f:
@@ -54,7 +55,14 @@ def available_memory() -> int | None:
                     have = int(line.split()[1]) * 1024
                     break
     except (OSError, ValueError, IndexError):
-        return None
+        pass
+    if have is None:
+        try:
+            import psutil
+
+            return int(psutil.virtual_memory().available)
+        except Exception:  # noqa: BLE001 - no psutil, or it cannot tell: unknown
+            return None
     try:
         limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
         if have is not None and limit != "max":

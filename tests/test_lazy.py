@@ -183,6 +183,29 @@ def test_available_memory_is_read():
     assert 10**8 < available_memory() < 10**14
 
 
+def test_available_memory_without_proc_meminfo_asks_psutil(monkeypatch):
+    """macOS and Windows have no /proc/meminfo: psutil's figure, so that --lazy is still chosen by default there."""
+    import builtins
+    from types import SimpleNamespace
+
+    import psutil
+
+    from baseq.device import available_memory
+
+    real_open = builtins.open
+
+    def no_proc(path, *a, **k):
+        if str(path) == "/proc/meminfo":
+            raise FileNotFoundError(path)
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", no_proc)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=3 * 10**9))
+    assert available_memory() == 3 * 10**9
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: 1 / 0)  # psutil cannot tell: unknown
+    assert available_memory() is None
+
+
 @pytest.fixture
 def opened(monkeypatch):
     """Records each lazy opening."""
