@@ -283,7 +283,7 @@ class TrainConfig:
 @dataclass
 class QuantizeConfig:
     method: str = "baseq"
-    weights: str = "gptq"  # rtn | gptq | gptaq (quarot; baseq takes gptq or gptaq; the rtn/gptq methods imply it)
+    weights: str = "gptq"  # rtn | gptq | gptaq, as the method takes (baseq/methods.py); the rtn method: rtn
     seed: int = field(default=0, metadata=flag(  # the CLI sets calib.seed to it too
         "--seed", "seed of the rotations, the training and the calibration windows"))
     bits: BitsConfig = field(default_factory=BitsConfig)
@@ -329,8 +329,23 @@ class QuantizeConfig:
         kind = self.rotation.kind
         if m.rotate and kind not in m.rotations and not (len(m.rotations) == 1 and kind == "hadamard"):
             raise BaseqError(f"method {m.name} takes rotations {', '.join(m.rotations)} (got {kind})")
+        # a switch the method would ignore is refused, never dropped silently
+        rotating = ", ".join(n for n, s in METHOD_REGISTRY.items() if s.rotate)
+        if not m.rotate and kind != "hadamard":
+            raise BaseqError(f"method {m.name} has no rotations, so no rotation source ({kind}): use one of "
+                             f"{rotating}")
+        if not m.rotate and self.smooth.points:
+            raise BaseqError(f"smoothing runs before the rotations and method {m.name} has none: use one of "
+                             f"{rotating}")
+        if not m.baseq_stages and self.train.transforms:
+            raise BaseqError(f"the compensated transforms (--transforms) are a BASE-Q stage; method {m.name} does "
+                             f"not run them: use --method baseq")
         if self.weights not in WEIGHTS:
             raise BaseqError(f"weights must be one of {', '.join(WEIGHTS)} (got {self.weights})")
+        if self.weights not in m.weights:
+            if self.weights != QuantizeConfig.weights:
+                self.check_weights()
+            self.weights = m.weights[0]  # the default gives way to the method's own: the config says what runs
         if self.gptq.asym_alpha < 0:
             raise BaseqError(f"gptaq alpha must be ≥ 0 (got {self.gptq.asym_alpha})")
         self.bits.validate()
@@ -343,9 +358,20 @@ class QuantizeConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def check_weights(self) -> "QuantizeConfig":
+        """Refuse a weight quantizer the method does not take — for one the user named: :meth:`validate` alone lets
+        the default (gptq) give way to the method's own (the rtn method's rtn)."""
+        m = self.spec
+        if self.weights in WEIGHTS and self.weights not in m.weights:
+            others = [n for n, s in METHOD_REGISTRY.items() if self.weights in s.weights]
+            raise BaseqError(f"method {m.name} takes weights {', '.join(m.weights)} (got {self.weights}; "
+                             f"methods that take {self.weights}: {', '.join(others)})")
+        return self
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "QuantizeConfig":
-        return _build(cls, data, "config").validate()
+        cfg = _build(cls, data, "config")
+        return (cfg.check_weights() if "weights" in data else cfg).validate()
 
     @classmethod
     def from_file(cls, path: str | Path) -> "QuantizeConfig":

@@ -235,6 +235,37 @@ def test_quantize_flags_reach_the_config():
     assert (cfg.smooth.pairs, cfg.smooth.alpha, cfg.rotation.kind) == (("down", "qkv"), 0.5, "calibrated")
 
 
+@pytest.mark.parametrize("words,fragment", [
+    (["--method", "gptq", "--rotations", "spinquant"], "method gptq has no rotations, so no rotation source"),
+    (["--method", "rtn", "--smooth", "down"], "smoothing runs before the rotations and method rtn has none"),
+    (["--method", "quarot", "--transforms"], "(--transforms) are a BASE-Q stage; method quarot does not run them"),
+    (["--method", "spinquant", "--transforms"], "method spinquant does not run them"),
+    (["--method", "baseq", "--weights", "rtn"], "method baseq takes weights gptq, gptaq (got rtn; methods that "
+                                                "take rtn: rtn, quarot, spinquant, ostquant)"),
+    (["--method", "gptq", "--weights", "rtn"], "method gptq takes weights gptq, gptaq (got rtn"),
+])
+def test_a_switch_the_method_would_ignore_is_one_line(words, fragment, tmp_path, capsys):
+    """Each of these used to run and silently drop the switch (or take another weight quantizer)."""
+    assert main(["quantize", *words, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("baseq: error:") and fragment in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_weights_a_method_takes_by_default_and_from_a_file(tmp_path):
+    from baseq.config import QuantizeConfig
+    from baseq.errors import BaseqError
+
+    assert QuantizeConfig(method="rtn").validate().weights == "rtn"  # the default gives way, and the config says so
+    assert QuantizeConfig.from_dict({"method": "rtn"}).to_dict()["weights"] == "rtn"
+    assert QuantizeConfig.from_dict(QuantizeConfig.from_dict({"method": "rtn"}).to_dict()).weights == "rtn"
+    assert QuantizeConfig.from_dict({"method": "quarot", "weights": "rtn"}).weights == "rtn"
+    with pytest.raises(BaseqError, match="method rtn takes weights rtn \\(got gptq"):
+        QuantizeConfig.from_dict({"method": "rtn", "weights": "gptq"})  # named in a file: refused
+    with pytest.raises(BaseqError, match="method baseq takes weights gptq, gptaq \\(got rtn"):
+        QuantizeConfig(method="baseq", weights="rtn").validate()
+
+
 def _non_default(f):
     """A valid value other than the field's default, and the command-line words setting it."""
     meta, default = f.metadata, f.default

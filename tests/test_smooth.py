@@ -49,8 +49,8 @@ def test_config_switch():
     stage = build_stages(cfg)[0]
     assert isinstance(stage, SmoothStage) and stage.pairs == ("down", "gate_up") and stage.alpha == 0.5
     assert not any(isinstance(s, SmoothStage) for s in build_stages(QuantizeConfig()))
-    assert not any(isinstance(s, SmoothStage) for s in build_stages(
-        QuantizeConfig.from_dict({"method": "gptq", "smooth": {"points": "down"}})))  # no rotation: no smoothing
+    with pytest.raises(BaseqError, match="smoothing runs before the rotations and method gptq has none"):
+        QuantizeConfig.from_dict({"method": "gptq", "smooth": {"points": "down"}})  # refused, not dropped
     with pytest.raises(BaseqError, match="unknown smoothing point"):
         QuantizeConfig.from_dict({"smooth": {"points": "down,o"}})
 

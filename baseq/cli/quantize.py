@@ -37,6 +37,8 @@ def config_from_args(args):
             setattr(getattr(cfg, section) if section else cfg, f.name, value)
     if args.seed is not None:  # one seed for the whole run: the calibration windows are drawn with it too
         cfg.calib.seed = args.seed
+    if args.weights is not None:
+        cfg.check_weights()
     return cfg.validate()
 
 
