@@ -100,7 +100,8 @@ def test_generate_sampling_is_seeded(packed, capsys):
     assert outs[0] == outs[1]
 
 
-@pytest.mark.parametrize("case", ["too-long", "chat-template", "bad-temperature", "zero-tokens"])
+@pytest.mark.parametrize("case", ["too-long", "chat-template", "bad-temperature", "zero-tokens", "greedy-top-p",
+                                  "packed-dtype"])
 def test_generate_bad_input(case, packed, capsys):
     args = ["generate", "--model", str(packed[0]), "--prompt", "hello"]
     if case == "too-long":  # the tiny model's context is 512 positions
@@ -109,6 +110,10 @@ def test_generate_bad_input(case, packed, capsys):
         args, frag = args + ["--chat"], "no chat template"
     elif case == "bad-temperature":
         args, frag = args + ["--temperature", "-1"], "--temperature"
+    elif case == "greedy-top-p":  # greedy decoding would drop it
+        args, frag = args + ["--top-p", "0.5"], "--top-p only applies when sampling"
+    elif case == "packed-dtype":  # the integer runtime would drop it
+        args, frag = args + ["--dtype", "bf16"], "--dtype bfloat16: a packed folder runs on its integer codes"
     else:
         args, frag = args + ["--max-new-tokens", "0"], "--max-new-tokens"
     assert main(args) == 2
@@ -176,6 +181,13 @@ def test_unknown_tasks_fail_before_any_work(tiny_model_dir, text_file, tmp_path,
     assert main(["eval", "--model", str(tiny_model_dir), "--data", str(text_file), "--tasks", "siqa",
                  "--standard-dir", str(empty), "--quiet"]) == 2
     _one_error_line(capsys.readouterr().err, "siqa.jsonl for task 'siqa' not found")
+
+
+@pytest.mark.parametrize("extra", [["--limit", "5"], ["--tasks-dir", "."], ["--limit", "5", "--standard-dir", "."]])
+def test_task_options_without_tasks_are_one_line(extra, packed, text_file, capsys):
+    assert main(["eval", "--model", str(packed[0]), "--data", str(text_file), "--seqlen", str(SEQLEN),
+                 "--windows", "1", *extra]) == 2
+    _one_error_line(capsys.readouterr().err, "only apply to zero-shot tasks: add --tasks", extra[-2])
 
 
 def test_quantize_refuses_an_already_quantized_folder(packed, text_file, tmp_path, capsys):

@@ -19,6 +19,8 @@ def cmd_generate(args) -> int:
         raise BaseqError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens})")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise BaseqError("--temperature must be ≥ 0 and --top-p in (0, 1]")
+    if args.top_p < 1 and args.temperature == 0:
+        raise BaseqError("--top-p only applies when sampling: add --temperature above 0 (0 = greedy)")
     if args.threads:
         import torch
 

@@ -654,6 +654,10 @@ def check_tasks(tasks: str | list[str] | None, tasks_dir: str | Path | None = No
         check_limit(limit)
     names = parse_task_list(tasks)
     if not names:
+        given = [flag for flag, v in (("--limit", limit), ("--tasks-dir", tasks_dir), ("--standard-dir", standard_dir))
+                 if v is not None]
+        if given:  # refused, not dropped
+            raise BaseqError(f"{' and '.join(given)} only apply to zero-shot tasks: add --tasks")
         return
     resolved = [resolve_task(n) for n in names]
     for source, task in resolved:

@@ -17,7 +17,12 @@ def load_saved(path: Path, dtype="float32", device="cpu"):
     meta = read_meta(path, required=("format", "act_spec"))
     dtype = resolve_dtype(dtype)
     if meta["format"] == PACKED_FORMAT:
+        from ..errors import BaseqError
         from .packed import load_packed
+
+        if dtype != torch.float32:  # refused, not dropped
+            raise BaseqError(f"--dtype {str(dtype).removeprefix('torch.')}: a packed folder runs on its integer codes "
+                             f"with float32 activations (only the fake format takes --dtype)")
 
         return load_packed(path, meta, device=device)
     assert meta["format"] in (FAKE_FORMAT, FAKE_FORMAT_V1)
