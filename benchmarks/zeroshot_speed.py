@@ -17,6 +17,7 @@ import torch
 
 import checkout  # noqa: F401,E402  (benchmarks/checkout.py: this checkout's baseq first)
 
+from baseq.eval import scoring
 from baseq.eval import zeroshot as zs
 from baseq.models.loading import load_model
 
@@ -31,7 +32,7 @@ def main() -> None:
     args = p.parse_args()
 
     model, tok = load_model(args.model)
-    make = zs._scoring_lm
+    make = scoring.scoring_lm
 
     def scoring_lm(pack: bool):
         def build(*a, **k):
@@ -45,13 +46,13 @@ def main() -> None:
     accs: dict[bool, dict] = {}
     for r in range(args.repeats):
         for pack in (True, False):
-            zs._scoring_lm = scoring_lm(pack)
+            scoring.scoring_lm = scoring_lm(pack)
             t0 = time.perf_counter()
             res = zs.zero_shot(model, tok, args.tasks, limit=args.limit, batch_size=args.batch_size, progress=False)
             times[pack].append(time.perf_counter() - t0)
             accs[pack] = {t: (v["acc"], v["acc_norm"]) for t, v in res.items()}
             print(json.dumps({"repeat": r, "packed": pack, "wall": round(times[pack][-1], 1)}), flush=True)
-    zs._scoring_lm = make
+    scoring.scoring_lm = make
     same = accs[True] == accs[False]
     print(json.dumps({"model": args.model, "tasks": args.tasks, "limit": args.limit, "threads": torch.get_num_threads(),
                       "packed_wall": round(statistics.median(times[True]), 1),

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from baseq.eval import standard
+from baseq.eval import scoring
 from baseq.eval import zeroshot as zs
 from baseq.testing import byte_tokenizer, save_tiny_model, tiny_llama
 from test_standard_tasks import write_hub_dir
@@ -53,7 +54,7 @@ def synthetic(model, tok) -> list:
 
 def compare(model, tok, requests, batch_size: int = 4) -> list:
     """Score ``requests`` packed and unpacked; assert equal numbers; return the packed rows scored."""
-    lm = zs._scoring_lm(model, tok, batch_size)
+    lm = scoring.scoring_lm(model, tok, batch_size)
     lm.show = False
     rows, score_rows = [], lm.score_rows
     lm.score_rows = lambda batch: rows.extend(batch) or score_rows(batch)
@@ -95,14 +96,14 @@ def test_synthetic_requests_and_greedy_flags(fp):
     requests = synthetic(model, tok)
     rows = compare(model, tok, requests, batch_size=3)
     assert max(len(conts) for _, conts in rows) == 4 and min(len(conts) for _, conts in rows) == 1
-    lm = zs._scoring_lm(model, tok, 4)
+    lm = scoring.scoring_lm(model, tok, 4)
     lm.show = False
     assert any(g for _, g in lm.loglikelihood(requests))  # the greedy continuations: not a vacuous comparison
 
 
 def test_long_items_split_into_rows_and_eager_attention(fp, instances, monkeypatch):
     model, tok = fp
-    monkeypatch.setattr(zs, "ROW_TOKENS", 40)  # a row holds a context and only a few options
+    monkeypatch.setattr(scoring, "ROW_TOKENS", 40)  # a row holds a context and only a few options
     rows = compare(model, tok, instances, batch_size=5)
     assert sum(len(conts) for _, conts in rows) == len(instances) and len(rows) > 27
     model.set_attn_implementation("eager")  # an additive mask, applied by transformers' eager attention
@@ -120,7 +121,7 @@ def test_logits_only_from_the_contexts_end_and_within_budget(fp, instances, monk
 
     model, tok = fp
     vocab = model.config.vocab_size
-    monkeypatch.setattr(zs, "LOGITS_BYTES", 60 * 4 * vocab)  # 60 positions of float logits
+    monkeypatch.setattr(scoring, "LOGITS_BYTES", 60 * 4 * vocab)  # 60 positions of float logits
     requests = instances + synthetic(model, tok)
     kept, batches = [], []
     forward = model.forward
@@ -133,7 +134,7 @@ def test_logits_only_from_the_contexts_end_and_within_budget(fp, instances, monk
         return out
 
     monkeypatch.setattr(model, "forward", spy)
-    lm = zs._scoring_lm(model, tok, 8)
+    lm = scoring.scoring_lm(model, tok, 8)
     lm.show = False
     score_rows = lm.score_rows
     lm.score_rows = lambda batch: batches.append(batch) or score_rows(batch)
@@ -154,7 +155,7 @@ def test_logits_only_from_the_contexts_end_and_within_budget(fp, instances, monk
 
 def test_batches_keep_order_and_bounds():
     rows = [5, 1, 1, 9, 2, 2, 2, 2, 30, 1]
-    out = list(zs._batches(rows, 3, lambda r: r, 10))
+    out = list(scoring._batches(rows, 3, lambda r: r, 10))
     assert [r for b in out for r in b] == rows
     assert out == [[5, 1], [1], [9], [2, 2, 2], [2], [30], [1]]
 
