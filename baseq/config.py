@@ -115,6 +115,8 @@ class BitsConfig:
             raise BaseqError("keep-massive keeps some tokens' activations in float: it needs --a-bits below 16")
         if self.kv_shift not in KV_SHIFTS:
             raise BaseqError(f"kv-shift must be one of {', '.join(KV_SHIFTS)} (got {self.kv_shift})")
+        if self.kv_shift == "mean" and self.kv_bits >= 16:
+            raise BaseqError("kv-shift mean centres a quantized KV cache: it needs --kv-bits below 16")
         if self.embed_bits not in EMBED_BITS:
             raise BaseqError(f"embed-bits must be 16 (fp16) or 8 (int8 per row) (got {self.embed_bits})")
         if self.w_group < 0:

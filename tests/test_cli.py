@@ -243,6 +243,7 @@ def test_quantize_flags_reach_the_config():
     (["--method", "baseq", "--weights", "rtn"], "method baseq takes weights gptq, gptaq (got rtn; methods that "
                                                 "take rtn: rtn, quarot, spinquant, ostquant)"),
     (["--method", "gptq", "--weights", "rtn"], "method gptq takes weights gptq, gptaq (got rtn"),
+    (["--kv-bits", "16", "--kv-shift", "mean"], "kv-shift mean centres a quantized KV cache"),
 ])
 def test_a_switch_the_method_would_ignore_is_one_line(words, fragment, tmp_path, capsys):
     """Each of these used to run and silently drop the switch (or take another weight quantizer)."""
