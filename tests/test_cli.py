@@ -244,6 +244,9 @@ def test_quantize_flags_reach_the_config():
                                                 "take rtn: rtn, quarot, spinquant, ostquant)"),
     (["--method", "gptq", "--weights", "rtn"], "method gptq takes weights gptq, gptaq (got rtn"),
     (["--kv-bits", "16", "--kv-shift", "mean"], "kv-shift mean centres a quantized KV cache"),
+    (["--method", "quarot", "--rotation-steps", "50"], "--rotation-steps set(s) the training of learned rotations; "
+                                                       "the seeded Hadamards are not trained"),
+    (["--method", "gptq", "--rotation-lr", "0.5"], "method gptq has no rotations"),
 ])
 def test_a_switch_the_method_would_ignore_is_one_line(words, fragment, tmp_path, capsys):
     """Each of these used to run and silently drop the switch (or take another weight quantizer)."""
@@ -308,6 +311,8 @@ def test_every_config_flag_is_in_the_help_and_sets_exactly_its_field(capsys, tmp
     assert base == _flat(QuantizeConfig())
     needs = {f: (["--keep-massive", "20"], "bits.keep_massive")  # flags that refine another
              for f in ("--keep-massive-fit", "--keep-massive-kv")}
+    needs.update({f: (["--rotations", "spinquant"], "rotation.kind")
+                  for f in ("--rotation-steps", "--rotation-lr", "--rotation-batch", "--rotation-seqlen")})
     for section, f in fields:
         value, words = _non_default(f)
         extra, extra_key = needs.get(f.metadata["flag"], ([], None))
