@@ -339,14 +339,6 @@ class QuantizeConfig:
         if not m.rotate and self.smooth.points:
             raise BaseqError(f"smoothing runs before the rotations and method {m.name} has none: use one of "
                              f"{rotating}")
-        if not m.rotate or self.rotation_source == "hadamard":  # nothing learns R1 / R2
-            given = [f.metadata.get("flag", f"rotation.{f.name}") for f in dataclasses.fields(RotationConfig)
-                     if f.name != "kind" and getattr(self.rotation, f.name) != f.default]
-            if given:
-                why = f"method {m.name} has no rotations" if not m.rotate else "the seeded Hadamards are not trained"
-                learned = ", ".join(n for n in ROTATIONS if n != "hadamard")
-                raise BaseqError(f"{', '.join(given)} set(s) the training of learned rotations; {why} (learned: "
-                                 f"--rotations {learned}, or --method spinquant / ostquant)")
         if not m.baseq_stages and self.train.transforms:
             raise BaseqError(f"the compensated transforms (--transforms) are a BASE-Q stage; method {m.name} does "
                              f"not run them: use --method baseq")

@@ -244,9 +244,12 @@ def test_quantize_flags_reach_the_config():
                                                 "take rtn: rtn, quarot, spinquant, ostquant)"),
     (["--method", "gptq", "--weights", "rtn"], "method gptq takes weights gptq, gptaq (got rtn"),
     (["--kv-bits", "16", "--kv-shift", "mean"], "kv-shift mean centres a quantized KV cache"),
-    (["--method", "quarot", "--rotation-steps", "50"], "--rotation-steps set(s) the training of learned rotations; "
+    (["--method", "quarot", "--rotation-steps", "50"], "--rotation-steps: options of learned rotations' training; "
                                                        "the seeded Hadamards are not trained"),
     (["--method", "gptq", "--rotation-lr", "0.5"], "method gptq has no rotations"),
+    (["--method", "quarot", "--epochs", "2", "--no-clip"], "--clip, --epochs: BASE-Q's training options; "
+                                                         "method quarot does not train"),
+    (["--method", "spinquant", "--lr-bias", "0.5"], "method spinquant does not train (use --method baseq)"),
 ])
 def test_a_switch_the_method_would_ignore_is_one_line(words, fragment, tmp_path, capsys):
     """Each of these used to run and silently drop the switch (or take another weight quantizer)."""

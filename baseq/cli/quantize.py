@@ -39,7 +39,27 @@ def config_from_args(args):
         cfg.calib.seed = args.seed
     if args.weights is not None:
         cfg.check_weights()
-    return cfg.validate()
+    cfg.validate()
+    check_given_flags(cfg, [(section, f) for section, f in flag_fields() if getattr(args, flag_dest(f)) is not None])
+    return cfg
+
+
+def check_given_flags(cfg, given) -> None:
+    """Refuse flags given on the command line that this run would not use: BASE-Q's training options with another
+    method, a learned rotation's training options with the seeded Hadamards (or no rotations). (A --config file may
+    hold such sections for other methods: they stay inert.)"""
+    from ..config import ROTATIONS
+
+    m = cfg.spec
+    if not m.baseq_stages and (unused := [f.metadata["flag"] for s, f in given if s == "train"]):
+        raise BaseqError(f"{', '.join(unused)}: BASE-Q's training options; method {m.name} does not train "
+                         f"(use --method baseq)")
+    if (not m.rotate or cfg.rotation_source == "hadamard") and (
+            unused := [f.metadata["flag"] for s, f in given if s == "rotation" and f.name != "kind"]):
+        why = f"method {m.name} has no rotations" if not m.rotate else "the seeded Hadamards are not trained"
+        learned = ", ".join(n for n in ROTATIONS if n != "hadamard")
+        raise BaseqError(f"{', '.join(unused)}: options of learned rotations' training; {why} (learned: "
+                         f"--rotations {learned}, or --method spinquant / ostquant)")
 
 
 def flag_fields():
