@@ -48,18 +48,16 @@ def check_given_flags(cfg, given) -> None:
     """Refuse flags given on the command line that this run would not use: BASE-Q's training options with another
     method, a learned rotation's training options with the seeded Hadamards (or no rotations). (A --config file may
     hold such sections for other methods: they stay inert.)"""
-    from ..config import ROTATIONS
-
     m = cfg.spec
     if not m.baseq_stages and (unused := [f.metadata["flag"] for s, f in given if s == "train"]):
         raise BaseqError(f"{', '.join(unused)}: BASE-Q's training options; method {m.name} does not train "
                          f"(use --method baseq)")
     if (not m.rotate or cfg.rotation_source == "hadamard") and (
             unused := [f.metadata["flag"] for s, f in given if s == "rotation" and f.name != "kind"]):
-        why = f"method {m.name} has no rotations" if not m.rotate else "the seeded Hadamards are not trained"
-        learned = ", ".join(n for n in ROTATIONS if n != "hadamard")
-        raise BaseqError(f"{', '.join(unused)}: options of learned rotations' training; {why} (learned: "
-                         f"--rotations {learned}, or --method spinquant / ostquant)")
+        learned = " / ".join(r for r in m.rotations if r != "hadamard")
+        why = (f"method {m.name} has no rotations (--method spinquant / ostquant learn them)" if not m.rotate else
+               f"the seeded Hadamards are not trained (--rotations {learned} learns them)")
+        raise BaseqError(f"{', '.join(unused)}: options of learned rotations' training; {why}")
 
 
 def flag_fields():
