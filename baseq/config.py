@@ -134,7 +134,8 @@ class BitsConfig:
 @dataclass
 class CalibConfig:
     data: str = field(default="wiki", metadata=flag(
-        "--calib-data", "calibration text: wiki (default), books, wikitext2, c4 or a .txt/.jsonl path"))
+        "--calib-data", "calibration text: wiki (default), books, wikitext2, c4 or a .txt/.jsonl path; A+B (e.g. "
+                        "wiki+books) mixes texts in equal shares"))
     samples: int = field(default=32, metadata=flag("--calib-samples", "calibration windows", type=positive_int))
     seqlen: int = field(default=512, metadata=flag("--calib-seqlen", "tokens per calibration window"))
     seed: int = 0  # set by --seed (QuantizeConfig.seed): one seed for the whole run

@@ -176,9 +176,36 @@ def eval_windows(tokenizer, source: str, seqlen: int, n: int) -> torch.Tensor:
     return _windows(ids, prefix, [i * span for i in range(n)], span)
 
 
+def mixed_sources(source: str) -> list[str]:
+    """The texts of a calibration source: ``A+B+…`` names several (an existing file whose name holds ``+`` is one)."""
+    if "+" not in source or Path(source).expanduser().exists():
+        return [source]
+    parts = source.split("+")
+    if not all(parts) or len(set(parts)) != len(parts):
+        raise BaseqError(f"calibration data '{source}': name each text once, joined by '+' (e.g. wiki+books)")
+    return parts
+
+
+def calib_tokens(tokenizer, source: str) -> int:
+    """Tokens of the calibration split of ``source``; of a mix (``A+B+…``), the smallest text's times their number
+    (each gives an equal share of the windows)."""
+    parts = mixed_sources(source)
+    return len(parts) * min(len(tokenize(tokenizer, load_text(p, "calib"))) for p in parts)
+
+
 def calib_windows(tokenizer, source: str, seqlen: int, n: int, seed: int = 0) -> torch.Tensor:
     """``n`` windows at random offsets (seeded) of the calibration split: LongTensor [n, seqlen] (each starting with
-    the tokenizer's :func:`bos_prefix`)."""
+    the tokenizer's :func:`bos_prefix`). ``A+B+…``: equal shares of each text (the first ones take one more when
+    ``n`` does not divide), each drawn as alone with seed ``seed + its position``, interleaved A, B, …, A, B, … so
+    that any leading windows (the per-block log's) hold every text."""
+    parts = mixed_sources(source)
+    if len(parts) > 1:
+        if n < len(parts):
+            raise BaseqError(f"calibration data '{source}' mixes {len(parts)} texts: it needs at least "
+                             f"{len(parts)} windows (got {n})")
+        shares = [calib_windows(tokenizer, p, seqlen, n // len(parts) + (k < n % len(parts)), seed + k)
+                  for k, p in enumerate(parts)]
+        return torch.stack([w[i] for i in range(len(shares[0])) for w in shares if i < len(w)])
     ids = tokenize(tokenizer, load_text(source, "calib"))
     prefix = bos_prefix(tokenizer)
     _check(seqlen, n, len(ids), source, "calibration")

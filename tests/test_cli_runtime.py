@@ -190,6 +190,17 @@ def test_task_options_without_tasks_are_one_line(extra, packed, text_file, capsy
     _one_error_line(capsys.readouterr().err, "only apply to zero-shot tasks: add --tasks", extra[-2])
 
 
+def test_quantize_calibrates_on_a_mix_of_texts(tiny_model_dir, text_file, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text("Another text altogether, about rivers and the sea. " * 60, encoding="utf-8")
+    js = tmp_path / "r.json"
+    args = _quantize(tiny_model_dir, text_file, tmp_path / "q", "--json", str(js), "--no-eval")
+    args[args.index("--weights") + 1] = "gptq"  # a method that reads the calibration windows
+    args[args.index("--calib-data") + 1] = f"{text_file}+{other}"
+    assert main(args + ["--calib-samples", "4", "--calib-seqlen", "32"]) == 0
+    assert json.loads(js.read_text())["config"]["calib"]["data"] == f"{text_file}+{other}"
+
+
 def test_quantize_refuses_an_already_quantized_folder(packed, text_file, tmp_path, capsys):
     assert main(_quantize(packed[0], text_file, tmp_path / "again")) == 2
     _one_error_line(capsys.readouterr().err, "written by 'baseq quantize' already")

@@ -339,3 +339,33 @@ class _TwoBos(ByteTok):
     def __call__(self, text, add_special_tokens=True, return_attention_mask=True):
         out = super().__call__(text, add_special_tokens, return_attention_mask)
         return {"input_ids": ([1, 2] if add_special_tokens else []) + out["input_ids"]}
+
+
+# ------------------------------------------------------------------ mixed calibration texts
+
+
+def test_mixed_calibration_takes_equal_interleaved_shares(tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("a" * 400, encoding="utf-8")
+    b.write_text("b" * 300, encoding="utf-8")
+    w = data.calib_windows(TOK, f"{a}+{b}", 10, 5, seed=3)
+    assert w.shape == (5, 10)
+    assert [chr(int(r[0])) for r in w] == ["a", "b", "a", "b", "a"]  # 3 + 2, interleaved
+    assert torch.equal(w[0::2], data.calib_windows(TOK, str(a), 10, 3, seed=3))  # each drawn as alone
+    assert torch.equal(w[1::2], data.calib_windows(TOK, str(b), 10, 2, seed=4))  # with its own seed
+    assert torch.equal(w, data.calib_windows(TOK, f"{a}+{b}", 10, 5, seed=3))
+    assert data.calib_tokens(TOK, f"{a}+{b}") == 600 and data.calib_tokens(TOK, str(a)) == 400
+    plus = tmp_path / "x+y.txt"  # a file whose name holds '+' is one text
+    plus.write_text("c" * 100, encoding="utf-8")
+    assert data.mixed_sources(str(plus)) == [str(plus)]
+
+
+@pytest.mark.parametrize("source,n,fragment", [("{a}+{a}", 4, "name each text once"), ("{a}+", 4, "name each text once"),
+                                               ("{a}+{b}", 1, "mixes 2 texts: it needs at least 2 windows"),
+                                               ("{a}+nowhere.txt", 4, "unknown data 'nowhere.txt'")])
+def test_bad_mixed_calibration_is_one_line(tmp_path, source, n, fragment):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("a" * 400, encoding="utf-8")
+    b.write_text("b" * 300, encoding="utf-8")
+    with pytest.raises(BaseqError, match=re.escape(fragment)):
+        data.calib_windows(TOK, source.format(a=a, b=b), 10, n)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..config import QuantizeConfig
-from ..data import calib_windows, load_text, tokenize
+from ..data import calib_tokens, calib_windows
 from ..errors import BaseqError
 from ..methods import ROTATION_SOURCES
 from ..quant.qmodel import ActSpec
@@ -43,7 +43,7 @@ def training_windows(tokenizer, cfg: QuantizeConfig) -> torch.Tensor:
     """``steps × batch`` windows of ``rotation.seqlen`` tokens of the calibration text (fewer, cycled, when the text
     is short), seeded by the calibration seed."""
     r = cfg.rotation
-    available = len(tokenize(tokenizer, load_text(cfg.calib.data, "calib"))) // r.seqlen
+    available = calib_tokens(tokenizer, cfg.calib.data) // r.seqlen
     if available < r.batch:
         raise BaseqError(f"'{cfg.calib.data}' calibration text is too short for {r.batch} rotation-training windows "
                          f"of {r.seqlen} tokens")
