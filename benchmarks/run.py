@@ -79,6 +79,12 @@ ROWS: dict[str, dict] = {
     "quarot-gptq-keep20kv-w4a4kv4": {"method": "quarot", "weights": "gptq", "bits": "W4A4KV4", "keep_massive": 20.0,
                                      "keep_massive_kv": "float"},
     "baseq-keep20kv-w4a4kv4": {**BASEQ, "bits": "W4A4KV4", "keep_massive": 20.0, "keep_massive_kv": "float"},
+    # calibrated on both texts (--calib-data wiki+books): GPTAQ fits the calibration text, which was wiki alone
+    **{f"{row}-mix-w4a4kv4": {**spec, "calib": {"data": "wiki+books"}} for row, spec in (
+        ("quarot-gptq", {"method": "quarot", "weights": "gptq", "bits": "W4A4KV4"}),
+        ("baseq", {**BASEQ, "bits": "W4A4KV4"}),
+        ("baseq-keep20", {**BASEQ, "bits": "W4A4KV4", "keep_massive": 20.0}),
+        ("baseq-keep20-gptaq", {**BASEQ, "bits": "W4A4KV4", "keep_massive": 20.0, "weights": "gptaq"}))},
 }
 DEFAULT = ["fp", "rtn-w4a4kv4", "gptq-w4a4kv4", "quarot-rtn-w4a4kv4", "quarot-gptq-w4a4kv4", "baseq-w4a4kv4",
            "quarot-gptq-w4a8kv8", "baseq-w4a8kv8", "quarot-gptq-w4a16"]
@@ -115,6 +121,7 @@ def run_row(name: str, args) -> dict:
         calib = {"samples": args.calib_samples, "seqlen": args.calib_seqlen, "seed": args.seed,
                  **spec.pop("calib", {})}
         cfg = QuantizeConfig.from_dict({**spec, "seed": args.seed, "bits": bits, "calib": calib})
+        result["data"] = cfg.calib.data  # the calibration text
         work = Path(args.work) / result_name(name, args.seed) if args.work else None
         if work is not None and (work / "progress.json").is_file():
             result["resumed"] = json.loads((work / "progress.json").read_text()).get("done")
