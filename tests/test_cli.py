@@ -259,6 +259,17 @@ def test_a_switch_the_method_would_ignore_is_one_line(words, fragment, tmp_path,
     assert not (tmp_path / "o").exists()
 
 
+def test_calibration_options_of_a_data_free_run_are_one_warning(tiny_model_dir, tmp_path, capsys):
+    assert main(["quantize", "--model", str(tiny_model_dir), "--method", "rtn", "--calib-data", "books",
+                 "--calib-samples", "8", "--no-eval", "--quiet", "--out", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["baseq: warning: --calib-data, --calib-samples not used: rtn W4A4KV4 reads no calibration data"]
+    assert main(["quantize", "--model", str(tiny_model_dir), "--method", "rtn", "--kv-shift", "mean",  # K/V means
+                 "--calib-data", str(tiny_model_dir / "nowhere.txt"), "--no-eval", "--quiet",
+                 "--out", str(tmp_path / "p")]) == 2  # read: the missing text fails
+    assert "unknown data" in capsys.readouterr().err
+
+
 def test_the_weights_a_method_takes_by_default_and_from_a_file(tmp_path):
     from baseq.config import QuantizeConfig
     from baseq.errors import BaseqError

@@ -23,9 +23,9 @@ def text_file(tmp_path_factory) -> Path:
 
 
 def _quantize(model, text_file, out, *extra) -> list[str]:
-    return ["quantize", "--model", str(model), "--method", "quarot", "--weights", "rtn", "--calib-data",
-            str(text_file), "--data", str(text_file), "--seqlen", str(SEQLEN), "--windows", "3", "--quiet",
-            "--out", str(out), *extra]
+    """QuaRot-RTN (data-free: no calibration options) evaluated on ``text_file``."""
+    return ["quantize", "--model", str(model), "--method", "quarot", "--weights", "rtn", "--data", str(text_file),
+            "--seqlen", str(SEQLEN), "--windows", "3", "--quiet", "--out", str(out), *extra]
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,8 @@ def test_eval_refuses_a_seqlen_past_the_context(tiny_model_dir, text_file, capsy
 
 
 def test_quantize_refuses_a_calib_seqlen_past_the_context(tiny_model_dir, text_file, tmp_path, capsys):
-    assert main(_quantize(tiny_model_dir, text_file, tmp_path / "o", "--calib-seqlen", "4096")) == 2
+    assert main(_quantize(tiny_model_dir, text_file, tmp_path / "o", "--weights", "gptq", "--calib-data",
+                          str(text_file), "--calib-seqlen", "4096")) == 2
     _one_error_line(capsys.readouterr().err, "--calib-seqlen")
     assert not (tmp_path / "o").exists()
 
@@ -194,10 +195,9 @@ def test_quantize_calibrates_on_a_mix_of_texts(tiny_model_dir, text_file, tmp_pa
     other = tmp_path / "other.txt"
     other.write_text("Another text altogether, about rivers and the sea. " * 60, encoding="utf-8")
     js = tmp_path / "r.json"
-    args = _quantize(tiny_model_dir, text_file, tmp_path / "q", "--json", str(js), "--no-eval")
-    args[args.index("--weights") + 1] = "gptq"  # a method that reads the calibration windows
-    args[args.index("--calib-data") + 1] = f"{text_file}+{other}"
-    assert main(args + ["--calib-samples", "4", "--calib-seqlen", "32"]) == 0
+    args = _quantize(tiny_model_dir, text_file, tmp_path / "q", "--json", str(js), "--no-eval", "--weights", "gptq",
+                     "--calib-data", f"{text_file}+{other}", "--calib-samples", "4", "--calib-seqlen", "32")
+    assert main(args) == 0
     assert json.loads(js.read_text())["config"]["calib"]["data"] == f"{text_file}+{other}"
 
 

@@ -490,8 +490,8 @@ def test_cli_failure_while_saving_leaves_no_output(fmt, tiny_model_dir, text_fil
     monkeypatch.setattr(save, "save_file", broken_save_file)
     monkeypatch.setattr(packed, "write_safetensors", broken_save_file)
     out, js = tmp_path / "out", tmp_path / "r.json"
-    rc = main(_quantize_args(tiny_model_dir, text_file, out, js, "--quiet", "--method", "rtn", "--weights", "rtn",
-                             "--no-eval", "--format", fmt))
+    rc = main(_quantize_args(tiny_model_dir, text_file, out, js, "--quiet", "--method", "gptq", "--no-eval",
+                             "--format", fmt))
     err = capsys.readouterr().err.strip().splitlines()
     assert rc != 0 and len(err) == 1 and err[0] == "baseq: error: No space left on device"
     assert not out.exists() and not js.exists()
@@ -502,9 +502,9 @@ def test_cli_overwrite_replaces_non_empty_out(tiny_model_dir, text_file, tmp_pat
     out, js = tmp_path / "out", tmp_path / "r.json"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    rc = main(_quantize_args(tiny_model_dir, text_file, out, js, "--quiet", "--method", "rtn", "--weights", "rtn",
-                             "--no-eval", "--overwrite"))
+    rc = main(_quantize_args(tiny_model_dir, text_file, out, js, "--quiet", "--method", "gptq", "--no-eval",
+                             "--overwrite"))
     assert rc == 0, capsys.readouterr().err
     assert not (out / "old.txt").exists() and (out / "baseq.json").is_file()
     result = json.loads(js.read_text())
-    assert "ppl_fp" not in result and result["method"] == "rtn"
+    assert "ppl_fp" not in result and result["method"] == "gptq"

@@ -40,8 +40,30 @@ def config_from_args(args):
     if args.weights is not None:
         cfg.check_weights()
     cfg.validate()
-    check_given_flags(cfg, [(section, f) for section, f in flag_fields() if getattr(args, flag_dest(f)) is not None])
+    check_given_flags(cfg, given_flags(args))
     return cfg
+
+
+def given_flags(args) -> list:
+    """``(section, field)`` of the config flags given on the command line."""
+    return [(section, f) for section, f in flag_fields() if getattr(args, flag_dest(f), None) is not None]
+
+
+def reads_calibration(cfg, kv_shift: bool) -> bool:
+    """Whether the run reads the calibration text: a stage that needs data, or rotations learned from it."""
+    from ..calibrate.pipeline import needs_calibration
+
+    return needs_calibration(cfg, kv_shift) or (cfg.spec.rotate and cfg.rotation_source != "hadamard")
+
+
+def unused_calibration(cfg, given) -> str | None:
+    """A warning when calibration options were given to a run that reads no calibration data (they are shared by
+    every calibrating method, so a sweep may pass them to all: said, not refused); else None."""
+    if reads_calibration(cfg, cfg.bits.kv_shift == "mean"):  # ("auto" stays off in the data-free methods)
+        return None
+    unused = [f.metadata["flag"] for s, f in given if s == "calib"]
+    return (f"warning: {', '.join(unused)} not used: {cfg.label} {cfg.bits.label} reads no calibration data"
+            if unused else None)
 
 
 def check_given_flags(cfg, given) -> None:
@@ -134,6 +156,8 @@ def cmd_quantize(args) -> int:
     cfg = config_from_args(args)
     device = check_device(args.device)
     comm = from_env(device, timeout=args.dist_timeout)  # one process unless started by torchrun
+    if comm.is_main and (warning := unused_calibration(cfg, given_flags(args))):
+        print(f"baseq: {warning}", file=sys.stderr)
     try:
         choose_lazy(args, cfg, comm)
         if args.tasks and (launched_by_torchrun() or args.lazy):
@@ -193,7 +217,8 @@ def quantize_command(args, cfg, device, comm) -> int:
     if calibrated and comm.world_size > cfg.calib.samples:
         raise BaseqError(f"{comm.world_size} ranks for {cfg.calib.samples} calibration windows: every rank needs at "
                          f"least one (raise --calib-samples or start fewer ranks)")
-    check_context(model, cfg.calib.seqlen, "--calib-seqlen")
+    if reads_calibration(cfg, kv_shift_on(cfg, ad)):
+        check_context(model, cfg.calib.seqlen, "--calib-seqlen")
     if args.eval:
         check_context(model, args.seqlen, "--seqlen")
     calib = None
