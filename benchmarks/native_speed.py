@@ -24,18 +24,17 @@ from baseq.runtime.generate import generate
 from baseq.runtime.native import native_ops
 
 
-PATCHED = [kernels, modules]  # the modules that call native_ops(); --only attention: modules alone
-
-
 @contextmanager
-def torch_only():
-    real = [m.native_ops for m in PATCHED]
-    for m in PATCHED:
+def torch_only(patched=(kernels, modules)):
+    """The torch code where ``patched`` (modules that call ``native_ops()``) would take the compiled kernels:
+    both for the whole runtime, ``modules`` alone for decoding attention."""
+    real = [m.native_ops for m in patched]
+    for m in patched:
         m.native_ops = lambda: None
     try:
         yield
     finally:
-        for m, r in zip(PATCHED, real):
+        for m, r in zip(patched, real):
             m.native_ops = r
 
 
@@ -52,25 +51,25 @@ def main() -> None:
     if native_ops() is None:
         raise SystemExit("the runtime's kernels do not build here")
     fast, _ = load(args.model)
+    patched = (modules,) if args.only == "attention" else (kernels, modules)
     if args.only == "attention":
-        PATCHED[:] = [modules]
         slow = fast
     else:
-        with torch_only():
+        with torch_only(patched):
             slow, _ = load(args.model)
     ids = torch.randint(0, int(fast.config.vocab_size), (1, args.prefill), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got = fast(ids[:, :64]).logits
-        with torch_only():
+        with torch_only(patched):
             ref = slow(ids[:, :64]).logits
     print(f"logits equal: {torch.equal(got, ref)}")
     runs = {"native": [], "torch": []}
     generate(fast, ids[:, :16], 4)
-    with torch_only():
+    with torch_only(patched):
         generate(slow, ids[:, :16], 4)
     for _ in range(args.repeats):
         runs["native"].append(generate(fast, ids, args.decode))
-        with torch_only():
+        with torch_only(patched):
             runs["torch"].append(generate(slow, ids, args.decode))
     med = {k: (statistics.median(r.prefill_tok_s for r in v), statistics.median(r.decode_tok_s for r in v))
            for k, v in runs.items()}
