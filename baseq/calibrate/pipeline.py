@@ -141,7 +141,11 @@ def quantize_ends(ad: ModelAdapter, bits: int) -> None:
 def needs_calibration(cfg: QuantizeConfig, kv_shift: bool = False) -> bool:
     """Whether some stage of the method reads calibration data (each stage says so: ``needs_data``); when none does
     (RTN alone), the blocks are quantized without a forward. Learned rotations draw their own windows."""
-    return any(getattr(s, "needs_data", True) for s in build_stages(cfg, kv_shift))
+    return reads_data(build_stages(cfg, kv_shift))
+
+
+def reads_data(stages) -> bool:
+    return any(getattr(s, "needs_data", True) for s in stages)  # (a stage that does not say reads data)
 
 
 def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, model_spec: str = "", device="cpu",
@@ -191,7 +195,7 @@ def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, model_spec: str = "
     park = park_folder(work_dir, comm.rank) if work_dir else None  # where a lazy run's ends wait meanwhile
     blocks = prepare_blocks(model, ad, cfg, lazy, rotate, park_dir=park)
     stages = build_stages(cfg, kv_shift)
-    if not any(getattr(s, "needs_data", True) for s in stages):  # (a stage that does not say reads data)
+    if not reads_data(stages):
         from tqdm.auto import tqdm
 
         with blocks.ends_away():
