@@ -314,6 +314,11 @@ class QuantizeConfig:
         return m.rotations[0] if len(m.rotations) == 1 else self.rotation.kind
 
     @property
+    def fitted_rotations(self) -> bool:
+        """Whether R1 / R2 are fitted to the calibration text (learned or calibrated), not seeded Hadamards."""
+        return self.spec.rotate and ROTATION_SOURCES[self.rotation_source].fitted
+
+    @property
     def weight_method(self) -> str:
         w = self.spec.weights
         return self.weights if self.weights in w else w[0]

@@ -22,6 +22,7 @@ class RotationSource:
     whole_model: bool = False  # needs every block in memory (refused with --lazy)
     lr: float = 0.0  # default learning rate of its training (RotationConfig.lr < 0 means this)
     split_batch: bool = False  # each training step's --rotation-batch windows are split among the ranks
+    fitted: bool = True  # fitted to the calibration text (so it reads it, and its training options apply)
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class Method:
 
 
 ROTATION_SOURCES: dict[str, RotationSource] = {r.name: r for r in (
-    RotationSource("hadamard", "seeded randomized Hadamard R1 / R2 (QuaRot)"),
+    RotationSource("hadamard", "seeded randomized Hadamard R1 / R2 (QuaRot)", fitted=False),
     RotationSource("calibrated", "R1 and per-layer, per-KV-head R2 fitted to cached FP activations with a "
                                  "distribution loss (DartQuant-style)", whole_model=True, lr=10.0),
     RotationSource("spinquant", "R1 and per-layer R2 trained end to end by Cayley SGD on the causal-LM loss of the "

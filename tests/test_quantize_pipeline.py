@@ -280,6 +280,17 @@ def test_config_bad_bits(field, bad):
 def test_config_good_bits(ok):
     assert QuantizeConfig.from_dict({"bits": {"w_bits": ok, "a_bits": ok, "kv_bits": ok}}).bits.w_bits == ok
 
+@pytest.mark.parametrize("method, kind, fitted", [
+    ("rtn", "hadamard", False), ("gptq", "hadamard", False), ("quarot", "hadamard", False),
+    ("baseq", "hadamard", False), ("quarot", "calibrated", True), ("baseq", "spinquant", True),
+    ("spinquant", "hadamard", True),  # the method's only source, whatever the default kind says
+    ("ostquant", "hadamard", True),
+])
+def test_fitted_rotations_follow_the_registry(method, kind, fitted):
+    cfg = QuantizeConfig.from_dict({"method": method, "rotation": {"kind": kind}})
+    assert cfg.fitted_rotations is fitted
+
+
 
 def _custom_config() -> QuantizeConfig:
     return QuantizeConfig.from_dict({

@@ -117,7 +117,7 @@ def check_model(model, cfg: QuantizeConfig) -> ModelAdapter:
     group size that does not divide some linear's in_features); cheap, so callers run it before any evaluation."""
     ad = ModelAdapter(model)
     src = cfg.rotation_source
-    if cfg.rotate and src != "hadamard" and not ad.spec.learned_rotations:
+    if cfg.fitted_rotations and not ad.spec.learned_rotations:
         ok = ", ".join(s.family for s in FAMILIES if s.learned_rotations)
         raise BaseqError(f"{src} rotations are learned and fused on plain Llama-like blocks ({ok}); "
                          f"{ad.spec.family} is not one: use --method quarot or baseq with the default rotations")

@@ -11,6 +11,7 @@ from pathlib import Path
 from ..errors import BaseqError
 from ..eval.zeroshot import check_tasks
 from ..io import write_json
+from ..methods import ROTATION_SOURCES
 from ..provenance import made_by
 from .common import (add_eval_data_args, add_model_args, check_json_path, peak_rss_mb, print_table, run_zero_shot,
                      sharded_perplexity, task_rows, task_summary, too_big)
@@ -53,7 +54,7 @@ def reads_calibration(cfg, kv_shift: bool) -> bool:
     """Whether the run reads the calibration text: a stage that needs data, or rotations learned from it."""
     from ..calibrate.pipeline import needs_calibration
 
-    return needs_calibration(cfg, kv_shift) or (cfg.spec.rotate and cfg.rotation_source != "hadamard")
+    return needs_calibration(cfg, kv_shift) or cfg.fitted_rotations
 
 
 def unused_calibration(cfg, given) -> str | None:
@@ -74,9 +75,9 @@ def check_given_flags(cfg, given) -> None:
     if not m.baseq_stages and (unused := [f.metadata["flag"] for s, f in given if s == "train"]):
         raise BaseqError(f"{', '.join(unused)}: BASE-Q's training options; method {m.name} does not train "
                          f"(use --method baseq)")
-    if (not m.rotate or cfg.rotation_source == "hadamard") and (
+    if not cfg.fitted_rotations and (
             unused := [f.metadata["flag"] for s, f in given if s == "rotation" and f.name != "kind"]):
-        learned = " / ".join(r for r in m.rotations if r != "hadamard")
+        learned = " / ".join(r for r in m.rotations if ROTATION_SOURCES[r].fitted)
         why = (f"method {m.name} has no rotations (--method spinquant / ostquant learn them)" if not m.rotate else
                f"the seeded Hadamards are not trained (--rotations {learned} learns them)")
         raise BaseqError(f"{', '.join(unused)}: options of learned rotations' training; {why}")
