@@ -9,7 +9,12 @@ Modes (``--modes``, comma-separated):
   point of that block and float K/V;
 * ``first``: the first ``--first`` positions of each window, the same way (the attention-sink position);
   ``first-acts`` / ``first-kv``: only their activations / only their K/V;
-* ``all``: every token (the weight-only model, W4A16KV16): the floor of what activations and KV cost.
+* ``all``: every token (the weight-only model, W4A16KV16): the floor of what activations and KV cost;
+  ``all-acts`` / ``all-kv``: every token's activations only (W4A16KV4) / K/V only (W4A4KV16) — the split of the
+  activation/KV gap between the two;
+* ``point:KIND`` (KIND one of ``qkv``, ``o``, ``up``, ``down``): every token's activations in float at that
+  quantization point of every block only (the inputs of q/k/v, o_proj, gate/up, down_proj) — where the activation
+  part of the gap sits.
 
 The share of the activation/KV gap a mode recovers is (ppl_none − ppl_mode) / (ppl_none − ppl_all). Also printed:
 per block, how many tokens were massive and their median ratio. A diagnosis, not a method: nothing is saved.
@@ -38,6 +43,19 @@ class Keep:
     acts: bool = True
     kv: bool = True
     bits: int = 16  # the kept tokens' activations: 16 = float, else quantized to this many bits (no clipping)
+    points: frozenset | None = None  # the point kinds where ``acts`` applies (None: every point)
+
+
+POINT_KINDS = {"self_attn.point": "qkv", "self_attn.o_point": "o", "mlp.point": "up", "mlp.down_point": "down"}
+
+
+def name_points(model) -> None:
+    """Tag each activation point of the packed model with its kind (``qkv``, ``o``, ``up``, ``down``)."""
+    from baseq.runtime import modules
+
+    for name, m in model.named_modules():
+        if isinstance(m, modules.ActPoint):
+            m.kind = next((k for suffix, k in POINT_KINDS.items() if name.endswith(suffix)), None)
 
 
 def patch_runtime(keep: Keep) -> None:
@@ -52,7 +70,8 @@ def patch_runtime(keep: Keep) -> None:
             return linear.forward_float(x)
         a, s, z = quantize_tokens(x, self.clip, self.bits)
         y = linear(a, s, z)
-        if keep.acts and keep.mask is not None and keep.mask.any():
+        if (keep.acts and keep.mask is not None and keep.mask.any()
+                and (keep.points is None or getattr(self, "kind", None) in keep.points)):
             rows = keep.mask.reshape(-1)
             assert rows.numel() == x.shape[0], "a point saw rows that are not the block's tokens"
             if keep.bits >= 16:
@@ -92,7 +111,7 @@ def install_rule(model, keep: Keep, mode: str, ratio: float, first: int, stats: 
             elif mode.startswith("first"):
                 keep.mask = torch.zeros_like(big)
                 keep.mask[:, :first] = True
-            elif mode == "all":
+            elif mode.startswith(("all", "point:")):
                 keep.mask = torch.ones_like(big)
             else:
                 keep.mask = None
@@ -124,12 +143,16 @@ def main() -> None:
     keep.bits = args.keep_bits
     patch_runtime(keep)
     model, tok = load_saved(Path(args.model))
+    name_points(model)
     ids = eval_windows(tok, args.data, args.seqlen, args.windows)
     rows = {}
     for mode in args.modes.split(","):
         stats: dict = {}
         hooks = install_rule(model, keep, mode, args.ratio, args.first, stats)
-        keep.acts, keep.kv = mode != "first-kv", mode != "first-acts"
+        if mode.startswith("point:") and mode[6:] not in POINT_KINDS.values():
+            raise SystemExit(f"outlier_tokens: unknown point {mode[6:]!r} (one of {', '.join(POINT_KINDS.values())})")
+        keep.acts, keep.kv = not mode.endswith("-kv"), not (mode.endswith("-acts") or mode.startswith("point:"))
+        keep.points = frozenset([mode[6:]]) if mode.startswith("point:") else None
         t0 = time.perf_counter()
         with torch.no_grad():
             total, count = nll_sum(model, ids, batch_size=1, progress=False)
@@ -152,8 +175,8 @@ def main() -> None:
             print(f"massive tokens among the first {args.first} position(s): {n_first} of {n_all}")
     if "none" in rows and "all" in rows:
         gap = rows["none"]["ppl"] - rows["all"]["ppl"]
-        for mode in ("massive", "first", "first-acts", "first-kv"):
-            if mode in rows and gap > 0:
+        for mode in [m for m in rows if m not in ("none", "all", "blocks", "massive_in_first")]:
+            if gap > 0:
                 rows[mode]["share_of_act_kv_gap"] = round((rows["none"]["ppl"] - rows[mode]["ppl"]) / gap, 3)
                 print(f"{mode}: recovers {rows[mode]['share_of_act_kv_gap']:.1%} of the activation/KV gap")
     out = {"model": args.model, "data": args.data, "windows": args.windows, "seqlen": args.seqlen,
