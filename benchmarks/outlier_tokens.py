@@ -20,6 +20,7 @@ The share of the activation/KV gap a mode recovers is (ppl_none − ppl_mode) / 
 per block, how many tokens were massive and their median ratio. A diagnosis, not a method: nothing is saved.
 
     python benchmarks/outlier_tokens.py --model out/qwen-quarot --data wiki --windows 16 --json q.json
+    python benchmarks/outlier_tokens.py --compare q.json b.json   # each mode's cost in both, and the share b removed
 """
 
 from __future__ import annotations
@@ -120,9 +121,25 @@ def install_rule(model, keep: Keep, mode: str, ratio: float, first: int, stats: 
     return [layer.register_forward_pre_hook(pre(i), with_kwargs=True) for i, layer in enumerate(layers)]
 
 
+def compare(base_json: str, other_json: str) -> None:
+    """Each mode's cost (perplexity as is − with the mode) in two runs on the same windows, and the share of the
+    first's cost that the second removed."""
+    a, b = (json.loads(Path(f).read_text()) for f in (base_json, other_json))
+    if (a["data"], a["windows"], a["seqlen"]) != (b["data"], b["windows"], b["seqlen"]):
+        raise SystemExit("outlier_tokens: the two runs did not evaluate the same windows")
+    ra, rb = a["rows"], b["rows"]
+    print(f"{'mode':12s} {'cost ' + Path(base_json).stem:>24s} {'cost ' + Path(other_json).stem:>24s}  removed")
+    print(f"{'none (ppl)':12s} {ra['none']['ppl']:24.3f} {rb['none']['ppl']:24.3f}")
+    for mode in [m for m in ra if m in rb and isinstance(ra[m], dict) and "ppl" in ra[m] and m != "none"]:
+        ca, cb = ra["none"]["ppl"] - ra[mode]["ppl"], rb["none"]["ppl"] - rb[mode]["ppl"]
+        print(f"{mode:12s} {ca:24.3f} {cb:24.3f}  {1 - cb / ca:7.1%}" if ca > 0 else f"{mode:12s} {ca:24.3f} {cb:24.3f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="a folder written by 'baseq quantize' (packed)")
+    p.add_argument("--compare", nargs=2, metavar=("BASE_JSON", "OTHER_JSON"),
+                   help="compare two --json results instead of running")
+    p.add_argument("--model", help="a folder written by 'baseq quantize' (packed)")
     p.add_argument("--data", default="wiki")
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=512)
@@ -133,6 +150,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json")
     args = p.parse_args()
+    if args.compare:
+        return compare(*args.compare)
+    if not args.model:
+        p.error("--model is required (or --compare)")
     torch.set_num_threads(args.threads)
 
     from baseq.data import eval_windows
