@@ -84,14 +84,15 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "ge
 
 def tiny_model(family: str, hidden: int = 96, ffn: int = 160, layers: int = 3, heads: int = 4, kv_heads: int = 2,
                head_dim: int | None = 16, vocab: int = 258, tied: bool | None = None, window: int = 8,
-               max_positions: int = 512, seed: int = 0, init: float = 0.08):
+               max_positions: int = 512, seed: int = 0, init: float = 0.08, rope: dict | None = None):
     """A random model of the real transformers class of ``family`` (one of :data:`FAMILIES`), fp32, eval mode.
 
     Odd sizes and GQA by default; ``head_dim`` ≠ hidden / heads where the family allows it (Phi-3 and OLMo 2 derive
     it); every norm weight randomised (around 1 for ``w·x̂`` norms, around 0 for Gemma's ``(1 + w)·x̂``), biases
     too. Sliding-window families get a ``window``-token window (Gemma 2/3: local and global layers); Llama gets
     llama3 RoPE scaling, Phi-3 a partial rotary factor, Gemma 2 soft-capping small enough to matter. ``init``: the
-    weights' std (larger than a fresh model's, so attention patterns and soft-capping are not trivial)."""
+    weights' std (larger than a fresh model's, so attention patterns and soft-capping are not trivial). ``rope``:
+    Phi-3's RoPE parameters instead of the default ones (e.g. LongRoPE's)."""
     import transformers as tf
 
     common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
@@ -106,8 +107,9 @@ def tiny_model(family: str, hidden: int = 96, ffn: int = 160, layers: int = 3, h
         "mistral": lambda: (tf.MistralForCausalLM, tf.MistralConfig(**common, **hd, sliding_window=window)),
         "qwen2": lambda: (tf.Qwen2ForCausalLM, tf.Qwen2Config(**common, **hd)),
         "qwen3": lambda: (tf.Qwen3ForCausalLM, tf.Qwen3Config(**common, **hd)),
-        "phi3": lambda: (tf.Phi3ForCausalLM, tf.Phi3Config(**common, rope_parameters={
-            "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75})),
+        "phi3": lambda: (tf.Phi3ForCausalLM, tf.Phi3Config(**common, rope_parameters=rope or {
+            "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75},
+            **({"original_max_position_embeddings": rope["original_max_position_embeddings"]} if rope else {}))),
         "gemma": lambda: (tf.GemmaForCausalLM, tf.GemmaConfig(**common, **hd, hidden_act="gelu_pytorch_tanh")),
         "gemma2": lambda: (tf.Gemma2ForCausalLM, tf.Gemma2Config(
             **common, **hd, sliding_window=window, layer_types=local_global, query_pre_attn_scalar=24,
@@ -116,6 +118,8 @@ def tiny_model(family: str, hidden: int = 96, ffn: int = 160, layers: int = 3, h
             **common, **hd, sliding_window=window, layer_types=local_global, query_pre_attn_scalar=24)),
         "olmo2": lambda: (tf.Olmo2ForCausalLM, tf.Olmo2Config(**common)),
     }
+    if rope is not None and family != "phi3":
+        raise ValueError("rope: Phi-3 only")
     if family not in builders:
         raise ValueError(f"unknown family {family!r} (one of {', '.join(FAMILIES)})")
     cls, config = builders[family]()

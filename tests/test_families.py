@@ -237,3 +237,40 @@ def test_online_r1_keeps_the_pre_norm_weights(family):
     # q_proj only took R1 (orthogonal): its row norms are unchanged, which a folded norm scale would not leave
     q = model.model.layers[0].self_attn.q_proj.weight
     assert torch.allclose(q.norm(dim=1), q_before.norm(dim=1), rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ LongRoPE
+
+LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+            "original_max_position_embeddings": 16, "short_factor": [1.0] * 9,
+            "long_factor": [4.0 + 0.5 * i for i in range(9)]}  # 9 = 24-wide heads × 0.75 / 2
+
+
+def _greedy_by_full_forwards(model, ids, n):
+    seq = ids
+    with torch.no_grad():
+        for _ in range(n):
+            seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return seq[0, ids.shape[1]:].tolist()
+
+
+def test_generation_past_longrope_switch_recomputes_the_cache(text_file, tmp_path):
+    """Phi-3's LongRoPE takes the long factors for a whole sequence once it passes original_max_position_embeddings
+    (16 here): the keys cached with the short factors go stale, and transformers' generation recomputes them once.
+    Regression: baseq's loop kept them, and its tokens left transformers' at that step — for FP and packed models."""
+    from baseq.runtime.generate import generate, rope_switch
+
+    fp = tiny_model("phi3", max_positions=64, rope=LONGROPE, seed=3)
+    assert rope_switch(fp) == 16 and rope_switch(tiny_model("phi3", layers=1)) is None
+    prompt = _ids(seq=12, batch=1)
+    with torch.no_grad():
+        hf = fp.generate(prompt, max_new_tokens=18, min_new_tokens=18, do_sample=False)[0, 12:].tolist()
+    assert generate(fp, prompt, 18).tokens == hf == _greedy_by_full_forwards(fp, prompt, 18)
+
+    model = tiny_model("phi3", max_positions=64, rope=LONGROPE)
+    cfg = QuantizeConfig(method="quarot", bits=BitsConfig(a_bits=8, kv_bits=8),
+                         calib=CalibConfig(data=text_file, samples=4, seqlen=32, batch_size=2))
+    quantize_model(model, byte_tokenizer(), cfg, progress=False, log_fn=lambda m: None)
+    rt, _ = load(str(_save(model, cfg, tmp_path / "packed")))
+    assert rope_switch(rt) == 16
+    assert generate(rt, prompt, 18).tokens == _greedy_by_full_forwards(rt, prompt, 18)

@@ -45,6 +45,20 @@ def check_context(model, tokens: int, what: str) -> None:
         raise BaseqError(f"{what} ({tokens:,} tokens) is longer than the model's context of {n:,} tokens")
 
 
+def rope_switch(model) -> int | None:
+    """LongRoPE (Phi-3 and its kin): the length past which the whole sequence takes the long factors, else None.
+
+    Transformers picks the short or the long factors for a whole forward by its largest position, and its Phi-3
+    generation recomputes the cache once, when the sequence first passes ``original_max_position_embeddings``
+    (the keys cached with the short factors are then stale); :func:`generate` does the same."""
+    cfg = getattr(model, "config", None)
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type")) != "longrope":
+        return None
+    n = rope.get("original_max_position_embeddings") or getattr(cfg, "original_max_position_embeddings", None)
+    return int(n) if n else None
+
+
 def new_cache(model):
     """A fresh KV cache: quantized for a packed model, transformers' dynamic cache otherwise."""
     from transformers import DynamicCache
@@ -83,6 +97,7 @@ def generate(model, ids: torch.Tensor, max_new_tokens: int, *, temperature: floa
     ids = ids.to(device)
     gen = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
     cache, kw = new_cache(model), _cache_kw(model)
+    switch = rope_switch(model)
     stats = GenerationStats(prompt_tokens=ids.shape[1])
     t0 = time.perf_counter()
     logits = model(ids, use_cache=True, logits_to_keep=1, **{kw: cache}).logits[:, -1]
@@ -99,6 +114,10 @@ def generate(model, ids: torch.Tensor, max_new_tokens: int, *, temperature: floa
             on_token(t)
         if eos and t in eos or i == max_new_tokens - 1:
             break
+        if switch is not None and ids.shape[1] + i + 1 == switch + 1:  # LongRoPE's long factors from here on
+            cache, seq = new_cache(model), torch.cat([ids, torch.tensor([stats.tokens], device=device)], 1)
+            logits = model(seq, use_cache=True, logits_to_keep=1, **{kw: cache}).logits[:, -1]
+            continue
         logits = model(tok.view(1, 1), use_cache=True, logits_to_keep=1, **{kw: cache}).logits[:, -1]
     if stats.new_tokens > 1:
         stats.decode_s = time.perf_counter() - t1
