@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from baseq.cli import main
+from baseq.testing import byte_tokenizer
 
 SEQLEN, WINDOWS = 32, 3
 LINES = [f"Line {i}: the quick brown fox jumps over the lazy dog, number {i * i}." for i in range(40)]
@@ -120,6 +121,26 @@ def _bad_folders(root: Path, tiny_model_dir: Path) -> dict[str, Path]:
     f = root / "model.bin"
     f.write_bytes(b"x")
     folders["model.bin"] = f
+    f = root / "JUNK.GGUF"  # the suffix in capitals is still a GGUF file
+    f.write_bytes(b"not a gguf file" * 10)
+    folders["JUNK.GGUF"] = f
+    d = root / "gptq"  # a checkpoint stored quantized: refused before transformers asks for optimum
+    shutil.copytree(tiny_model_dir, d)
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "gptq", "bits": 4}}))
+    folders["gptq"] = d
+    d = root / "notokenizer"
+    d.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_model_dir / f, d / f)
+    folders["notokenizer"] = d
+    d = root / "bigtokenizer"  # a tokenizer of another model: more tokens than the embedding has rows
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=200, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                 num_attention_heads=2, bos_token_id=0, eos_token_id=1)).save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
+    folders["bigtokenizer"] = d
     return folders
 
 
@@ -131,6 +152,10 @@ def _bad_folders(root: Path, tiny_model_dir: Path) -> dict[str, Path]:
     ("noconfig", "without config.json"),
     ("junk.gguf", "junk.gguf"),
     ("model.bin", "not a .gguf model"),
+    ("JUNK.GGUF", "JUNK.GGUF' is not a loadable causal language model"),
+    ("gptq", "quantized already (quant_method=gptq)"),
+    ("notokenizer", "its tokenizer does not load"),
+    ("bigtokenizer", "its tokenizer has 258 tokens but the model's embedding only 200 rows"),
 ])
 def test_eval_bad_model_folder(case, fragment, tiny_model_dir, text_file, tmp_path, capsys):
     path = _bad_folders(tmp_path, tiny_model_dir)[case]

@@ -4,12 +4,13 @@ run), the result written block by block, one block on the device at a time, and 
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from baseq.calibrate.engine import streamed_nll_sum
 from baseq.calibrate.pipeline import quantize_model, quantized_layers
@@ -357,6 +358,20 @@ def test_lazy_bad_inputs_are_one_clear_error(sharded_dir, tmp_path, text_file):
         lazy.load_block(2)
     with pytest.raises(BaseqError, match="lazy loading reads"):
         open_lazy(text_file)
+    fp8 = tmp_path / "fp8"  # FP8 weights need their scales: transformers dequantizes them eagerly, lazy reads do not
+    shutil.copytree(sharded_dir, fp8)
+    cfg = json.loads((fp8 / "config.json").read_text())
+    (fp8 / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "fp8"}}))
+    with pytest.raises(BaseqError, match=r"quantized already \(quant_method=fp8\): read it without --lazy"):
+        open_lazy(str(fp8))
+    codes = tmp_path / "codes"  # integer codes where weights should be, and no config saying so
+    shutil.copytree(sharded_dir, codes)
+    shard = index["weight_map"]["model.layers.0.self_attn.q_proj.weight"]
+    tensors = load_file(codes / shard)
+    tensors["model.layers.0.self_attn.q_proj.weight"] = tensors["model.layers.0.self_attn.q_proj.weight"].to(torch.int8)
+    save_file(tensors, codes / shard, metadata={"format": "pt"})
+    with pytest.raises(BaseqError, match="stored as int8, not as float32 / float16 / bfloat16 weights"):
+        open_lazy(str(codes))[0].load_block(0)
     with pytest.raises(BaseqError, match="pass work_dir"):
         quantize_model(lazy.model, byte_tokenizer(), config(text_file), lazy=lazy)
 
@@ -565,7 +580,7 @@ def test_gguf_tables_are_read_by_rows_as_a_whole(tmp_path, monkeypatch):
 
 
 def test_rows_are_written_slab_by_slab_as_the_whole_tensor_would_be(tmp_path):
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
 
     from baseq.io import Rows
 

@@ -85,9 +85,13 @@ class SafetensorsFiles:
             with self._open(file, safe_open) as f:
                 for n in group:
                     try:
-                        out[n] = f.get_tensor(n).to(dtype)
+                        t = f.get_tensor(n)
                     except Exception as e:  # noqa: BLE001
                         raise BaseqError(f"'{file}': cannot read tensor {n} ({_first_line(e)})") from None
+                    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):  # codes, not weights
+                        raise BaseqError(f"'{file}': tensor {n} is stored as {str(t.dtype).replace('torch.', '')}, "
+                                         f"not as float32 / float16 / bfloat16 weights (a quantized checkpoint?)")
+                    out[n] = t.to(dtype)
         return out
 
 
@@ -258,7 +262,7 @@ def open_lazy(spec: str, dtype="float32") -> tuple[LazyModel, object]:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .loading import _quiet_transformers
+    from .loading import _quiet_transformers, check_full_precision, check_vocab
 
     dtype = resolve_dtype(dtype)
     path = Path(spec).expanduser()
@@ -267,8 +271,9 @@ def open_lazy(spec: str, dtype="float32") -> tuple[LazyModel, object]:
     if path.is_dir() and (path / "baseq.json").is_file():
         raise BaseqError(f"'{spec}' was written by baseq quantize: it is quantized already")
     if path.is_dir():
+        check_full_precision(path, lazy=True)
         where, kwargs = str(path), {}
-    elif path.is_file() and path.suffix == ".gguf":
+    elif path.is_file() and path.suffix.lower() == ".gguf":
         where, kwargs = str(path.parent), {"gguf_file": path.name}
     else:
         raise BaseqError(f"lazy loading reads a local Hugging Face folder with safetensors weights, a .gguf file or a "
@@ -281,6 +286,7 @@ def open_lazy(spec: str, dtype="float32") -> tuple[LazyModel, object]:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for a broken folder or file
         raise BaseqError(f"'{spec}' is not a loadable causal language model: {_first_line(e)}") from None
+    check_vocab(spec, tokenizer, config.vocab_size)
     try:
         files = GGUFFiles(path, model) if kwargs else SafetensorsFiles(path)
     except BaseqError:

@@ -39,17 +39,63 @@ def _quiet_transformers():
     hf_logging.disable_progress_bar()
 
 
+def already_quantized(config) -> str | None:
+    """The ``quant_method`` of a checkpoint stored quantized (GPTQ, AWQ, bitsandbytes, compressed-tensors, FP8...:
+    a ``quantization_config`` in its config), else None. ``config``: a config object or its dict."""
+    q = config.get("quantization_config") if isinstance(config, dict) else getattr(config, "quantization_config",
+                                                                                     None)
+    if not q:
+        return None
+    method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
+    return str(getattr(method, "value", method) or "unknown")
+
+
+def check_full_precision(folder: Path, lazy: bool = False) -> None:
+    """Refuse a folder whose weights are stored quantized, before transformers tries to load it (which would ask
+    for optimum or bitsandbytes, or take the codes for weights). FP8 checkpoints load eagerly: transformers
+    dequantizes them; read block by block (``lazy``) they would not be."""
+    import json
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # loading says what is wrong with it
+    method = already_quantized(config) if isinstance(config, dict) else None
+    if method is None or method == "fp8" and not lazy:
+        return
+    how = ("read it without --lazy (transformers dequantizes FP8 when it loads the whole model)" if method == "fp8"
+           else "baseq quantizes a full-precision (or bf16 / fp16) checkpoint: use the model's unquantized release")
+    raise BaseqError(f"'{folder}' is quantized already (quant_method={method}): {how}")
+
+
+def check_vocab(where: str, tokenizer, rows: int) -> None:
+    """Refuse a tokenizer whose base vocabulary is larger than the embedding (its ids would index past the table).
+    Added special tokens are not counted: converting a GGUF tokenizer may add one the model never sees."""
+    n = getattr(tokenizer, "vocab_size", None) or len(tokenizer)
+    if n > rows:
+        raise BaseqError(f"'{where}': its tokenizer has {n:,} tokens but the model's embedding only {rows:,} rows: "
+                         f"the tokenizer belongs to another model")
+
+
 def _from_pretrained(source: str, dtype: torch.dtype, **kwargs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
+    where = str(Path(source) / kwargs["gguf_file"]) if "gguf_file" in kwargs else source
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    except (ValueError, KeyError) as e:  # transformers' way of saying "not a causal LM / unknown architecture"
+    except KeyError as e:  # a GGUF (or config) without a field transformers needs
+        raise BaseqError(f"'{where}' is not a loadable causal language model: missing key {e}") from None
+    except ValueError as e:  # transformers' way of saying "not a causal LM / unknown architecture"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        where = str(Path(source) / kwargs["gguf_file"]) if "gguf_file" in kwargs else source
         raise BaseqError(f"'{where}' is not a loadable causal language model: {first}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except Exception as e:  # noqa: BLE001 - missing or broken tokenizer files, in many types
+        first = str(e).strip().splitlines()[0].rstrip(": ") if str(e).strip() else type(e).__name__
+        raise BaseqError(f"'{where}': its tokenizer does not load (tokenizer.json / tokenizer.model missing or "
+                         f"broken?): {first}") from None
+    check_vocab(where, tokenizer, model.get_input_embeddings().num_embeddings)
     if getattr(model.config, "quantization_config", None) is not None and "gguf_file" in kwargs:
         del model.config.quantization_config  # the weights are dequantized now
         model.hf_quantizer = None
@@ -159,7 +205,7 @@ def _weight_count(path: Path, gguf_bound: int | None) -> int | None:
         if not files:
             return None
         return sum(prod(e["shape"]) for f in files for e in safetensors_header(f)[0].values())
-    if path.is_file() and path.suffix == ".gguf":
+    if path.is_file() and path.suffix.lower() == ".gguf":
         bound = path.stat().st_size * 4
         if gguf_bound is not None and bound <= gguf_bound:
             return bound
@@ -200,9 +246,10 @@ def load_model(spec: str = DEFAULT_MODEL, dtype="float32", device="cpu"):
     elif path.is_dir():
         if not (path / "config.json").is_file():
             raise BaseqError(f"'{spec}' is a folder without config.json: not a Hugging Face model folder")
+        check_full_precision(path)
         model, tokenizer = _local(str(path), dtype, spec)
     elif path.is_file():
-        if path.suffix != ".gguf":
+        if path.suffix.lower() != ".gguf":
             raise BaseqError(f"'{spec}' is a file but not a .gguf model")
         model, tokenizer = _gguf(path, dtype)
     elif spec.count("/") == 1 and not spec.startswith((".", "/", "~")):

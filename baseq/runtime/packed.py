@@ -104,7 +104,9 @@ def pack_linear(lin: nn.Module, bits: int, name: str) -> dict[str, Tensor]:
     q = torch.round(w / sc) + zc
     maxq = 2**bits - 1
     back = (q - zc) * sc
-    tol = 0.0 if lin.weight.dtype == torch.float32 else 1e-2 * sc  # 16-bit models: within rounding of the dtype
+    # 16-bit models: within the dtype's rounding of each weight (bfloat16's reaches ~0.05 of a step near the grid's
+    # ends) plus a margin; far from half a step, so the codes are the recorded ones
+    tol = 0.0 if lin.weight.dtype == torch.float32 else torch.finfo(lin.weight.dtype).eps * w.abs() + 1e-2 * sc
     if q.min() < 0 or q.max() > maxq or ((back - w).abs() > tol).any():
         raise BaseqError(f"{name}: the weights are not on their recorded {bits}-bit grid")
     q = q.to(torch.uint8)
