@@ -186,6 +186,16 @@ def mixed_sources(source: str) -> list[str]:
     return parts
 
 
+def text_digest(source: str) -> str:
+    """sha256 of the calibration text(s) ``source`` names (their contents, not their names): a resumed run must
+    calibrate on the text it started with."""
+    h = hashlib.sha256()
+    for part in mixed_sources(source):
+        h.update(load_text(part, "calib").encode("utf-8", "surrogatepass"))
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
 def calib_tokens(tokenizer, source: str) -> int:
     """Tokens of the calibration split of ``source``; of a mix (``A+B+…``), the smallest text's times their number
     (each gives an equal share of the windows)."""

@@ -215,6 +215,57 @@ def test_resume_gives_identical_result(text_file, tmp_path, monkeypatch):
         assert torch.equal(ref_state[k], res_state[k]), k
 
 
+@pytest.mark.parametrize("change", ["model files", "dtype", "calibration text"])
+def test_a_partial_of_another_run_is_not_resumed_and_that_is_said(change, text_file, tmp_path, monkeypatch):
+    """The partial run records what it was made from: the model's files (not only its name), the dtype, the
+    calibration text's contents. Regression: changing any of these between the crash and --resume mixed blocks of
+    two runs (or a float32 partial with a bfloat16 model died in a traceback)."""
+    from baseq.testing import save_tiny_llama
+
+    tok, shape = byte_tokenizer(), dict(hidden=48, ffn=80, heads=4, kv_heads=2, layers=3)
+    folder = save_tiny_llama(tmp_path / "m", seed=3, **shape)
+    text = tmp_path / "calib.txt"
+    text.write_text(open(text_file).read())
+    cfg = _cfg(str(text))
+    original = BaseqTrainStage.run
+
+    def crash_on_block_2(self, ctx):
+        if ctx.index == 2:
+            raise RuntimeError("simulated crash")
+        return original(self, ctx)
+
+    work = tmp_path / "work"
+    monkeypatch.setattr(BaseqTrainStage, "run", crash_on_block_2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        quantize_model(tiny_llama(seed=3, **shape), tok, cfg, model_spec=str(folder), work_dir=work, progress=False,
+                       log_fn=lambda m: None)
+    monkeypatch.setattr(BaseqTrainStage, "run", original)
+    model = tiny_llama(seed=3, **shape)
+    if change == "model files":  # the same path, other weights of the same shapes
+        model = tiny_llama(seed=4, **shape)
+        save_tiny_llama(folder, seed=4, **shape)
+    elif change == "dtype":
+        model = model.to(torch.bfloat16)
+    else:
+        text.write_text(open(text_file).read()[::-1])
+    messages = []
+    quantize_model(model, tok, cfg, model_spec=str(folder), work_dir=work, resume=True, progress=False,
+                   log_fn=messages.append)
+    assert not any("resuming after" in m for m in messages)
+    assert any("made by another run" in m and "starting over" in m for m in messages)
+
+
+def test_the_same_model_under_another_spelling_of_its_path_resumes(text_file, tmp_path, monkeypatch):
+    from baseq.calibrate.pipeline import fingerprint
+    from baseq.testing import save_tiny_llama
+
+    folder = save_tiny_llama(tmp_path / "m", layers=1)
+    cfg = _cfg(text_file)
+    monkeypatch.chdir(tmp_path)
+    assert fingerprint(cfg, "m") == fingerprint(cfg, str(folder)) == fingerprint(cfg, "./m/")
+    assert fingerprint(cfg, "m", dtype=torch.float32) != fingerprint(cfg, "m", dtype=torch.bfloat16)
+
+
 # ---------------------------------------------------------------- stage 1: compensated transforms
 
 def test_cayley_is_orthogonal_and_starts_at_identity():

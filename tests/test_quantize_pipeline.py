@@ -534,3 +534,37 @@ def test_cli_overwrite_replaces_non_empty_out(tiny_model_dir, text_file, tmp_pat
     assert not (out / "old.txt").exists() and (out / "baseq.json").is_file()
     result = json.loads(js.read_text())
     assert "ppl_fp" not in result and result["method"] == "gptq"
+
+
+def test_sigterm_while_writing_leaves_no_temporary_folder(tiny_model_dir, text_file, tmp_path, monkeypatch):
+    """SIGTERM (timeout, schedulers, docker stop) unwinds like Ctrl-C: exit 130, the temporary folder beside --out
+    removed. Regression: a terminated write left '.OUT.tmp-XXXX' behind for good."""
+    import os
+    import signal
+
+    import baseq.runtime.packed as packed
+    from baseq.io import atomic_dir
+
+    def terminated_while_writing(model, tokenizer, out, *a, **k):
+        with atomic_dir(out) as tmp:
+            (tmp / "model.safetensors").write_bytes(b"half")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def not_handled(signum, frame):  # what a regression would reach instead of killing the test run
+        raise AssertionError("SIGTERM was not handled by the command")
+
+    monkeypatch.setattr(packed, "save_packed", terminated_while_writing)
+    previous = signal.signal(signal.SIGTERM, not_handled)
+    out = tmp_path / "outs" / "q"
+    try:
+        rc, _, err = _run(_quantize_args(tiny_model_dir, text_file, out, tmp_path / "r.json", "--weights", "rtn",
+                                         "--method", "quarot"))
+    except AssertionError:
+        signal.signal(signal.SIGTERM, previous)
+        raise
+    try:
+        assert signal.getsignal(signal.SIGTERM) is not_handled  # restored after the command
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert rc == 130 and "interrupted" in err
+    assert not out.exists() and list(out.parent.iterdir()) == []

@@ -358,6 +358,31 @@ def test_damaged_packed_folders_fail_with_one_clear_line(packed_dir, tmp_path):
     with pytest.raises(BaseqError, match="not valid JSON"):
         load(str(bad))
 
+    bad = _copy(packed_dir, tmp_path / "notokenizer")  # regression: a ValueError traceback
+    for f in bad.glob("tokenizer*"):
+        f.unlink()
+    with pytest.raises(BaseqError, match="its tokenizer does not load"):
+        load(str(bad))
+
+
+def test_damaged_fake_folders_fail_with_one_clear_line(text_file, tokenizer, tmp_path):
+    """Regressions: a missing config.json (ValueError) and a v1 folder relabelled v2 (KeyError) were tracebacks."""
+    model, cfg = _quantized("quarot", dict(hidden=48, ffn=80, heads=4, kv_heads=2), text_file, tokenizer)
+    fake = save_fake(model, tokenizer, tmp_path / "fake", act_spec(cfg), {"method": "quarot", "bits": "W4A4KV4"})
+    bad = _copy(fake, tmp_path / "noconfig")
+    (bad / "config.json").unlink()
+    with pytest.raises(BaseqError, match="config.json' is not a valid model config"):
+        load(str(bad))
+    bad = _copy(fake, tmp_path / "notable")
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(bad / "model.safetensors")
+    meta = json.loads((bad / "baseq.json").read_text())
+    assert meta["tied"]
+    save_file({k: v for k, v in state.items() if "embed_tokens" not in k}, bad / "model.safetensors")
+    with pytest.raises(BaseqError, match="does not match its baseq.json"):
+        load(str(bad))
+
 
 def test_packed_writer_refuses_what_it_cannot_store(text_file, tokenizer, tmp_path):
     model, cfg = _quantized("quarot", dict(hidden=48, ffn=80, heads=4, kv_heads=2), text_file, tokenizer)

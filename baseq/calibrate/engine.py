@@ -26,7 +26,6 @@ there, so an interrupted run resumes from the last finished block.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ from tqdm.auto import tqdm
 
 from ..device import release_memory
 from ..errors import BaseqError
-from ..io import atomic_path, read_safetensors, write_json
+from ..io import atomic_path, read_json, read_safetensors, write_json
 from ..models.adapter import ModelAdapter
 from ..provenance import UNKNOWN, code_id, mixed_code
 from ..quant.qmodel import set_quantize
@@ -239,12 +238,18 @@ class Checkpoint:
     def acts_file(self, i: int, rank: int | None = None) -> Path:
         return self.dir / f"acts{i}.rank{self.comm.rank if rank is None else rank}.safetensors"
 
-    def last_done(self) -> int:
+    def _progress(self) -> dict | None:
         meta = self.dir / "progress.json"
-        if not meta.is_file():
-            return -1
-        data = json.loads(meta.read_text())
-        return data["done"] if data.get("fingerprint") == self.fingerprint else -1
+        return read_json(meta, "the partial run's progress file") if meta.is_file() else None
+
+    def last_done(self) -> int:
+        data = self._progress()
+        return data["done"] if data is not None and data.get("fingerprint") == self.fingerprint else -1
+
+    def of_another_run(self) -> bool:
+        """A partial run is saved here, but by another run (model, dtype, config, calibration text or ranks)."""
+        data = self._progress()
+        return data is not None and data.get("fingerprint") != self.fingerprint
 
     def agreed_done(self) -> int:
         """Rank 0's last finished block, once every rank has checked that it holds what resuming there needs."""
@@ -277,7 +282,7 @@ class Checkpoint:
         for i in range(upto + 1):
             blocks.restore(i, self.block_file(i))
         acts = read_safetensors(self.acts_file(upto))
-        progress = json.loads((self.dir / "progress.json").read_text())
+        progress = self._progress()
         log = [{"code": progress.get("code", UNKNOWN), **e} for e in progress["log"]]  # (older logs lack it)
         return acts["fp"], acts["q"], log
 
@@ -319,6 +324,9 @@ def calibrate_blocks(model: nn.Module, ad: ModelAdapter, windows: torch.Tensor, 
     with on_device(ends(model, ad), device):
         fp_in, kwargs = capture_inputs(model, ad, windows[shard.start:shard.stop], device, batch_size,
                                        per_layer=True)
+    if ckpt is not None and resume and ckpt.of_another_run():
+        say(f"the partial run in {work_dir} was made by another run (its model files, dtype, options, calibration "
+            f"text or ranks differ): starting over")
     if ckpt is not None and resume and (done := ckpt.agreed_done()) >= 0:
         fp_in, q_in, log = ckpt.restore(blocks, done)
         start = done + 1

@@ -285,13 +285,18 @@ class TrainingCheckpoint:
         with atomic_path(self.path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
 
-    def _meta(self) -> dict | None:
+    def _meta(self, mine: bool = True) -> dict | None:
         if not self.path.is_file():
             return None
         safetensors_header(self.path)  # a damaged file is one clear error
         with safe_open(str(self.path), framework="pt") as f:
             meta = f.metadata() or {}
-        return meta if meta.get("fingerprint") == self.fingerprint else None
+        return meta if not mine or meta.get("fingerprint") == self.fingerprint else None
+
+    def of_another_run(self) -> bool:
+        """A training state is saved here, but by another run (model, dtype, config or calibration text)."""
+        meta = self._meta(mine=False)
+        return meta is not None and meta.get("fingerprint") != self.fingerprint
 
     def saved_step(self) -> int:
         """How many steps the saved state of this run has done (0: none saved, or another run's)."""
@@ -325,6 +330,9 @@ class TrainingCheckpoint:
 
 def _agreed_start(checkpoint: TrainingCheckpoint, comm: Communicator) -> int:
     """Rank 0's saved step, once every rank has checked that it can read the same state."""
+    if comm.is_main and checkpoint.say is not None and checkpoint.of_another_run():
+        checkpoint.say(f"the rotation training saved in {checkpoint.path} belongs to another run (its model files, "
+                       f"dtype, options or calibration text differ): starting over")
     mine = checkpoint.saved_step()
     step = int(comm.broadcast_([torch.tensor([float(mine)], dtype=torch.float64)])[0].item())
     if step and comm.sum([mine != step])[0]:

@@ -27,12 +27,13 @@ import torch
 from safetensors.torch import save_file
 
 from ..config import QuantizeConfig
-from ..data import calib_windows
+from ..data import calib_windows, text_digest
 from ..errors import BaseqError
 from ..io import atomic_path
 from ..models.adapter import ModelAdapter
 from ..models.arch import FAMILIES
 from ..models.lazy import LazyModel, park_folder
+from ..models.loading import source_digest
 from ..quant.qmodel import ActSpec, quantize_layer, quantize_structure, use_quantized_attention
 from ..methods import ROTATION_SOURCES
 from ..quant.quantizer import WeightQuantConfig, quantize_embedding_
@@ -95,10 +96,15 @@ def build_stages(cfg: QuantizeConfig, kv_shift: bool = False) -> list:
     return stages
 
 
-def fingerprint(cfg: QuantizeConfig, model_spec: str, world_size: int = 1) -> str:
-    """What a resumable partial run must match: the model, the config and the number of ranks (each rank's saved
-    activations are its shard of the windows)."""
-    blob = json.dumps({"model": model_spec, "config": cfg.to_dict(), "world_size": world_size}, sort_keys=True)
+def fingerprint(cfg: QuantizeConfig, model_spec: str, world_size: int = 1, dtype: torch.dtype | None = None,
+                kv_shift: bool = False) -> str:
+    """What a resumable partial run must match: the model (its files, not its name: :func:`source_digest`), the
+    dtype it runs in, the config, the calibration text's contents (when the run reads it) and the number of ranks
+    (each rank's saved activations are its shard of the windows)."""
+    reads = needs_calibration(cfg, kv_shift) or cfg.fitted_rotations
+    blob = json.dumps({"model": source_digest(model_spec) if model_spec else "", "dtype": str(dtype),
+                       "config": cfg.to_dict(), "world_size": world_size,
+                       "text": text_digest(cfg.calib.data) if reads else None}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -178,6 +184,8 @@ def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, model_spec: str = "
         if comm.is_main and loss == "token":
             log_fn(f"block loss: token (--train-loss auto: {ad.spec.family}'s sublayers end in post-norms)")
     report["config"] = cfg.to_dict()  # as run
+    key = (fingerprint(cfg, model_spec, comm.world_size, next(model.parameters()).dtype, kv_shift)
+           if work_dir is not None else "")  # what a resumed run must match
     quantize_ends(ad, cfg.bits.embed_bits)
     rotate = None
     if cfg.rotate and ROTATION_SOURCES[cfg.rotation_source].whole_model:  # learned from the whole model first
@@ -185,7 +193,7 @@ def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, model_spec: str = "
             check_lazy(cfg)
         if comm.is_main and (warning := idle_ranks(cfg, comm.world_size)):
             log_fn(warning)
-        saved = (TrainingCheckpoint(work_dir / "rotations.safetensors", fingerprint(cfg, model_spec, comm.world_size),
+        saved = (TrainingCheckpoint(work_dir / "rotations.safetensors", key,
                                     write=comm.is_main, say=log_fn if comm.is_main else None)
                  if work_dir is not None else None)
         with on_device([model], device):
@@ -218,7 +226,7 @@ def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, model_spec: str = "
         with offload as tmp:
             report["blocks"] = calibrate_blocks(
                 model, ad, windows, stages, device=device, batch_size=cfg.calib.batch_size, work_dir=work_dir,
-                fingerprint=fingerprint(cfg, model_spec, comm.world_size), resume=resume, progress=progress,
+                fingerprint=key, resume=resume, progress=progress,
                 log_fn=log_fn, offload_dir=Path(tmp) if tmp else None, comm=comm, blocks=blocks)
     report["calib_seconds"] = round(time.perf_counter() - t0, 2)
     model.baseq_config = {"method": cfg.label, "bits": cfg.bits.label}

@@ -6,7 +6,10 @@ User errors (bad paths, impossible settings, unreachable registries) print one l
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 
 from .. import __version__
 from ..errors import BaseqError
@@ -58,6 +61,24 @@ def _add_tools(sub) -> None:
     q.set_defaults(func=bigbench_main)
 
 
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """SIGTERM (``timeout``, schedulers, ``docker stop``, torchrun stopping its workers) unwinds like Ctrl-C, so
+    temporary output folders are removed on the way out instead of left beside ``--out``."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -65,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return args.func(args)
+        with terminate_as_interrupt():
+            return args.func(args)
     except BaseqError as e:
         print(f"baseq: error: {e}", file=sys.stderr)
         return 2

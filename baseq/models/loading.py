@@ -8,6 +8,7 @@ as a plain safetensors folder in the cache, so the (slow) GGUF conversion happen
 from __future__ import annotations
 
 import gc
+import hashlib
 import os
 import shutil
 import sys
@@ -68,6 +69,29 @@ def check_full_precision(folder: Path, lazy: bool = False) -> None:
     raise BaseqError(f"'{folder}' is quantized already (quant_method={method}): {how}")
 
 
+def source_digest(spec: str, edge: int = 1 << 20) -> str:
+    """A cheap identity of a model source, for resuming: an asset's sha256; for a local folder or file, the names
+    and sizes of its files and the first and last ``edge`` bytes of each (headers, configs, tokenizers and the first
+    and last weights: another model, or other weights of the same shapes, differ there); a hub id as given."""
+    if spec in assets.ASSETS:
+        return assets.get_asset(spec).sha256[:16]
+    path = Path(spec).expanduser()
+    if not path.exists():
+        return spec
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()) if path.is_dir() else [path]:
+        if not f.is_file() or f.name.startswith("."):
+            continue
+        size = f.stat().st_size
+        h.update(f"{f.name}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(edge))
+            if size > 2 * edge:
+                fh.seek(size - edge)
+                h.update(fh.read(edge))
+    return h.hexdigest()[:16]
+
+
 def check_vocab(where: str, tokenizer, rows: int) -> None:
     """Refuse a tokenizer whose base vocabulary is larger than the embedding (its ids would index past the table).
     Added special tokens are not counted: converting a GGUF tokenizer may add one the model never sees."""
@@ -77,8 +101,24 @@ def check_vocab(where: str, tokenizer, rows: int) -> None:
                          f"the tokenizer belongs to another model")
 
 
+def load_tokenizer(source: str | Path, rows: int, where: str | None = None, **kwargs):
+    """The tokenizer of a model folder (or GGUF file: ``gguf_file=``) whose embedding has ``rows`` rows; a missing or
+    broken one, or one of another model, is one error line naming ``where``."""
+    from transformers import AutoTokenizer
+
+    where = where or str(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except Exception as e:  # noqa: BLE001 - missing or broken tokenizer files, in many types
+        first = str(e).strip().splitlines()[0].rstrip(": ") if str(e).strip() else type(e).__name__
+        raise BaseqError(f"'{where}': its tokenizer does not load (tokenizer.json / tokenizer.model missing or "
+                         f"broken?): {first}") from None
+    check_vocab(where, tokenizer, rows)
+    return tokenizer
+
+
 def _from_pretrained(source: str, dtype: torch.dtype, **kwargs):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
     where = str(Path(source) / kwargs["gguf_file"]) if "gguf_file" in kwargs else source
@@ -89,13 +129,7 @@ def _from_pretrained(source: str, dtype: torch.dtype, **kwargs):
     except ValueError as e:  # transformers' way of saying "not a causal LM / unknown architecture"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BaseqError(f"'{where}' is not a loadable causal language model: {first}") from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    except Exception as e:  # noqa: BLE001 - missing or broken tokenizer files, in many types
-        first = str(e).strip().splitlines()[0].rstrip(": ") if str(e).strip() else type(e).__name__
-        raise BaseqError(f"'{where}': its tokenizer does not load (tokenizer.json / tokenizer.model missing or "
-                         f"broken?): {first}") from None
-    check_vocab(where, tokenizer, model.get_input_embeddings().num_embeddings)
+    tokenizer = load_tokenizer(source, model.get_input_embeddings().num_embeddings, where, **kwargs)
     if getattr(model.config, "quantization_config", None) is not None and "gguf_file" in kwargs:
         del model.config.quantization_config  # the weights are dequantized now
         model.hf_quantizer = None

@@ -377,15 +377,10 @@ def _shape_of(config) -> dict:
 
 def load_packed(path: Path, meta: dict | None = None, device="cpu"):
     """(runtime model, tokenizer) for a packed folder."""
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        GenerationConfig,
-    )
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
     from transformers.activations import ACT2FN
 
-    from ..models.loading import _quiet_transformers
+    from ..models.loading import _quiet_transformers, load_tokenizer
 
     _quiet_transformers()
     path = Path(path)
@@ -490,7 +485,7 @@ def load_packed(path: Path, meta: dict | None = None, device="cpu"):
     model.tie_weights = lambda *a, **k: None  # the runtime shares a tied table itself (no embed_tokens.weight here)
     _default_quantized_cache(model)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path, int(config.vocab_size))
     release_memory()
     keep_freed_memory()  # from here on: the runtime's allocator setting (after loading, which it would fragment)
     return model.to(device), tokenizer

@@ -62,11 +62,17 @@ def save_fake(model, tokenizer, out: Path, spec: ActSpec, meta: dict, overwrite:
 
 
 def load_fake(path: Path, meta: dict, dtype=torch.float32, device="cpu"):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..errors import BaseqError
+    from ..models.loading import load_tokenizer
 
     path = Path(path)
     spec = meta_act_spec(path, meta)
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - transformers raises several types for a bad or missing config.json
+        raise BaseqError(f"'{path / 'config.json'}' is not a valid model config: {str(e).splitlines()[0]}") from None
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     state = read_safetensors(path / "model.safetensors")
     if meta["format"] == FAKE_FORMAT:
@@ -75,8 +81,10 @@ def load_fake(path: Path, meta: dict, dtype=torch.float32, device="cpu"):
             learned = state.get("model.embed_tokens.rotation.matrix")
             install_end_rotations(model, ResidualRotation(r1["n"], seed=r1["seed"], matrix=learned))
         if meta.get("tied"):
-            state[TIED_KEY] = state["model.embed_tokens.embed.weight" if r1 is not None
-                                    else "model.embed_tokens.weight"]
+            table = "model.embed_tokens.embed.weight" if r1 is not None else "model.embed_tokens.weight"
+            if table not in state:
+                raise_mismatch(path, [table], [])
+            state[TIED_KEY] = state[table]
     else:  # v1: dense online-rotation matrices were saved; they are rebuilt from their seeds now
         state = {k: v for k, v in state.items() if not k.endswith(".rotation.matrix")}
     quantize_structure(model, spec, fuse_online=False)
@@ -89,7 +97,7 @@ def load_fake(path: Path, meta: dict, dtype=torch.float32, device="cpu"):
     for p in model.parameters():
         p.requires_grad_(False)
     model.baseq_config = model_record(meta)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path, model.get_input_embeddings().num_embeddings)
     return model.to(device=device, dtype=dtype).eval(), tokenizer
 
 
