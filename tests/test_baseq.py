@@ -181,6 +181,21 @@ def test_non_finite_loss_stops_with_block_and_step(text_file):
         BaseqTrainStage(cfg.train).run(ctx)
 
 
+def _crash_on_block_2(monkeypatch, run) -> None:
+    """``run()`` with BASE-Q's training failing on block 2 (blocks 0 and 1 saved), then the stage restored."""
+    original = BaseqTrainStage.run
+
+    def crash(self, ctx):
+        if ctx.index == 2:
+            raise RuntimeError("simulated crash")
+        return original(self, ctx)
+
+    monkeypatch.setattr(BaseqTrainStage, "run", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run()
+    monkeypatch.setattr(BaseqTrainStage, "run", original)
+
+
 def test_resume_gives_identical_result(text_file, tmp_path, monkeypatch):
     tok = byte_tokenizer()
     cfg = _cfg(text_file)
@@ -191,19 +206,9 @@ def test_resume_gives_identical_result(text_file, tmp_path, monkeypatch):
 
     ref = fresh()
     quantize_model(ref, tok, _cfg(text_file), progress=False, log_fn=lambda m: None)
-
-    original = BaseqTrainStage.run
-
-    def crash_on_block_2(self, ctx):
-        if ctx.index == 2:
-            raise RuntimeError("simulated crash")
-        return original(self, ctx)
-
     work = tmp_path / "work"
-    monkeypatch.setattr(BaseqTrainStage, "run", crash_on_block_2)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        quantize_model(fresh(), tok, cfg, work_dir=work, progress=False, log_fn=lambda m: None)
-    monkeypatch.setattr(BaseqTrainStage, "run", original)
+    _crash_on_block_2(monkeypatch, lambda: quantize_model(fresh(), tok, cfg, work_dir=work, progress=False,
+                                                          log_fn=lambda m: None))
     messages = []
     resumed = fresh()
     quantize_model(resumed, tok, _cfg(text_file), work_dir=work, resume=True, progress=False,
@@ -227,19 +232,10 @@ def test_a_partial_of_another_run_is_not_resumed_and_that_is_said(change, text_f
     text = tmp_path / "calib.txt"
     text.write_text(open(text_file).read())
     cfg = _cfg(str(text))
-    original = BaseqTrainStage.run
-
-    def crash_on_block_2(self, ctx):
-        if ctx.index == 2:
-            raise RuntimeError("simulated crash")
-        return original(self, ctx)
-
     work = tmp_path / "work"
-    monkeypatch.setattr(BaseqTrainStage, "run", crash_on_block_2)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        quantize_model(tiny_llama(seed=3, **shape), tok, cfg, model_spec=str(folder), work_dir=work, progress=False,
-                       log_fn=lambda m: None)
-    monkeypatch.setattr(BaseqTrainStage, "run", original)
+    _crash_on_block_2(monkeypatch, lambda: quantize_model(tiny_llama(seed=3, **shape), tok, cfg,
+                                                          model_spec=str(folder), work_dir=work, progress=False,
+                                                          log_fn=lambda m: None))
     model = tiny_llama(seed=3, **shape)
     if change == "model files":  # the same path, other weights of the same shapes
         model = tiny_llama(seed=4, **shape)

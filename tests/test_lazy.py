@@ -580,8 +580,6 @@ def test_gguf_tables_are_read_by_rows_as_a_whole(tmp_path, monkeypatch):
 
 
 def test_rows_are_written_slab_by_slab_as_the_whole_tensor_would_be(tmp_path):
-    from safetensors.torch import load_file, save_file
-
     from baseq.io import Rows
 
     t = torch.randn(23, 5)
