@@ -97,7 +97,7 @@ def load_fake(path: Path, meta: dict, dtype=torch.float32, device="cpu"):
     for p in model.parameters():
         p.requires_grad_(False)
     model.baseq_config = model_record(meta)
-    tokenizer = load_tokenizer(path, model.get_input_embeddings().num_embeddings)
+    tokenizer = load_tokenizer(path, int(config.vocab_size))
     return model.to(device=device, dtype=dtype).eval(), tokenizer
 
 
