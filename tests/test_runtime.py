@@ -358,6 +358,13 @@ def test_damaged_packed_folders_fail_with_one_clear_line(packed_dir, tmp_path):
     with pytest.raises(BaseqError, match="not valid JSON"):
         load(str(bad))
 
+    bad = _copy(packed_dir, tmp_path / "relabelled")  # regression: loaded as A8, while its JSON said W4A4KV4
+    meta = json.loads((packed_dir / "baseq.json").read_text())
+    meta["act_spec"]["a_bits"] = 8
+    (bad / "baseq.json").write_text(json.dumps(meta))
+    with pytest.raises(BaseqError, match=r"contradicts itself: W4A8KV4 \(label: W4A4KV4\)"):
+        load(str(bad))
+
     bad = _copy(packed_dir, tmp_path / "notokenizer")  # regression: a ValueError traceback
     for f in bad.glob("tokenizer*"):
         f.unlink()

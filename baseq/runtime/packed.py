@@ -46,6 +46,7 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from ..config import BitsConfig
 from ..device import TABLE_ROWS, release_memory
 from ..errors import BaseqError
 from ..io import Rows, atomic_dir, map_tensor, read_tensor, safetensors_header, write_json, write_safetensors
@@ -395,6 +396,16 @@ def load_packed(path: Path, meta: dict | None = None, device="cpu"):
         embed_bits = int(meta["embed_bits"])
     except (KeyError, TypeError, ValueError) as e:
         raise BaseqError(f"'{path / 'baseq.json'}' has an invalid field ({e})") from None
+    # the bits it was quantized with are recorded twice more (the label, the config): a hand edit shows
+    stored = {"w_bits": w_bits, "a_bits": spec.a_bits, "kv_bits": spec.kv_bits}
+    label = BitsConfig(**stored).label
+    bits = (meta.get("config") or {}).get("bits")
+    off = [f"{k} {v} (config: {bits[k]})" for k, v in stored.items() if k in bits and bits[k] != v] \
+        if isinstance(bits, dict) else []
+    if isinstance(meta.get("bits"), str) and meta["bits"] != label:
+        off.append(f"{label} (label: {meta['bits']})")
+    if off:
+        raise BaseqError(f"'{path / 'baseq.json'}' contradicts itself: {', '.join(off)} — edited by hand?")
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 - transformers raises several types for a bad config.json
