@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,17 @@ BUDGETS: dict[str, dict[str, dict]] = {
 KV_SHIFTS = ("auto", "mean", "off")
 KEEP_FITS = ("with", "without")  # --keep-massive: the block is fitted with the kept tokens float, or as without them
 KEEP_KVS = ("quantized", "float")  # --keep-massive: the kept tokens' K/V in the cache's bits, or float
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type of a duration: a finite number of seconds above 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got '{text}'") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds above 0 (got {text})")
+    return v
 
 
 def positive_int(text: str) -> int:

@@ -435,3 +435,12 @@ def test_preset_large_sets_the_budget_and_flags_override_it():
     assert (cfg.calib.samples, cfg.calib.seqlen, cfg.train.epochs) == (64, 1024, 4)
     cfg = config_from_args(build_parser().parse_args(["quantize"]))
     assert (cfg.calib.samples, cfg.calib.seqlen, cfg.train.epochs) == (32, 512, 3)
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan", "inf", "soon"])
+def test_dist_timeout_must_be_a_positive_finite_duration(value, capsys):
+    """Regression: 0 / -5 died in C++ stack dumps from torch.distributed, nan in a conversion error."""
+    with pytest.raises(SystemExit) as e:
+        main(["quantize", f"--dist-timeout={value}"])
+    assert e.value.code == 2
+    _assert_one_error_line(capsys.readouterr().err, "--dist-timeout")

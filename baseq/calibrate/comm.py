@@ -85,6 +85,19 @@ class Communicator:
         """The mean over every rank of a per-rank mean ``value`` of ``count`` items."""
         return float(value)
 
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's 1-D ``t`` (lengths may differ), concatenated in rank order: the same tensor on every rank.
+        Exact (each value travels in a zero-padded row of a summed buffer)."""
+        if self.world_size == 1:
+            return t
+        sizes = torch.zeros(self.world_size, dtype=torch.float64)
+        sizes[self.rank] = t.numel()
+        sizes = [int(n) for n in self.all_reduce_([sizes])[0].tolist()]
+        buf = torch.zeros(self.world_size, max(sizes), dtype=t.dtype)
+        buf[self.rank, :t.numel()] = t.detach().cpu()
+        self.all_reduce_([buf])
+        return torch.cat([buf[r, :n] for r, n in enumerate(sizes)])
+
     def barrier(self) -> None:
         pass
 
@@ -123,7 +136,7 @@ class DistributedCommunicator(Communicator):
             raise
         except (RuntimeError, ValueError, self.dist.DistError) as e:  # gloo / nccl / the store report failures so
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            rank = getattr(self, "rank", os.environ.get("RANK", "?"))
+            rank = self.__dict__.get("rank", os.environ.get("RANK", "?"))  # (not the class's 0 before joining)
             raise BaseqError(f"rank {rank}: {what} failed: another rank stopped or did not answer within "
                              f"{self.timeout:g} s ({first})") from None
 

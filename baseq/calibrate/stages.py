@@ -128,8 +128,8 @@ class GPTQStage:
 
 class KeepGateStage:
     """``--keep-massive RATIO``: the threshold of the block's :class:`~baseq.quant.qmodel.TokenGate`, ``RATIO`` times
-    the median RMS of the tokens entering the block on the quantized path (the mean of the ranks' medians on several
-    ranks). Runs first by default, so the weights and BASE-Q's corrections are fitted to the model that keeps those
+    the median RMS of the tokens entering the block on the quantized path (over every rank's tokens: the same
+    threshold as one process). Runs first by default, so the weights and BASE-Q's corrections are fitted to the model that keeps those
     tokens; last with ``--keep-massive-fit without`` (the block is fitted as without the option; the blocks after it
     see its output with those tokens kept, as at inference)."""
 
@@ -144,8 +144,7 @@ class KeepGateStage:
     def run(self, ctx: BlockContext) -> None:
         gate = ctx.layer.keep_gate
         rms = torch.cat([token_rms(batch).flatten() for batch in ctx.q_in.split(ctx.batch_size)])
-        median = ctx.comm.mean(float(rms.median()) if len(rms) else 0.0, len(rms))
-        gate.threshold.fill_(self.ratio * median)
+        gate.threshold.fill_(self.ratio * float(ctx.comm.gather(rms).median()))
         kept = ctx.comm.sum([int((rms >= gate.threshold.cpu()).sum()), len(rms)])
         ctx.log["keep_threshold"] = round(float(gate.threshold), 4)
         ctx.log["kept_tokens"] = int(kept[0])

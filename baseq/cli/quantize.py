@@ -11,6 +11,7 @@ from pathlib import Path
 from ..errors import BaseqError
 from ..eval.zeroshot import check_tasks
 from ..io import write_json
+from ..config import positive_seconds
 from ..methods import ROTATION_SOURCES
 from ..provenance import made_by
 from .common import (add_eval_data_args, add_model_args, check_json_path, peak_rss_mb, print_table, run_zero_shot,
@@ -353,7 +354,7 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                    help="for models larger than RAM: read the blocks one at a time from the model's safetensors or "
                         "GGUF file(s); finished blocks wait on disk beside --out until written (default: when the "
                         "whole model would not fit in the memory available; the result is the same)")
-    g.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+    g.add_argument("--dist-timeout", type=positive_seconds, default=1800.0, metavar="SECONDS",
                    help="under torchrun: how long a rank waits for the others before failing (default 1800)")
     g = p.add_argument_group("BASE-Q training (method baseq)")
     add_config_flags(g, ("train",))
