@@ -346,6 +346,28 @@ def test_cli_two_ranks_write_once_and_match_one_process(lazy, model_dir, text_fi
     assert a.keys() == b.keys()
 
 
+@pytest.mark.parametrize("extra", [["--smooth", "down,qkv,gate_up"], ["--keep-massive", "1.5"]],
+                         ids=["smooth", "keep-massive"])
+def test_two_ranks_choose_what_one_process_chooses(extra, model_dir, text_file, tmp_path):
+    """QuaRot-GPTQ on 2 ranks equals one process bit for bit, with the choices made from calibration statistics too.
+    Regressions: --smooth scored its strengths on rank 0's windows alone and --keep-massive averaged the ranks'
+    medians — both gave another model on two ranks, silently."""
+    from baseq.cli import main
+
+    def args(out, js):
+        return ["quantize", "--model", str(model_dir), "--method", "quarot", "--weights", "gptq", "--calib-data",
+                text_file, "--calib-samples", "5", "--calib-seqlen", str(SEQLEN), "--data", text_file, "--seqlen",
+                str(SEQLEN), "--windows", "3", "--out", str(out), "--json", str(js), "--quiet", *extra]
+
+    assert spawn(cli_worker, 2, args(tmp_path / "two", tmp_path / "two.json"), "", str(tmp_path)) == [0, 0]
+    assert main(args(tmp_path / "one", tmp_path / "one.json")) == 0
+    two, one = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
+    key = "smooth_down_alpha" if extra[0] == "--smooth" else "keep_threshold"
+    assert [b[key] for b in two["blocks"]] == [b[key] for b in one["blocks"]]
+    a, b = folder_tensors(tmp_path / "two"), folder_tensors(tmp_path / "one")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_torchrun_with_one_process_equals_a_plain_run(model_dir, text_file, tmp_path):
     from baseq.cli import main
 

@@ -85,16 +85,20 @@ class Communicator:
         """The mean over every rank of a per-rank mean ``value`` of ``count`` items."""
         return float(value)
 
+    def sizes(self, n: int) -> list[int]:
+        """Every rank's ``n``, in rank order."""
+        t = torch.zeros(self.world_size, dtype=torch.float64)
+        t[self.rank] = n
+        return [int(v) for v in self.all_reduce_([t])[0].tolist()]
+
     def gather(self, t: torch.Tensor) -> torch.Tensor:
-        """Every rank's 1-D ``t`` (lengths may differ), concatenated in rank order: the same tensor on every rank.
-        Exact (each value travels in a zero-padded row of a summed buffer)."""
+        """Every rank's ``t`` (``[n, ...]``, ``n`` may differ), concatenated along dim 0 in rank order: the same
+        tensor on every rank. Exact (each value travels in a zero-padded slot of a summed buffer)."""
         if self.world_size == 1:
             return t
-        sizes = torch.zeros(self.world_size, dtype=torch.float64)
-        sizes[self.rank] = t.numel()
-        sizes = [int(n) for n in self.all_reduce_([sizes])[0].tolist()]
-        buf = torch.zeros(self.world_size, max(sizes), dtype=t.dtype)
-        buf[self.rank, :t.numel()] = t.detach().cpu()
+        sizes = self.sizes(t.shape[0])
+        buf = torch.zeros(self.world_size, max(sizes), *t.shape[1:], dtype=t.dtype)
+        buf[self.rank, :t.shape[0]] = t.detach().cpu()
         self.all_reduce_([buf])
         return torch.cat([buf[r, :n] for r, n in enumerate(sizes)])
 

@@ -184,9 +184,6 @@ def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, model_spec: str = "
         if comm.is_main and loss == "token":
             log_fn(f"block loss: token (--train-loss auto: {ad.spec.family}'s sublayers end in post-norms)")
     report["config"] = cfg.to_dict()  # as run
-    if comm.is_main and comm.world_size > 1 and cfg.smooth.points:
-        log_fn("warning: --smooth picks each point's strength on rank 0's calibration windows: on several ranks the "
-               "model can differ from one process's")
     key = (fingerprint(cfg, model_spec, comm.world_size, next(model.parameters()).dtype, kv_shift)
            if work_dir is not None else "")  # what a resumed run must match
     quantize_ends(ad, cfg.bits.embed_bits)

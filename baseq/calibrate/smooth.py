@@ -40,10 +40,22 @@ class SmoothStage:
             set_quantize(ctx.layer, True)
             handle.remove()
         x = torch.cat(seen).float()
-        if x.shape[0] > self.tokens:
-            g = torch.Generator().manual_seed(self.seed * 7919 + ctx.index)
-            x = x[torch.randperm(x.shape[0], generator=g)[: self.tokens]]
-        return x
+        # the subsample is drawn from every rank's tokens (rank r holds windows after ranks < r's), so several
+        # ranks score the same tokens as one process would
+        comm = ctx.comm
+        sizes = comm.sizes(x.shape[0])
+        total, off = sum(sizes), sum(sizes[:comm.rank])
+        if total <= self.tokens:
+            return comm.gather(x)
+        g = torch.Generator().manual_seed(self.seed * 7919 + ctx.index)
+        idx = torch.randperm(total, generator=g)[: self.tokens]
+        if comm.world_size == 1:
+            return x[idx]
+        owner = torch.bucketize(idx, torch.tensor(sizes).cumsum(0), right=True)  # the rank holding each token
+        rows = comm.gather(x[idx[owner == comm.rank] - off])  # grouped by rank, each in idx order
+        out = torch.empty_like(rows)
+        out[torch.cat([(owner == r).nonzero().flatten() for r in range(comm.world_size)])] = rows
+        return out
 
     @torch.no_grad()
     def score(self, x: torch.Tensor, w_eff: torch.Tensor, a, quantizer, s: torch.Tensor) -> float:
@@ -72,6 +84,6 @@ class SmoothStage:
             ctx.log[f"smooth_{pair}_alpha"] = -1.0 if best is None else float(best)
             ctx.log[f"smooth_{pair}_gain"] = errs[best] / errs[None] if errs[None] > 0 else 1.0
             chosen = torch.cat([torch.tensor([0.0 if best is None else 1.0], dtype=torch.float64), candidates[best]])
-            ctx.comm.broadcast_([chosen])  # on several ranks, rank 0's choice (from its windows) holds everywhere
+            ctx.comm.broadcast_([chosen])  # (every rank scored the same tokens; rank 0's choice holds everywhere)
             if chosen[0]:
                 smooth_pair_(ctx.layer, pair, chosen[1:])

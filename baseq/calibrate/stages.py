@@ -144,7 +144,7 @@ class KeepGateStage:
     def run(self, ctx: BlockContext) -> None:
         gate = ctx.layer.keep_gate
         rms = torch.cat([token_rms(batch).flatten() for batch in ctx.q_in.split(ctx.batch_size)])
-        gate.threshold.fill_(self.ratio * float(ctx.comm.gather(rms).median()))
+        gate.threshold.fill_(self.ratio * float(ctx.comm.gather(rms).median()))  # every rank's tokens
         kept = ctx.comm.sum([int((rms >= gate.threshold.cpu()).sum()), len(rms)])
         ctx.log["keep_threshold"] = round(float(gate.threshold), 4)
         ctx.log["kept_tokens"] = int(kept[0])
