@@ -129,8 +129,8 @@ class GPTQStage:
 class KeepGateStage:
     """``--keep-massive RATIO``: the threshold of the block's :class:`~baseq.quant.qmodel.TokenGate`, ``RATIO`` times
     the median RMS of the tokens entering the block on the quantized path (over every rank's tokens: the same
-    threshold as one process). Runs first by default, so the weights and BASE-Q's corrections are fitted to the model that keeps those
-    tokens; last with ``--keep-massive-fit without`` (the block is fitted as without the option; the blocks after it
+    threshold as one process). Runs first by default, so the weights and BASE-Q's corrections are fitted to the
+    model that keeps those tokens; last with ``--keep-massive-fit without`` (the block is fitted as without the option; the blocks after it
     see its output with those tokens kept, as at inference)."""
 
     name = "keep"

@@ -40,17 +40,6 @@ def _quiet_transformers():
     hf_logging.disable_progress_bar()
 
 
-def already_quantized(config) -> str | None:
-    """The ``quant_method`` of a checkpoint stored quantized (GPTQ, AWQ, bitsandbytes, compressed-tensors, FP8...:
-    a ``quantization_config`` in its config), else None. ``config``: a config object or its dict."""
-    q = config.get("quantization_config") if isinstance(config, dict) else getattr(config, "quantization_config",
-                                                                                     None)
-    if not q:
-        return None
-    method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
-    return str(getattr(method, "value", method) or "unknown")
-
-
 def check_full_precision(folder: Path, lazy: bool = False) -> None:
     """Refuse a folder whose weights are stored quantized, before transformers tries to load it (which would ask
     for optimum or bitsandbytes, or take the codes for weights). FP8 checkpoints load eagerly: transformers
@@ -61,7 +50,8 @@ def check_full_precision(folder: Path, lazy: bool = False) -> None:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
         return  # loading says what is wrong with it
-    method = already_quantized(config) if isinstance(config, dict) else None
+    q = config.get("quantization_config") if isinstance(config, dict) else None  # (GPTQ, AWQ, bnb, FP8, ...)
+    method = None if not q else str((q.get("quant_method") if isinstance(q, dict) else None) or "unknown")
     if method is None or method == "fp8" and not lazy:
         return
     how = ("read it without --lazy (transformers dequantizes FP8 when it loads the whole model)" if method == "fp8"

@@ -57,6 +57,17 @@ def read_meta(path: Path, required: tuple[str, ...] = ("format",)) -> dict:
     return meta
 
 
+def read_config(path: Path):
+    """The transformers config of a saved folder; a missing or broken config.json is one error line."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - transformers raises several types for a bad or missing config.json
+        raise BaseqError(f"'{Path(path) / 'config.json'}' is not a valid model config: {str(e).splitlines()[0]}") \
+            from None
+
+
 def model_record(meta: dict, **extra) -> dict:
     """What a loaded model says about itself (``model.baseq_config``): method, bits, and the code that made it
     when ``baseq.json`` records one."""

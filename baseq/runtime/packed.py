@@ -61,7 +61,7 @@ from ..rotation.fuse import (
     residual_rotation,
 )
 from ..rotation.hadamard import has_hadamard
-from .format import PACKED_FORMAT, check_out_dir, model_record, read_meta
+from .format import PACKED_FORMAT, check_out_dir, model_record, read_config, read_meta
 from .kernels import IntLinear, keep_freed_memory, pack_nibbles
 from .kvcache import QuantizedKVCache
 from .modules import (
@@ -378,7 +378,7 @@ def _shape_of(config) -> dict:
 
 def load_packed(path: Path, meta: dict | None = None, device="cpu"):
     """(runtime model, tokenizer) for a packed folder."""
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM, GenerationConfig
     from transformers.activations import ACT2FN
 
     from ..models.loading import _quiet_transformers, load_tokenizer
@@ -406,10 +406,7 @@ def load_packed(path: Path, meta: dict | None = None, device="cpu"):
         off.append(f"{label} (label: {meta['bits']})")
     if off:
         raise BaseqError(f"'{path / 'baseq.json'}' contradicts itself: {', '.join(off)} — edited by hand?")
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except Exception as e:  # noqa: BLE001 - transformers raises several types for a bad config.json
-        raise BaseqError(f"'{path / 'config.json'}' is not a valid model config: {str(e).splitlines()[0]}") from None
+    config = read_config(path)
     shape = _shape_of(config)
     if meta["shape"] != shape:
         raise BaseqError(f"'{path}': config.json describes {shape}, baseq.json was written for {meta['shape']}")

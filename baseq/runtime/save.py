@@ -62,17 +62,14 @@ def save_fake(model, tokenizer, out: Path, spec: ActSpec, meta: dict, overwrite:
 
 
 def load_fake(path: Path, meta: dict, dtype=torch.float32, device="cpu"):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from ..errors import BaseqError
     from ..models.loading import load_tokenizer
+    from .format import read_config
 
     path = Path(path)
     spec = meta_act_spec(path, meta)
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except Exception as e:  # noqa: BLE001 - transformers raises several types for a bad or missing config.json
-        raise BaseqError(f"'{path / 'config.json'}' is not a valid model config: {str(e).splitlines()[0]}") from None
+    config = read_config(path)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     state = read_safetensors(path / "model.safetensors")
     if meta["format"] == FAKE_FORMAT:
