@@ -11,8 +11,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
+import socket
 import struct
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,17 +66,57 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
         raise
 
 
+def _leftover_prefix(dest: Path, kind: str) -> str:
+    """Temporary names beside ``dest`` carry this host and process, so a later run can tell a killed run's
+    leftovers from a live run's work: ``.NAME.tmp-HOST.PID-XXXX`` (being written), ``.NAME.old-HOST.PID-XXXX``
+    (the previous ``dest`` while it is being replaced)."""
+    return f".{dest.name}.{kind}-{socket.gethostname()}.{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: someone else's live process
+        return True
+    return True
+
+
+def clear_leftovers(dest: str | Path) -> None:
+    """Tidy what a run killed outright (SIGKILL, power loss) left beside ``dest``: its temporary folder is removed,
+    and if it died between moving the previous ``dest`` aside and putting the new one in place, the previous one
+    is put back. Only this host's runs whose process is gone are touched; a live run's folders are left alone."""
+    dest = Path(dest)
+    parent = dest.resolve().parent
+    if not parent.is_dir():
+        return
+    pattern = re.compile(rf"\.{re.escape(dest.name)}\.(tmp|old)-(.+)\.(\d+)-[^-.]+")
+    host = socket.gethostname()
+    for path in sorted(parent.iterdir(), key=lambda p: p.name.startswith(f".{dest.name}.tmp-")):  # old ones first
+        m = pattern.fullmatch(path.name)
+        if not m or m.group(2) != host or _alive(int(m.group(3))):
+            continue
+        if m.group(1) == "old" and (path / "x").exists() and not os.path.lexists(dest):
+            os.replace(path / "x", dest)
+            print(f"baseq: put '{dest}' back (a run replacing it was killed midway)", file=sys.stderr)
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @contextmanager
 def atomic_dir(dest: str | Path) -> Iterator[Path]:
     """A fresh temporary folder beside ``dest`` to fill; when the block ends without error it takes ``dest``'s
-    place (an existing ``dest`` is removed only then), otherwise it is deleted and ``dest`` is left untouched."""
+    place (an existing ``dest`` is removed only then), otherwise it is deleted and ``dest`` is left untouched.
+    Leftovers of a run killed outright are cleared first (:func:`clear_leftovers`)."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.resolve().parent, prefix=f".{dest.name}.tmp-"))
+    clear_leftovers(dest)
+    parent = dest.resolve().parent
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=_leftover_prefix(dest, "tmp")))
     try:
         yield tmp
         if dest.exists():
-            old = Path(tempfile.mkdtemp(dir=dest.resolve().parent, prefix=f".{dest.name}.old-"))
+            old = Path(tempfile.mkdtemp(dir=parent, prefix=_leftover_prefix(dest, "old")))
             os.replace(dest, old / "x")
             os.replace(tmp, dest)
             shutil.rmtree(old, ignore_errors=True)

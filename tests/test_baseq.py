@@ -251,6 +251,20 @@ def test_a_partial_of_another_run_is_not_resumed_and_that_is_said(change, text_f
     assert any("made by another run" in m and "starting over" in m for m in messages)
 
 
+def test_source_digest_sees_weights_changed_only_mid_shard(tmp_path):
+    """Two shards equal in name, size, first and last MiB but with other weights between are other models; a copy
+    of the same files elsewhere is the same model."""
+    from baseq.models.loading import source_digest
+
+    rng = random.Random(0)
+    edge, middle = rng.randbytes(1 << 20), rng.randbytes(6 << 20)
+    for name, mid in (("a", middle), ("b", rng.randbytes(6 << 20)), ("c", middle)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(edge + mid + edge)
+    a, b, c = (source_digest(str(tmp_path / n)) for n in "abc")
+    assert a != b and a == c
+
+
 def test_the_same_model_under_another_spelling_of_its_path_resumes(text_file, tmp_path, monkeypatch):
     from baseq.calibrate.pipeline import fingerprint
     from baseq.testing import save_tiny_llama

@@ -536,6 +536,50 @@ def test_cli_overwrite_replaces_non_empty_out(tiny_model_dir, text_file, tmp_pat
     assert "ppl_fp" not in result and result["method"] == "gptq"
 
 
+_KILLED_WRITER = """
+import os, signal, sys
+from pathlib import Path
+from baseq import io
+out, at = Path(sys.argv[1]), sys.argv[2]
+real = os.replace
+def replace(a, b):  # SIGKILL between moving the previous folder aside and putting the new one in
+    real(a, b)
+    if at == "swap":
+        os.kill(os.getpid(), signal.SIGKILL)
+io.os.replace = replace
+with io.atomic_dir(out) as tmp:
+    (tmp / "model.safetensors").write_bytes(b"new")
+    if at == "write":
+        os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("at", ["write", "swap"])
+def test_a_run_killed_outright_is_tidied_by_the_next(tmp_path, at, capfd):
+    """SIGKILL cannot be caught: a run killed while writing --out leaves its temporary folder, and one killed while
+    swapping the new folder for the one it replaces (--overwrite) leaves --out absent, the previous copy aside. The
+    next run writing the same --out removes the temporary folder and puts the previous copy back; a live run's
+    temporary folder (this process's) is left alone."""
+    import socket
+
+    from baseq.runtime.format import check_out_dir
+
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"previous")
+    live = tmp_path / f".q.tmp-{socket.gethostname()}.{os.getpid()}-abcd1234"
+    live.mkdir()
+    proc = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(out), at], cwd=tmp_path)
+    assert proc.returncode == -9
+    left = sorted(p.name.split("-")[0] for p in tmp_path.glob(".q.*") if p != live)
+    assert left == ([".q.tmp"] if at == "write" else [".q.old", ".q.tmp"])
+    assert out.exists() == (at == "write")
+    check_out_dir(out, overwrite=True)
+    assert (out / "model.safetensors").read_bytes() == b"previous"
+    assert sorted(tmp_path.iterdir()) == sorted([out, live])
+    assert ("put" in capfd.readouterr().err) == (at == "swap")
+
+
 def test_sigterm_while_writing_leaves_no_temporary_folder(tiny_model_dir, text_file, tmp_path, monkeypatch):
     """SIGTERM (timeout, schedulers, docker stop) unwinds like Ctrl-C: exit 130, the temporary folder beside --out
     removed. Regression: a terminated write left '.OUT.tmp-XXXX' behind for good."""

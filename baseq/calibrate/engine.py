@@ -26,6 +26,7 @@ there, so an interrupted run resumes from the last finished block.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,17 +239,19 @@ class Checkpoint:
     def acts_file(self, i: int, rank: int | None = None) -> Path:
         return self.dir / f"acts{i}.rank{self.comm.rank if rank is None else rank}.safetensors"
 
-    def _progress(self) -> dict | None:
+    @functools.cached_property
+    def found(self) -> dict | None:
+        """The progress file of the partial run found here before this run saved anything (read once)."""
         meta = self.dir / "progress.json"
         return read_json(meta, "the partial run's progress file") if meta.is_file() else None
 
     def last_done(self) -> int:
-        data = self._progress()
+        data = self.found
         return data["done"] if data is not None and data.get("fingerprint") == self.fingerprint else -1
 
     def of_another_run(self) -> bool:
         """A partial run is saved here, but by another run (model, dtype, config, calibration text or ranks)."""
-        data = self._progress()
+        data = self.found
         return data is not None and data.get("fingerprint") != self.fingerprint
 
     def agreed_done(self) -> int:
@@ -282,8 +285,7 @@ class Checkpoint:
         for i in range(upto + 1):
             blocks.restore(i, self.block_file(i))
         acts = read_safetensors(self.acts_file(upto))
-        progress = self._progress()
-        log = [{"code": progress.get("code", UNKNOWN), **e} for e in progress["log"]]  # (older logs lack it)
+        log = [{"code": self.found.get("code", UNKNOWN), **e} for e in self.found["log"]]  # (older logs lack it)
         return acts["fp"], acts["q"], log
 
 

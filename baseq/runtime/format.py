@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from ..errors import BaseqError
-from ..io import check_parent
+from ..io import check_parent, clear_leftovers
 
 PACKED_FORMAT = "baseq-packed/1"
 FAKE_FORMAT = "baseq-fake-quant/2"
@@ -27,8 +27,10 @@ def is_saved_folder(path: Path) -> bool:
 
 def check_out_dir(out: Path, overwrite: bool) -> None:
     """Fail before any work when ``out`` cannot become the output folder (missing parent folders are created when
-    it is written)."""
+    it is written). What a run killed outright left beside it is cleared first (:func:`~baseq.io.clear_leftovers`:
+    its temporary folder, or the previous folder it was replacing, put back)."""
     out = Path(out)
+    clear_leftovers(out)
     if out.exists() and not out.is_dir():
         raise BaseqError(f"--out '{out}' exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
