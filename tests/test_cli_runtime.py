@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from baseq.cli import main
+from baseq.errors import BaseqError
 
 SEQLEN = 32
 TEXT = "\n".join(f"Line {i}: the quick brown fox jumps over the lazy dog, number {i * i}." for i in range(60)) + "\n"
@@ -313,3 +314,34 @@ def test_decoding_attention_on_packed_codes_keeps_a_packed_models_tokens(packed,
         ref_seq, ref_logits = run()
     assert torch.equal(seq, ref_seq)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_context_length_counts_a_rope_scaling_factor():
+    """Qwen2.5 documents YaRN ×4 over an unchanged max_position_embeddings of 32k: a prompt of 100k tokens is within
+    its context (was refused); Llama 3 / LongRoPE state the extended length in max_position_embeddings itself; per
+    layer-type parameters (Gemma 3) are read too, and its linear factor without an original length is already in
+    max_position_embeddings."""
+    from types import SimpleNamespace
+
+    import transformers as tf
+
+    from baseq.runtime.generate import check_context, context_length
+
+    yarn = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 32768}
+    qwen = SimpleNamespace(config=tf.Qwen2Config(max_position_embeddings=32768, rope_parameters=yarn))
+    assert context_length(qwen) == 131072
+    check_context(qwen, 100_000, "the prompt")
+    with pytest.raises(BaseqError, match="context of 131,072 tokens"):
+        check_context(qwen, 140_000, "the prompt")
+    plain = SimpleNamespace(config=tf.Qwen2Config(max_position_embeddings=32768))
+    assert context_length(plain) == 32768
+    llama3 = SimpleNamespace(config=tf.LlamaConfig(max_position_embeddings=131072, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}))
+    assert context_length(llama3) == 131072
+    gemma = tf.Gemma3TextConfig(max_position_embeddings=131072)
+    gemma.rope_parameters = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    assert context_length(SimpleNamespace(config=gemma)) == 131072
+    gemma.rope_parameters["full_attention"].update(rope_type="yarn", original_max_position_embeddings=65536)
+    assert context_length(SimpleNamespace(config=gemma)) == 524288

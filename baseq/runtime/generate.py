@@ -34,9 +34,25 @@ class GenerationStats:
 
 
 def context_length(model) -> int | None:
-    """The longest sequence the model's position embeddings cover (``max_position_embeddings``), if known."""
-    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    return int(n) if n else None
+    """The longest sequence the model's positions cover: ``max_position_embeddings``, or, when the config scales
+    its rotary positions by a factor over a stated original length (YaRN, dynamic NTK, linear with
+    ``original_max_position_embeddings`` — Qwen2.5 documents YaRN ×4 over 32k on top of an unchanged
+    ``max_position_embeddings`` of 32k), ``factor × original`` if larger. Llama 3, LongRoPE and Gemma 3's linear
+    factor state the extended length in ``max_position_embeddings`` itself."""
+    cfg = getattr(model, "config", None)
+    n = getattr(cfg, "max_position_embeddings", None)
+    if not n:
+        return None
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if not isinstance(rope, dict):
+        return int(n)
+    nested = not ({"rope_type", "type", "factor"} & set(rope))  # per layer type (Gemma 3): {"full_attention": {..}}
+    longest = int(n)
+    for p in [v for v in rope.values() if isinstance(v, dict)] if nested else [rope]:
+        original = p.get("original_max_position_embeddings")
+        if p.get("rope_type", p.get("type")) in ("yarn", "dynamic", "linear") and p.get("factor") and original:
+            longest = max(longest, int(float(p["factor"]) * int(original)))
+    return longest
 
 
 def check_context(model, tokens: int, what: str) -> None:
