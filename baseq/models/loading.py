@@ -8,7 +8,6 @@ as a plain safetensors folder in the cache, so the (slow) GGUF conversion happen
 from __future__ import annotations
 
 import gc
-import hashlib
 import os
 import shutil
 import sys
@@ -18,7 +17,7 @@ import torch
 
 from .. import assets
 from ..errors import BaseqError
-from ..io import atomic_dir
+from ..io import atomic_dir, files_digest
 
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -59,32 +58,12 @@ def check_full_precision(folder: Path, lazy: bool = False) -> None:
     raise BaseqError(f"'{folder}' is quantized already (quant_method={method}): {how}")
 
 
-def source_digest(spec: str, edge: int = 1 << 20, probes: int = 32) -> str:
-    """A cheap identity of a model source, for resuming: an asset's sha256; for a local folder or file, the names
-    and sizes of its files, the first and last ``edge`` bytes of each (headers, configs, tokenizers and the first
-    and last weights) and ``probes`` evenly spaced 64 KiB samples between them (other weights of the same shapes,
-    changed only in the middle of a shard, differ there); a hub id as given. Reads ≤ 4 MiB a file."""
+def source_digest(spec: str) -> str:
+    """A cheap identity of a model source, for resuming: an asset's sha256; a local folder or file's
+    :func:`~baseq.io.files_digest` (its files, not its path); a hub id as given."""
     if spec in assets.ASSETS:
         return assets.get_asset(spec).sha256[:16]
-    path = Path(spec).expanduser()
-    if not path.exists():
-        return spec
-    h = hashlib.sha256()
-    for f in sorted(path.iterdir()) if path.is_dir() else [path]:
-        if not f.is_file() or f.name.startswith("."):
-            continue
-        size = f.stat().st_size
-        h.update(f"{f.name}\0{size}\0".encode())
-        with open(f, "rb") as fh:
-            if size <= 2 * edge + probes * (1 << 16):
-                h.update(fh.read())
-                continue
-            for at in [0, *(edge + (size - 2 * edge) * k // (probes + 1) for k in range(1, probes + 1))]:
-                fh.seek(at)
-                h.update(fh.read(edge if at == 0 else 1 << 16))
-            fh.seek(size - edge)
-            h.update(fh.read(edge))
-    return h.hexdigest()[:16]
+    return files_digest(spec) if Path(spec).expanduser().exists() else spec
 
 
 def check_vocab(where: str, tokenizer, rows: int) -> None:
