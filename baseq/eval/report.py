@@ -117,10 +117,28 @@ def rows_from_result(d: dict, source: str = "") -> list[Row]:
     return rows
 
 
+def _protocols(d: dict) -> dict[str, Any]:
+    """What each number of a result JSON was measured on, where it says: the perplexity's text / window length /
+    windows, and each task's documents and source files."""
+    out: dict[str, Any] = {}
+    if isinstance(d, dict) and any(d.get(k) is not None for k in ("ppl", "ppl_quant", "ppl_fp")) and \
+            any(d.get(k) is not None for k in ("data", "seqlen", "windows")):
+        out["perplexity"] = f"{d.get('data')}, {d.get('seqlen')}-token windows × {d.get('windows')}"
+    for key in ("tasks", "tasks_quant", "tasks_fp"):
+        tasks = d.get(key) if isinstance(d, dict) else None
+        for task, r in (tasks or {}).items() if isinstance(tasks, dict) else ():
+            if isinstance(r, dict) and (r.get("n") is not None or r.get("source") is not None):
+                out[f"task {task}"] = f"{r.get('n')} documents of {r.get('source')}"
+    return out
+
+
 def load_rows(result_files: list[str | Path]) -> list[Row]:
+    """The rows of ``result_files``, merged; files that measured the same thing differently (another text, window
+    length or count; another number of documents or other task files) are refused: their gaps would mean nothing."""
     if not result_files:
         raise BaseqError("no result files given")
     rows: list[Row] = []
+    seen: dict[str, tuple[str, str]] = {}
     for f in result_files:
         path = Path(f)
         data = read_json(path, "result file")
@@ -128,6 +146,11 @@ def load_rows(result_files: list[str | Path]) -> list[Row]:
             new = rows_from_result(data, source=path.name)
         except ValueError as e:
             raise BaseqError(f"result file {path}: {e}") from None
+        for what, how in _protocols(data).items():
+            first = seen.setdefault(what, (how, path.name))
+            if first[0] != how:
+                raise BaseqError(f"{first[1]} and {path.name} measure {what} differently ({first[0]} vs {how}): "
+                                 f"one report compares one protocol")
         for r in new:
             if not any(_merge_into(old, r) for old in rows):
                 rows.append(r)
