@@ -553,3 +553,38 @@ def test_the_mlp_over_token_slabs_computes_the_same_values(text_file, tokenizer,
         monkeypatch.setattr(RuntimeMLP, "rows", 7)  # 96 tokens: 13 slabs of 7 and one of 5
         slabs = rt(windows, use_cache=False).logits
     assert torch.equal(slabs, whole)
+
+
+def test_decoding_logits_of_an_int8_table_are_exact_to_float_rounding():
+    """The few-row (decoding) head of an int8 table writes the hidden state as int8 digits: its logits equal the
+    exact float32 ones to ~1e-5 relative even when the hidden state has outlier channels (SmolLM2's: absmax ≈ 12 ×
+    rms). Regression: one int8 rounding of the hidden state moved logits by up to 4 % and changed greedy tokens."""
+    from baseq.runtime.modules import Table
+
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(-127, 128, (1000, 96), generator=g, dtype=torch.int8)
+    table = Table(codes=codes, scale=torch.rand(1000, generator=g).half() * 0.01 + 1e-3)
+    h = torch.randn(3, 96, generator=g)
+    h[:, 5] *= 40  # an outlier channel
+    exact = h @ (codes.float() * table.row_scale[:, None]).t()
+    few = table.logits(h)  # 3 rows ≤ gemv_rows: the integer GEMV
+    table.gemv_rows = 0
+    assert torch.equal(table.logits(h), exact)  # the many-row path is the exact float32 product
+    err = ((few - exact).abs().amax() / exact.abs().amax()).item()
+    assert err < 1e-5, err
+
+
+@pytest.mark.parametrize("fmt", ["packed", "fake"])
+def test_saved_folders_keep_the_generation_config_stop_tokens(fmt, text_file, tokenizer, tmp_path):
+    """A chat model's end-of-turn ids often live only in generation_config.json (a list of eos ids): both formats
+    keep it, so generation stops where the original stops. Regression: fake folders fell back to config.json's one."""
+    from baseq.runtime.generate import eos_ids
+
+    model, cfg = _quantized("quarot", dict(hidden=48, ffn=80, heads=4, kv_heads=2), text_file, tokenizer)
+    model.generation_config.eos_token_id = [257, 245]
+    if fmt == "packed":
+        out = _save_packed(model, tokenizer, cfg, tmp_path / "p")
+    else:
+        out = save_fake(model, tokenizer, tmp_path / "f", act_spec(cfg), {"method": "quarot", "bits": "W4A4KV4"})
+    back, tok = load(str(out))
+    assert {257, 245} <= eos_ids(back, tok)

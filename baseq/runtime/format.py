@@ -70,6 +70,23 @@ def read_config(path: Path):
             from None
 
 
+def save_model_files(model, tokenizer, folder: Path) -> None:
+    """The HF files a saved folder carries beside its weights: ``config.json``, ``generation_config.json`` (its stop
+    tokens: a chat model's end-of-turn ids often live only there) and the tokenizer."""
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def read_generation_config(model, path: Path) -> None:
+    """Give ``model`` the saved folder's ``generation_config.json`` when it has one."""
+    from transformers import GenerationConfig
+
+    if (Path(path) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+
+
 def model_record(meta: dict, **extra) -> dict:
     """What a loaded model says about itself (``model.baseq_config``): method, bits, and the code that made it
     when ``baseq.json`` records one."""

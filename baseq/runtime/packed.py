@@ -61,7 +61,8 @@ from ..rotation.fuse import (
     residual_rotation,
 )
 from ..rotation.hadamard import has_hadamard
-from .format import PACKED_FORMAT, check_out_dir, model_record, read_config, read_meta
+from .format import (PACKED_FORMAT, check_out_dir, model_record, read_config, read_generation_config, read_meta,
+                     save_model_files)
 from .kernels import IntLinear, keep_freed_memory, pack_nibbles
 from .kvcache import QuantizedKVCache
 from .modules import (
@@ -274,10 +275,7 @@ def save_packed(model, tokenizer, out: Path, spec: ActSpec, meta: dict, *, w_bit
         if r1 is not None and r1.learned:
             writer.add({"r1.matrix": r1.matrix.detach().float().cpu().contiguous()})
         writer.finish()
-        model.config.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        save_model_files(model, tokenizer, tmp)
         online = None
         if spec.online_rotations:
             def describe(n: int, seed: int) -> dict:
@@ -378,7 +376,7 @@ def _shape_of(config) -> dict:
 
 def load_packed(path: Path, meta: dict | None = None, device="cpu"):
     """(runtime model, tokenizer) for a packed folder."""
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM
     from transformers.activations import ACT2FN
 
     from ..models.loading import _quiet_transformers, load_tokenizer
@@ -486,8 +484,7 @@ def load_packed(path: Path, meta: dict | None = None, device="cpu"):
     if left:
         raise BaseqError(f"internal error: the runtime model still has unset tensors ({', '.join(left[:3])})")
     model.config._attn_implementation = "sdpa"
-    if (path / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(path)
+    read_generation_config(model, path)
     model.baseq_config = model_record(meta, format=PACKED_FORMAT)
     model.baseq_kv_specs = kv_specs
     model.tie_weights = lambda *a, **k: None  # the runtime shares a tied table itself (no embed_tokens.weight here)

@@ -21,7 +21,8 @@ from torch import nn
 from ..io import atomic_dir, read_safetensors, write_json, write_safetensors
 from ..quant.qmodel import ActSpec, quantize_structure
 from ..rotation.fuse import ResidualRotation, install_end_rotations, residual_rotation
-from .format import FAKE_FORMAT, FAKE_FORMAT_V1, check_out_dir, model_record, read_meta
+from .format import (FAKE_FORMAT, FAKE_FORMAT_V1, check_out_dir, model_record, read_generation_config, read_meta,
+                     save_model_files)
 
 TIED_KEY = "lm_head.weight"
 
@@ -49,8 +50,7 @@ def save_fake(model, tokenizer, out: Path, spec: ActSpec, meta: dict, overwrite:
                 yield f"model.layers.{i}.{k}", v
 
     with atomic_dir(out) as tmp:
-        model.config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        save_model_files(model, tokenizer, tmp)
         if layers is None:
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors()}, tmp / "model.safetensors",
                       metadata={"format": FAKE_FORMAT})
@@ -94,6 +94,7 @@ def load_fake(path: Path, meta: dict, dtype=torch.float32, device="cpu"):
     for p in model.parameters():
         p.requires_grad_(False)
     model.baseq_config = model_record(meta)
+    read_generation_config(model, path)
     tokenizer = load_tokenizer(path, int(config.vocab_size))
     return model.to(device=device, dtype=dtype).eval(), tokenizer
 
