@@ -86,7 +86,7 @@ def run_worker(spec: str, prefill: int, decode: int, repeats: int, threads: int,
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         said = (proc.stderr or proc.stdout).strip().splitlines()
-        why = said[-1] if said else f"exit code {proc.returncode}"
+        why = said[-1].removeprefix("baseq: error: ") if said else f"exit code {proc.returncode}"
         if proc.returncode == -signal.SIGKILL:  # what the kernel's out-of-memory killer sends
             why = "its process was killed (SIGKILL: out of memory?)"
         raise BaseqError(f"benchmarking '{spec}' failed: {why}")
@@ -110,13 +110,26 @@ def bench(model: str, baseline: str | None, prefill: int, decode: int, repeats: 
 
 
 def default_baseline(spec: str) -> str | None:
-    """The model a quantized folder was made from (its ``baseq.json`` says), if that can still be loaded."""
+    """The model a quantized folder was made from (its ``baseq.json`` says: the absolute path of a local model, or
+    an asset name, or a hub id), if it can still be found (a relative path recorded by an older baseq: from the
+    working directory). Raises a BaseqError — before anything is measured — when it cannot be found."""
+    from .assets import ASSETS
     from .runtime.format import is_saved_folder, read_meta
 
     p = Path(spec).expanduser()
     if not is_saved_folder(p):
         return None
-    return read_meta(p).get("model")
+    meta = read_meta(p)
+    model, path = meta.get("model"), meta.get("model_path")
+    if not model or model in ASSETS:
+        return model or None
+    for candidate in (path, model):  # (older folders recorded the path as typed: relative to where it was typed)
+        if candidate and Path(candidate).expanduser().exists():
+            return str(Path(candidate).expanduser().resolve())
+    if path is None and model.count("/") == 1 and not model.startswith((".", "/", "~")):  # a hub id
+        return model
+    raise BaseqError(f"the model '{spec}' was made from ('{path or model}') is not found: pass --baseline PATH "
+                     f"(or --baseline none)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -346,3 +346,47 @@ def test_context_length_counts_a_rope_scaling_factor():
     assert context_length(SimpleNamespace(config=gemma)) == 131072
     gemma.rope_parameters["full_attention"].update(rope_type="yarn", original_max_position_embeddings=65536)
     assert context_length(SimpleNamespace(config=gemma)) == 524288
+
+
+def test_bench_finds_the_baseline_from_any_folder_or_says_it_is_gone(packed, tiny_model_dir, tmp_path, capsys,
+                                                                     monkeypatch):
+    """The folder records the absolute path of a local model, so `baseq bench` finds its baseline from any working
+    directory; a baseline that is gone is one line before anything is measured. Regression: the path as typed
+    (relative) was read against the current folder — late failure after timing the model, or another model timed."""
+    import shutil
+
+    from baseq.bench import default_baseline
+    from baseq.runtime.format import read_meta
+
+    assert read_meta(packed[0])["model_path"] == str(tiny_model_dir.resolve())
+    monkeypatch.chdir(tmp_path)
+    folder = shutil.copytree(packed[0], tmp_path / "copy")
+    meta = json.loads((folder / "baseq.json").read_text())
+    (folder / "baseq.json").write_text(json.dumps({**meta, "model": "m/llama"}))  # as typed elsewhere
+    assert default_baseline(str(folder)) == str(tiny_model_dir.resolve())
+    (folder / "baseq.json").write_text(json.dumps({**meta, "model": "m/llama", "model_path": str(tmp_path / "gone")}))
+    import baseq.bench as bench_mod
+
+    monkeypatch.setattr(bench_mod, "run_worker", lambda *a, **k: pytest.fail("measured before the check"))
+    assert main(["bench", "--model", str(folder), "--prefill", "8", "--decode", "2"]) == 2
+    _one_error_line(capsys.readouterr().err, "is not found: pass --baseline PATH")
+
+
+@pytest.mark.parametrize("args, frag", [
+    (["generate", "--prompt", "hi", "--device", "bogus"], "--device 'bogus' is not a torch device"),
+    (["generate", "--prompt", "hi", "--temperature", "nan"], "--temperature must be a finite number"),
+    (["generate", "--prompt", "hi", "--temperature", "1", "--seed", "99999999999999999999999"], "--seed must be in"),
+    (["bench", "--decode", "1", "--baseline", "none"], "--decode must be at least 2"),
+])
+def test_generate_and_bench_refuse_bad_options_in_one_line(args, frag, tiny_model_dir, capsys):
+    assert main([args[0], "--model", str(tiny_model_dir), *args[1:]]) == 2
+    _one_error_line(capsys.readouterr().err, frag)
+
+
+def test_a_tiny_temperature_samples_the_top_token():
+    """1e-45 divided the logits into inf − inf = NaN (a multinomial traceback); shifted first, it is greedy."""
+    from baseq.runtime.generate import _pick
+
+    logits = torch.tensor([[0.5, 2.0, -1.0, 1.9]])
+    gen = torch.Generator().manual_seed(0)
+    assert _pick(logits, 1e-45, 1.0, gen).item() == 1 and _pick(logits, 1e-45, 0.9, gen).item() == 1

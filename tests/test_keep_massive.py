@@ -364,3 +364,22 @@ def test_the_kv_means_leave_out_the_float_kept_tokens(text_file, monkeypatch):
                 some_kept += 1
                 assert not torch.allclose(want, everything, atol=1e-4)
     assert some_kept > 0
+
+
+def test_the_simulated_model_refuses_to_decode_past_a_sliding_window_with_float_kept_keys(text_file):
+    """A sliding-window cache drops the oldest keys, which the simulated model's float-kept bookkeeping cannot follow:
+    one BaseqError line (`baseq generate` on such a fake folder), not a RuntimeError traceback; the packed format
+    decodes it."""
+    from transformers import DynamicCache
+
+    from baseq.errors import BaseqError
+    from baseq.runtime.generate import _cache_kw
+
+    model, _, _ = _quantized(text_file, family="mistral", keep=1.05, keep_massive_kv="float")
+    ids = eval_windows(byte_tokenizer(), text_file, 20, 1)
+    kw = _cache_kw(model)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad(), pytest.raises(BaseqError, match="cannot decode with a cache past a sliding window"):
+        model(ids[:, :8], **{kw: cache}, use_cache=True)
+        for i in range(8, ids.shape[1]):
+            model(ids[:, i:i + 1], **{kw: cache}, use_cache=True)

@@ -18,6 +18,13 @@ from .common import (add_eval_data_args, add_model_args, check_json_path, peak_r
                      sharded_perplexity, task_rows, task_summary, too_big)
 
 
+def model_path(spec: str) -> dict:
+    """``{"model_path": absolute path}`` when the model was a local folder or file (``baseq bench``'s default
+    baseline, found from any working directory), else nothing."""
+    p = Path(spec).expanduser()
+    return {"model_path": str(p.resolve())} if p.exists() else {}
+
+
 def config_from_args(args):
     """The typed config: a --config file (if any) first, then every flag the user gave on top of it."""
     from ..config import BUDGETS, PRESETS, QuantizeConfig
@@ -267,6 +274,7 @@ def quantize_command(args, cfg, device, comm) -> int:
                 result.update(task_summary(result["tasks"]))
         save_output(model, tokenizer, cfg, out, args.format, {"method": cfg.label, "bits": cfg.bits.label,
                                                               "config": result["config"], "model": args.model,
+                                                              **model_path(args.model),
                                                               "made_by": result["made_by"]}, layers,
                     (lambda: lazy.ends_parked(park_folder(work_dir, comm.rank))) if lazy else None)
         result.update(out=str(out), format=args.format, disk_mb=round(folder_bytes(out) / 2**20, 1),

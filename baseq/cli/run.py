@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 from ..config import positive_int
@@ -12,13 +13,17 @@ from .common import add_model_args, check_json_path, peak_rss_mb, print_table, t
 
 
 def cmd_generate(args) -> int:
+    from ..device import check_device
     from ..load import load
     from ..runtime.generate import TextStream, eos_ids, generate, prompt_ids
 
     if args.max_new_tokens < 1:
         raise BaseqError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens})")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise BaseqError("--temperature must be ≥ 0 and --top-p in (0, 1]")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0) or not 0 < args.top_p <= 1:
+        raise BaseqError("--temperature must be a finite number ≥ 0 and --top-p in (0, 1]")
+    if not 0 <= args.seed < 2**63:
+        raise BaseqError(f"--seed must be in 0 … 2⁶³ − 1 (got {args.seed})")
+    check_device(args.device)
     if args.top_p < 1 and args.temperature == 0:
         raise BaseqError("--top-p only applies when sampling: add --temperature above 0 (0 = greedy)")
     if args.threads:
@@ -51,11 +56,13 @@ def cmd_bench(args) -> int:
     import torch
 
     from ..bench import bench, default_baseline
+    from ..device import check_device
 
     check_json_path(args.json)
-    for name in ("prefill", "decode", "repeats"):
-        if getattr(args, name) < 1:
-            raise BaseqError(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    check_device(args.device)
+    for name, least in (("prefill", 1), ("decode", 2), ("repeats", 1)):  # decode speed: tokens after the first
+        if getattr(args, name) < least:
+            raise BaseqError(f"--{name} must be at least {least} (got {getattr(args, name)})")
     baseline = args.baseline if args.baseline is not None else default_baseline(args.model)
     if baseline in ("", "none"):
         baseline = None

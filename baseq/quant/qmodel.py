@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import BaseqError
 from ..models.adapter import ModelAdapter, layer_spec, linears, split_fused
 from ..rotation.fuse import InputPoint, OnlineRotation, ResidualRotation, install_input_point
 from .quantizer import ActQuantizer, KVQuantizer
@@ -344,6 +345,9 @@ class KVPoint(nn.Module):
             self._kept = mask
         elif self._kept is not None and self._kept.shape == (b, n - t):
             self._kept = torch.cat([self._kept, mask], dim=1)
+        elif self._kept is not None and self._kept.shape[0] == b and n - t < self._kept.shape[1]:
+            raise BaseqError("--keep-massive-kv float: the simulated (fake-format) model cannot decode with a cache past "
+                             "a sliding window (its layers drop the oldest keys); use the packed format")
         else:
             seen = None if self._kept is None else tuple(self._kept.shape)
             raise RuntimeError(f"--keep-massive-kv float: {n} keys for {t} new tokens, but the earlier calls saw "
