@@ -364,3 +364,19 @@ def test_training_that_makes_a_block_worse_is_reverted(text_file):
     assert ctx.log.get("reverted") == 1
     assert ctx.log["loss_after"] == ctx.log["loss_before"]
     assert BaseqTrainStage.loss(ctx, ctx.fp_in, ctx.fp_out) <= ctx.log["loss_before"] * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("train", [{"lr_bias": 1e30, "batch_size": 6}, {"lr_bias": 1e30, "batch_size": 6, "revert_if_worse": True}])
+def test_a_block_whose_output_turns_nan_stops_the_run_naming_it(train, text_file, tmp_path):
+    """A learning rate that blows the block up in its only (last) step, after which no loss is computed: one error
+    naming the block, nothing of it saved. Regression: the NaN model was written with exit code 0 (16-bit weights),
+    or the next block's GPTQ blamed the calibration data."""
+    from baseq.errors import BaseqError
+
+    cfg = _cfg(text_file, epochs=1, **train)
+    cfg.bits.w_bits = 16
+    work = tmp_path / "work"
+    with pytest.raises(BaseqError, match=r"block 0: the quantized block's output is not finite"):
+        quantize_model(tiny_llama(hidden=48, ffn=80, heads=4, kv_heads=2, layers=2), byte_tokenizer(), cfg,
+                       work_dir=work, progress=False, log_fn=lambda m: None)
+    assert not (work / "block0.safetensors").exists()

@@ -351,3 +351,36 @@ def test_rotation_flags_reach_the_config():
                                       "--rotation-lr", "0.5", "--rotation-batch", "2", "--rotation-seqlen", "64"])
     r = config_from_args(args).rotation
     assert (r.steps, r.lr, r.batch, r.seqlen) == (7, 0.5, 2, 64)
+
+
+@pytest.mark.filterwarnings("ignore:no Hadamard matrix")
+def test_learned_rotations_save_in_the_fake_format_and_train_in_bfloat16(text_file, tmp_path):
+    """The learned R1 is one tensor at both ends: the fake format saves it once and loads it to both (was a
+    safetensors 'tensors share memory' traceback after the whole calibration). OSTQuant trains a bfloat16 model
+    (its float32 scales met half activations: a dtype-mismatch traceback)."""
+    from baseq.runtime.save import save_fake
+
+    tok = byte_tokenizer()
+    for method, dtype in (("spinquant", torch.float32), ("ostquant", torch.bfloat16)):
+        model = tiny_llama(layers=2, seed=2, **SHAPES[0]).to(dtype)
+        cfg = QuantizeConfig(method=method, weights="rtn",
+                             calib=CalibConfig(data=str(text_file), samples=4, seqlen=SEQLEN, batch_size=4))
+        cfg.rotation.steps, cfg.rotation.batch, cfg.rotation.seqlen = 2, 2, SEQLEN
+        quantize_model(model, tok, cfg, progress=False, log_fn=lambda m: None)
+        out = save_fake(model, tok, tmp_path / method, act_spec(cfg), {"method": cfg.label, "bits": "W4A4KV4"})
+        back, _ = load(str(out), dtype=dtype)
+        windows = eval_windows(tok, str(text_file), SEQLEN, 1)
+        with torch.no_grad():
+            ref, got = model(windows, use_cache=False).logits, back(windows, use_cache=False).logits
+        assert torch.isfinite(ref).all() and torch.equal(got, ref), method
+
+
+def test_a_rotation_training_that_diverges_stops_in_one_line(text_file):
+    from baseq.errors import BaseqError
+
+    cfg = QuantizeConfig(method="ostquant", weights="rtn",
+                         calib=CalibConfig(data=str(text_file), samples=4, seqlen=SEQLEN, batch_size=4))
+    cfg.rotation.steps, cfg.rotation.batch, cfg.rotation.seqlen, cfg.rotation.lr_scale = 3, 2, SEQLEN, 1e30
+    with pytest.raises(BaseqError, match=r"ostquant: the training loss or the learned parameters are not finite"):
+        quantize_model(tiny_llama(layers=2, seed=2, **SHAPES[0]), byte_tokenizer(), cfg, progress=False,
+                       log_fn=lambda m: None)

@@ -367,6 +367,7 @@ def calibrate_blocks(model: nn.Module, ad: ModelAdapter, windows: torch.Tensor, 
                 times.lap(stage.name)
             q_out = ctx.run(q_in, out=acts.new())
             err, err_token = block_error(q_out[:logged], ctx.fp_out[:logged], comm)
+            check_finite(i, ctx.fp_out, q_out, comm)
             times.lap("quant")
             acts.release(*((fp_in, q_in) if full_fp else (q_in,)))
             fp_in, q_in = ctx.fp_out, q_out
@@ -388,6 +389,20 @@ def calibrate_blocks(model: nn.Module, ad: ModelAdapter, windows: torch.Tensor, 
         ctx = q_out = fp_in = q_in = acts = None
         release_memory()
     return log
+
+
+def check_finite(index: int, fp_out: torch.Tensor, q_out: torch.Tensor, comm: Communicator) -> None:
+    """Stop — on every rank, before the block is saved — when a block's output holds NaN or inf: never a model
+    with NaNs written with exit code 0, nor a later block blaming its calibration data."""
+    bad = [not bool(torch.isfinite(fp_out).all()), not bool(torch.isfinite(q_out).all())]
+    fp_bad, q_bad = comm.sum(bad)
+    if fp_bad:
+        raise BaseqError(f"block {index}: the full-precision block's output is not finite (NaN/inf): the model "
+                         f"overflows in this dtype (try --dtype float32)")
+    if q_bad:
+        raise BaseqError(f"block {index}: the quantized block's output is not finite (NaN/inf) after calibration: a "
+                         f"learning rate too high (--lr-bias / --lr-scale / --lr-clip / --lr-transform?) or half "
+                         f"precision overflowing; nothing of this block was saved")
 
 
 class Stopwatch:

@@ -120,14 +120,15 @@ class OnlineTransforms(nn.Module):
         self._attn: list = []
 
     # ------------------------------------------------------------------ the online transforms
-    def scale(self, name: str, i: int) -> torch.Tensor | None:
-        return None if self.log_s is None else self.log_s[name][i].exp()
+    def scale(self, name: str, i: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """The learned scales (float32 parameters) in the activations' dtype: a half-precision model stays half."""
+        return None if self.log_s is None else self.log_s[name][i].exp().to(dtype)
 
     def q(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(x) if self.quantize else x
 
     def residual_input(self, y: torch.Tensor, i: int, which: str) -> torch.Tensor:
-        r, s = self.r1.to(y.dtype), self.scale(which, i)
+        r, s = self.r1.to(y.dtype), self.scale(which, i, y.dtype)
         z = y @ r
         if s is not None:
             z = self.q(z / s) * s
@@ -141,31 +142,31 @@ class OnlineTransforms(nn.Module):
     def values(self, v: torch.Tensor, i: int) -> torch.Tensor:
         s = self.shape
         vh = torch.einsum("btgd,gde->btge", v.unflatten(-1, (s.kv_heads, s.head_dim)), self._r2(i).to(v.dtype))
-        sc = self.scale("vo", i)
+        sc = self.scale("vo", i, v.dtype)
         return (vh * sc if sc is not None else vh).flatten(-2)
 
     def o_input(self, z: torch.Tensor, i: int) -> torch.Tensor:
         s = self.shape
         zh = self.q(z).unflatten(-1, (s.kv_heads, s.groups, s.head_dim))
-        sc = self.scale("vo", i)
+        sc = self.scale("vo", i, z.dtype)
         if sc is not None:
             zh = zh / sc[:, None, :]
         return torch.einsum("btgqe,gde->btgqd", zh, self._r2(i).to(z.dtype)).flatten(-3)
 
-    def qk_scale(self, i: int) -> torch.Tensor:
-        t = self.scale("qk", i)
+    def qk_scale(self, i: int, dtype: torch.dtype) -> torch.Tensor:
+        t = self.scale("qk", i, dtype)
         return torch.cat([t, t], dim=-1)  # RoPE pairs (j, j + hd/2) share a factor
 
     def queries(self, q: torch.Tensor, i: int) -> torch.Tensor:
         s = self.shape
-        return (q.unflatten(-1, (s.kv_heads, s.groups, s.head_dim)) / self.qk_scale(i)[:, None, :]).flatten(-3)
+        return (q.unflatten(-1, (s.kv_heads, s.groups, s.head_dim)) / self.qk_scale(i, q.dtype)[:, None, :]).flatten(-3)
 
     def keys(self, k: torch.Tensor, i: int) -> torch.Tensor:
         s = self.shape
-        return (k.unflatten(-1, (s.kv_heads, s.head_dim)) * self.qk_scale(i)).flatten(-2)
+        return (k.unflatten(-1, (s.kv_heads, s.head_dim)) * self.qk_scale(i, k.dtype)).flatten(-2)
 
     def down_input(self, u: torch.Tensor, i: int) -> torch.Tensor:
-        sc = self.scale("ud", i)
+        sc = self.scale("ud", i, u.dtype)
         if sc is not None:
             u = u * sc
         z = self.q(self.r4(u))
@@ -423,6 +424,9 @@ def train_transforms(model: nn.Module, windows: torch.Tensor, spec: ActSpec, kin
                 for sc in scheds:
                     sc.step()
                 losses.append(comm.sum([loss.item()])[0])
+                if not math.isfinite(losses[-1]) or not all(bool(torch.isfinite(p).all()) for p in params):
+                    raise BaseqError(f"{kind}: the training loss or the learned parameters are not finite (NaN/inf) "
+                                     f"at step {t + 1}: lower --rotation-lr")
                 if progress:
                     bar.set_postfix(loss=f"{losses[-1]:.4f}")
                 now = time.perf_counter()

@@ -41,9 +41,19 @@ def save_fake(model, tokenizer, out: Path, spec: ActSpec, meta: dict, overwrite:
     tied = is_tied(model)
     r1 = residual_rotation(model)
 
+    aliases: dict[str, str] = {}  # a key whose tensor is another key's (a learned R1 at both ends): saved once
+    first: dict[tuple, str] = {}
+    for k, v in model.state_dict().items():
+        if k.startswith("model.layers.") or v.is_meta or not v.numel() or (tied and k == TIED_KEY):
+            continue
+        where = (v.device, v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype)
+        if first.setdefault(where, k) != k:
+            aliases[k] = first[where]
+
     def tensors():
         for k, v in model.state_dict().items():
-            if not (tied and k == TIED_KEY) and not (layers is not None and k.startswith("model.layers.")):
+            if not (tied and k == TIED_KEY) and not (layers is not None and k.startswith("model.layers.")) \
+                    and k not in aliases:
                 yield k, v
         for i, layer in layers() if layers is not None else ():
             for k, v in layer.state_dict().items():
@@ -57,7 +67,8 @@ def save_fake(model, tokenizer, out: Path, spec: ActSpec, meta: dict, overwrite:
         else:
             write_safetensors(tmp / "model.safetensors", tensors, metadata={"format": FAKE_FORMAT})
         write_json(tmp / "baseq.json", {"format": FAKE_FORMAT, "act_spec": asdict(spec), "tied": tied,
-                                        "residual_rotation": r1.describe() if r1 is not None else None, **meta})
+                                        "residual_rotation": r1.describe() if r1 is not None else None,
+                                        **({"aliases": aliases} if aliases else {}), **meta})
     return out
 
 
@@ -73,6 +84,10 @@ def load_fake(path: Path, meta: dict, dtype=torch.float32, device="cpu"):
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     state = read_safetensors(path / "model.safetensors")
     if meta["format"] == FAKE_FORMAT:
+        for k, src in (meta.get("aliases") or {}).items():  # tensors saved once for two keys
+            if src not in state:
+                raise_mismatch(path, [src], [])
+            state[k] = state[src]
         r1 = meta.get("residual_rotation")
         if r1 is not None:
             learned = state.get("model.embed_tokens.rotation.matrix")
