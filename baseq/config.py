@@ -173,6 +173,14 @@ class GPTQConfig:
     asym_alpha: float = field(default=0.25, metadata=flag(
         "--gptaq-alpha", "--weights gptaq: how far towards the FP-output target"))
 
+    def validate(self) -> None:
+        if self.percdamp < 0:
+            raise BaseqError(f"GPTQ damping (--percdamp) must be ≥ 0 (got {self.percdamp})")
+        if self.blocksize < 1:
+            raise BaseqError(f"gptq.blocksize must be at least 1 (got {self.blocksize})")
+        if self.asym_alpha < 0:
+            raise BaseqError(f"gptaq alpha must be ≥ 0 (got {self.asym_alpha})")
+
 
 @dataclass
 class RotationConfig:
@@ -366,13 +374,16 @@ class QuantizeConfig:
             if self.weights != QuantizeConfig.weights:
                 self.check_weights()
             self.weights = m.weights[0]  # the default gives way to the method's own: the config says what runs
-        if self.gptq.asym_alpha < 0:
-            raise BaseqError(f"gptaq alpha must be ≥ 0 (got {self.gptq.asym_alpha})")
+        for name, seed in (("seed", self.seed), ("calib.seed", self.calib.seed)):
+            if not 0 <= seed < 2**31:  # per-block seeds are derived from it (seed · 100003 + block) within 2⁶³
+                raise BaseqError(f"{name} must be in 0 … 2³¹ − 1 (got {seed})")
+        self.gptq.validate()
         self.bits.validate()
         self.calib.validate()
         self.rotation.validate()
         self.smooth.validate()
         self.train.validate()
+        check_finite(self)  # (after the sections' own checks, which say more where they have something to say)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -391,6 +402,8 @@ class QuantizeConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "QuantizeConfig":
         cfg = _build(cls, data, "config")
+        if "seed" in data and "seed" not in (data.get("calib") or {}):  # as --seed: the windows are drawn with it
+            cfg.calib.seed = cfg.seed
         return (cfg.check_weights() if "weights" in data else cfg).validate()
 
     @classmethod
@@ -413,6 +426,17 @@ class QuantizeConfig:
         if not isinstance(data, dict):
             raise BaseqError(f"config '{path}' must hold a mapping at the top level")
         return cls.from_dict(data)
+
+
+def check_finite(cfg, where: str = "config") -> None:
+    """Every float option of ``cfg`` (and its sections) is a finite number: nan / inf from a file or a flag would
+    otherwise fall back to a default, turn a search on, or surface as a traceback deep in the run."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            check_finite(value, f"{where}.{f.name}")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise BaseqError(f"{f.metadata.get('flag') or where + '.' + f.name} must be a finite number (got {value})")
 
 
 def flag_fields():

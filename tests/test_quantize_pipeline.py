@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -328,6 +329,33 @@ def test_config_file_errors(tmp_path):
     lst.write_text("- 1\n- 2\n")
     with pytest.raises(BaseqError, match="mapping"):
         QuantizeConfig.from_file(lst)
+
+
+def test_a_config_file_seed_draws_the_windows_as_the_flag_does(tmp_path):
+    """`seed: 3` in a file is `--seed 3`: the calibration windows are drawn with it too (they were drawn with 0),
+    unless the file names calib.seed itself."""
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 3\n")
+    assert QuantizeConfig.from_file(path).calib.seed == 3
+    path.write_text("seed: 3\ncalib: {seed: 5}\n")
+    assert QuantizeConfig.from_file(path).calib.seed == 5
+
+
+@pytest.mark.parametrize("data, frag", [
+    ({"rotation": {"lr_scale": "nan"}}, "config.rotation.lr_scale must be a finite number"),
+    ({"rotation": {"lr": "inf"}}, "--rotation-lr must be a finite number"),
+    ({"smooth": {"alpha": "nan"}}, "--smooth-alpha must be a finite number"),
+    ({"gptq": {"percdamp": -1}}, "--percdamp) must be ≥ 0"),
+    ({"gptq": {"blocksize": 0}}, "gptq.blocksize must be at least 1"),
+    ({"gptq": {"asym_alpha": "inf"}}, "--gptaq-alpha must be a finite number"),
+    ({"seed": 10**15}, "seed must be in 0 … 2³¹ − 1"),
+    ({"seed": -1}, "seed must be in 0 … 2³¹ − 1"),
+])
+def test_config_values_the_run_cannot_use_are_refused_up_front(data, frag):
+    """nan / inf learning rates, damping or alphas, a zero GPTQ block size and seeds past 2³¹ were tracebacks deep in
+    the run, silent fall-backs to a default (nan → the default lr, the alpha search) or errors at the first block."""
+    with pytest.raises(BaseqError, match=re.escape(frag)):
+        QuantizeConfig.from_dict(data)
 
 
 # ------------------------------------------------------------------------------------------- CLI
