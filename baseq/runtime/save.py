@@ -111,7 +111,19 @@ def load_fake(path: Path, meta: dict, dtype=torch.float32, device="cpu"):
     model.baseq_config = model_record(meta)
     read_generation_config(model, path)
     tokenizer = load_tokenizer(path, int(config.vocab_size))
-    return model.to(device=device, dtype=dtype).eval(), tokenizer
+    model = model.to(device=device, dtype=dtype)
+    if dtype != torch.float32 and any(v.dtype == dtype for v in state.values()):
+        # calibrated in `dtype`: the tensors it kept in float32 (the quantization points' scales, shifts, clips; the
+        # weights' scales) stay float32, as they computed during calibration
+        for name, v in state.items():
+            if v.dtype == torch.float32 and name != TIED_KEY:
+                owner, _, leaf = name.rpartition(".")
+                module = model.get_submodule(owner)
+                if leaf in module._parameters:
+                    module._parameters[leaf].data = v.to(device)
+                elif leaf in module._buffers:
+                    module._buffers[leaf] = v.to(device)
+    return model.eval(), tokenizer
 
 
 def meta_act_spec(path: Path, meta: dict) -> ActSpec:
