@@ -377,6 +377,9 @@ class QuantizeConfig:
         for name, seed in (("seed", self.seed), ("calib.seed", self.calib.seed)):
             if not 0 <= seed < 2**31:  # per-block seeds are derived from it (seed · 100003 + block) within 2⁶³
                 raise BaseqError(f"{name} must be in 0 … 2³¹ − 1 (got {seed})")
+        if self.train.samples > self.calib.samples:  # (was capped silently at the calibration windows)
+            raise BaseqError(f"--train-samples {self.train.samples} is more than the {self.calib.samples} calibration "
+                             f"windows (--calib-samples); 0 trains on all of them")
         self.gptq.validate()
         self.bits.validate()
         self.calib.validate()

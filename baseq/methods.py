@@ -21,7 +21,9 @@ class RotationSource:
     summary: str
     whole_model: bool = False  # needs every block in memory (refused with --lazy)
     lr: float = 0.0  # default learning rate of its training (RotationConfig.lr < 0 means this)
-    split_batch: bool = False  # each training step's --rotation-batch windows are split among the ranks
+    # trained end to end on --rotation-batch × --rotation-seqlen windows a step (those windows must fit the model's
+    # context; with several ranks, each step's windows are split among them)
+    end_to_end: bool = False
     fitted: bool = True  # fitted to the calibration text (so it reads it, and its training options apply)
 
 
@@ -43,10 +45,10 @@ ROTATION_SOURCES: dict[str, RotationSource] = {r.name: r for r in (
                                  "distribution loss (DartQuant-style)", whole_model=True, lr=10.0),
     RotationSource("spinquant", "R1 and per-layer R2 trained end to end by Cayley SGD on the causal-LM loss of the "
                                 "A/KV-quantized model (SpinQuant)", whole_model=True, lr=1.5,
-                   split_batch=True),
+                   end_to_end=True),
     RotationSource("ostquant", "R_res, per-layer per-KV-head R_ov and five channel scales trained end to end with "
                                "the KL-Top loss against the FP model (OSTQuant)", whole_model=True, lr=1e-3,
-                   split_batch=True),
+                   end_to_end=True),
 )}
 
 _ANY_WEIGHTS = ("gptq", "rtn", "gptaq")

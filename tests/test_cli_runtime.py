@@ -168,6 +168,21 @@ def test_quantize_refuses_a_calib_seqlen_past_the_context(tiny_model_dir, text_f
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("method", ["spinquant", "ostquant"])
+def test_quantize_refuses_rotation_windows_past_the_context(method, tiny_model_dir, text_file, tmp_path, capsys):
+    assert main(_quantize(tiny_model_dir, text_file, tmp_path / "o", "--method", method, "--weights", "gptq",
+                          "--calib-data", str(text_file), "--rotation-seqlen", "4096")) == 2
+    _one_error_line(capsys.readouterr().err, "--rotation-seqlen (4,096 tokens) is longer than the model's context")
+    assert not (tmp_path / "o").exists()
+
+
+def test_quantize_refuses_more_train_samples_than_calibration_windows(tiny_model_dir, text_file, tmp_path, capsys):
+    assert main(_quantize(tiny_model_dir, text_file, tmp_path / "o", "--method", "baseq", "--weights", "gptq",
+                          "--calib-data", str(text_file), "--calib-samples", "4", "--train-samples", "5")) == 2
+    _one_error_line(capsys.readouterr().err, "--train-samples 5 is more than the 4 calibration windows")
+    assert not (tmp_path / "o").exists()
+
+
 def test_unknown_tasks_fail_before_any_work(tiny_model_dir, text_file, tmp_path, capsys, monkeypatch):
     import baseq.eval.perplexity as perplexity
 

@@ -112,7 +112,7 @@ def idle_ranks(cfg: QuantizeConfig, world_size: int) -> str | None:
     """A warning line when a learned rotation's training steps have fewer windows than there are ranks (each rank
     takes its share of a step's windows; the rest wait), else None."""
     b = cfg.rotation.batch
-    if not ROTATION_SOURCES[cfg.rotation_source].split_batch or world_size <= b:
+    if not ROTATION_SOURCES[cfg.rotation_source].end_to_end or world_size <= b:
         return None
     return (f"warning: {world_size} ranks share training steps of --rotation-batch {b} window(s): "
             f"{world_size - b} rank(s) sit idle in the rotation training (raise --rotation-batch to use them)")

@@ -228,6 +228,8 @@ def quantize_command(args, cfg, device, comm) -> int:
                          f"least one (raise --calib-samples or start fewer ranks)")
     if reads_calibration(cfg, kv_shift_on(cfg, ad)):
         check_context(model, cfg.calib.seqlen, "--calib-seqlen")
+    if cfg.rotate and ROTATION_SOURCES[cfg.rotation_source].end_to_end:
+        check_context(model, cfg.rotation.seqlen, "--rotation-seqlen")
     if args.eval:
         check_context(model, args.seqlen, "--seqlen")
     calib = None
@@ -286,8 +288,8 @@ def quantize_command(args, cfg, device, comm) -> int:
     if not comm.is_main:
         return 0
     rows = [("model", args.model), ("method", f"{cfg.label} {cfg.bits.label}"),
-            ("out", f"{out} ({args.format}, {result['disk_mb']:.1f} MB)"),
-            ("calibration s", f"{report['calib_seconds']:.1f}"), ("peak RSS", f"{result['peak_rss_mb']:.0f} MB")]
+            ("out", f"{out} ({args.format}, {result['disk_mb']:.1f} MiB)"),
+            ("calibration s", f"{report['calib_seconds']:.1f}"), ("peak RSS", f"{result['peak_rss_mb']:.0f} MiB")]
     if comm.world_size > 1:
         rows.insert(4, ("ranks", str(comm.world_size)))
     if args.format == "packed" and args.eval and lazy is None:  # the saved model, run by the runtime, on one window

@@ -48,7 +48,7 @@ def cmd_generate(args) -> int:
     if not args.quiet:
         print(f"baseq: {stats.prompt_tokens} prompt tokens in {stats.prefill_s:.2f} s ({stats.prefill_tok_s:.0f} tok/s), "
               f"{stats.new_tokens} new tokens ({stats.decode_tok_s:.1f} tok/s after the first); "
-              f"peak RSS {peak_rss_mb():.0f} MB", file=sys.stderr)
+              f"peak RSS {peak_rss_mb():.0f} MiB", file=sys.stderr)
     return 0
 
 
@@ -75,10 +75,10 @@ def cmd_bench(args) -> int:
     for key in ("model", "baseline"):
         if key in res:
             r = res[key]
-            disk = f"{r['disk_mb']:.1f} MB" if r["disk_mb"] is not None else "?"
+            disk = f"{r['disk_mb']:.1f} MiB" if r["disk_mb"] is not None else "?"
             held = f", weights held {r['weights_held']}" if r.get("weights_held") else ""
             rows.append((f"{key}: {r['spec']}", f"prefill {r['prefill_tok_s']:.0f} tok/s, decode "
-                         f"{r['decode_tok_s']:.1f} tok/s, TTFT {r['ttft_s']:.3f} s, peak RSS {r['peak_rss_mb']:.0f} MB, "
+                         f"{r['decode_tok_s']:.1f} tok/s, TTFT {r['ttft_s']:.3f} s, peak RSS {r['peak_rss_mb']:.0f} MiB, "
                          f"disk {disk}{held}"))
     if "ratio" in res:
         q = res["ratio"]
