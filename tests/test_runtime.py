@@ -107,16 +107,71 @@ def test_int_linear_matches_float_matmul_of_the_dequantized_operands(w_bits, a_b
         assert torch.allclose(lin.forward_float(x).double(), ref16, rtol=1e-5, atol=1e-4)
 
 
-def test_int_linear_never_calls_a_float_or_int32_matmul(monkeypatch):
-    """The integer path is torch._int_mm (int8 × int8 → int32); an int32 matmul fallback would be slow."""
+@pytest.mark.parametrize("kind", ["int8", "float"])
+def test_int_linear_never_calls_an_int32_matmul(kind, monkeypatch):
+    """The integer path is torch._int_mm (int8 × int8 → int32) where the CPU has a fast one, else one float32 GEMM
+    of the integers (exact); an int32 matmul fallback would be slow."""
+    from baseq.runtime import kernels
+
+    monkeypatch.setitem(kernels._GEMM, "kind", kind)
     parts = [_grid(16, 32, 4, 1, 0)]
     lin = IntLinear([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts], [p[3] for p in parts], 4)
-    calls = []
-    real = torch._int_mm
+    calls, mms = [], []
+    real, real_mm = torch._int_mm, torch.mm
     monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append((a.dtype, b.dtype)) or real(a, b))
+    monkeypatch.setattr(torch, "mm", lambda a, b: mms.append((a.dtype, b.dtype)) or real_mm(a, b))
     a, s, z = quantize_tokens(torch.randn(INT4_ROWS + 4, 32), 1.0, 4)  # past the rows the nibble kernel takes
     lin(a, s, z)
-    assert calls == [(torch.int8, torch.int8)]
+    assert (calls, mms) == (([(torch.int8, torch.int8)], []) if kind == "int8" else
+                            ([], [(torch.float32, torch.float32)]))
+
+
+@pytest.mark.parametrize("m, k, n, a_bound, w_bound", [
+    (9, 577, 40, 15, 15),  # 4-bit activations and weights: one GEMM
+    (17, 8960, 24, 127, 15),  # --keep-massive's digit rows against 4-bit weights, 1.5B's down_proj width: split
+    (12, 3000, 20, 128, 128),  # the int8 corners (8-bit weights keep c − 128): split in 2,730-column pieces
+    (10, 64, 8, 0, 15),  # all-zero activations
+])
+def test_the_float_gemm_is_the_int8_gemm_bit_for_bit(m, k, n, a_bound, w_bound):
+    from baseq.runtime.kernels import float_int_mm
+
+    g = torch.Generator().manual_seed(k)
+    a = torch.randint(-a_bound, a_bound + 1, (m, k), generator=g).clamp(-128, 127).to(torch.int8)
+    w = torch.randint(-w_bound, w_bound + 1, (n, k), generator=g).clamp(-128, 127).to(torch.int8)
+    a[0], w[0] = -min(a_bound, 128), -min(w_bound, 128)  # the largest sums: past 2^24 where the pieces are needed
+    ref = a.long() @ w.long().t()
+    assert torch.equal(torch._int_mm(a, w.t()).long(), ref)  # (torch's own, the reference)
+    got = float_int_mm(a, w, w_bound)
+    assert got.dtype == torch.int32 and torch.equal(got.long(), ref)
+    assert torch.equal(float_int_mm(a, w.float(), w_bound), got)  # the integers handed over as floats (kept buffers)
+
+
+def test_the_float_gemm_gives_way_where_float32_gemms_may_round(monkeypatch):
+    """Under torch.set_float32_matmul_precision('high' / 'medium') a float32 GEMM may run in TF32 / bfloat16: the
+    integer sums would not be exact, so torch's int8 GEMM runs instead."""
+    from baseq.runtime.kernels import float_int_mm
+
+    calls, real = [], torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append(1) or real(a, b))
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "medium")
+    a = torch.randint(-8, 8, (9, 40), dtype=torch.int8)
+    w = torch.randint(-8, 8, (7, 40), dtype=torch.int8)
+    assert torch.equal(float_int_mm(a, w, 8), a.int() @ w.int().t()) and calls == [1]
+
+
+def test_the_gemm_kind_follows_the_cpu_and_baseq_gemm(monkeypatch):
+    from baseq.runtime import kernels
+
+    for env, want in (("float", "float"), ("INT8", "int8")):
+        monkeypatch.setitem(kernels._GEMM, "kind", None)
+        kernels._GEMM.pop("kind")
+        monkeypatch.setenv("BASEQ_GEMM", env)
+        assert kernels.gemm_kind() == want
+    kernels._GEMM.pop("kind")
+    monkeypatch.delenv("BASEQ_GEMM")
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    vnni = any(f in flags.split() for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    assert kernels.gemm_kind() == ("int8" if vnni else "float")
 
 
 @pytest.mark.parametrize("m, n, k", [(1, 24, 32), (3, 20, 30), (40, 16, 64)])
@@ -197,6 +252,40 @@ def _mapped_file(t: torch.Tensor) -> str | None:
         if lo <= addr < hi:
             return fields[5] if len(fields) == 6 and fields[5].startswith("/") else None
     return None
+
+
+@pytest.mark.filterwarnings("ignore:no Hadamard matrix")
+@pytest.mark.parametrize("method,kw,bits", [
+    ("baseq", dict(hidden=48, ffn=80, heads=4, kv_heads=2), {"keep_massive": 1.5}),  # digit rows in the GEMM too
+    ("quarot", dict(hidden=48, ffn=96, heads=3, kv_heads=1, head_dim=12), {"w_group": 12}),
+    ("quarot", dict(hidden=48, ffn=70, heads=4, kv_heads=2, head_dim=10), {"w_bits": 8, "a_bits": 8, "kv_bits": 8}),
+], ids=["baseq-keep", "quarot-groups", "quarot-w8a8"])
+def test_the_gemm_kind_changes_no_bit_of_a_packed_model(method, kw, bits, text_file, tokenizer, tmp_path,
+                                                          monkeypatch):
+    """torch's int8 GEMM and the float32 one (the CPUs without VNNI) through a whole packed model: the same logits,
+    bit for bit, for a prompt (past the rows the nibble kernel takes) and each decoding step."""
+    from baseq.runtime import kernels
+
+    model, cfg = _quantized(method, kw, text_file, tokenizer, **bits)
+    rt, _ = load(str(_save_packed(model, tokenizer, cfg, tmp_path / "packed")))
+    ids = torch.randint(3, 250, (2, 24), generator=torch.Generator().manual_seed(0))
+
+    def run(kind):
+        monkeypatch.setitem(kernels._GEMM, "kind", kind)
+        with torch.no_grad():
+            out = rt.generate(ids[:1, :12], max_new_tokens=4, do_sample=False, output_logits=True,
+                              return_dict_in_generate=True)
+            return rt(ids, use_cache=False).logits, torch.stack(out.logits)
+
+    mms, real = [], torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b: mms.append(a.dtype) or real(a, b))
+    digits, real_digits = [], kernels.float_digits
+    monkeypatch.setattr(kernels, "float_digits", lambda x: digits.append(len(x)) or real_digits(x))
+    got = run("float")
+    assert mms  # the float path ran
+    assert bool(digits) == bool(bits.get("keep_massive"))  # kept tokens' digit rows rode in its GEMMs
+    ref = run("int8")
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
 
 
 @pytest.mark.filterwarnings("ignore:no Hadamard matrix")

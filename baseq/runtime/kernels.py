@@ -52,22 +52,28 @@ class _Unpacked:
     def __init__(self):
         self.held: list[tuple[tuple, Tensor]] = []  # (whose codes, buffer), most recently used last
 
-    def get(self, owner: int, codes: Tensor, zero: Tensor, k: int, unpack) -> Tensor:
-        """``owner``: a number no other holder of codes gets in this process (memory addresses are reused)."""
-        key = (owner, codes._version, zero._version, codes.device)
+    def get(self, owner: int, codes: Tensor, zero: Tensor, k: int, unpack, dtype: torch.dtype = torch.int8) -> Tensor:
+        """``owner``: a number no other holder of codes gets in this process (memory addresses are reused).
+        ``dtype``: int8, or float32 for :func:`float_int_mm` (the integers as floats, converted once per forward)."""
+        key = (owner, codes._version, zero._version, codes.device, dtype)
         for i, (whose, buf) in enumerate(self.held):
             if whose == key:
                 self.held.append(self.held.pop(i))
                 return buf[:codes.shape[0] * k].view(codes.shape[0], k)
         numel = codes.shape[0] * k
         if len(self.held) < self.slots:
-            buf = torch.empty(numel, dtype=torch.int8, device=codes.device)
+            buf = torch.empty(numel, dtype=dtype, device=codes.device)
         else:
             buf = self.held.pop(0)[1]  # the least recently used
-            if buf.numel() < numel or buf.device != codes.device:
-                buf = torch.empty(numel, dtype=torch.int8, device=codes.device)
+            if buf.numel() < numel or buf.device != codes.device or buf.dtype != dtype:
+                buf = torch.empty(numel, dtype=dtype, device=codes.device)
         w = buf[:numel].view(codes.shape[0], k)
-        unpack(codes, zero, w)
+        if dtype == torch.int8:
+            unpack(codes, zero, w)
+        else:
+            ints = torch.empty(codes.shape[0], k, dtype=torch.int8, device=codes.device)
+            unpack(codes, zero, ints)
+            w.copy_(ints)
         self.held.append((key, buf))
         return w
 
@@ -157,12 +163,63 @@ def unpack_nibbles(packed: Tensor, n: int) -> Tensor:
 # ---------------------------------------------------------------------------------------------- GEMM
 
 
-def int_mm(a: Tensor, w: Tensor) -> Tensor:
-    """``a [M, K] int8 @ w[N, K]ᵀ int8 → int32`` with ``torch._int_mm`` (w is used column-major, its fast layout on
-    the CPU)."""
-    if a.device.type != "cuda":
-        return torch._int_mm(a, w.t())
-    return padded_int_mm(a, w)
+# Products and partial sums of integers below 2^24 are exact in float32, whatever the order of the sums: an int8 GEMM
+# computed as a float32 one is the same int32 result bit for bit (quant/qmodel.exact_linear uses this too).
+FLOAT_EXACT = 1 << 24
+# torch's CPU int8 GEMM is fast only with VNNI instructions; without them (x86 with AVX2 only: AMD Zen 1–3, Intel
+# before Ice Lake / Alder Lake; other architectures) it ran ~36–60× slower than a float32 GEMM of the same shape
+# (512 × 576 × 1536, 2 threads, AMD EPYC without AVX-512, 2026-12-07: 254 ms against 7 ms), and a 4-bit model's prefill
+# 20× slower than its FP32 source. There the same sums come from float32 GEMMs (float_int_mm).
+_GEMM: dict[str, str] = {}
+
+
+def gemm_kind() -> str:
+    """``int8`` (torch's int8 GEMM) where the CPU has VNNI, else ``float`` (:func:`float_int_mm`). ``BASEQ_GEMM=int8``
+    or ``float`` chooses; the results are the same bits either way."""
+    if "kind" not in _GEMM:
+        import os
+
+        kind = os.environ.get("BASEQ_GEMM", "").strip().lower()
+        if kind not in ("int8", "float"):
+            flags = ""
+            try:
+                with open("/proc/cpuinfo", encoding="utf-8") as f:
+                    flags = next((line for line in f if line.startswith("flags")), "")
+            except OSError:
+                pass
+            kind = "int8" if {"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags.split()) else "float"
+        _GEMM["kind"] = kind
+    return _GEMM["kind"]
+
+
+def int_mm(a: Tensor, w: Tensor, w_bound: int = 128) -> Tensor:
+    """``a [M, K] int8 @ w[N, K]ᵀ int8 → int32``: torch's int8 GEMM (w used column-major, its fast layout on the CPU),
+    or, on a CPU without a fast one (:func:`gemm_kind`), :func:`float_int_mm` — unless ``a`` has only a few rows,
+    where converting ``w`` would cost more than the product. ``w_bound``: a bound on ``|w|``."""
+    if a.device.type == "cuda":
+        return padded_int_mm(a, w)
+    if gemm_kind() == "float" and a.shape[0] > INT4_ROWS:
+        return float_int_mm(a, w, w_bound)
+    return torch._int_mm(a, w.t())
+
+
+def float_int_mm(a: Tensor, w: Tensor, w_bound: int = 128) -> Tensor:
+    """:func:`int_mm` as float32 GEMMs, exactly: ``w`` (int8, or its integers as float32) ``[N, K]``, ``|w| ≤
+    w_bound``. The input columns are split so that no partial sum can reach 2^24 (one GEMM for 4-bit activations and
+    weights; ``--keep-massive``'s digit rows, up to 127, split 8,960 columns in two)."""
+    if torch.get_float32_matmul_precision() != "highest":  # float32 GEMMs may round (TF32 / bfloat16): not exact
+        return torch._int_mm(a, w.t() if w.dtype == torch.int8 else w.to(torch.int8).t())
+    k = a.shape[1]
+    a_bound = max(int(a.max()), -int(a.min())) if a.numel() else 0
+    step = k if a_bound * w_bound == 0 else max(1, (FLOAT_EXACT - 1) // (a_bound * w_bound))
+    af, wf = a.float(), w.float()
+    if step >= k:
+        return torch.mm(af, wf.t()).to(torch.int32)
+    out = None
+    for i in range(0, k, step):
+        part = torch.mm(af[:, i:i + step], wf[:, i:i + step].t()).to(torch.int32)
+        out = part if out is None else out.add_(part)
+    return out
 
 
 def padded_int_mm(a: Tensor, w: Tensor) -> Tensor:
@@ -202,6 +259,7 @@ class IntLinear(nn.Module):
         if k % groups:
             raise ValueError(f"{groups} weight groups do not divide {k} input columns")
         self.n, self.k, self.groups, self.bits = n, k, groups, bits
+        self.w_bound = 2**bits - 1 if bits <= 7 else 128  # |c − z| below 8 bits, |c − 128| at 8
         gs = k // groups
         # 4-bit codes per output channel, for a CPU with the compiled kernel: two codes a byte (runtime/native.py)
         nibbles = nibbles and bits <= 4 and groups == 1 and codes[0].device.type == "cpu" and native_ops() is not None
@@ -258,7 +316,7 @@ class IntLinear(nn.Module):
         out = out_d = None
         for g in range(self.groups):
             ag = a[:, g * gs:(g + 1) * gs]
-            acc = int_mm(ag, self.weight[g])
+            acc = int_mm(ag, self.weight[g], self.w_bound)
             part = self._correct(acc[:m_rows], ag[:m_rows], z, g, gs) * self.scale_t[g]
             out = part if out is None else out.add_(part)
             if kept is not None:
@@ -279,12 +337,15 @@ class IntLinear(nn.Module):
         """``Σ_k a_k W_jk`` per output channel, int32 ``[M, N]``: from the nibbles at a few rows (a decode step), else
         through torch's int8 GEMM on the codes unpacked into a kept buffer (:class:`_Unpacked`)."""
         if self.codes4 is None:
-            return int_mm(a, self.weight)
+            return int_mm(a, self.weight, self.w_bound)
         ops = native_ops() if a.device.type == "cpu" else None
         if ops is None:
-            return int_mm(a, self.integers())
+            return int_mm(a, self.integers(), self.w_bound)
         if a.shape[0] <= INT4_ROWS:
             return ops.int4_mm(a, self.codes4, self.zero4)
+        if gemm_kind() == "float":  # the integers as float32, kept like the int8 ones
+            return float_int_mm(a, _UNPACKED.get(self.serial, self.codes4, self.zero4, self.k, ops.int4_unpack,
+                                                 torch.float32), self.w_bound)
         return int_mm(a, _UNPACKED.get(self.serial, self.codes4, self.zero4, self.k, ops.int4_unpack))
 
     def _digit_sums(self, acc: Tensor, a: Tensor, m_rows: int, g: int) -> Tensor:

@@ -4,7 +4,8 @@
   weight of the model, so its time is the time to read the weights (1.5B: 1.31 GB of int8 codes a token, read at the
   memory's ~18–26 GB/s). Nibbles halve that read and the resident weights; the sums stay integer sums, equal to the
   int8 GEMM's bit for bit. Longer inputs (a prompt) unpack one linear's codes at a time into a kept buffer and keep
-  torch's int8 GEMM, which is faster there.
+  torch's int8 GEMM, which is faster there (on a CPU without VNNI, a float32 GEMM of the same integers, exact:
+  ``kernels.gemm_kind``).
 * **Decoding attention on the 4-bit KV codes** (``kv_scores``, ``kv_weighted``): a query against the stored K codes
   and the attention weights against the V codes, read two a byte where the cache keeps them, instead of unpacking
   the whole cache into float codes at every step (a cost that grew with the context: at 8,192 tokens ~6 ms a layer,
