@@ -43,6 +43,39 @@ def test_int4_mm_is_the_int8_product_bit_for_bit(ops, m, k, n):
     assert torch.equal(out, w)
 
 
+@pytest.mark.parametrize("m, k, n", [(1, 1, 3), (1, 37, 11), (2, 64, 9), (3, 130, 17), (4, 200, 5), (5, 255, 33),
+                                     (8, 1536, 40)])
+def test_int8_mm_is_the_int8_product_bit_for_bit(ops, m, k, n):
+    g = torch.Generator().manual_seed(m + k)
+    a = torch.randint(-127, 128, (m, k), generator=g).to(torch.int8)
+    w = torch.randint(-128, 128, (n, k), generator=g).to(torch.int8)
+    a[0], w[0] = 127, -128  # the largest pair sums the unsigned-by-signed product meets: 2 · 128 · 127
+    got = ops.int8_mm(a, w)
+    assert got.dtype == torch.int32 and torch.equal(got, a.long().mm(w.long().t()).int())
+
+
+def test_int8_mm_refuses_what_it_cannot_sum_in_one_line(ops):
+    with pytest.raises(RuntimeError, match="activations must lie in -127..127"):
+        ops.int8_mm(torch.full((1, 8), -128, dtype=torch.int8), torch.ones(2, 8, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="weights hold 8 columns, activations 9"):
+        ops.int8_mm(torch.ones(1, 9, dtype=torch.int8), torch.ones(2, 8, dtype=torch.int8))
+
+
+def test_a_few_rows_use_the_compiled_int8_gemv_where_the_int8_gemm_is_slow(ops, monkeypatch):
+    """On a CPU without VNNI (kernels.gemm_kind 'float'), a decoding step's product with int8 weights (the int8
+    vocabulary table, grouped weights) is ``int8_mm``, not torch's slow int8 GEMM — the same integers; an
+    activation of -128 (never a digit row) takes torch's."""
+    monkeypatch.setitem(kernels._GEMM, "kind", "float")
+    calls, real = [], torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append(1) or real(a, b))
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (3, 100), generator=g).to(torch.int8)
+    w = torch.randint(-127, 128, (30, 100), generator=g).to(torch.int8)
+    assert torch.equal(kernels.int_mm(a, w), a.int() @ w.int().t()) and not calls
+    a[1, 5] = -128
+    assert torch.equal(kernels.int_mm(a, w), a.int() @ w.int().t()) and calls == [1]
+
+
 def test_int4_mm_refuses_mismatched_operands_in_one_line(ops):
     c, z, _ = _codes(4, 10, 0)
     with pytest.raises(RuntimeError, match="packed codes hold 10 columns, activations 12"):

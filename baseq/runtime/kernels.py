@@ -73,7 +73,8 @@ class _Unpacked:
         else:
             ints = torch.empty(codes.shape[0], k, dtype=torch.int8, device=codes.device)
             unpack(codes, zero, ints)
-            w.copy_(ints)
+            with torch.inference_mode():  # (the kept buffer may have been made in inference mode, or outside it)
+                w.copy_(ints)
         self.held.append((key, buf))
         return w
 
@@ -194,12 +195,17 @@ def gemm_kind() -> str:
 
 def int_mm(a: Tensor, w: Tensor, w_bound: int = 128) -> Tensor:
     """``a [M, K] int8 @ w[N, K]ᵀ int8 → int32``: torch's int8 GEMM (w used column-major, its fast layout on the CPU),
-    or, on a CPU without a fast one (:func:`gemm_kind`), :func:`float_int_mm` — unless ``a`` has only a few rows,
-    where converting ``w`` would cost more than the product. ``w_bound``: a bound on ``|w|``."""
+    or, on a CPU without a fast one (:func:`gemm_kind`), :func:`float_int_mm` — or for a few rows, where converting
+    ``w`` would cost more than the product, the compiled ``int8_mm`` (runtime/native.py). ``w_bound``: a bound on
+    ``|w|``."""
     if a.device.type == "cuda":
         return padded_int_mm(a, w)
-    if gemm_kind() == "float" and a.shape[0] > INT4_ROWS:
-        return float_int_mm(a, w, w_bound)
+    if gemm_kind() == "float":
+        if a.shape[0] > INT4_ROWS:
+            return float_int_mm(a, w, w_bound)
+        ops = native_ops() if a.device.type == "cpu" and w.is_contiguous() else None
+        if ops is not None and a.numel() and int(a.min()) > -128:  # a few rows: the compiled int8 GEMV
+            return ops.int8_mm(a, w)
     return torch._int_mm(a, w.t())
 
 

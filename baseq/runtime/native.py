@@ -11,6 +11,9 @@
   the whole cache into float codes at every step (a cost that grew with the context: at 8,192 tokens ~6 ms a layer,
   more than the layer's linears). Float sums in an order of their own, so equal to the torch path to rounding
   (~1e-6 relative), and the same bits whatever the thread count.
+* **A few rows against int8 weights** (``int8_mm``): the int8 vocabulary table's decoding product and grouped or 8-bit
+  weights at decode, where torch's int8 GEMM has no fast kernel (CPUs without VNNI: 60 ms against ~2 for SmolLM2's
+  head; ``kernels.gemm_kind``). Integer sums, equal to torch's bit for bit.
 * **Per-token activation quantization in one pass** (``quantize_rows``): the same float32 operations as
   :func:`~baseq.runtime.kernels.quantize_tokens`, in the same order, instead of ~20 tensor operations a call (a
   decode step makes four calls a layer).
@@ -97,7 +100,8 @@ def _build() -> object | None:
 
 
 def native_ops() -> object | None:
-    """``torch.ops.baseq_ops`` (``int4_mm``, ``int4_unpack``, ``kv_scores``, ``kv_weighted``, ``quantize_rows``), built
+    """``torch.ops.baseq_ops`` (``int4_mm``, ``int4_unpack``, ``int8_mm``, ``kv_scores``, ``kv_weighted``,
+    ``quantize_rows``), built
     or loaded once per process; None where it cannot be (or ``BASEQ_NATIVE=0``)."""
     if "ops" not in _state:
         _state["ops"] = _build()

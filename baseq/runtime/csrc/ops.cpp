@@ -4,6 +4,9 @@
 //   int4_mm(a [M, K] int8, packed [N, ceil(K/2)] uint8, zero [N] int32) -> [M, N] int32
 //       out[m, n] = sum_k a[m, k] * (c[n, k] - zero[n]),   c[n, 2i] = packed[n, i] & 15, c[n, 2i+1] = packed[n, i] >> 4
 //   int4_unpack(packed, zero, out [N, K] int8): out = c - zero (into a buffer the caller keeps: no fresh pages)
+//   int8_mm(a [M, K] int8 in -127..127, w [N, K] int8) -> [M, N] int32: a few rows against int8 weights (the int8
+//       vocabulary table's decoding GEMV, grouped or 8-bit weights at decode) where torch's int8 GEMM is slow
+//       (CPUs without VNNI: baseq.runtime.kernels.gemm_kind).
 //
 // Every sum is an integer sum, so the result equals torch._int_mm on the unpacked weight bit for bit. The weight
 // matrix is read once per call at half a byte per weight: at one token (decode) that read is the whole cost.
@@ -150,6 +153,68 @@ at::Tensor int4_mm(const at::Tensor& a_in, const at::Tensor& packed, const at::T
           default: dot_rows<4>(row, e, o, n2, sums); break;
         }
         for (int j = 0; j < mb; ++j) op[(m0 + j) * n + r] = sums[j] - zp[r] * row_sum[m0 + j];
+      }
+    }
+  });
+  return out;
+}
+
+// out[m] = sum_i w[i] * a[m][i] over i < k, for MB rows of int8 activations (none -128) against one row of int8
+// weights: |w| meets sign(w) * a in the unsigned-by-signed product (pair sums within 2 * 128 * 127 = 32512, so
+// _mm256_maddubs_epi16 never saturates), the same integer sums as the plain loop.
+template <int MB>
+inline void dot8_rows(const int8_t* w, const int8_t* const* a, int64_t k, int32_t* out) {
+  int64_t i = 0;
+  for (int m = 0; m < MB; ++m) out[m] = 0;
+#if defined(__AVX2__)
+  __m256i acc[MB][2];
+  for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+  for (; i + 64 <= k; i += 64) {
+    for (int h = 0; h < 2; ++h) {
+      const __m256i wv = load(w + i + 32 * h);
+      const __m256i wa = _mm256_abs_epi8(wv);
+      for (int m = 0; m < MB; ++m) acc[m][h] = dot4(acc[m][h], wa, _mm256_sign_epi8(load(a[m] + i + 32 * h), wv));
+    }
+  }
+  for (; i + 32 <= k; i += 32) {
+    const __m256i wv = load(w + i);
+    const __m256i wa = _mm256_abs_epi8(wv);
+    for (int m = 0; m < MB; ++m) acc[m][0] = dot4(acc[m][0], wa, _mm256_sign_epi8(load(a[m] + i), wv));
+  }
+  for (int m = 0; m < MB; ++m) out[m] = hsum(_mm256_add_epi32(acc[m][0], acc[m][1]));
+#endif
+  for (; i < k; ++i) {
+    for (int m = 0; m < MB; ++m) out[m] += static_cast<int32_t>(w[i]) * a[m][i];
+  }
+}
+
+at::Tensor int8_mm(const at::Tensor& a_in, const at::Tensor& w) {
+  TORCH_CHECK(a_in.scalar_type() == at::kChar && a_in.dim() == 2 && a_in.device().is_cpu(),
+              "activations: [M, K] int8 on the CPU");
+  TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 2 && w.device().is_cpu() && w.is_contiguous(),
+              "weights: a contiguous [N, K] int8 tensor on the CPU");
+  TORCH_CHECK(w.size(1) == a_in.size(1), "weights hold ", w.size(1), " columns, activations ", a_in.size(1));
+  const at::Tensor a = a_in.contiguous();
+  const int64_t m_rows = a.size(0), k = a.size(1), n = w.size(0);
+  const int8_t* ap = a.data_ptr<int8_t>();
+  for (int64_t j = 0; j < m_rows * k; ++j) TORCH_CHECK(ap[j] != -128, "int8_mm: activations must lie in -127..127");
+  at::Tensor out = at::empty({m_rows, n}, a.options().dtype(at::kInt));
+  int32_t* op = out.data_ptr<int32_t>();
+  const int8_t* wp = w.data_ptr<int8_t>();
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    const int8_t* rows[4];
+    int32_t sums[4];
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t m0 = 0; m0 < m_rows; m0 += 4) {
+        const int mb = static_cast<int>(std::min<int64_t>(4, m_rows - m0));
+        for (int j = 0; j < mb; ++j) rows[j] = ap + (m0 + j) * k;
+        switch (mb) {
+          case 1: dot8_rows<1>(wp + r * k, rows, k, sums); break;
+          case 2: dot8_rows<2>(wp + r * k, rows, k, sums); break;
+          case 3: dot8_rows<3>(wp + r * k, rows, k, sums); break;
+          default: dot8_rows<4>(wp + r * k, rows, k, sums); break;
+        }
+        for (int j = 0; j < mb; ++j) op[(m0 + j) * n + r] = sums[j];
       }
     }
   });
@@ -438,6 +503,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x
 
 TORCH_LIBRARY(baseq_ops, m) {
   m.def("int4_mm(Tensor a, Tensor packed, Tensor zero) -> Tensor", &int4_mm);
+  m.def("int8_mm(Tensor a, Tensor w) -> Tensor", &int8_mm);
   m.def("int4_unpack(Tensor packed, Tensor zero, Tensor(a!) out) -> ()", &int4_unpack);
   m.def("quantize_rows(Tensor x, Tensor clip, int bits) -> (Tensor, Tensor, Tensor)", &quantize_rows);
   m.def("kv_scores(Tensor q, Tensor codes, int n) -> Tensor", &kv_scores);
