@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..quant.qmodel import combine_digits, float_digits
-from .native import native_ops
+from .native import cpu_flags, native_ops
 
 ACT_SCALE_EPS = 1e-6  # the fake quantizer's guard against constant tokens (quant/quantizer.py)
 # Up to this many rows a product reads the 4-bit codes directly; above, the codes are unpacked to int8 for torch's
@@ -182,13 +182,7 @@ def gemm_kind() -> str:
 
         kind = os.environ.get("BASEQ_GEMM", "").strip().lower()
         if kind not in ("int8", "float"):
-            flags = ""
-            try:
-                with open("/proc/cpuinfo", encoding="utf-8") as f:
-                    flags = next((line for line in f if line.startswith("flags")), "")
-            except OSError:
-                pass
-            kind = "int8" if {"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags.split()) else "float"
+            kind = "int8" if {"avx512_vnni", "avx_vnni", "amx_int8"} & set(cpu_flags().split()) else "float"
         _GEMM["kind"] = kind
     return _GEMM["kind"]
 

@@ -42,17 +42,20 @@ SOURCE = Path(__file__).with_name("csrc") / "ops.cpp"
 _state: dict[str, object] = {}
 
 
-def _cpu_key() -> str:
-    """What the compiled code depends on besides its source: the CPU's instruction sets, torch, Python."""
-    flags = ""
+def cpu_flags() -> str:
+    """The CPU's instruction-set line of /proc/cpuinfo (``flags`` on x86, ``Features`` on ARM), or "" elsewhere."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
-                flags = line
-                break
+                return line
     except OSError:
         pass
-    return f"{platform.machine()}|{flags}|{torch.__version__}|{sys.version_info[:2]}"
+    return ""
+
+
+def _cpu_key() -> str:
+    """What the compiled code depends on besides its source: the CPU's instruction sets, torch, Python."""
+    return f"{platform.machine()}|{cpu_flags()}|{torch.__version__}|{sys.version_info[:2]}"
 
 
 def build_dir() -> Path:
