@@ -188,12 +188,14 @@ def gemm_kind() -> str:
 
 
 def int_mm(a: Tensor, w: Tensor, w_bound: int = 128) -> Tensor:
-    """``a [M, K] int8 @ w[N, K]ᵀ int8 → int32``: torch's int8 GEMM (w used column-major, its fast layout on the CPU),
+    """``a [M, K] int8 @ w[N, K]ᵀ int8 (or its integers as float32) → int32``: torch's int8 GEMM (w used column-major, its fast layout on the CPU),
     or, on a CPU without a fast one (:func:`gemm_kind`), :func:`float_int_mm` — or for a few rows, where converting
     ``w`` would cost more than the product, the compiled ``int8_mm`` (runtime/native.py). ``w_bound``: a bound on
     ``|w|``."""
     if a.device.type == "cuda":
         return padded_int_mm(a, w)
+    if w.is_floating_point():  # the integers as float32 already (a kept buffer of float_int_mm's)
+        return float_int_mm(a, w, w_bound)
     if gemm_kind() == "float":
         if a.shape[0] > INT4_ROWS:
             return float_int_mm(a, w, w_bound)
@@ -344,8 +346,8 @@ class IntLinear(nn.Module):
         if a.shape[0] <= INT4_ROWS:
             return ops.int4_mm(a, self.codes4, self.zero4)
         if gemm_kind() == "float":  # the integers as float32, kept like the int8 ones
-            return float_int_mm(a, _UNPACKED.get(self.serial, self.codes4, self.zero4, self.k, ops.int4_unpack,
-                                                 torch.float32), self.w_bound)
+            return int_mm(a, _UNPACKED.get(self.serial, self.codes4, self.zero4, self.k, ops.int4_unpack,
+                                           torch.float32), self.w_bound)
         return int_mm(a, _UNPACKED.get(self.serial, self.codes4, self.zero4, self.k, ops.int4_unpack))
 
     def _digit_sums(self, acc: Tensor, a: Tensor, m_rows: int, g: int) -> Tensor:
