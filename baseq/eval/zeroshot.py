@@ -314,17 +314,21 @@ def zero_shot(model, tokenizer, tasks: list[str] | str, tasks_dir: str | Path | 
     from lm_eval.tasks import TaskManager
 
     runs: dict[tuple[str, str], tuple[Any, list[str]]] = {}  # (source, task) -> (lm-eval object, result keys)
+    # each run gets the task manager its task came from: simple_evaluate makes a new one otherwise, which indexes
+    # every task YAML lm-eval ships (~16 s a task on a 2-core machine, 2026-12-07: most of a small run's time)
+    managers: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="baseq-zeroshot-") as tmp, quiet_lm_eval():
         folder = Path(tmp)
         write_offline_tasks(bb, std, folder, tasks_dir, standard_dir, limit)  # file errors before any model work
         if bb or std:
-            local_tm = TaskManager(include_path=str(folder), include_defaults=False)
+            local_tm = managers["bigbench"] = managers["standard"] = TaskManager(include_path=str(folder),
+                                                                                  include_defaults=False)
             with quiet_lm_eval(logging.ERROR):  # e.g. "boolq: metric acc ... using default aggregation=mean"
                 for source, prefix, group in (("bigbench", _BB_PREFIX, bb), ("standard", _STD_PREFIX, std)):
                     for t in group:
                         runs[source, t] = (local_tm.load(prefix + t)["tasks"][prefix + t], [prefix + t])
         if hub:
-            default_tm = _default_task_manager()
+            default_tm = managers["lmeval"] = _default_task_manager()
             unknown = [t for t in hub if t not in default_tm.all_tasks]
             if unknown:
                 raise _unknown_error(unknown)
@@ -357,7 +361,7 @@ def zero_shot(model, tokenizer, tasks: list[str] | str, tasks_dir: str | Path | 
                 lm.label = t
                 out = lm_eval.simple_evaluate(
                     model=lm, tasks=obj if isinstance(obj, list) else [obj], limit=limit,
-                    log_samples=False, bootstrap_iters=1000,
+                    log_samples=False, bootstrap_iters=1000, task_manager=managers[source],
                     random_seed=None, numpy_random_seed=None, torch_random_seed=None,  # leave global RNGs alone
                 )
                 for name in [n for n, r in resolved.items() if r == (source, t)]:
