@@ -188,10 +188,10 @@ def gemm_kind() -> str:
 
 
 def int_mm(a: Tensor, w: Tensor, w_bound: int = 128) -> Tensor:
-    """``a [M, K] int8 @ w[N, K]ᵀ int8 (or its integers as float32) → int32``: torch's int8 GEMM (w used column-major, its fast layout on the CPU),
-    or, on a CPU without a fast one (:func:`gemm_kind`), :func:`float_int_mm` — or for a few rows, where converting
-    ``w`` would cost more than the product, the compiled ``int8_mm`` (runtime/native.py). ``w_bound``: a bound on
-    ``|w|``."""
+    """``a [M, K] int8 @ w[N, K]ᵀ int8 (or its integers as float32) → int32``: torch's int8 GEMM (w used
+    column-major, its fast layout on the CPU), or, on a CPU without a fast one (:func:`gemm_kind`),
+    :func:`float_int_mm` — or for a few rows, where converting ``w`` would cost more than the product, the compiled
+    ``int8_mm`` (runtime/native.py). ``w_bound``: a bound on ``|w|``."""
     if a.device.type == "cuda":
         return padded_int_mm(a, w)
     if w.is_floating_point():  # the integers as float32 already (a kept buffer of float_int_mm's)
@@ -337,7 +337,8 @@ class IntLinear(nn.Module):
 
     def _mm(self, a: Tensor) -> Tensor:
         """``Σ_k a_k W_jk`` per output channel, int32 ``[M, N]``: from the nibbles at a few rows (a decode step), else
-        through torch's int8 GEMM on the codes unpacked into a kept buffer (:class:`_Unpacked`)."""
+        through :func:`int_mm` on the codes unpacked into a kept buffer (:class:`_Unpacked`; float32 integers where
+        the GEMM is a float one)."""
         if self.codes4 is None:
             return int_mm(a, self.weight, self.w_bound)
         ops = native_ops() if a.device.type == "cpu" else None
