@@ -4,6 +4,7 @@ as the int8 path, nibbles held by the packed runtime, and a clean fallback where
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -29,8 +30,11 @@ def _codes(n, k, seed, bits=4):
 
 
 # odd K (a half-used last byte), K past and short of the 64-byte slabs, rows in and past the groups of four
+# past 8 rows the register tiles (AVX2): rows in and past tiles of four, weight rows past the L2 blocks of 64 and an
+# odd last one, K with and without a tail past the 64-column slabs
 @pytest.mark.parametrize("m, k, n", [(1, 1, 3), (1, 37, 11), (2, 64, 9), (3, 130, 17), (4, 200, 5), (5, 255, 33),
-                                     (8, 1536, 40), (11, 96, 7)])
+                                     (8, 1536, 40), (11, 96, 7), (9, 1, 2), (13, 201, 67), (16, 640, 129),
+                                     (30, 63, 5)])
 def test_int4_mm_is_the_int8_product_bit_for_bit(ops, m, k, n):
     c, z, w = _codes(n, k, seed=m + k)
     # the whole int8 range: the kept tokens' digit rows reach ±127, and -128 is the saturation corner
@@ -41,6 +45,21 @@ def test_int4_mm_is_the_int8_product_bit_for_bit(ops, m, k, n):
     out = torch.full((n, k), 99, dtype=torch.int8)
     ops.int4_unpack(pack_nibbles(c), z, out)
     assert torch.equal(out, w)
+
+
+@pytest.mark.parametrize("bound", [1, 15, 127, 128])
+def test_int4_mm_tiles_never_overflow_their_int16_sums(ops, bound):
+    """The tiles sum products in int16 lanes for as many slabs as the activations' largest |a| allows: at that bound,
+    every product at its largest (codes 15, zero point 0) and of one sign, over a down_proj-wide K."""
+    k, n = 8960, 3
+    c = torch.full((n, k), 15, dtype=torch.uint8)
+    z = torch.zeros(n, dtype=torch.int32)
+    for sign in (1, -1):
+        a = torch.full((12, k), sign * bound).clamp(-128, 127).to(torch.int8)
+        if bound == 128 and sign == 1:
+            a[0, 0] = -128  # the bound, once
+        got = ops.int4_mm(a, pack_nibbles(c), z)
+        assert torch.equal(got, a.long().mm(torch.full((n, k), 15, dtype=torch.long).t()).int())
 
 
 @pytest.mark.parametrize("m, k, n", [(1, 1, 3), (1, 37, 11), (2, 64, 9), (3, 130, 17), (4, 200, 5), (5, 255, 33),
@@ -74,6 +93,20 @@ def test_a_few_rows_use_the_compiled_int8_gemv_where_the_int8_gemm_is_slow(ops, 
     assert torch.equal(kernels.int_mm(a, w), a.int() @ w.int().t()) and not calls
     a[1, 5] = -128
     assert torch.equal(kernels.int_mm(a, w), a.int() @ w.int().t()) and calls == [1]
+
+
+def test_the_kernels_run_on_the_threads_torch_is_given(ops):
+    """at::parallel_for is an OpenMP pragma compiled into the extension: built without OpenMP, every kernel ran on
+    one thread whatever torch.set_num_threads said."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the kernels are built with OpenMP on Linux only")
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            assert ops.parallel_threads() == n
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_int4_mm_refuses_mismatched_operands_in_one_line(ops):

@@ -123,6 +123,7 @@ def test_int_linear_never_calls_an_int32_matmul(kind, monkeypatch):
     a, s, z = quantize_tokens(torch.randn(INT4_ROWS + 4, 32), 1.0, 4)  # past the rows the nibble kernel takes
     lin(a, s, z)
     assert (calls, mms) == (([(torch.int8, torch.int8)], []) if kind == "int8" else
+                            ([], []) if kernels.tiles() else  # the compiled tiles on the nibbles
                             ([], [(torch.float32, torch.float32)]))
 
 
@@ -270,8 +271,10 @@ def test_the_gemm_kind_changes_no_bit_of_a_packed_model(method, kw, bits, text_f
     rt, _ = load(str(_save_packed(model, tokenizer, cfg, tmp_path / "packed")))
     ids = torch.randint(3, 250, (2, 24), generator=torch.Generator().manual_seed(0))
 
-    def run(kind):
+    def run(kind, tiles=True):
         monkeypatch.setitem(kernels._GEMM, "kind", kind)
+        ops = kernels.native_ops()
+        monkeypatch.setitem(kernels._GEMM, "tiles", tiles and ops is not None and bool(ops.int4_tiles()))
         with torch.no_grad():
             out = rt.generate(ids[:1, :12], max_new_tokens=4, do_sample=False, output_logits=True,
                               return_dict_in_generate=True)
@@ -281,10 +284,12 @@ def test_the_gemm_kind_changes_no_bit_of_a_packed_model(method, kw, bits, text_f
     monkeypatch.setattr(torch, "mm", lambda a, b: mms.append(a.dtype) or real(a, b))
     digits, real_digits = [], kernels.float_digits
     monkeypatch.setattr(kernels, "float_digits", lambda x: digits.append(len(x)) or real_digits(x))
-    got = run("float")
+    got = run("float", tiles=False)
     assert mms  # the float path ran
     assert bool(digits) == bool(bits.get("keep_massive"))  # kept tokens' digit rows rode in its GEMMs
     ref = run("int8")
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    got = run("float")  # the compiled tiles where the CPU has them (AVX2)
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
 
 

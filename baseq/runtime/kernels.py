@@ -172,7 +172,7 @@ FLOAT_EXACT = 1 << 24
 # before Ice Lake / Alder Lake; other architectures) it ran ~36–60× slower than a float32 GEMM of the same shape
 # (512 × 576 × 1536, 2 threads, AMD EPYC without AVX-512, 2026-12-07: 254 ms against 7 ms), and a 4-bit model's prefill
 # 20× slower than its FP32 source. There the same sums come from float32 GEMMs (float_int_mm).
-_GEMM: dict[str, str] = {}
+_GEMM: dict[str, object] = {}
 
 
 def gemm_kind() -> str:
@@ -185,7 +185,16 @@ def gemm_kind() -> str:
         if kind not in ("int8", "float"):
             kind = "int8" if {"avx512_vnni", "avx_vnni", "amx_int8"} & set(cpu_flags().split()) else "float"
         _GEMM["kind"] = kind
-    return _GEMM["kind"]
+    return str(_GEMM["kind"])
+
+
+def tiles() -> bool:
+    """Whether the compiled ``int4_mm`` multiplies many rows in register tiles (x86 with AVX2): on a CPU whose GEMM
+    kind is ``float`` that beats the float32 GEMM of the unpacked codes (1.5B shapes, 512 rows: ~2–4×)."""
+    if "tiles" not in _GEMM:
+        ops = native_ops()
+        _GEMM["tiles"] = ops is not None and bool(ops.int4_tiles())
+    return bool(_GEMM["tiles"])
 
 
 def int_mm(a: Tensor, w: Tensor, w_bound: int = 128) -> Tensor:
@@ -347,9 +356,11 @@ class IntLinear(nn.Module):
             return int_mm(a, self.integers(), self.w_bound)
         if a.shape[0] <= INT4_ROWS:
             return ops.int4_mm(a, self.codes4, self.zero4)
-        if gemm_kind() == "float":  # the integers as float32, kept like the int8 ones
+        if gemm_kind() == "float":
+            if tiles():  # the compiled register tiles on the nibbles (AVX2): no unpacking, 2–4× a float32 GEMM
+                return ops.int4_mm(a, self.codes4, self.zero4)
             return int_mm(a, _UNPACKED.get(self.serial, self.codes4, self.zero4, self.k, ops.int4_unpack,
-                                           torch.float32), self.w_bound)
+                                           torch.float32), self.w_bound)  # the integers as float32, kept
         return int_mm(a, _UNPACKED.get(self.serial, self.codes4, self.zero4, self.k, ops.int4_unpack))
 
     def _digit_sums(self, acc: Tensor, a: Tensor, m_rows: int, g: int) -> Tensor:

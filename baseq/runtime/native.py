@@ -58,8 +58,16 @@ def _cpu_key() -> str:
     return f"{platform.machine()}|{cpu_flags()}|{torch.__version__}|{sys.version_info[:2]}"
 
 
+def _flags() -> list[str]:
+    """The compiler's flags. ``-fopenmp``: ATen's ``at::parallel_for`` is an OpenMP pragma compiled into the caller, so
+    without it every kernel ran on one thread whatever ``torch.set_num_threads`` said (the OpenMP calls resolve to
+    torch's own runtime, loaded before the extension; Linux only: Apple's clang has no -fopenmp)."""
+    return (["-O3", "-ffp-contract=off"] + (["-fopenmp"] if sys.platform.startswith("linux") else [])
+            + (["-march=native"] if platform.machine() in ("x86_64", "AMD64") else []))
+
+
 def build_dir() -> Path:
-    digest = hashlib.sha256(SOURCE.read_bytes() + _cpu_key().encode()).hexdigest()[:16]
+    digest = hashlib.sha256(SOURCE.read_bytes() + _cpu_key().encode() + " ".join(_flags()).encode()).hexdigest()[:16]
     return cache_dir() / "ext" / f"baseq_ops-{digest}"
 
 
@@ -91,8 +99,7 @@ def _build() -> object | None:
         where.mkdir(parents=True, exist_ok=True)
         if not any(where.glob("*.so")):
             print("baseq: compiling the runtime's kernels once for this machine (~10 s)", file=sys.stderr)
-        flags = ["-O3", "-ffp-contract=off"] + (["-march=native"] if platform.machine() in ("x86_64", "AMD64") else [])
-        load("baseq_ops", sources=[str(SOURCE)], extra_cflags=flags, build_directory=str(where),
+        load("baseq_ops", sources=[str(SOURCE)], extra_cflags=_flags(), build_directory=str(where),
              is_python_module=False, verbose=False)
         return torch.ops.baseq_ops
     except Exception as e:  # noqa: BLE001 -- any build failure means: run without it

@@ -35,6 +35,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <tuple>
@@ -112,6 +113,86 @@ void check_args(const at::Tensor& packed, const at::Tensor& zero) {
               "zero points: [N] int32");
 }
 
+// ------------------------------------------------------------------------------- many rows: register tiles
+
+#if defined(__AVX2__)
+// Tiles of MR activation rows x NR weight rows (a prompt's products). Each 32-byte slab of codes (64 columns) is split
+// into nibbles once and meets MR rows; each activation slab meets NR weight rows, so the loads are shared both ways.
+// The unsigned-by-signed products go through _mm256_maddubs_epi16 (pair sums within 2 * 15 * 128) and are summed in
+// int16 lanes for `span` slabs (each adds at most 4 * 15 * |a|max to a lane, span chosen so int16 cannot overflow),
+// then widened to int32 by _mm256_madd_epi16: one multiply instruction per 32 products instead of three. The same
+// code with or without VNNI (the result is an integer sum either way).
+template <int MR, int NR>
+inline void tile(const uint8_t* const* w, const int8_t* const* e, const int8_t* const* o, int64_t slabs,
+                 int64_t span, int32_t (*out)[2]) {
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256i acc[MR][NR], wide[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NR; ++j) wide[m][j] = _mm256_setzero_si256();
+  for (int64_t s0 = 0; s0 < slabs; s0 += span) {
+    const int64_t s1 = std::min(slabs, s0 + span);
+    for (int m = 0; m < MR; ++m)
+      for (int j = 0; j < NR; ++j) acc[m][j] = _mm256_setzero_si256();
+    for (int64_t s = s0; s < s1; ++s) {
+      __m256i lo[NR], hi[NR];
+      for (int j = 0; j < NR; ++j) {
+        const __m256i v = load(w[j] + 32 * s);
+        lo[j] = _mm256_and_si256(v, low);
+        hi[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+      }
+      for (int m = 0; m < MR; ++m) {
+        const __m256i ev = load(e[m] + 32 * s), ov = load(o[m] + 32 * s);
+        for (int j = 0; j < NR; ++j) {
+          acc[m][j] = _mm256_add_epi16(acc[m][j], _mm256_maddubs_epi16(lo[j], ev));
+          acc[m][j] = _mm256_add_epi16(acc[m][j], _mm256_maddubs_epi16(hi[j], ov));
+        }
+      }
+    }
+    for (int m = 0; m < MR; ++m)
+      for (int j = 0; j < NR; ++j) wide[m][j] = _mm256_add_epi32(wide[m][j], _mm256_madd_epi16(acc[m][j], ones));
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NR; ++j) out[m][j] = hsum(wide[m][j]);
+}
+
+template <int MR>
+inline void tile_cols(int nr, const uint8_t* const* w, const int8_t* const* e, const int8_t* const* o, int64_t slabs,
+                      int64_t span, int32_t (*out)[2]) {
+  if (nr == 2) {
+    tile<MR, 2>(w, e, o, slabs, span, out);
+  } else {
+    tile<MR, 1>(w, e, o, slabs, span, out);
+  }
+}
+#endif
+
+constexpr int64_t TILE_ROWS = 8;  // above this many rows, int4_mm runs register tiles (AVX2) instead of dot_rows
+constexpr int64_t L2_ROWS = 64;   // weight rows whose codes stay in the L2 cache while every activation row meets them
+
+// The activations as even and odd columns (the codes' low and high nibbles), zero past K up to `width` bytes each,
+// and each row's sum.
+void split_columns(const int8_t* ap, int64_t m_rows, int64_t k, int64_t width, std::vector<int8_t>& even,
+                   std::vector<int8_t>& odd, std::vector<int32_t>& row_sum) {
+  even.assign(m_rows * width, 0);
+  odd.assign(m_rows * width, 0);
+  row_sum.assign(m_rows, 0);
+  at::parallel_for(0, m_rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const int8_t* src = ap + m * k;
+      int8_t* ev = even.data() + m * width;
+      int8_t* od = odd.data() + m * width;
+      int32_t sum = 0;
+      for (int64_t i = 0; i < k / 2; ++i) {
+        ev[i] = src[2 * i];
+        od[i] = src[2 * i + 1];
+      }
+      if (k % 2) ev[k / 2] = src[k - 1];
+      for (int64_t j = 0; j < k; ++j) sum += src[j];
+      row_sum[m] = sum;
+    }
+  });
+}
+
 at::Tensor int4_mm(const at::Tensor& a_in, const at::Tensor& packed, const at::Tensor& zero) {
   check_args(packed, zero);
   TORCH_CHECK(a_in.scalar_type() == at::kChar && a_in.dim() == 2 && a_in.device().is_cpu(),
@@ -119,21 +200,56 @@ at::Tensor int4_mm(const at::Tensor& a_in, const at::Tensor& packed, const at::T
   const at::Tensor a = a_in.contiguous();
   const int64_t m_rows = a.size(0), k = a.size(1), n = packed.size(0), n2 = packed.size(1);
   TORCH_CHECK(n2 == (k + 1) / 2, "packed codes hold ", 2 * n2, " columns, activations ", k);
-  // the activations split into the even and the odd columns (the low and the high nibbles), zero past K
-  std::vector<int8_t> even(m_rows * n2, 0), odd(m_rows * n2, 0);
-  std::vector<int32_t> row_sum(m_rows, 0);
-  const int8_t* ap = a.data_ptr<int8_t>();
-  for (int64_t m = 0; m < m_rows; ++m) {
-    for (int64_t j = 0; j < k; ++j) {
-      const int8_t v = ap[m * k + j];
-      (j % 2 ? odd : even)[m * n2 + j / 2] = v;
-      row_sum[m] += v;
-    }
-  }
+  std::vector<int8_t> even, odd;
+  std::vector<int32_t> row_sum;
+  split_columns(a.data_ptr<int8_t>(), m_rows, k, n2, even, odd, row_sum);
   at::Tensor out = at::empty({m_rows, n}, a.options().dtype(at::kInt));
   int32_t* op = out.data_ptr<int32_t>();
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const int32_t* zp = zero.data_ptr<int32_t>();
+#if defined(__AVX2__)
+  if (m_rows > TILE_ROWS) {
+    int32_t bound = 0;
+    const int8_t* ap = a.data_ptr<int8_t>();
+    for (int64_t j = 0; j < m_rows * k; ++j) bound = std::max<int32_t>(bound, std::abs(static_cast<int32_t>(ap[j])));
+    const int64_t span = std::max<int64_t>(1, 32767 / (4 * 15 * std::max<int32_t>(bound, 1)));
+    const int64_t slabs = n2 / 32, tail = slabs * 32;
+    at::parallel_for(0, (n + L2_ROWS - 1) / L2_ROWS, 1, [&](int64_t begin, int64_t end) {
+      const uint8_t* w[2];
+      const int8_t* e[4];
+      const int8_t* o[4];
+      int32_t sums[4][2];
+      for (int64_t nb = begin; nb < end; ++nb) {
+        const int64_t r_end = std::min(n, (nb + 1) * L2_ROWS);
+        for (int64_t m0 = 0; m0 < m_rows; m0 += 4) {
+          const int mr = static_cast<int>(std::min<int64_t>(4, m_rows - m0));
+          for (int i = 0; i < mr; ++i) {
+            e[i] = even.data() + (m0 + i) * n2;
+            o[i] = odd.data() + (m0 + i) * n2;
+          }
+          for (int64_t r = nb * L2_ROWS; r < r_end; r += 2) {
+            const int nr = static_cast<int>(std::min<int64_t>(2, r_end - r));
+            for (int j = 0; j < nr; ++j) w[j] = pp + (r + j) * n2;
+            switch (mr) {
+              case 1: tile_cols<1>(nr, w, e, o, slabs, span, sums); break;
+              case 2: tile_cols<2>(nr, w, e, o, slabs, span, sums); break;
+              case 3: tile_cols<3>(nr, w, e, o, slabs, span, sums); break;
+              default: tile_cols<4>(nr, w, e, o, slabs, span, sums); break;
+            }
+            for (int i = 0; i < mr; ++i) {
+              for (int j = 0; j < nr; ++j) {
+                int32_t s = sums[i][j];
+                for (int64_t c = tail; c < n2; ++c) s += (w[j][c] & 15) * e[i][c] + (w[j][c] >> 4) * o[i][c];
+                op[(m0 + i) * n + r + j] = s - zp[r + j] * row_sum[m0 + i];
+              }
+            }
+          }
+        }
+      }
+    });
+    return out;
+  }
+#endif
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     const int8_t* e[4];
     const int8_t* o[4];
@@ -501,8 +617,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x
 
 }  // namespace
 
+// The threads at::parallel_for runs this library's loops on (its OpenMP pragma is compiled here: without -fopenmp,
+// one, whatever torch.set_num_threads says).
+int64_t parallel_threads() {
+  std::atomic<int64_t> most{0};
+  at::parallel_for(0, 1024, 1, [&](int64_t, int64_t) {
+    const int64_t id = at::get_thread_num() + 1;
+    int64_t seen = most.load();
+    while (seen < id && !most.compare_exchange_weak(seen, id)) {
+    }
+  });
+  return most.load();
+}
+
+bool int4_tiles() {
+#if defined(__AVX2__)
+  return true;
+#else
+  return false;
+#endif
+}
+
 TORCH_LIBRARY(baseq_ops, m) {
   m.def("int4_mm(Tensor a, Tensor packed, Tensor zero) -> Tensor", &int4_mm);
+  m.def("int4_tiles() -> bool", &int4_tiles);
+  m.def("parallel_threads() -> int", &parallel_threads);
   m.def("int8_mm(Tensor a, Tensor w) -> Tensor", &int8_mm);
   m.def("int4_unpack(Tensor packed, Tensor zero, Tensor(a!) out) -> ()", &int4_unpack);
   m.def("quantize_rows(Tensor x, Tensor clip, int bits) -> (Tensor, Tensor, Tensor)", &quantize_rows);
