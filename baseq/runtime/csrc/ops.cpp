@@ -169,27 +169,33 @@ inline void tile_cols(int nr, const uint8_t* const* w, const int8_t* const* e, c
 constexpr int64_t TILE_ROWS = 8;  // above this many rows, int4_mm runs register tiles (AVX2) instead of dot_rows
 constexpr int64_t L2_ROWS = 64;   // weight rows whose codes stay in the L2 cache while every activation row meets them
 
-// The activations as even and odd columns (the codes' low and high nibbles), zero past K up to `width` bytes each,
-// and each row's sum.
+// Each row's loop is a function of its own, its sizes arguments: inside at::parallel_for's OpenMP region a lambda's
+// by-reference captures live in memory that any int8 store may alias (char types alias everything), so the compiler
+// reloaded them at every element and did not vectorize (the unpack ran 8x slower); arguments stay in registers.
+
+// one activation row as its even and odd columns (the codes' low and high nibbles); returns the row's sum
+inline int32_t split_row(const int8_t* __restrict src, int64_t k, int8_t* __restrict ev, int8_t* __restrict od) {
+  for (int64_t i = 0; i < k / 2; ++i) {
+    ev[i] = src[2 * i];
+    od[i] = src[2 * i + 1];
+  }
+  if (k % 2) ev[k / 2] = src[k - 1];
+  int32_t sum = 0;
+  for (int64_t j = 0; j < k; ++j) sum += src[j];
+  return sum;
+}
+
+// The activations as even and odd columns, zero past K up to `width` bytes each, and each row's sum.
 void split_columns(const int8_t* ap, int64_t m_rows, int64_t k, int64_t width, std::vector<int8_t>& even,
                    std::vector<int8_t>& odd, std::vector<int32_t>& row_sum) {
   even.assign(m_rows * width, 0);
   odd.assign(m_rows * width, 0);
   row_sum.assign(m_rows, 0);
-  at::parallel_for(0, m_rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) {
-      const int8_t* src = ap + m * k;
-      int8_t* ev = even.data() + m * width;
-      int8_t* od = odd.data() + m * width;
-      int32_t sum = 0;
-      for (int64_t i = 0; i < k / 2; ++i) {
-        ev[i] = src[2 * i];
-        od[i] = src[2 * i + 1];
-      }
-      if (k % 2) ev[k / 2] = src[k - 1];
-      for (int64_t j = 0; j < k; ++j) sum += src[j];
-      row_sum[m] = sum;
-    }
+  int8_t* ev = even.data();
+  int8_t* od = odd.data();
+  int32_t* sums = row_sum.data();
+  at::parallel_for(0, m_rows, 16, [=](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) sums[m] = split_row(ap + m * k, k, ev + m * width, od + m * width);
   });
 }
 
@@ -337,6 +343,15 @@ at::Tensor int8_mm(const at::Tensor& a_in, const at::Tensor& w) {
   return out;
 }
 
+// one row of codes, two a byte, as int8 c - z (see split_row on why a function of its own)
+inline void unpack_row(const uint8_t* __restrict row, int64_t k, int32_t z, int8_t* __restrict dst) {
+  for (int64_t i = 0; i < k / 2; ++i) {
+    dst[2 * i] = static_cast<int8_t>((row[i] & 15) - z);
+    dst[2 * i + 1] = static_cast<int8_t>((row[i] >> 4) - z);
+  }
+  if (k % 2) dst[k - 1] = static_cast<int8_t>((row[k / 2] & 15) - z);
+}
+
 void int4_unpack(const at::Tensor& packed, const at::Tensor& zero, at::Tensor& out) {
   check_args(packed, zero);
   const int64_t n = packed.size(0), n2 = packed.size(1), k = out.dim() == 2 ? out.size(1) : -1;
@@ -345,17 +360,8 @@ void int4_unpack(const at::Tensor& packed, const at::Tensor& zero, at::Tensor& o
   int8_t* op = out.data_ptr<int8_t>();
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const int32_t* zp = zero.data_ptr<int32_t>();
-  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const uint8_t* row = pp + r * n2;
-      int8_t* dst = op + r * k;
-      const int32_t z = zp[r];
-      for (int64_t i = 0; i < k / 2; ++i) {
-        dst[2 * i] = static_cast<int8_t>((row[i] & 15) - z);
-        dst[2 * i + 1] = static_cast<int8_t>((row[i] >> 4) - z);
-      }
-      if (k % 2) dst[k - 1] = static_cast<int8_t>((row[n2 - 1] & 15) - z);
-    }
+  at::parallel_for(0, n, 64, [=](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) unpack_row(pp + r * n2, k, zp[r], op + r * k);
   });
 }
 
@@ -552,6 +558,19 @@ at::Tensor kv_weighted(const at::Tensor& p_in, const at::Tensor& codes, int64_t 
 
 constexpr float ACT_SCALE_EPS = 1e-6f;  // kernels.ACT_SCALE_EPS
 
+// one row's codes on its grid (see split_row on why a function of its own)
+inline void code_row(const float* __restrict row, int64_t c, float s, float z, float maxq, float off, bool centred,
+                     int8_t* __restrict dst) {
+  if (centred) {  // clamp(round(x / s), -z, maxq - z)
+    const float lo = -z, hi = maxq - z;
+    for (int64_t j = 0; j < c; ++j) dst[j] = static_cast<int8_t>(std::min(std::max(std::nearbyint(row[j] / s), lo), hi));
+  } else {  // clamp(round(x / s) + z, 0, maxq) - 2^(b-1)
+    for (int64_t j = 0; j < c; ++j) {
+      dst[j] = static_cast<int8_t>(std::min(std::max(std::nearbyint(row[j] / s) + z, 0.0f), maxq) - off);
+    }
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x_in, const at::Tensor& clip_in,
                                                              int64_t bits) {
   TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat && x_in.dim() >= 1,
@@ -592,22 +611,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x
   const float off = static_cast<float>(1 << (bits - 1));
   at::Tensor a = at::empty(x.sizes(), x.options().dtype(at::kChar));
   int8_t* ap = a.data_ptr<int8_t>();
-  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float* row = xp + r * c;
-      int8_t* dst = ap + r * c;
-      const float s = sp[r], z = zp[r];
-      if (centred) {  // clamp(round(x / s), -z, maxq - z)
-        const float lo = -z, hi = maxq - z;
-        for (int64_t j = 0; j < c; ++j) {
-          dst[j] = static_cast<int8_t>(std::min(std::max(std::nearbyint(row[j] / s), lo), hi));
-        }
-      } else {  // clamp(round(x / s) + z, 0, maxq) - 2^(b-1)
-        for (int64_t j = 0; j < c; ++j) {
-          dst[j] = static_cast<int8_t>(std::min(std::max(std::nearbyint(row[j] / s) + z, 0.0f), maxq) - off);
-        }
-      }
-    }
+  at::parallel_for(0, rows, 64, [=](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) code_row(xp + r * c, c, sp[r], zp[r], maxq, off, centred, ap + r * c);
   });
   if (centred) {
     return {a, scale, at::empty({0}, x.options())};
