@@ -10,7 +10,8 @@ per output channel (or per group of input columns). Then
 At load the weights become ``W_jk = c_jk − z_j`` in int8 (|W| ≤ 2^b − 1 fits for b ≤ 7). The activation side is
 held as *centred* codes ``a_k = q_k − z`` in int8 — they fit whenever ``z`` lies in ``[2^b − 128, 128]``, i.e. for
 every token whose clipped range contains or nearly contains zero — so ``Σ_k a_k W_jk`` is one int8 × int8 → int32 GEMM
-(``torch._int_mm``; on CPUs without VNNI a float32 GEMM of the same integers, exactly: :func:`int_mm`) and the
+(``torch._int_mm``; on CPUs without VNNI the compiled register tiles for 4-bit weights, else a float32 GEMM of the
+same integers, exactly: :func:`int_mm`) and the
 float epilogue is ``acc · s · t_j + bias_j``. For the rare batch with a token whose zero
 point does not fit, the codes are offset instead (``a_k = q_k − 2^(b−1)``, ``z' = z − 2^(b−1)``) and the
 precomputed row sums ``Σ_k W_jk`` give the correction ``− z' Σ_k W_jk``. 8-bit weights (|c − z| up to 255) keep

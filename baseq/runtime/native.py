@@ -4,8 +4,9 @@
   weight of the model, so its time is the time to read the weights (1.5B: 1.31 GB of int8 codes a token, read at the
   memory's ~18–26 GB/s). Nibbles halve that read and the resident weights; the sums stay integer sums, equal to the
   int8 GEMM's bit for bit. Longer inputs (a prompt) unpack one linear's codes at a time into a kept buffer and keep
-  torch's int8 GEMM, which is faster there (on a CPU without VNNI, a float32 GEMM of the same integers, exact:
-  ``kernels.gemm_kind``).
+  torch's int8 GEMM, which is faster there where the CPU has VNNI; without VNNI (``kernels.gemm_kind``) ``int4_mm``
+  multiplies them itself, in register tiles on the nibbles (AVX2's ``maddubs``, int16 sums widened before they could
+  overflow): 2–2.6× a float32 GEMM of the same integers at 512 rows.
 * **Decoding attention on the 4-bit KV codes** (``kv_scores``, ``kv_weighted``): a query against the stored K codes
   and the attention weights against the V codes, read two a byte where the cache keeps them, instead of unpacking
   the whole cache into float codes at every step (a cost that grew with the context: at 8,192 tokens ~6 ms a layer,
@@ -19,7 +20,8 @@
   decode step makes four calls a layer).
 
 The source is compiled on first use with torch's extension builder (``-O3``, ``-march=native`` on x86: the machine
-that runs it builds it; ``-ffp-contract=off``: no fused multiply-adds, so float results match torch's) into
+that runs it builds it; ``-ffp-contract=off``: no fused multiply-adds, so float results match torch's; ``-fopenmp``
+on Linux: the loops run on torch's threads) into
 ``$BASEQ_CACHE/ext/<key>``, the key naming the source, torch and the CPU, so a cache shared between machines never
 hands one another's binary; later processes load it in milliseconds. Where nothing can be compiled (no C++ compiler,
 no torch headers) one line says so and the runtime runs its torch code, as before. ``BASEQ_NATIVE=0`` turns them off.
@@ -111,7 +113,7 @@ def _build() -> object | None:
 
 def native_ops() -> object | None:
     """``torch.ops.baseq_ops`` (``int4_mm``, ``int4_unpack``, ``int8_mm``, ``kv_scores``, ``kv_weighted``,
-    ``quantize_rows``), built
+    ``quantize_rows``; ``int4_tiles`` and ``parallel_threads`` report how it was built), built
     or loaded once per process; None where it cannot be (or ``BASEQ_NATIVE=0``)."""
     if "ops" not in _state:
         _state["ops"] = _build()

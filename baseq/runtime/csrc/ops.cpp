@@ -13,6 +13,8 @@
 // x86 with AVX2: the codes (unsigned, <= 15) meet the activations (signed) in _mm256_maddubs_epi16, whose pair sums
 // stay within 2 * 15 * 128 = 3840, so its int16 saturation never happens, then _mm256_madd_epi16 widens them to int32;
 // with AVX512-VNNI, _mm256_dpbusd_epi32 sums four products straight into int32. Other CPUs run the plain loop.
+// Above TILE_ROWS rows (a prompt on a CPU without VNNI: baseq.runtime.kernels) register tiles, see tile().
+// The loops run on torch's threads through at::parallel_for (built with -fopenmp: runtime/native.py).
 //
 //   kv_scores(q [B, H, G, D] float32, codes [B, S, T, ceil(D/2)] uint8, n) -> [B, H, G, n] float32
 //       out[b, h, g, t] = sum_d q[b, h, g, d] * c[b, h, t, d] for the first n tokens: a decoding query against the
