@@ -260,6 +260,29 @@ def test_a_failed_build_is_one_line_and_the_int8_path(monkeypatch, capsys, tmp_p
     assert len([line for line in err if "could not be built" in line]) == 1
 
 
+def test_a_compiler_without_openmp_builds_the_kernels_for_one_thread(monkeypatch, capsys, tmp_path):
+    import torch.utils.cpp_extension as ext
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the kernels are built with OpenMP on Linux only")
+    monkeypatch.setenv("BASEQ_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(native, "_loaded", lambda: False)
+    seen = []
+
+    def no_openmp(*a, extra_cflags, build_directory, **k):
+        seen.append((extra_cflags, build_directory))
+        if "-fopenmp" in extra_cflags:
+            raise RuntimeError("Error building extension 'baseq_ops'\nfatal error: omp.h: No such file")
+
+    monkeypatch.setattr(ext, "load", no_openmp)
+    assert native.native_ops() is not None
+    assert [("-fopenmp" in flags) for flags, _ in seen] == [True, False] and seen[0][1] != seen[1][1]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("baseq: the runtime's kernels could not be built with OpenMP (Error building extension "
+                       "'baseq_ops'); built to run on one thread")
+
+
 def test_the_build_folder_names_the_source_and_the_machine(monkeypatch, tmp_path):
     monkeypatch.setenv("BASEQ_CACHE", str(tmp_path))
     first = native.build_dir()

@@ -60,16 +60,17 @@ def _cpu_key() -> str:
     return f"{platform.machine()}|{cpu_flags()}|{torch.__version__}|{sys.version_info[:2]}"
 
 
-def _flags() -> list[str]:
+def _flags(openmp: bool = True) -> list[str]:
     """The compiler's flags. ``-fopenmp``: ATen's ``at::parallel_for`` is an OpenMP pragma compiled into the caller, so
     without it every kernel ran on one thread whatever ``torch.set_num_threads`` said (the OpenMP calls resolve to
     torch's own runtime, loaded before the extension; Linux only: Apple's clang has no -fopenmp)."""
-    return (["-O3", "-ffp-contract=off"] + (["-fopenmp"] if sys.platform.startswith("linux") else [])
+    return (["-O3", "-ffp-contract=off"] + (["-fopenmp"] if openmp and sys.platform.startswith("linux") else [])
             + (["-march=native"] if platform.machine() in ("x86_64", "AMD64") else []))
 
 
-def build_dir() -> Path:
-    digest = hashlib.sha256(SOURCE.read_bytes() + _cpu_key().encode() + " ".join(_flags()).encode()).hexdigest()[:16]
+def build_dir(flags: list[str] | None = None) -> Path:
+    flags = _flags() if flags is None else flags
+    digest = hashlib.sha256(SOURCE.read_bytes() + _cpu_key().encode() + " ".join(flags).encode()).hexdigest()[:16]
     return cache_dir() / "ext" / f"baseq_ops-{digest}"
 
 
@@ -96,18 +97,31 @@ def _build() -> object | None:
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     except ImportError:
         pass
-    try:
-        where = build_dir()
+    def compile_with(flags: list[str]) -> object:
+        where = build_dir(flags)
         where.mkdir(parents=True, exist_ok=True)
         if not any(where.glob("*.so")):
             print("baseq: compiling the runtime's kernels once for this machine (~10 s)", file=sys.stderr)
-        load("baseq_ops", sources=[str(SOURCE)], extra_cflags=_flags(), build_directory=str(where),
+        load("baseq_ops", sources=[str(SOURCE)], extra_cflags=flags, build_directory=str(where),
              is_python_module=False, verbose=False)
         return torch.ops.baseq_ops
+
+    def first_line(e: Exception) -> str:
+        return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+
+    try:
+        try:
+            return compile_with(_flags())
+        except Exception as e:  # noqa: BLE001 -- a compiler without OpenMP (e.g. clang without libomp): one thread
+            if _flags() == _flags(openmp=False):
+                raise
+            ops = compile_with(_flags(openmp=False))
+            print(f"baseq: the runtime's kernels could not be built with OpenMP ({first_line(e)}); built to run "
+                  f"on one thread", file=sys.stderr)
+            return ops
     except Exception as e:  # noqa: BLE001 -- any build failure means: run without it
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        print(f"baseq: the runtime's kernels could not be built ({first}); running without them (int8 weights in "
-              f"memory, slower decoding)", file=sys.stderr)
+        print(f"baseq: the runtime's kernels could not be built ({first_line(e)}); running without them (int8 "
+              f"weights in memory, slower decoding)", file=sys.stderr)
         return None
 
 
