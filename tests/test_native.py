@@ -242,6 +242,26 @@ def test_decoding_attention_on_packed_codes_is_the_torch_path(ops, monkeypatch, 
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("bits, d", [(4, 64), (4, 7), (3, 10), (2, 16), (8, 12)])
+def test_kv_encode_stores_the_torch_codes_bit_for_bit(ops, monkeypatch, bits, d):
+    """A decoding step's new K/V through the compiled kv_encode: the same codes, scales and zeros as the torch
+    path (whose fake-quantized values the prompt's attention uses), per-head clips, a constant row among them."""
+    from baseq.runtime.kvcache import QuantizedKVLayer
+
+    g = torch.Generator().manual_seed(bits * 100 + d)
+    k, v = torch.randn(2, 3, 5, d, generator=g) * 3, torch.randn(2, 3, 5, d, generator=g)
+    k[1, 2, 4] = 0.25  # a constant row: the scale's lower bound
+    got, ref = QuantizedKVLayer(bits, torch.tensor([0.9, 1.0, 0.8]), 0.95), QuantizedKVLayer(bits, 0.9, 0.95)
+    ref.k_clip = got.k_clip
+    assert got.append(k, v, values=False) is None
+    with monkeypatch.context() as mp:
+        mp.setattr("baseq.runtime.kvcache.native_ops", lambda: None)
+        ref.append(k, v, values=False)
+    for a, b in zip((got.store.codes, got.store.scale, got.store.zero), (ref.store.codes, ref.store.scale,
+                                                                          ref.store.zero)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
 def test_a_failed_build_is_one_line_and_the_int8_path(monkeypatch, capsys, tmp_path):
     import torch.utils.cpp_extension as ext
 

@@ -152,6 +152,7 @@ def _core(m: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:  # 
     return torch.tensor(_core_int(m), dtype=dtype, device=device)
 
 
+@functools.lru_cache(maxsize=256)
 def _factors_or_raise(n: int) -> tuple[int, int]:
     factors = hadamard_order_factors(n)
     if factors is None:
@@ -178,7 +179,8 @@ def _sylvester(p: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor
     return h
 
 
-def _kron_factors(m: int, p: int) -> list[int]:
+@functools.lru_cache(maxsize=256)
+def _kron_factors(m: int, p: int) -> tuple[int, ...]:
     """H_n = H_m ⊗ H_p1 ⊗ H_p2 ⊗ ... (Sylvester is Kronecker-closed): the Paley core first, then the fewest
     Sylvester factors of order ≤ _MAX_FACTOR, as equal as powers of two allow, the larger ones last. Balanced on
     purpose: a small factor left at the end makes a batched GEMM with a tiny inner size — 256 as 128 × 2 took 11–29×
@@ -188,7 +190,18 @@ def _kron_factors(m: int, p: int) -> list[int]:
     count = -(-bits // cap)
     for i in range(count):  # the first count - bits % count factors get bits // count, the rest one more
         factors.append(1 << (bits // count + (i >= count - bits % count)))
-    return factors
+    return tuple(factors)
+
+
+@functools.lru_cache(maxsize=256)
+@torch.inference_mode(False)  # (as _core)
+def _applied(m: int, f: int, core: bool, dtype: torch.dtype, device: torch.device, transpose: bool,
+             scale_n: int) -> torch.Tensor:
+    """The matrix one factor applies along its axis (``new[j] = Σ_i a[j, i] old[i]``), times 1/√scale_n when
+    scale_n > 0 — cached: a decoding step applies the same few transforms to one row each (read-only)."""
+    h = _core(m, dtype, device) if core else _sylvester(f, dtype, device)
+    a = h.T if transpose else h
+    return a * (1.0 / math.sqrt(scale_n)) if scale_n else a
 
 
 _MAX_FACTOR = 128
@@ -211,10 +224,7 @@ def hadamard_transform(x: torch.Tensor, scale: bool = True, transpose: bool = Fa
     y = y.reshape(rows, n)
     before, after = rows, n  # y as [before, f, after] around the axis of factor f
     for k, f in enumerate(_kron_factors(m, p)):
-        h = _core(m, y.dtype, y.device) if (k == 0 and m > 1) else _sylvester(f, y.dtype, y.device)
-        a = h.T if transpose else h  # the matrix applied along the axis: new[j] = Σ_i a[j, i] old[i]
-        if scale and k == 0:
-            a = a * (1.0 / math.sqrt(n))
+        a = _applied(m, f, k == 0 and m > 1, y.dtype, y.device, transpose, n if scale and k == 0 else 0)
         after //= f
         y = y.reshape(-1, f) @ a.T if after == 1 else torch.matmul(a, y.reshape(before, f, after))
         before *= f

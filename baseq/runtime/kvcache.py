@@ -19,6 +19,7 @@ from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .kernels import pack_nibbles, token_grid, unpack_nibbles
+from .native import native_ops
 
 
 class _Store:
@@ -80,9 +81,16 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.clip = torch.cat([per_head(self.k_clip), per_head(self.v_clip)]).view(1, -1, 1, 1)
         self.is_initialized = True
 
-    def _encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(stored codes, scale, zero, fake-quantized x) of new tokens ``x [b, 2·kv_heads, new, d]``."""
+    def _encode(self, x: Tensor, values: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """(stored codes, scale, zero, fake-quantized x) of new tokens ``x [b, 2·kv_heads, new, d]``; without
+        ``values`` (a decoding step attends on the codes) the compiled ``kv_encode`` makes the same codes in one
+        call and the fake-quantized x is None."""
         x = x.float()
+        ops = native_ops() if not values and x.device.type == "cpu" and x.numel() else None
+        if ops is not None:
+            b, h, t, d = x.shape
+            codes, s, z = ops.kv_encode(x.reshape(-1, d), self.clip.expand(b, h, t, 1).reshape(-1), self.bits)
+            return codes.view(b, h, t, -1), s.view(b, h, t, 1), z.view(b, h, t, 1), None
         s, z = token_grid(x, self.clip, self.bits)
         q = torch.div(x, s).round_().add_(z).clamp_(0, 2**self.bits - 1)
         fq = (q - z) * s  # the fake quantizer's value, bit for bit
@@ -106,15 +114,16 @@ class QuantizedKVLayer(CacheLayerMixin):
         st, n = self.store, self.length
         return st.codes, st.scale[:, :, :n], st.zero[:, :, :n]
 
-    def append(self, key_states: Tensor, value_states: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def append(self, key_states: Tensor, value_states: Tensor, keep: Tensor | None = None,
+               values: bool = True) -> tuple[Tensor, Tensor] | None:
         """Store the new tokens' K/V (float, ``[batch, kv_heads, new, head_dim]``) as codes, and those ``keep``
         (``[batch, new]`` bool, or None) marks as float rows too; returns their fake-quantized values (the kept
-        ones float)."""
+        ones float), or None without ``values``."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         new = key_states.shape[-2]
         x = torch.cat([key_states, value_states], dim=1)
-        codes, s, z, fq = self._encode(x)
+        codes, s, z, fq = self._encode(x, values)
         st, n = self.store, self.length
         st.ensure(codes, s, n + new)
         st.codes[:, :, n:n + new] = codes
@@ -127,9 +136,10 @@ class QuantizedKVLayer(CacheLayerMixin):
             first = 0 if self.float_rows is None else self.float_rows.shape[0]
             st.slot[bi, n + ti] = torch.arange(first, first + len(bi), device=st.slot.device)
             self.float_rows = rows if self.float_rows is None else torch.cat([self.float_rows, rows])
-            fq[bi, :, ti] = rows
+            if fq is not None:
+                fq[bi, :, ti] = rows
         self.length += new
-        return fq[:, :self.kv_heads], fq[:, self.kv_heads:]
+        return None if fq is None else (fq[:, :self.kv_heads], fq[:, self.kv_heads:])
 
     def kept(self) -> tuple[Tensor, Tensor, Tensor] | None:
         """The stored tokens kept float, as ``(batch index, position, float K/V rows [kept, 2·kv_heads, head_dim])``,

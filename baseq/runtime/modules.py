@@ -164,7 +164,7 @@ class RuntimeAttention(nn.Module):
         v = y[:, (h + kvh) * hd:].view(b, t, kvh, hd).transpose(1, 2)
         layer = cache.layers[self.layer_idx] if isinstance(cache, QuantizedKVCache) else None
         if layer is not None and t == 1 and layer.get_seq_length() > 0 and layer.bits < 16:
-            layer.append(*self.kv.centre(k, v), keep=kv_keep)  # decoding: attention straight on the stored codes
+            layer.append(*self.kv.centre(k, v), keep=kv_keep, values=False)  # decoding: attention on the codes
             out = attend_codes(q, layer, self.scaling, attention_mask, self.softcap, self.kv.k_shift, self.kv.v_shift)
             return self.o_point(out.reshape(b, h * hd), self.o_proj, keep).view(b, t, -1), None
         k, v = self.kv.centre(k, v)

@@ -30,6 +30,9 @@
 //       baseq.runtime.kernels.quantize_tokens in one pass per row instead of ~20 tensor operations: the same float32
 //       operations in the same order (built with -ffp-contract=off, so no multiply-add is fused), so the same bits.
 //       zero is empty when every row's codes are centred (a = q - z), else [R, 1] (a = q - 2^(b-1), see kernels.py).
+//   kv_encode(x [R, D] float32, clip (1 or R values), bits) -> (codes uint8, scale [R, 1], zero [R, 1])
+//       new tokens' K/V rows as the quantized cache stores them (kvcache.QuantizedLayer._encode: the same grid and
+//       operations, so the same bits): clamp(round(x / s) + z, 0, 2^b - 1), two a byte at <= 4 bits.
 #include <ATen/core/Tensor.h>
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>
@@ -560,6 +563,27 @@ at::Tensor kv_weighted(const at::Tensor& p_in, const at::Tensor& codes, int64_t 
 
 constexpr float ACT_SCALE_EPS = 1e-6f;  // kernels.ACT_SCALE_EPS
 
+// Each row's (scale, zero) of the fake quantizer (kernels.token_grid, the same float32 operations in the same order):
+// the row's [min, max] shrunk towards its midpoint by its clip.
+void row_grids(const float* xp, int64_t rows, int64_t c, const float* cp, bool one_clip, float maxq, float* sp,
+               float* zp) {
+  at::parallel_for(0, rows, 16, [=](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = xp + r * c;
+      float lo = row[0], hi = row[0];
+      for (int64_t j = 1; j < c; ++j) {
+        lo = std::min(lo, row[j]);
+        hi = std::max(hi, row[j]);
+      }
+      const float mid = (hi + lo) * 0.5f;
+      const float half = (hi - lo) * 0.5f * cp[one_clip ? 0 : r];
+      const float s = std::max(2.0f * half / maxq, ACT_SCALE_EPS);
+      sp[r] = s;
+      zp[r] = std::nearbyint((half - mid) / s);
+    }
+  });
+}
+
 // one row's codes on its grid (see split_row on why a function of its own)
 inline void code_row(const float* __restrict row, int64_t c, float s, float z, float maxq, float off, bool centred,
                      int8_t* __restrict dst) {
@@ -591,22 +615,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x
   const float* cp = clip.data_ptr<float>();
   float* sp = scale.data_ptr<float>();
   float* zp = zero.data_ptr<float>();
-  const bool one_clip = clip.numel() == 1;
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float* row = xp + r * c;
-      float lo = row[0], hi = row[0];
-      for (int64_t j = 1; j < c; ++j) {
-        lo = std::min(lo, row[j]);
-        hi = std::max(hi, row[j]);
-      }
-      const float mid = (hi + lo) * 0.5f;
-      const float half = (hi - lo) * 0.5f * cp[one_clip ? 0 : r];
-      const float s = std::max(2.0f * half / maxq, ACT_SCALE_EPS);
-      sp[r] = s;
-      zp[r] = std::nearbyint((half - mid) / s);
-    }
-  });
+  row_grids(xp, rows, c, cp, clip.numel() == 1, maxq, sp, zp);
   float widest = 0.0f;
   for (int64_t r = 0; r < rows; ++r) widest = std::max(widest, std::fabs(zp[r]));
   const bool centred = widest <= static_cast<float>(128 - (1 << bits));
@@ -623,6 +632,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x
 }
 
 }  // namespace
+
+// one row's stored KV codes, clamp(round(x / s) + z, 0, maxq), two a byte (even columns low) at <= 4 bits
+inline void kv_code_row(const float* __restrict row, int64_t c, float s, float z, float maxq, bool nibbles,
+                        uint8_t* __restrict dst) {
+  for (int64_t j = 0; j < c; ++j) {
+    const uint8_t q = static_cast<uint8_t>(std::min(std::max(std::nearbyint(row[j] / s) + z, 0.0f), maxq));
+    if (!nibbles) {
+      dst[j] = q;
+    } else if (j % 2) {
+      dst[j / 2] |= static_cast<uint8_t>(q << 4);
+    } else {
+      dst[j / 2] = q;
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_encode(const at::Tensor& x_in, const at::Tensor& clip_in,
+                                                         int64_t bits) {
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat && x_in.dim() == 2 && x_in.size(1) > 0,
+              "kv_encode: [R, D] float32 on the CPU");
+  TORCH_CHECK(bits >= 2 && bits <= 8, "kv_encode: 2 to 8 bits");
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor clip = clip_in.to(at::kFloat).contiguous();
+  const int64_t rows = x.size(0), c = x.size(1);
+  TORCH_CHECK(clip.numel() == 1 || clip.numel() == rows, "kv_encode: one clip, or one per row");
+  const float maxq = static_cast<float>((1 << bits) - 1);
+  at::Tensor scale = at::empty({rows, 1}, x.options());
+  at::Tensor zero = at::empty({rows, 1}, x.options());
+  const bool nibbles = bits <= 4;
+  const int64_t width = nibbles ? (c + 1) / 2 : c;
+  at::Tensor codes = at::empty({rows, width}, x.options().dtype(at::kByte));
+  const float* xp = x.data_ptr<float>();
+  float* sp = scale.data_ptr<float>();
+  float* zp = zero.data_ptr<float>();
+  uint8_t* op = codes.data_ptr<uint8_t>();
+  row_grids(xp, rows, c, clip.data_ptr<float>(), clip.numel() == 1, maxq, sp, zp);
+  at::parallel_for(0, rows, 64, [=](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) kv_code_row(xp + r * c, c, sp[r], zp[r], maxq, nibbles, op + r * width);
+  });
+  return {codes, scale, zero};
+}
 
 // The threads at::parallel_for runs this library's loops on (its OpenMP pragma is compiled here: without -fopenmp,
 // one, whatever torch.set_num_threads says).
@@ -652,6 +702,7 @@ TORCH_LIBRARY(baseq_ops, m) {
   m.def("int8_mm(Tensor a, Tensor w) -> Tensor", &int8_mm);
   m.def("int4_unpack(Tensor packed, Tensor zero, Tensor(a!) out) -> ()", &int4_unpack);
   m.def("quantize_rows(Tensor x, Tensor clip, int bits) -> (Tensor, Tensor, Tensor)", &quantize_rows);
+  m.def("kv_encode(Tensor x, Tensor clip, int bits) -> (Tensor, Tensor, Tensor)", &kv_encode);
   m.def("kv_scores(Tensor q, Tensor codes, int n) -> Tensor", &kv_scores);
   m.def("kv_weighted(Tensor p, Tensor codes, int head0) -> Tensor", &kv_weighted);
 }
