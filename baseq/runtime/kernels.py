@@ -191,7 +191,8 @@ def gemm_kind() -> str:
 
 def tiles() -> bool:
     """Whether the compiled ``int4_mm`` multiplies many rows in register tiles (x86 with AVX2): on a CPU whose GEMM
-    kind is ``float`` that beats the float32 GEMM of the unpacked codes (1.5B shapes, 512 rows: ~2–4×)."""
+    kind is ``float`` that beats the float32 GEMM of the unpacked codes (1.5B shapes: 2–2.6× at 512 rows, more at
+    fewer)."""
     if "tiles" not in _GEMM:
         ops = native_ops()
         _GEMM["tiles"] = ops is not None and bool(ops.int4_tiles())
@@ -358,7 +359,7 @@ class IntLinear(nn.Module):
         if a.shape[0] <= INT4_ROWS:
             return ops.int4_mm(a, self.codes4, self.zero4)
         if gemm_kind() == "float":
-            if tiles():  # the compiled register tiles on the nibbles (AVX2): no unpacking, 2–4× a float32 GEMM
+            if tiles():  # the compiled register tiles on the nibbles (AVX2): no unpacking, ≥ 2× a float32 GEMM
                 return ops.int4_mm(a, self.codes4, self.zero4)
             return int_mm(a, _UNPACKED.get(self.serial, self.codes4, self.zero4, self.k, ops.int4_unpack,
                                            torch.float32), self.w_bound)  # the integers as float32, kept

@@ -178,30 +178,42 @@ constexpr int64_t L2_ROWS = 64;   // weight rows whose codes stay in the L2 cach
 // by-reference captures live in memory that any int8 store may alias (char types alias everything), so the compiler
 // reloaded them at every element and did not vectorize (the unpack ran 8x slower); arguments stay in registers.
 
-// one activation row as its even and odd columns (the codes' low and high nibbles); returns the row's sum
-inline int32_t split_row(const int8_t* __restrict src, int64_t k, int8_t* __restrict ev, int8_t* __restrict od) {
+// one activation row as its even and odd columns (the codes' low and high nibbles); returns the row's sum, and its
+// largest |a| in *bound
+inline int32_t split_row(const int8_t* __restrict src, int64_t k, int8_t* __restrict ev, int8_t* __restrict od,
+                         int32_t* bound) {
   for (int64_t i = 0; i < k / 2; ++i) {
     ev[i] = src[2 * i];
     od[i] = src[2 * i + 1];
   }
   if (k % 2) ev[k / 2] = src[k - 1];
-  int32_t sum = 0;
-  for (int64_t j = 0; j < k; ++j) sum += src[j];
+  int32_t sum = 0, most = 0;
+  for (int64_t j = 0; j < k; ++j) {
+    sum += src[j];
+    most = std::max(most, std::abs(static_cast<int32_t>(src[j])));
+  }
+  *bound = most;
   return sum;
 }
 
-// The activations as even and odd columns, zero past K up to `width` bytes each, and each row's sum.
-void split_columns(const int8_t* ap, int64_t m_rows, int64_t k, int64_t width, std::vector<int8_t>& even,
-                   std::vector<int8_t>& odd, std::vector<int32_t>& row_sum) {
+// The activations as even and odd columns, zero past K up to `width` bytes each, each row's sum; returns the largest
+// |a| of all rows.
+int32_t split_columns(const int8_t* ap, int64_t m_rows, int64_t k, int64_t width, std::vector<int8_t>& even,
+                      std::vector<int8_t>& odd, std::vector<int32_t>& row_sum) {
   even.assign(m_rows * width, 0);
   odd.assign(m_rows * width, 0);
   row_sum.assign(m_rows, 0);
+  std::vector<int32_t> row_bound(m_rows, 0);
   int8_t* ev = even.data();
   int8_t* od = odd.data();
   int32_t* sums = row_sum.data();
+  int32_t* bounds = row_bound.data();
   at::parallel_for(0, m_rows, 16, [=](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) sums[m] = split_row(ap + m * k, k, ev + m * width, od + m * width);
+    for (int64_t m = begin; m < end; ++m) {
+      sums[m] = split_row(ap + m * k, k, ev + m * width, od + m * width, bounds + m);
+    }
   });
+  return m_rows ? *std::max_element(row_bound.begin(), row_bound.end()) : 0;
 }
 
 at::Tensor int4_mm(const at::Tensor& a_in, const at::Tensor& packed, const at::Tensor& zero) {
@@ -213,16 +225,13 @@ at::Tensor int4_mm(const at::Tensor& a_in, const at::Tensor& packed, const at::T
   TORCH_CHECK(n2 == (k + 1) / 2, "packed codes hold ", 2 * n2, " columns, activations ", k);
   std::vector<int8_t> even, odd;
   std::vector<int32_t> row_sum;
-  split_columns(a.data_ptr<int8_t>(), m_rows, k, n2, even, odd, row_sum);
+  [[maybe_unused]] const int32_t bound = split_columns(a.data_ptr<int8_t>(), m_rows, k, n2, even, odd, row_sum);
   at::Tensor out = at::empty({m_rows, n}, a.options().dtype(at::kInt));
   int32_t* op = out.data_ptr<int32_t>();
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const int32_t* zp = zero.data_ptr<int32_t>();
 #if defined(__AVX2__)
   if (m_rows > TILE_ROWS) {
-    int32_t bound = 0;
-    const int8_t* ap = a.data_ptr<int8_t>();
-    for (int64_t j = 0; j < m_rows * k; ++j) bound = std::max<int32_t>(bound, std::abs(static_cast<int32_t>(ap[j])));
     const int64_t span = std::max<int64_t>(1, 32767 / (4 * 15 * std::max<int32_t>(bound, 1)));
     const int64_t slabs = n2 / 32, tail = slabs * 32;
     at::parallel_for(0, (n + L2_ROWS - 1) / L2_ROWS, 1, [&](int64_t begin, int64_t end) {
