@@ -44,6 +44,7 @@
 #include <cmath>
 #include <cstdint>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__)
@@ -70,6 +71,17 @@ inline int32_t hsum(__m256i v) {
 
 inline __m256i load(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 #endif
+
+// f(std::integral_constant<int, MB>{}) for MB = mb in 1..4: the row-block sizes the kernels are instantiated for
+template <typename F>
+inline void with_rows(int mb, F&& f) {
+  switch (mb) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
+  }
+}
 
 // out[m] = sum_i lo(p[i]) * e[m][i] + hi(p[i]) * o[m][i] over i < n2, for MB activation rows at once: each 32-byte
 // slab of codes is split into nibbles once and meets every row; two accumulators per row keep the additions of
@@ -250,12 +262,7 @@ at::Tensor int4_mm(const at::Tensor& a_in, const at::Tensor& packed, const at::T
           for (int64_t r = nb * L2_ROWS; r < r_end; r += 2) {
             const int nr = static_cast<int>(std::min<int64_t>(2, r_end - r));
             for (int j = 0; j < nr; ++j) w[j] = pp + (r + j) * n2;
-            switch (mr) {
-              case 1: tile_cols<1>(nr, w, e, o, slabs, span, sums); break;
-              case 2: tile_cols<2>(nr, w, e, o, slabs, span, sums); break;
-              case 3: tile_cols<3>(nr, w, e, o, slabs, span, sums); break;
-              default: tile_cols<4>(nr, w, e, o, slabs, span, sums); break;
-            }
+            with_rows(mr, [&](auto rows) { tile_cols<decltype(rows)::value>(nr, w, e, o, slabs, span, sums); });
             for (int i = 0; i < mr; ++i) {
               for (int j = 0; j < nr; ++j) {
                 int32_t s = sums[i][j];
@@ -282,12 +289,7 @@ at::Tensor int4_mm(const at::Tensor& a_in, const at::Tensor& packed, const at::T
           e[j] = even.data() + (m0 + j) * n2;
           o[j] = odd.data() + (m0 + j) * n2;
         }
-        switch (mb) {
-          case 1: dot_rows<1>(row, e, o, n2, sums); break;
-          case 2: dot_rows<2>(row, e, o, n2, sums); break;
-          case 3: dot_rows<3>(row, e, o, n2, sums); break;
-          default: dot_rows<4>(row, e, o, n2, sums); break;
-        }
+        with_rows(mb, [&](auto rows) { dot_rows<decltype(rows)::value>(row, e, o, n2, sums); });
         for (int j = 0; j < mb; ++j) op[(m0 + j) * n + r] = sums[j] - zp[r] * row_sum[m0 + j];
       }
     }
@@ -344,12 +346,7 @@ at::Tensor int8_mm(const at::Tensor& a_in, const at::Tensor& w) {
       for (int64_t m0 = 0; m0 < m_rows; m0 += 4) {
         const int mb = static_cast<int>(std::min<int64_t>(4, m_rows - m0));
         for (int j = 0; j < mb; ++j) rows[j] = ap + (m0 + j) * k;
-        switch (mb) {
-          case 1: dot8_rows<1>(wp + r * k, rows, k, sums); break;
-          case 2: dot8_rows<2>(wp + r * k, rows, k, sums); break;
-          case 3: dot8_rows<3>(wp + r * k, rows, k, sums); break;
-          default: dot8_rows<4>(wp + r * k, rows, k, sums); break;
-        }
+        with_rows(mb, [&](auto block) { dot8_rows<decltype(block)::value>(wp + r * k, rows, k, sums); });
         for (int j = 0; j < mb; ++j) op[(m0 + j) * n + r] = sums[j];
       }
     }
