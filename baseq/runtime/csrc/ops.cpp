@@ -137,7 +137,7 @@ void check_args(const at::Tensor& packed, const at::Tensor& zero) {
 // into nibbles once and meets MR rows; each activation slab meets NR weight rows, so the loads are shared both ways.
 // The unsigned-by-signed products go through _mm256_maddubs_epi16 (pair sums within 2 * 15 * 128) and are summed in
 // int16 lanes for `span` slabs (each adds at most 4 * 15 * |a|max to a lane, span chosen so int16 cannot overflow),
-// then widened to int32 by _mm256_madd_epi16: one multiply instruction per 32 products instead of three. The same
+// then widened to int32 by _mm256_madd_epi16: two instructions per 32 products (maddubs, add) instead of three. The same
 // code with or without VNNI (the result is an integer sum either way).
 template <int MR, int NR>
 inline void tile(const uint8_t* const* w, const int8_t* const* e, const int8_t* const* o, int64_t slabs,
