@@ -137,8 +137,8 @@ void check_args(const at::Tensor& packed, const at::Tensor& zero) {
 // into nibbles once and meets MR rows; each activation slab meets NR weight rows, so the loads are shared both ways.
 // The unsigned-by-signed products go through _mm256_maddubs_epi16 (pair sums within 2 * 15 * 128) and are summed in
 // int16 lanes for `span` slabs (each adds at most 4 * 15 * |a|max to a lane, span chosen so int16 cannot overflow),
-// then widened to int32 by _mm256_madd_epi16: two instructions per 32 products (maddubs, add) instead of three. The same
-// code with or without VNNI (the result is an integer sum either way).
+// then widened to int32 by _mm256_madd_epi16: two instructions per 32 products (maddubs, add) instead of three. The
+// same code with or without VNNI (the result is an integer sum either way).
 template <int MR, int NR>
 inline void tile(const uint8_t* const* w, const int8_t* const* e, const int8_t* const* o, int64_t slabs,
                  int64_t span, int32_t (*out)[2]) {
@@ -595,7 +595,9 @@ inline void code_row(const float* __restrict row, int64_t c, float s, float z, f
                      int8_t* __restrict dst) {
   if (centred) {  // clamp(round(x / s), -z, maxq - z)
     const float lo = -z, hi = maxq - z;
-    for (int64_t j = 0; j < c; ++j) dst[j] = static_cast<int8_t>(std::min(std::max(std::nearbyint(row[j] / s), lo), hi));
+    for (int64_t j = 0; j < c; ++j) {
+      dst[j] = static_cast<int8_t>(std::min(std::max(std::nearbyint(row[j] / s), lo), hi));
+    }
   } else {  // clamp(round(x / s) + z, 0, maxq) - 2^(b-1)
     for (int64_t j = 0; j < c; ++j) {
       dst[j] = static_cast<int8_t>(std::min(std::max(std::nearbyint(row[j] / s) + z, 0.0f), maxq) - off);
