@@ -303,10 +303,11 @@ def test_the_compiled_kernels_change_no_bit_of_a_packed_model(packed, monkeypatc
 
 
 def test_decoding_attention_on_packed_codes_keeps_a_packed_models_tokens(packed, monkeypatch):
-    """The KV-code attention kernels (``kv_scores`` / ``kv_weighted``) against the torch path through a whole packed
-    model: each decoding step's logits to float rounding, the same greedy tokens."""
+    """A decoding step's attention in one compiled call (``kv_step``: the new K/V coded into the cache, attention on
+    the codes two a byte) against the torch path through a whole packed model: each decoding step's logits to float
+    rounding, the same greedy tokens."""
     from baseq.load import load
-    from baseq.runtime import modules
+    from baseq.runtime import kvcache, modules
     from baseq.runtime.native import native_ops
 
     if native_ops() is None:
@@ -320,13 +321,16 @@ def test_decoding_attention_on_packed_codes_keeps_a_packed_models_tokens(packed,
                                  return_dict_in_generate=True)
         return out.sequences, torch.stack(out.logits)
 
-    calls = []
+    steps, step = [], kvcache.QuantizedKVLayer.step
     with monkeypatch.context() as mp:
-        mp.setattr(modules, "native_ops", lambda: calls.append(1) or native_ops())
+        mp.setattr(kvcache.QuantizedKVLayer, "step", lambda self, *a, **k: steps.append(step(self, *a, **k)) or
+                   steps[-1])
         seq, logits = run()
-    assert len(calls) == 7 * model.config.num_hidden_layers  # every step after the prompt's, every layer
+    # every step after the prompt's, every layer, in the compiled call
+    assert len(steps) == 7 * model.config.num_hidden_layers and all(s is not None for s in steps)
     with monkeypatch.context() as mp:
         mp.setattr(modules, "native_ops", lambda: None)
+        mp.setattr(kvcache, "native_ops", lambda: None)
         ref_seq, ref_logits = run()
     assert torch.equal(seq, ref_seq)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)

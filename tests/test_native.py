@@ -145,6 +145,35 @@ def test_a_linear_on_nibbles_gives_the_int8_linears_outputs_bit_for_bit(ops, mon
     assert torch.equal(held.forward_float(x), int8.forward_float(x))
 
 
+@pytest.mark.parametrize("rows", [1, 2, INT4_ROWS])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_decoding_points_one_call_is_its_tensor_operations_bit_for_bit(ops, monkeypatch, rows, bits):
+    """``ActPoint.forward`` at a few rows (``point_int4``: scale, shift, codes, product, epilogue in one call) gives the
+    operations it replaces the same bits: centred codes and offset ones (a zero point that does not fit), with and
+    without the point's asymmetric scale and shift, a rotation before it."""
+    from baseq.rotation.fuse import OnlineRotation
+    from baseq.runtime import modules
+
+    lin = _linear(True, monkeypatch)
+    g = torch.Generator().manual_seed(rows + bits)
+    scale, shift = torch.rand(50, generator=g) + 0.5, torch.randn(50, generator=g) * 0.3
+    with pytest.warns(UserWarning, match="no Hadamard"):
+        rotation = OnlineRotation(50, 1)  # (a dense orthogonal one at 50)
+    for sc, sh, rot in ((None, None, None), (scale, shift, None), (None, shift, rotation)):
+        point = modules.ActPoint(bits, torch.tensor(0.87), sc, sh, rot)
+        x = torch.randn(rows, 50, generator=g) * 2
+        x[-1] = x[-1] * 0.1 + 50  # far from 0: a zero point outside the centred codes' range
+        calls = []
+        monkeypatch.setattr(ops, "point_int4", lambda *a, f=ops.point_int4: calls.append(1) or f(*a), raising=False)
+        fast = point(x, lin)
+        monkeypatch.setattr(modules, "native_ops", lambda: None)
+        slow = point(x, lin)
+        monkeypatch.undo()
+        assert calls and torch.equal(fast, slow)
+        if sc is None and rot is None:  # the offset case happened
+            assert quantize_tokens(point.prepare(x), point.clip, bits)[2] is not None
+
+
 def test_only_four_bit_codes_per_output_channel_are_held_as_nibbles(ops, monkeypatch):
     assert _linear(True, monkeypatch, bits=3).codes4 is not None
     assert _linear(True, monkeypatch, bits=8).codes4 is None
@@ -240,6 +269,64 @@ def test_decoding_attention_on_packed_codes_is_the_torch_path(ops, monkeypatch, 
     ref = modules.attend_codes(q, layer, d ** -0.5, mask, softcap, *shifts)
     assert got.shape == (b, heads, d)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits, d, heads, kvh", [(4, 16, 6, 2), (4, 7, 3, 3), (3, 10, 4, 1), (2, 64, 12, 2)])
+@pytest.mark.parametrize("softcap, shifted, mask", [(None, False, None), (None, True, "bool"), (30.0, True, "add")])
+def test_a_decoding_steps_attention_in_one_call_is_append_and_attend_codes(ops, bits, d, heads, kvh, softcap,
+                                                                              shifted, mask):
+    """``QuantizedKVLayer.step`` (``kv_step``) stores the new token's K/V codes, scales and zeros bit for bit as
+    ``append`` does, and attends as ``attend_codes`` does to rounding: K/V centres, a soft cap, bool and additive
+    padding masks, GQA groups, odd head sizes; it declines (None) once a token is kept float."""
+    from baseq.runtime import modules
+    from baseq.runtime.kvcache import QuantizedKVLayer
+
+    gen = torch.Generator().manual_seed(d + heads)
+    b, n = 2, 21
+    k, v = torch.randn(b, kvh, n, d, generator=gen) * 2, torch.randn(b, kvh, n, d, generator=gen)
+    shifts = (torch.randn(kvh, 1, d, generator=gen), torch.randn(kvh, 1, d, generator=gen)) if shifted else (None,) * 2
+    one, two = QuantizedKVLayer(bits, torch.rand(kvh, generator=gen) * 0.3 + 0.7, 0.95), None
+    one.update(k[:, :, :n - 3] - (shifts[0] if shifted else 0), v[:, :, :n - 3] - (shifts[1] if shifted else 0))
+    two = QuantizedKVLayer(bits, one.k_clip, one.v_clip)
+    two.update(k[:, :, :n - 3] - (shifts[0] if shifted else 0), v[:, :, :n - 3] - (shifts[1] if shifted else 0))
+    for i in range(n - 3, n):
+        q = torch.randn(b, heads, 1, d, generator=gen)
+        m = None
+        if mask == "bool":
+            m = torch.ones(b, 1, 1, i + 1, dtype=torch.bool)
+            m[1, ..., :3] = False  # left padding
+        elif mask == "add":
+            m = torch.zeros(b, 1, 1, i + 1)
+            m[1, ..., :3] = torch.finfo(torch.float32).min
+        kn, vn = k[:, :, i:i + 1], v[:, :, i:i + 1]
+        got = one.step(q, kn, vn, d ** -0.5, softcap, *shifts, mask=m)
+        two.append(*((kn - shifts[0], vn - shifts[1]) if shifted else (kn, vn)), values=False)
+        ref = modules.attend_codes(q, two, d ** -0.5, m, softcap, *shifts)
+        assert got is not None and got.shape == (b, heads, d) and one.get_seq_length() == two.get_seq_length() == i + 1
+        for mine, theirs in zip((one.store.codes, one.store.scale, one.store.zero),
+                                (two.store.codes, two.store.scale, two.store.zero)):
+            assert torch.equal(mine[:, :, :i + 1], theirs[:, :, :i + 1])
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    kept = QuantizedKVLayer(bits, 0.9, 0.9)
+    kept.update(k[:, :, :4], v[:, :, :4], keep=torch.tensor([[True, False, False, False]] * b))
+    assert kept.step(torch.randn(b, heads, 1, d), k[:, :, 4:5], v[:, :, 4:5], 1.0) is None
+
+
+@pytest.mark.parametrize("b, cb, heads, t, d, r", [(1, 1, 3, 1, 64, 64), (2, 2, 5, 7, 16, 16), (3, 1, 2, 4, 12, 8),
+                                                   (1, 1, 4, 9, 10, 6)])
+def test_rope_in_one_call_is_the_torch_formula_bit_for_bit(ops, monkeypatch, b, cb, heads, t, d, r):
+    """``modules._rope`` through the compiled ``rope``: the same bits as transformers' formula, full and partial
+    rotary (Phi-4-mini), positions per sequence or one row broadcast, a transposed (non-contiguous) input."""
+    from baseq.runtime import modules
+
+    g = torch.Generator().manual_seed(b * t + d)
+    x = torch.randn(b, t, heads, d, generator=g).transpose(1, 2) * 5  # as the attention passes it
+    angle = torch.rand(cb, t, r // 2, generator=g) * 100
+    cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+    got = modules._rope(x, cos, sin)
+    monkeypatch.setattr(modules, "native_ops", lambda: None)
+    ref = modules._rope(x, cos, sin)
+    assert got.shape == ref.shape and torch.equal(got, ref)
 
 
 @pytest.mark.parametrize("bits, d", [(4, 64), (4, 7), (3, 10), (2, 16), (8, 12)])

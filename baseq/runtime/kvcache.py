@@ -141,6 +141,29 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.length += new
         return None if fq is None else (fq[:, :self.kv_heads], fq[:, self.kv_heads:])
 
+    def step(self, q: Tensor, k: Tensor, v: Tensor, scaling: float, softcap: float | None = None,
+             k_shift: Tensor | None = None, v_shift: Tensor | None = None, mask: Tensor | None = None) -> Tensor | None:
+        """A decoding step's attention in one compiled call (``kv_step``): the new token's K/V (``[b, kv_heads, 1,
+        d]``, less the centres ``k_shift`` / ``v_shift``) stored as :meth:`append` stores them, then the queries
+        ``q [b, heads, 1, d]`` against every stored token as :func:`~baseq.runtime.modules.attend_codes` computes it
+        (``mask``: its ``[b, 1, ·, n]`` attention mask). Returns ``[b, heads, d]``, or None where the call does not
+        apply (no compiled kernels, not a CPU, above 4 bits, tokens kept float — then append + attend_codes)."""
+        st = self.store
+        if self.bits > 4 or self.float_rows is not None or st.codes is None or q.device.type != "cpu":
+            return None
+        ops = native_ops()
+        if ops is None:
+            return None
+        n = self.length
+        st.ensure(st.codes, st.scale, n + 1)  # (slots need no reset: none is set while no token is kept float)
+        b = q.shape[0]
+        kv = torch.cat([k, v], dim=1).reshape(b, -1, k.shape[-1])
+        m = None if mask is None else mask[:, :, -1, :].reshape(b, -1)
+        out = ops.kv_step(q.reshape(b, q.shape[1], -1), kv, k_shift, v_shift, st.codes, st.scale, st.zero,
+                          self.clip.reshape(-1), self.bits, n, scaling, softcap, m)
+        self.length += 1
+        return out
+
     def kept(self) -> tuple[Tensor, Tensor, Tensor] | None:
         """The stored tokens kept float, as ``(batch index, position, float K/V rows [kept, 2·kv_heads, head_dim])``,
         or None."""

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..quant.qmodel import TokenGate, combine_digits, float_digits, softcapped_attention
-from .kernels import IntLinear, int_mm, quantize_tokens, token_grid
+from .kernels import INT4_ROWS, IntLinear, int_mm, quantize_tokens, token_grid
 from .native import native_ops
 from .kvcache import QuantizedKVCache
 
@@ -41,9 +41,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        h = x.float()
+        wide = x.dtype == torch.float32  # (the runtime's own stream: no conversions to dispatch)
+        h = x if wide else x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return self.weight * (h if wide else h.to(x.dtype))
 
 
 class ActPoint(nn.Module):
@@ -72,6 +73,15 @@ class ActPoint(nn.Module):
     def forward(self, x: Tensor, linear: IntLinear, keep: Tensor | None = None) -> Tensor:
         """``linear`` applied to this point's quantized ``x [M, C]``; the rows ``keep`` (bool ``[M]``, the block's
         :class:`~baseq.quant.qmodel.TokenGate`) unquantized, against the weight codes."""
+        if keep is None and self.bits < 16 and x.shape[0] <= INT4_ROWS and linear.codes4 is not None \
+                and self.clip.numel() in (1, x.shape[0]) and x.dtype == torch.float32 and x.device.type == "cpu":
+            # a decoding step: one compiled call, the same bits as the operations below
+            ops = native_ops()
+            if ops is not None:
+                if self.rotation is not None:
+                    x = self.rotation(x)
+                return ops.point_int4(x, self.scale, self.shift, self.clip, self.bits, linear.codes4, linear.zero4,
+                                      linear.wsum, linear.scale_row, linear.bias)
         x = self.prepare(x)
         if self.bits >= 16:
             return linear.forward_float(x)
@@ -164,8 +174,13 @@ class RuntimeAttention(nn.Module):
         v = y[:, (h + kvh) * hd:].view(b, t, kvh, hd).transpose(1, 2)
         layer = cache.layers[self.layer_idx] if isinstance(cache, QuantizedKVCache) else None
         if layer is not None and t == 1 and layer.get_seq_length() > 0 and layer.bits < 16:
-            layer.append(*self.kv.centre(k, v), keep=kv_keep, values=False)  # decoding: attention on the codes
-            out = attend_codes(q, layer, self.scaling, attention_mask, self.softcap, self.kv.k_shift, self.kv.v_shift)
+            # decoding: attention on the codes, in one compiled call where it applies
+            out = None if kv_keep is not None else layer.step(q, k, v, self.scaling, self.softcap, self.kv.k_shift,
+                                                               self.kv.v_shift, attention_mask)
+            if out is None:
+                layer.append(*self.kv.centre(k, v), keep=kv_keep, values=False)
+                out = attend_codes(q, layer, self.scaling, attention_mask, self.softcap, self.kv.k_shift,
+                                   self.kv.v_shift)
             return self.o_point(out.reshape(b, h * hd), self.o_proj, keep).view(b, t, -1), None
         k, v = self.kv.centre(k, v)
         if layer is not None:  # stores codes, returns every token's K/V dequantized
@@ -191,6 +206,10 @@ class RuntimeAttention(nn.Module):
 def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotary position embedding of ``x [b, heads, t, d]`` (transformers' formula, ``cos``/``sin`` ``[b, t, r]``);
     with ``r < d`` (partial rotary, Phi-4-mini) only the first ``r`` dims rotate."""
+    if x.device.type == "cpu" and x.dtype == cos.dtype == sin.dtype == torch.float32:
+        ops = native_ops()
+        if ops is not None:  # one compiled call, the same bits
+            return ops.rope(x, cos, sin)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     r = cos.shape[-1]
     if r < x.shape[-1]:

@@ -18,6 +18,11 @@
 * **Per-token activation quantization in one pass** (``quantize_rows``): the same float32 operations as
   :func:`~baseq.runtime.kernels.quantize_tokens`, in the same order, instead of ~20 tensor operations a call (a
   decode step makes four calls a layer).
+* **A decoding step in fewer calls.** A small model's decoding step was mostly the cost of calling ~130 small tensor
+  operations a layer, not of their arithmetic. ``point_int4``: a quantization point and its 4-bit linear at a few
+  rows (scale, shift, codes, nibble product, epilogue — the same bits); ``kv_step``: the new token's K/V coded into
+  the cache (the same codes as ``kv_encode``) and the attention on the codes (equal to the torch path to rounding,
+  as ``kv_scores`` / ``kv_weighted``); ``rope``: the rotary embedding (the same bits).
 
 The source is compiled on first use with torch's extension builder (``-O3``, ``-march=native`` on x86: the machine
 that runs it builds it; ``-ffp-contract=off``: no fused multiply-adds, so float results match torch's; ``-fopenmp``
@@ -127,7 +132,8 @@ def _build() -> object | None:
 
 def native_ops() -> object | None:
     """``torch.ops.baseq_ops`` (``int4_mm``, ``int4_unpack``, ``int8_mm``, ``kv_scores``, ``kv_weighted``,
-    ``quantize_rows``; ``int4_tiles`` and ``parallel_threads`` report how it was built), built
+    ``quantize_rows``, ``kv_encode``, ``point_int4``, ``kv_step``, ``rope``; ``int4_tiles`` and ``parallel_threads``
+    report how it was built), built
     or loaded once per process; None where it cannot be (or ``BASEQ_NATIVE=0``)."""
     if "ops" not in _state:
         _state["ops"] = _build()

@@ -43,6 +43,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -639,6 +640,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x
   return {a, scale, zero.sub_(off)};
 }
 
+// A quantization point and its 4-bit linear for the few rows of a decoding step, in one call (what ActPoint.forward
+// does in ~8 tensor operations and as many Python calls): x·scale − shift (each optional), the rows' codes
+// (quantize_rows), the nibble product (int4_mm), (acc − z·wsum)·s as IntLinear.forward computes it (one rounding per
+// operation), then torch's own addcmul for bias + t·scale_row (its kernel may fuse the multiply-add), so the output
+// is the same bits.
+at::Tensor point_int4(const at::Tensor& x_in, const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
+                      const at::Tensor& clip, int64_t bits, const at::Tensor& packed, const at::Tensor& zero,
+                      const at::Tensor& wsum_in, const at::Tensor& scale_row, const at::Tensor& bias) {
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat && x_in.dim() == 2,
+              "point_int4: [M, K] float32 activations on the CPU");
+  at::Tensor x = x_in;
+  if (scale.has_value()) x = x.mul(*scale);
+  if (shift.has_value()) x = x.sub(*shift);
+  auto [a, s, z] = quantize_rows(x, clip, bits);
+  const at::Tensor acc = int4_mm(a, packed, zero);
+  const int64_t m_rows = acc.size(0), n = acc.size(1);
+  const at::Tensor wsum = wsum_in.to(at::kFloat).contiguous();
+  TORCH_CHECK(wsum.numel() == n, "point_int4: wsum needs one value per output channel");
+  at::Tensor t = at::empty({m_rows, n}, x.options());
+  const int32_t* ap = acc.data_ptr<int32_t>();
+  const float* sp = s.data_ptr<float>();
+  const float* zp = z.numel() ? z.data_ptr<float>() : nullptr;
+  const float* wp = wsum.data_ptr<float>();
+  float* tp = t.data_ptr<float>();
+  for (int64_t m = 0; m < m_rows; ++m) {
+    for (int64_t j = 0; j < n; ++j) {
+      float v = static_cast<float>(ap[m * n + j]);
+      if (zp) v = v - zp[m] * wp[j];
+      tp[m * n + j] = v * sp[m];
+    }
+  }
+  return at::addcmul(bias, t, scale_row);
+}
+
 }  // namespace
 
 // one row's stored KV codes, clamp(round(x / s) + z, 0, maxq), two a byte (even columns low) at <= 4 bits
@@ -682,6 +717,159 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_encode(const at::Tensor& x_in,
   return {codes, scale, zero};
 }
 
+// One decoding step of attention on a quantized cache layer, in one call (what QuantizedKVLayer.append and
+// modules.attend_codes do in ~35 tensor operations): the new token's K and V (kv: [B, 2·KVH, D], K heads first),
+// less their centres, coded into the store at position n exactly as kv_encode codes them (codes [B, 2·KVH, cap,
+// ⌈D/2⌉] uint8, scale / zero [B, 2·KVH, cap, 1] float32, written in place), then the queries q [B, H, D] against
+// the n + 1 stored tokens: kv_scores, s_t (q·C_t − z_t Σq) + q·μ_K, scaled, soft-capped, masked (mask [B, n + 1]:
+// bool, true = attend, or additive), softmax, kv_weighted of p_t s_t, less Σ p_t s_t z_t, plus μ_V. Float sums in
+// an order of their own: equal to attend_codes to rounding, as kv_scores / kv_weighted are. Returns [B, H, D].
+at::Tensor kv_step(const at::Tensor& q_in, const at::Tensor& kv_in, const c10::optional<at::Tensor>& k_shift,
+                   const c10::optional<at::Tensor>& v_shift, at::Tensor codes, at::Tensor scale, at::Tensor zero,
+                   const at::Tensor& clip_in, int64_t bits, int64_t n, double scaling, c10::optional<double> softcap,
+                   const c10::optional<at::Tensor>& mask_in) {
+  TORCH_CHECK(q_in.device().is_cpu() && q_in.scalar_type() == at::kFloat && q_in.dim() == 3 &&
+              kv_in.scalar_type() == at::kFloat && kv_in.dim() == 3, "kv_step: q [B, H, D], kv [B, 2·KVH, D] float32");
+  TORCH_CHECK(bits >= 2 && bits <= 4, "kv_step: 2 to 4 bits (codes two a byte)");
+  const int64_t B = q_in.size(0), H = q_in.size(1), D = q_in.size(2), S = kv_in.size(1), KVH = S / 2;
+  const int64_t d2 = (D + 1) / 2, N = n + 1;
+  TORCH_CHECK(kv_in.size(0) == B && kv_in.size(2) == D && S % 2 == 0 && KVH > 0 && H % KVH == 0,
+              "kv_step: ", H, " query heads against ", S, " K/V heads");
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 4 && codes.is_contiguous() && codes.size(0) == B &&
+              codes.size(1) == S && codes.size(3) == d2 && n >= 0 && N <= codes.size(2),
+              "kv_step: codes ", codes.sizes(), " for ", N, " tokens");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && zero.scalar_type() == at::kFloat && scale.is_contiguous() &&
+              zero.is_contiguous() && scale.sizes() == zero.sizes() && scale.size(2) == codes.size(2) &&
+              scale.numel() == B * S * codes.size(2), "kv_step: scale and zero [B, 2·KVH, capacity, 1] float32");
+  const int64_t G = H / KVH, cap = codes.size(2);
+  // the new token's rows, centred
+  at::Tensor k = kv_in.narrow(1, 0, KVH), v = kv_in.narrow(1, KVH, KVH);
+  if (k_shift.has_value()) k = k.sub(k_shift->reshape({KVH, D}));
+  if (v_shift.has_value()) v = v.sub(v_shift->reshape({KVH, D}));
+  const at::Tensor x = at::cat({k, v}, 1).contiguous();  // [B, S, D]
+  const at::Tensor clip = clip_in.to(at::kFloat).contiguous();
+  TORCH_CHECK(clip.numel() == S, "kv_step: one clip per K/V head");
+  const float maxq = static_cast<float>((1 << bits) - 1);
+  std::vector<float> clips(B * S), rs(B * S), rz(B * S);
+  for (int64_t r = 0; r < B * S; ++r) clips[r] = clip.data_ptr<float>()[r % S];
+  row_grids(x.data_ptr<float>(), B * S, D, clips.data(), false, maxq, rs.data(), rz.data());
+  uint8_t* cp = codes.data_ptr<uint8_t>();
+  float *sp = scale.data_ptr<float>(), *zp = zero.data_ptr<float>();
+  for (int64_t r = 0; r < B * S; ++r) {  // row r = (b, head): its token n
+    kv_code_row(x.data_ptr<float>() + r * D, D, rs[r], rz[r], maxq, true, cp + (r * cap + n) * d2);
+    sp[r * cap + n] = rs[r];
+    zp[r * cap + n] = rz[r];
+  }
+  // scores on the codes, then the per-token arithmetic and the softmax
+  const at::Tensor q = q_in.contiguous();
+  const at::Tensor raw = kv_scores(q.view({B, KVH, G, D}), codes, N);  // [B, KVH, G, N]
+  const float* qp = q.data_ptr<float>();
+  const float* rp = raw.data_ptr<float>();
+  at::Tensor ks = k_shift.has_value() ? k_shift->to(at::kFloat).reshape({KVH, D}).contiguous() : at::Tensor();
+  at::Tensor vs = v_shift.has_value() ? v_shift->to(at::kFloat).reshape({KVH, D}).contiguous() : at::Tensor();
+  at::Tensor mask;
+  if (mask_in.has_value()) {
+    mask = mask_in->contiguous();
+    TORCH_CHECK(mask.numel() == B * N, "kv_step: mask [B, ", N, "]");
+  }
+  const bool mask_bool = mask.defined() && mask.scalar_type() == at::kBool;
+  if (mask.defined() && !mask_bool) mask = mask.to(at::kFloat);
+  at::Tensor pv = at::empty({B, KVH, G, N}, q.options());
+  std::vector<float> zsum(B * KVH * G);
+  float* pvp = pv.data_ptr<float>();
+  const float cap_f = softcap.has_value() ? static_cast<float>(*softcap) : 0.0f;
+  const float* ksp = ks.defined() ? ks.data_ptr<float>() : nullptr;
+  const float* vsp = vs.defined() ? vs.data_ptr<float>() : nullptr;
+  // one query row (b, kv head, group member) at a time: its N scores, softmax, weights p_t s_t and Σ p_t s_t z_t
+  at::parallel_for(0, B * KVH * G, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / (KVH * G), h = row / G % KVH;
+      const float* sk = sp + (b * S + h) * cap;
+      const float* zk = zp + (b * S + h) * cap;
+      const float* sv = sp + (b * S + KVH + h) * cap;
+      const float* zv = zp + (b * S + KVH + h) * cap;
+      const float* qr = qp + row * D;
+      float qsum = 0.0f, qmu = 0.0f;
+      for (int64_t i = 0; i < D; ++i) qsum += qr[i];
+      if (ksp) {
+        for (int64_t i = 0; i < D; ++i) qmu += qr[i] * ksp[h * D + i];
+      }
+      float* w = pvp + row * N;
+      float top = -std::numeric_limits<float>::infinity();
+      for (int64_t t = 0; t < N; ++t) {
+        float sc = (rp[row * N + t] - qsum * zk[t]) * sk[t];
+        if (ksp) sc = sc + qmu;
+        sc = sc * static_cast<float>(scaling);
+        if (softcap.has_value()) sc = std::tanh(sc / cap_f) * cap_f;
+        if (mask_bool) {
+          if (!mask.data_ptr<bool>()[b * N + t]) sc = -std::numeric_limits<float>::infinity();
+        } else if (mask.defined()) {
+          sc = sc + mask.data_ptr<float>()[b * N + t];
+        }
+        w[t] = sc;
+        top = std::max(top, sc);
+      }
+      float total = 0.0f;
+      for (int64_t t = 0; t < N; ++t) {
+        w[t] = std::exp(w[t] - top);
+        total += w[t];
+      }
+      float zs = 0.0f;
+      for (int64_t t = 0; t < N; ++t) {
+        w[t] = w[t] / total * sv[t];
+        zs += w[t] * zv[t];
+      }
+      zsum[row] = zs;
+    }
+  });
+  const at::Tensor cv = kv_weighted(pv, codes, KVH);  // [B, KVH, G, 2·d2]
+  at::Tensor out = at::empty({B, H, D}, q.options());
+  float* op = out.data_ptr<float>();
+  const float* cvp = cv.data_ptr<float>();
+  for (int64_t row = 0; row < B * H; ++row) {
+    const int64_t h = (row / G) % KVH;
+    for (int64_t i = 0; i < D; ++i) {
+      float o = cvp[row * 2 * d2 + i] - zsum[row];
+      if (vsp) o = o + vsp[h * D + i];
+      op[row * D + i] = o;
+    }
+  }
+  return out;
+}
+
+// Rotary position embedding of x [B, heads, T, D] with cos / sin [B or 1, T, R] (R <= D even; dims from R on pass
+// through): x·cos + rotate_half(x)·sin, each product and the sum rounded once as torch's three operations round
+// them (modules._rope), so the same bits in one call instead of ~10.
+at::Tensor rope(const at::Tensor& x_in, const at::Tensor& cos_in, const at::Tensor& sin_in) {
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat && x_in.dim() == 4 &&
+              cos_in.scalar_type() == at::kFloat && sin_in.scalar_type() == at::kFloat && cos_in.dim() == 3 &&
+              cos_in.sizes() == sin_in.sizes(), "rope: x [B, H, T, D], cos / sin [B, T, R] float32 on the CPU");
+  const at::Tensor x = x_in.contiguous(), c = cos_in.contiguous(), sn = sin_in.contiguous();
+  const int64_t B = x.size(0), H = x.size(1), T = x.size(2), D = x.size(3), R = c.size(2), half = R / 2;
+  TORCH_CHECK((c.size(0) == B || c.size(0) == 1) && c.size(1) == T && R <= D && R % 2 == 0, "rope: cos / sin ",
+              c.sizes(), " for x ", x.sizes());
+  const int64_t cb = c.size(0) == 1 ? 0 : 1;  // one batch row of positions broadcast over the batch
+  at::Tensor out = at::empty_like(x);
+  const float *xp = x.data_ptr<float>(), *cp = c.data_ptr<float>(), *sp = sn.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, B * H * T, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / (H * T) * cb, t = r % T;
+      const float* row = xp + r * D;
+      const float* cr = cp + (b * T + t) * R;
+      const float* sr = sp + (b * T + t) * R;
+      float* dst = op + r * D;
+      for (int64_t j = 0; j < R; ++j) {
+        const float rot = j < half ? -row[j + half] : row[j - half];
+        const float a = row[j] * cr[j], p = rot * sr[j];
+        dst[j] = a + p;
+      }
+      for (int64_t j = R; j < D; ++j) dst[j] = row[j];
+    }
+  });
+  return out;
+}
+
 // The threads at::parallel_for runs this library's loops on (its OpenMP pragma is compiled here: without -fopenmp,
 // one, whatever torch.set_num_threads says).
 int64_t parallel_threads() {
@@ -710,7 +898,13 @@ TORCH_LIBRARY(baseq_ops, m) {
   m.def("int8_mm(Tensor a, Tensor w) -> Tensor", &int8_mm);
   m.def("int4_unpack(Tensor packed, Tensor zero, Tensor(a!) out) -> ()", &int4_unpack);
   m.def("quantize_rows(Tensor x, Tensor clip, int bits) -> (Tensor, Tensor, Tensor)", &quantize_rows);
+  m.def("point_int4(Tensor x, Tensor? scale, Tensor? shift, Tensor clip, int bits, Tensor packed, Tensor zero, "
+        "Tensor wsum, Tensor scale_row, Tensor bias) -> Tensor", &point_int4);
+  m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor", &rope);
   m.def("kv_encode(Tensor x, Tensor clip, int bits) -> (Tensor, Tensor, Tensor)", &kv_encode);
   m.def("kv_scores(Tensor q, Tensor codes, int n) -> Tensor", &kv_scores);
+  m.def("kv_step(Tensor q, Tensor kv, Tensor? k_shift, Tensor? v_shift, Tensor(a!) codes, Tensor(b!) scale, "
+        "Tensor(c!) zero, Tensor clip, int bits, int n, float scaling, float? softcap, Tensor? mask) -> Tensor",
+        &kv_step);
   m.def("kv_weighted(Tensor p, Tensor codes, int head0) -> Tensor", &kv_weighted);
 }
