@@ -207,6 +207,22 @@ def _applied(m: int, f: int, core: bool, dtype: torch.dtype, device: torch.devic
 _MAX_FACTOR = 128
 
 
+@functools.lru_cache(maxsize=256)
+@torch.inference_mode(False)  # (as _core)
+def _plan(n: int, dtype: torch.dtype, device: torch.device, transpose: bool, scale: bool) -> tuple:
+    """``(f, after, matrix)`` per factor of :func:`hadamard_transform` on ``n`` (``after``: the size of the axes after
+    the factor's; ``matrix``: what multiplies there — ``aᵀ`` as a view when the factor's axis is the last), cached: a
+    decoding step makes this call a few times a layer on one row each, where looking each piece up cost more than
+    the products."""
+    m, p = _factors_or_raise(n)
+    steps, after = [], n
+    for k, f in enumerate(_kron_factors(m, p)):
+        a = _applied(m, f, k == 0 and m > 1, dtype, device, transpose, n if scale and k == 0 else 0)
+        after //= f
+        steps.append((f, after, a.T if after == 1 else a))
+    return tuple(steps)
+
+
 def hadamard_transform(x: torch.Tensor, scale: bool = True, transpose: bool = False) -> torch.Tensor:
     """``x @ hadamard_matrix(n).T / sqrt(n)`` along the last dim (n = x.shape[-1]; no 1/sqrt(n) if
     ``scale`` is False; ``x @ hadamard_matrix(n) / sqrt(n)`` with ``transpose``, its inverse when scaled).
@@ -218,17 +234,13 @@ def hadamard_transform(x: torch.Tensor, scale: bool = True, transpose: bool = Fa
     if not x.is_floating_point():
         raise TypeError(f"hadamard_transform needs a floating-point tensor, got {x.dtype}")
     n = x.shape[-1]
-    m, p = _factors_or_raise(n)
     y = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    rows = y.numel() // n if n else 0
-    y = y.reshape(rows, n)
-    before, after = rows, n  # y as [before, f, after] around the axis of factor f
-    for k, f in enumerate(_kron_factors(m, p)):
-        a = _applied(m, f, k == 0 and m > 1, y.dtype, y.device, transpose, n if scale and k == 0 else 0)
-        after //= f
-        y = y.reshape(-1, f) @ a.T if after == 1 else torch.matmul(a, y.reshape(before, f, after))
+    before = y.numel() // n if n else 0
+    for f, after, a in _plan(n, y.dtype, y.device, transpose, scale):
+        y = y.reshape(-1, f) @ a if after == 1 else torch.matmul(a, y.reshape(before, f, after))
         before *= f
-    return y.reshape(x.shape).to(x.dtype)
+    y = y.reshape(x.shape)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def hadamard_transform_blocks(x: torch.Tensor, block: int, scale: bool = True) -> torch.Tensor:
