@@ -147,9 +147,11 @@ class QuantizedKVLayer(CacheLayerMixin):
         d]``, less the centres ``k_shift`` / ``v_shift``) stored as :meth:`append` stores them, then the queries
         ``q [b, heads, 1, d]`` against every stored token as :func:`~baseq.runtime.modules.attend_codes` computes it
         (``mask``: its ``[b, 1, ·, n]`` attention mask). Returns ``[b, heads, d]``, or None where the call does not
-        apply (no compiled kernels, not a CPU, above 4 bits, tokens kept float — then append + attend_codes)."""
+        apply (no compiled kernels, not a CPU or not float32, above 4 bits, tokens kept float — then append +
+        attend_codes)."""
         st = self.store
-        if self.bits > 4 or self.float_rows is not None or st.codes is None or q.device.type != "cpu":
+        if self.bits > 4 or self.float_rows is not None or st.codes is None or q.device.type != "cpu" \
+                or not q.dtype == k.dtype == v.dtype == torch.float32:
             return None
         ops = native_ops()
         if ops is None:
