@@ -781,7 +781,8 @@ at::Tensor kv_step(const at::Tensor& q_in, const at::Tensor& kv_in, const c10::o
   const float* ksp = ks.defined() ? ks.data_ptr<float>() : nullptr;
   const float* vsp = vs.defined() ? vs.data_ptr<float>() : nullptr;
   // one query row (b, kv head, group member) at a time: its N scores, softmax, weights p_t s_t and Σ p_t s_t z_t
-  at::parallel_for(0, B * KVH * G, 1, [&](int64_t begin, int64_t end) {
+  // (on several threads only when the rows hold enough tokens to pay for waking them: ~16k a thread)
+  at::parallel_for(0, B * KVH * G, std::max<int64_t>(1, (int64_t{1} << 14) / N), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / (KVH * G), h = row / G % KVH;
       const float* sk = sp + (b * S + h) * cap;
