@@ -645,9 +645,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x
 // (quantize_rows), the nibble product (int4_mm), (acc − z·wsum)·s as IntLinear.forward computes it (one rounding per
 // operation), then torch's own addcmul for bias + t·scale_row (its kernel may fuse the multiply-add), so the output
 // is the same bits.
-at::Tensor point_int4(const at::Tensor& x_in, const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
-                      const at::Tensor& clip, int64_t bits, const at::Tensor& packed, const at::Tensor& zero,
-                      const at::Tensor& wsum_in, const at::Tensor& scale_row, const at::Tensor& bias) {
+at::Tensor point_int4(const at::Tensor& x_in, const c10::optional<at::Tensor>& scale,
+                      const c10::optional<at::Tensor>& shift, const at::Tensor& clip, int64_t bits,
+                      const at::Tensor& packed, const at::Tensor& zero, const at::Tensor& wsum_in,
+                      const at::Tensor& scale_row, const at::Tensor& bias) {
   TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat && x_in.dim() == 2,
               "point_int4: [M, K] float32 activations on the CPU");
   at::Tensor x = x_in;
