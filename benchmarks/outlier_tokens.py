@@ -148,7 +148,7 @@ def main() -> None:
     p.add_argument("--first", type=int, default=1)
     p.add_argument("--keep-bits", type=int, default=16, help="the kept tokens' activations: 16 = float, or 8")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json")
+    p.add_argument("--json", help="write the rows here after each mode; modes already in the file are not run again")
     args = p.parse_args()
     if args.compare:
         return compare(*args.compare)
@@ -166,8 +166,18 @@ def main() -> None:
     model, tok = load_saved(Path(args.model))
     name_points(model)
     ids = eval_windows(tok, args.data, args.seqlen, args.windows)
-    rows = {}
+    out = {"model": args.model, "data": args.data, "windows": args.windows, "seqlen": args.seqlen,
+           "keep_bits": args.keep_bits, "ratio": args.ratio, "first": args.first, "rows": {}}
+    if args.json and Path(args.json).exists():  # a cut run: its finished modes stay, the rest run
+        done = json.loads(Path(args.json).read_text())
+        if {k: v for k, v in done.items() if k != "rows"} != {k: v for k, v in out.items() if k != "rows"}:
+            raise SystemExit(f"outlier_tokens: {args.json} holds another run's rows (other model, data or settings)")
+        out = done
+    rows = out["rows"]
     for mode in args.modes.split(","):
+        if mode in rows:
+            print(f"{mode:8s} ppl {rows[mode]['ppl']:9.4f}  (from {args.json})", flush=True)
+            continue
         stats: dict = {}
         hooks = install_rule(model, keep, mode, args.ratio, args.first, stats)
         if mode.startswith("point:") and mode[6:] not in POINT_KINDS.values():
@@ -183,6 +193,8 @@ def main() -> None:
         ppl = math.exp(total / count)
         rows[mode] = {"ppl": round(ppl, 4), "seconds": round(time.perf_counter() - t0, 1)}
         print(f"{mode:8s} ppl {ppl:9.4f}  ({rows[mode]['seconds']} s)", flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=1))
         if mode == "none":
             blocks = {i: {"massive_per_window": round(s["massive"] / args.windows, 2),
                           "massive_in_first": s["in_first"],
@@ -200,9 +212,6 @@ def main() -> None:
             if gap > 0:
                 rows[mode]["share_of_act_kv_gap"] = round((rows["none"]["ppl"] - rows[mode]["ppl"]) / gap, 3)
                 print(f"{mode}: recovers {rows[mode]['share_of_act_kv_gap']:.1%} of the activation/KV gap")
-    out = {"model": args.model, "data": args.data, "windows": args.windows, "seqlen": args.seqlen,
-           "keep_bits": args.keep_bits,
-           "ratio": args.ratio, "first": args.first, "rows": rows}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
 
