@@ -14,7 +14,9 @@ Modes (``--modes``, comma-separated):
   activation/KV gap between the two;
 * ``point:KIND`` (KIND one of ``qkv``, ``o``, ``up``, ``down``): every token's activations in float at that
   quantization point of every block only (the inputs of q/k/v, o_proj, gate/up, down_proj) — where the activation
-  part of the gap sits.
+  part of the gap sits;
+* ``blocks:A-B``: every token's activations and K/V in float in blocks A to B (inclusive, from 0) only — which
+  blocks the activation/KV part of the gap comes from.
 
 The share of the activation/KV gap a mode recovers is (ppl_none − ppl_mode) / (ppl_none − ppl_all). Also printed:
 per block, how many tokens were massive and their median ratio. A diagnosis, not a method: nothing is saved.
@@ -112,13 +114,22 @@ def install_rule(model, keep: Keep, mode: str, ratio: float, first: int, stats: 
             elif mode.startswith("first"):
                 keep.mask = torch.zeros_like(big)
                 keep.mask[:, :first] = True
-            elif mode.startswith(("all", "point:")):
+            elif mode.startswith(("all", "point:")) or (mode.startswith("blocks:") and i in block_range(mode)):
                 keep.mask = torch.ones_like(big)
             else:
                 keep.mask = None
         return hook
 
     return [layer.register_forward_pre_hook(pre(i), with_kwargs=True) for i, layer in enumerate(layers)]
+
+
+def block_range(mode: str) -> range:
+    """``blocks:A-B`` → the blocks A to B inclusive."""
+    try:
+        a, b = (int(v) for v in mode[len("blocks:"):].split("-"))
+    except ValueError:
+        raise SystemExit(f"outlier_tokens: {mode!r} is not blocks:A-B (two block numbers)") from None
+    return range(a, b + 1)
 
 
 def compare(base_json: str, other_json: str) -> None:
@@ -165,6 +176,12 @@ def main() -> None:
     patch_runtime(keep)
     model, tok = load_saved(Path(args.model))
     name_points(model)
+    modes = args.modes.split(",")
+    for mode in modes:  # every mode checked before the first runs
+        if mode.startswith("point:") and mode[6:] not in POINT_KINDS.values():
+            raise SystemExit(f"outlier_tokens: unknown point {mode[6:]!r} (one of {', '.join(POINT_KINDS.values())})")
+        if mode.startswith("blocks:") and not set(block_range(mode)) <= set(range(len(model.model.layers))):
+            raise SystemExit(f"outlier_tokens: {mode!r}: the model has blocks 0-{len(model.model.layers) - 1}")
     ids = eval_windows(tok, args.data, args.seqlen, args.windows)
     out = {"model": args.model, "data": args.data, "windows": args.windows, "seqlen": args.seqlen,
            "keep_bits": args.keep_bits, "ratio": args.ratio, "first": args.first, "rows": {}}
@@ -174,14 +191,12 @@ def main() -> None:
             raise SystemExit(f"outlier_tokens: {args.json} holds another run's rows (other model, data or settings)")
         out = done
     rows = out["rows"]
-    for mode in args.modes.split(","):
+    for mode in modes:
         if mode in rows:
             print(f"{mode:8s} ppl {rows[mode]['ppl']:9.4f}  (from {args.json})", flush=True)
             continue
         stats: dict = {}
         hooks = install_rule(model, keep, mode, args.ratio, args.first, stats)
-        if mode.startswith("point:") and mode[6:] not in POINT_KINDS.values():
-            raise SystemExit(f"outlier_tokens: unknown point {mode[6:]!r} (one of {', '.join(POINT_KINDS.values())})")
         keep.acts, keep.kv = not mode.endswith("-kv"), not (mode.endswith("-acts") or mode.startswith("point:"))
         keep.points = frozenset([mode[6:]]) if mode.startswith("point:") else None
         t0 = time.perf_counter()
