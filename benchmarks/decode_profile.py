@@ -2,6 +2,9 @@
 of ``--prefill`` random tokens (the context), per op, in milliseconds per step (self CPU time of the calling thread).
 
     python benchmarks/decode_profile.py <packed folder> --prefill 8192 --steps 4 --threads 2
+
+``--python``: cProfile instead (cumulative time per Python function, ms a step): how much of a step is the
+compiled kernels, our modules' Python and transformers' model and layer code.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ def main() -> None:
     p.add_argument("--prefill", type=int, default=512, help="prompt tokens before the profiled steps")
     p.add_argument("--steps", type=int, default=4, help="decoding steps profiled")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rows", type=int, default=12, help="ops shown")
+    p.add_argument("--rows", type=int, default=12, help="ops (or functions) shown")
+    p.add_argument("--python", action="store_true", help="cProfile: cumulative time per Python function")
     args = p.parse_args()
     from torch.profiler import ProfilerActivity, profile
 
@@ -44,6 +48,20 @@ def main() -> None:
         print(f"prefill {args.prefill} tokens: {time.perf_counter() - t0:.2f} s")
         for _ in range(3):  # warm-up
             tok = step(tok).view(1, 1)
+        if args.python:
+            import cProfile
+            import pstats
+
+            prof = cProfile.Profile()
+            t0 = time.perf_counter()
+            prof.enable()
+            for _ in range(args.steps):
+                tok = step(tok).view(1, 1)
+            prof.disable()
+            print(f"context {args.prefill + 3}: {(time.perf_counter() - t0) / args.steps * 1e3:.1f} ms a step "
+                  f"(wall, cProfiled; cumulative seconds below are over {args.steps} steps)")
+            pstats.Stats(prof).sort_stats("cumulative").print_stats(args.rows)
+            return
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             t0 = time.perf_counter()
             for _ in range(args.steps):
