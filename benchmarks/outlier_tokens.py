@@ -208,8 +208,6 @@ def main() -> None:
         ppl = math.exp(total / count)
         rows[mode] = {"ppl": round(ppl, 4), "seconds": round(time.perf_counter() - t0, 1)}
         print(f"{mode:8s} ppl {ppl:9.4f}  ({rows[mode]['seconds']} s)", flush=True)
-        if args.json:
-            Path(args.json).write_text(json.dumps(out, indent=1))
         if mode == "none":
             blocks = {i: {"massive_per_window": round(s["massive"] / args.windows, 2),
                           "massive_in_first": s["in_first"],
@@ -221,6 +219,8 @@ def main() -> None:
             n_all, n_first = sum(s["massive"] for s in stats.values()), sum(s["in_first"] for s in stats.values())
             rows["massive_in_first"] = [n_first, n_all]
             print(f"massive tokens among the first {args.first} position(s): {n_first} of {n_all}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=1))
     if "none" in rows and "all" in rows:
         gap = rows["none"]["ppl"] - rows["all"]["ppl"]
         for mode in [m for m in rows if m not in ("none", "all", "blocks", "massive_in_first")]:
