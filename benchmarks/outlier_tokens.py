@@ -98,6 +98,7 @@ def install_rule(model, keep: Keep, mode: str, ratio: float, first: int, stats: 
     from baseq.quant.qmodel import token_rms
 
     layers = model.model.layers
+    chosen = block_range(mode) if mode.startswith("blocks:") else range(0)  # blocks:A-B, parsed once
 
     def pre(i):
         def hook(_module, args, kwargs):
@@ -114,7 +115,7 @@ def install_rule(model, keep: Keep, mode: str, ratio: float, first: int, stats: 
             elif mode.startswith("first"):
                 keep.mask = torch.zeros_like(big)
                 keep.mask[:, :first] = True
-            elif mode.startswith(("all", "point:")) or (mode.startswith("blocks:") and i in block_range(mode)):
+            elif mode.startswith(("all", "point:")) or i in chosen:
                 keep.mask = torch.ones_like(big)
             else:
                 keep.mask = None
