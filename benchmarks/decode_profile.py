@@ -10,6 +10,8 @@ compiled kernels, our modules' Python and transformers' model and layer code.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import time
 from pathlib import Path
 
@@ -48,25 +50,16 @@ def main() -> None:
         print(f"prefill {args.prefill} tokens: {time.perf_counter() - t0:.2f} s")
         for _ in range(3):  # warm-up
             tok = step(tok).view(1, 1)
-        if args.python:
-            import cProfile
-            import pstats
-
-            prof = cProfile.Profile()
-            t0 = time.perf_counter()
-            prof.enable()
-            for _ in range(args.steps):
-                tok = step(tok).view(1, 1)
-            prof.disable()
-            print(f"context {args.prefill + 3}: {(time.perf_counter() - t0) / args.steps * 1e3:.1f} ms a step "
-                  f"(wall, cProfiled; cumulative seconds below are over {args.steps} steps)")
-            pstats.Stats(prof).sort_stats("cumulative").print_stats(args.rows)
-            return
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with cProfile.Profile() if args.python else profile(activities=[ProfilerActivity.CPU]) as prof:
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 tok = step(tok).view(1, 1)
             wall = (time.perf_counter() - t0) / args.steps
+    if args.python:
+        print(f"context {args.prefill + 3}: {wall * 1e3:.1f} ms a step (wall, cProfiled; cumulative seconds below "
+              f"are over {args.steps} steps)")
+        pstats.Stats(prof).sort_stats("cumulative").print_stats(args.rows)
+        return
     ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
     total = sum(e.self_cpu_time_total for e in ops) / 1e3 / args.steps
     print(f"context {args.prefill + 3}: {wall * 1e3:.1f} ms a step (wall, profiled), ops {total:.1f} ms")
